@@ -1,0 +1,22 @@
+"""netsurgeon: surgery on neural networks.
+
+Trace any PyTorch model (timm first of all) with torch.fx, see its topology, and
+rewrite it with composable passes that say exactly what they changed.
+
+Example:
+    >>> import timm, netsurgeon
+    >>> gm = netsurgeon.transform(timm.create_model("resnet18"), passes=["strip_bn"])
+    >>> print(netsurgeon.report(gm).preservation.value)
+    exact_eval
+"""
+from .errors import (CheckpointError, ModelSpecError, NetsurgeonError, OutputExistsError, PassError,
+                     PassOptionError, TraceError, UnknownPassError, UnsupportedNodeError)
+from .graph import Topology, op_info, topology, trace
+from .passes import list_passes
+from .pipeline import report, transform
+
+__version__ = "0.1.0"
+
+__all__ = ["CheckpointError", "ModelSpecError", "NetsurgeonError", "OutputExistsError", "PassError",
+           "PassOptionError", "TraceError", "UnknownPassError", "UnsupportedNodeError", "Topology",
+           "__version__", "list_passes", "op_info", "report", "topology", "trace", "transform"]

@@ -1,0 +1,65 @@
+"""The one exception hierarchy of netsurgeon.
+
+Every error a user can meet derives from :class:`NetsurgeonError`, so callers can
+catch one type; each subclass names what was wrong and how to fix it.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "NetsurgeonError",
+    "TraceError",
+    "PassError",
+    "UnknownPassError",
+    "PassOptionError",
+    "UnsupportedNodeError",
+    "ModelSpecError",
+    "CheckpointError",
+    "OutputExistsError",
+    "MissingAnalysisError",
+]
+
+
+class NetsurgeonError(Exception):
+    """Base class of every error raised by netsurgeon."""
+
+
+class TraceError(NetsurgeonError):
+    """A model could not be traced with torch.fx (names module path, line and remedy)."""
+
+
+class PassError(NetsurgeonError):
+    """A pass failed; the message names the pass and the passes that ran before it."""
+
+
+class UnknownPassError(NetsurgeonError, KeyError):
+    """A pass name that is not registered (lists the valid names and the closest one)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class PassOptionError(NetsurgeonError, ValueError):
+    """An option a pass does not have, or a value outside its valid range."""
+
+
+class UnsupportedNodeError(NetsurgeonError):
+    """A rewrite met nodes it cannot handle; the message lists them by name."""
+
+
+class ModelSpecError(NetsurgeonError, ValueError):
+    """A model name or ``package.module:factory`` spec that cannot be resolved."""
+
+
+class CheckpointError(NetsurgeonError):
+    """A checkpoint that cannot be read or does not match the model."""
+
+
+class OutputExistsError(NetsurgeonError, FileExistsError):
+    """An output that exists already and would be overwritten without ``--force``."""
+
+
+class MissingAnalysisError(NetsurgeonError, KeyError):
+    """A node attribute read before the analysis that writes it was run."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

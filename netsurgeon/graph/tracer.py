@@ -1,0 +1,255 @@
+"""Tracing with torch.fx that keeps train/eval behaviour intact.
+
+Plain ``fx.symbolic_trace`` inlines every module defined outside ``torch.nn``. For
+timm's ``BatchNormAct2d`` that bakes ``self.training`` into an ``F.batch_norm`` call,
+so a traced model switched to eval keeps using batch statistics. netsurgeon:
+
+1. keeps every module with an op-kind rule (norms, norm+act composites, activations,
+   conv variants, drop-path) as a leaf, so it stays callable and its kind visible;
+2. traces the model twice, in train and in eval mode, and compares the graphs. A node
+   that differs marks code that reads ``self.training``: functional dropout becomes a
+   mode-aware ``nn.Dropout`` module, any other difference makes the innermost module
+   owning it a leaf and the model is traced again. Mode-dependent code in the root
+   module itself cannot be fixed and raises :class:`TraceError`.
+
+Example:
+    >>> import timm, torch, netsurgeon
+    >>> gm = netsurgeon.trace(timm.create_model("resnet18"))
+    >>> type(gm.get_submodule("bn1")).__name__
+    'BatchNorm2d'
+"""
+from __future__ import annotations
+
+import linecache
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import TraceError
+from ..ops import module_rule
+
+__all__ = ["trace", "NetsurgeonTracer", "TraceInfo", "META_KEY"]
+
+META_KEY = "netsurgeon"  # the one key under which netsurgeon keeps data in gm.meta
+
+_DROPOUT_MODULES: dict[Any, type[nn.Module]] = {
+    F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d, F.dropout3d: nn.Dropout3d,
+    F.alpha_dropout: nn.AlphaDropout, F.feature_alpha_dropout: nn.FeatureAlphaDropout,
+}
+_MAX_RETRACES = 64
+
+
+@dataclass
+class TraceInfo:
+    """How a model was traced: leaves added for mode-dependent code, rewritten dropouts."""
+
+    model_class: str
+    auto_leaves: list[str] = field(default_factory=list)
+    user_leaves: list[str] = field(default_factory=list)
+    mode_dropouts: list[str] = field(default_factory=list)
+    retraces: int = 0
+
+
+class NetsurgeonTracer(fx.Tracer):
+    """An ``fx.Tracer`` that keeps registered op modules and chosen paths as leaves."""
+
+    def __init__(self, leaf_paths: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.leaf_paths = set(leaf_paths)
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_paths:
+            return True
+        if module_rule(m) is not None:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _set_modes(model: nn.Module, modes: dict[str, bool] | bool) -> None:
+    for name, m in model.named_modules():
+        m.training = modes if isinstance(modes, bool) else modes[name]
+
+
+def _stack(node: fx.Node) -> list[str]:
+    return [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
+
+
+def _dropout_only_diff(a: fx.Node, b: fx.Node) -> bool:
+    if a.op != "call_function" or a.target not in _DROPOUT_MODULES or a.target is not b.target:
+        return False
+    strip = lambda n: (n.args[:2], {k: v for k, v in n.kwargs.items() if k != "training"})  # noqa: E731
+    return str(strip(a)) == str(strip(b))
+
+
+def _common_owner(a: fx.Node | None, b: fx.Node | None) -> str:
+    stacks = [_stack(n) for n in (a, b) if n is not None]
+    owner = ""
+    for level in zip(*stacks):
+        if len(set(level)) != 1:
+            break
+        owner = level[0]
+    return owner
+
+
+def _trace_error_from_exception(model: nn.Module, exc: BaseException) -> TraceError:
+    """Build a TraceError naming the innermost module and line where tracing failed."""
+    paths = {id(m): name for name, m in model.named_modules()}
+    module_path, where = None, None
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        self_obj = frame.f_locals.get("self")
+        if isinstance(self_obj, nn.Module) and id(self_obj) in paths:
+            module_path = paths[id(self_obj)]
+            code = linecache.getline(frame.f_code.co_filename, lineno).strip()
+            where = f"{frame.f_code.co_filename}:{lineno}: {code}"
+    cls = type(model.get_submodule(module_path)).__name__ if module_path else type(model).__name__
+    shown = repr(module_path) if module_path else "the root module"
+    if module_path:
+        remedy = (f"make it a leaf: netsurgeon.trace(model, leaf_modules=[{module_path!r}]) "
+                  f"(or register its type with netsurgeon.ops.register_module({cls}))")
+    else:
+        remedy = "pass concrete_args for the arguments that drive control flow, or rewrite that line"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return TraceError(f"cannot trace {type(model).__name__}: {first}\n  in module {shown} ({cls})"
+                      f"{' at ' + where if where else ''}\n  remedy: {remedy}")
+
+
+def _trace_once(model: nn.Module, leaves: set[str], concrete_args: dict[str, Any] | None) -> fx.Graph:
+    tracer = NetsurgeonTracer(leaves)
+    try:
+        return tracer.trace(model, concrete_args=concrete_args)
+    except TraceError:
+        raise
+    except Exception as exc:  # any failure inside user code during tracing
+        raise _trace_error_from_exception(model, exc) from exc
+
+
+def _replace_mode_dropouts(gm: fx.GraphModule, indices: set[int]) -> list[str]:
+    """Turn functional dropouts whose ``training`` flag followed the mode into modules."""
+    graph = gm.graph
+    names: list[str] = []
+    for i, node in enumerate(list(graph.nodes)):
+        if i not in indices:
+            continue
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        inplace = node.kwargs.get("inplace", node.args[3] if len(node.args) > 3 else False)
+        if isinstance(p, fx.Node):
+            raise TraceError(f"dropout node {node.name} has a rate computed at run time; "
+                             f"make the module that calls it a leaf")
+        name = f"ns_dropout_{len(names)}"
+        gm.add_submodule(name, _DROPOUT_MODULES[node.target](p=float(p), inplace=bool(inplace)))
+        with graph.inserting_before(node):
+            repl = graph.call_module(name, (node.args[0],))
+        repl.meta = dict(node.meta)
+        node.replace_all_uses_with(repl)
+        graph.erase_node(node)
+        names.append(f"{node.name} -> {name}")
+    if names:
+        gm.recompile()
+    return names
+
+
+def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None, *,
+          leaf_modules: Iterable[str] = (), concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
+    """Trace ``model`` into a ``GraphModule`` that behaves like it in train and eval mode.
+
+    Args:
+        model: any ``nn.Module``; it is not modified (its modes are restored), but the
+            returned module shares its parameters, like ``fx.symbolic_trace``.
+        example_inputs: optional inputs; when given, the traced module is run on them in
+            eval mode and checked against the eager model.
+        leaf_modules: qualified names of submodules to keep as opaque calls.
+        concrete_args: passed to ``fx.Tracer.trace`` for arguments that drive control flow.
+
+    Returns:
+        The traced ``torch.fx.GraphModule``; ``gm.meta["netsurgeon"]["trace"]`` holds a
+        :class:`TraceInfo`.
+
+    Raises:
+        TraceError: naming the module path, the Python line and a remedy.
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"netsurgeon.trace expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, fx.GraphModule) and META_KEY in model.meta:
+        return model  # already traced by netsurgeon
+    modes = {name: m.training for name, m in model.named_modules()}
+    user_leaves = list(leaf_modules)
+    known = {name for name, _ in model.named_modules()}
+    for path in user_leaves:
+        if path not in known:
+            raise TraceError(f"leaf module {path!r} is not a submodule of {type(model).__name__}")
+    leaves = set(user_leaves)
+    info = TraceInfo(model_class=type(model).__name__, user_leaves=user_leaves)
+    try:
+        for attempt in range(_MAX_RETRACES):
+            _set_modes(model, True)
+            g_train = _trace_once(model, leaves, concrete_args)
+            _set_modes(model, False)
+            g_eval = _trace_once(model, leaves, concrete_args)
+            dropout_fix: set[int] = set()
+            new_leaf = None
+            nodes_t, nodes_e = list(g_train.nodes), list(g_eval.nodes)
+            for i in range(max(len(nodes_t), len(nodes_e))):
+                a = nodes_t[i] if i < len(nodes_t) else None
+                b = nodes_e[i] if i < len(nodes_e) else None
+                if a is not None and b is not None and a.format_node() == b.format_node():
+                    continue
+                if a is not None and b is not None and _dropout_only_diff(a, b):
+                    dropout_fix.add(i)
+                    continue
+                owner = _common_owner(a, b)
+                if not owner:
+                    n = a if a is not None else b
+                    where = (n.meta.get("stack_trace") or "").strip().splitlines()[-2:]
+                    raise TraceError(
+                        f"{type(model).__name__}'s own forward behaves differently in train and eval mode "
+                        f"(node {n.name}: {n.format_node()})\n  at {' '.join(s.strip() for s in where)}\n"
+                        f"  remedy: move that code into a submodule, or trace the model in the mode you "
+                        f"will use it in with torch.fx directly")
+                new_leaf = owner
+                break
+            if new_leaf is None:
+                break
+            leaves.add(new_leaf)
+            info.auto_leaves.append(new_leaf)
+            info.retraces = attempt + 1
+        else:  # pragma: no cover - needs >64 mode-dependent modules
+            raise TraceError(f"{type(model).__name__}: gave up after {_MAX_RETRACES} retraces")
+    finally:
+        _set_modes(model, modes)
+    gm = fx.GraphModule(model, g_train, class_name=type(model).__name__)
+    info.mode_dropouts = _replace_mode_dropouts(gm, dropout_fix)
+    gm.train(model.training)
+    gm.meta[META_KEY] = {"trace": info}
+    if example_inputs is not None:
+        _check_against_eager(model, gm, example_inputs)
+    return gm
+
+
+def _as_tuple(x: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
+
+
+def _check_against_eager(model: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> None:
+    inputs = _as_tuple(example_inputs)
+    was = {name: m.training for name, m in model.named_modules()}
+    try:
+        model.eval()
+        gm.eval()
+        with torch.no_grad():
+            ref, out = model(*inputs), gm(*inputs)
+    finally:
+        _set_modes(model, was)
+        gm.train(model.training)
+    ref_t = [t for t in torch.utils._pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
+    out_t = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if len(ref_t) != len(out_t) or any(not torch.equal(r, o) for r, o in zip(ref_t, out_t)):
+        raise TraceError(f"traced {type(model).__name__} does not reproduce the eager model's outputs on the "
+                         f"example inputs; the model has input-dependent control flow that tracing froze")
+
+

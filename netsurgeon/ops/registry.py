@@ -1,0 +1,147 @@
+"""The op-kind registry: which module type, function or method is which kind of op.
+
+One registry, three tables (module types, functions, method names). Adding an op
+touches one place: a ``register_*`` call with a rule that returns an :class:`OpInfo`.
+A node that no rule claims is classified ``OTHER`` with ``known=False`` and is
+reported by name, never guessed.
+
+Example:
+    >>> import torch.nn as nn
+    >>> from netsurgeon.ops import register_module, OpInfo, OpKind
+    >>> class Swap(nn.Module):
+    ...     def forward(self, x):
+    ...         return x.flip(1)
+    >>> register_module(Swap)(lambda m, node, ctx: OpInfo(OpKind.RESHAPE, "flip"))
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import torch.fx as fx
+import torch.nn as nn
+
+from .kinds import OpInfo, OpKind
+
+__all__ = [
+    "ClassifyContext",
+    "ModuleRule",
+    "NodeRule",
+    "register_module",
+    "register_function",
+    "register_method",
+    "module_rule",
+    "registered_module_types",
+    "classify",
+    "unknown_hint",
+]
+
+
+class ClassifyContext(Protocol):
+    """What a rule may ask about the graph around the node it classifies."""
+
+    root: nn.Module
+
+    def is_signal(self, arg: Any) -> bool:
+        """True if ``arg`` is a tensor-valued node that depends on a model input."""
+
+    def info(self, node: fx.Node) -> OpInfo:
+        """The classification of an earlier node (nodes are classified in order)."""
+
+
+ModuleRule = Callable[[nn.Module, fx.Node, ClassifyContext], OpInfo]
+NodeRule = Callable[[fx.Node, ClassifyContext], OpInfo]
+
+_MODULE_RULES: dict[type, ModuleRule] = {}
+_FUNCTION_RULES: dict[Any, NodeRule] = {}
+_METHOD_RULES: dict[str, NodeRule] = {}
+
+
+def register_module(*types: type) -> Callable[[ModuleRule], ModuleRule]:
+    """Register a rule for module types (also makes them leaves when tracing)."""
+
+    def deco(rule: ModuleRule) -> ModuleRule:
+        for t in types:
+            _MODULE_RULES[t] = rule
+        return rule
+
+    return deco
+
+
+def register_function(*fns: Any) -> Callable[[NodeRule], NodeRule]:
+    """Register a rule for ``call_function`` targets (``F.relu``, ``operator.add``...)."""
+
+    def deco(rule: NodeRule) -> NodeRule:
+        for f in fns:
+            _FUNCTION_RULES[f] = rule
+        return rule
+
+    return deco
+
+
+def register_method(*names: str) -> Callable[[NodeRule], NodeRule]:
+    """Register a rule for ``call_method`` targets (``"relu"``, ``"view"``...)."""
+
+    def deco(rule: NodeRule) -> NodeRule:
+        for n in names:
+            _METHOD_RULES[n] = rule
+        return rule
+
+    return deco
+
+
+def module_rule(module: nn.Module) -> ModuleRule | None:
+    """The rule for a module: its exact type, or a registered base class whose
+    ``forward`` the subclass does not override (a subclass with its own forward
+    may compute anything, so it is not assumed to be its base)."""
+    cls = type(module)
+    rule = _MODULE_RULES.get(cls)
+    if rule is not None:
+        return rule
+    for base in cls.__mro__[1:]:
+        if base in _MODULE_RULES:
+            return _MODULE_RULES[base] if cls.forward is base.forward else None
+    return None
+
+
+def registered_module_types() -> tuple[type, ...]:
+    """Module types with a rule: tracing keeps them as leaves."""
+    return tuple(_MODULE_RULES)
+
+
+def classify(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    """Classify one node. Unknown ops come back as ``OTHER`` with ``known=False``."""
+    if node.op == "placeholder":
+        return OpInfo(OpKind.INPUT, "input")
+    if node.op == "output":
+        return OpInfo(OpKind.OUTPUT, "output")
+    if node.op == "get_attr":
+        return OpInfo(OpKind.CONSTANT, "get_attr")
+    tensor_inputs = [a for a in node.all_input_nodes if ctx.is_signal(a)]
+    if node.op == "call_module":
+        module = ctx.root.get_submodule(node.target)
+        rule = module_rule(module)
+        if rule is not None:
+            return rule(module, node, ctx)
+        return OpInfo(OpKind.OTHER, type(module).__name__, known=False,
+                      attrs={"module_type": f"{type(module).__module__}.{type(module).__qualname__}"})
+    if node.op == "call_function":
+        rule = _FUNCTION_RULES.get(node.target)
+        name = getattr(node.target, "__name__", str(node.target))
+    else:
+        rule = _METHOD_RULES.get(node.target)
+        name = str(node.target)
+    if rule is not None:
+        return rule(node, ctx)
+    if not tensor_inputs:  # arithmetic on shapes or constants only
+        return OpInfo(OpKind.META, name)
+    return OpInfo(OpKind.OTHER, name, known=False)
+
+
+def unknown_hint(node: fx.Node) -> str:
+    """How to teach netsurgeon an op it did not recognise."""
+    if node.op == "call_module":
+        return ("register its module type with netsurgeon.ops.register_module(YourType)"
+                "(rule), where rule returns an OpInfo")
+    if node.op == "call_function":
+        return "register the function with netsurgeon.ops.register_function(fn)(rule)"
+    return f"register the method with netsurgeon.ops.register_method({node.target!r})(rule)"

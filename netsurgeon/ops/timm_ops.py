@@ -1,0 +1,123 @@
+"""Op-kind rules for timm's layers: activations, norm+act composites, conv variants."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch.fx as fx
+import torch.nn as nn
+
+from .kinds import ActivationSpec, NormSpec, OpInfo, OpKind
+from .registry import ClassifyContext, module_rule, register_module
+from .torch_ops import conv_attrs
+
+__all__: list[str] = []
+
+try:
+    import timm.layers as tl
+    import timm.layers.activations as ta
+    import timm.layers.activations_me as tme
+    import timm.layers.norm as tn
+    import timm.layers.norm_act as tna
+except ImportError:  # pragma: no cover - timm is a base dependency
+    tl = None
+
+
+def _act(name: str, **params: float) -> Callable[..., OpInfo]:
+    spec = ActivationSpec(name, tuple(params.items()))
+    return lambda m, node, ctx: OpInfo(OpKind.ACTIVATION, name, activation=spec)
+
+
+def _composite_activation(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> ActivationSpec | None:
+    act = getattr(m, "act", None)
+    if act is None:
+        return None
+    rule = module_rule(act)
+    if rule is None:
+        return ActivationSpec(f"unknown:{type(act).__name__}")
+    info = rule(act, node, ctx)
+    return info.activation
+
+
+def _norm(family: str, train_dependent: Any, composite: bool = False) -> Callable[..., OpInfo]:
+    def rule(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+        dep = train_dependent(m) if callable(train_dependent) else bool(train_dependent)
+        channels = getattr(m, "num_features", None) or getattr(m, "num_channels", None)
+        if channels is None and getattr(m, "normalized_shape", None):
+            channels = int(m.normalized_shape[-1])
+        act = _composite_activation(m, node, ctx) if composite else None
+        attrs: dict[str, Any] = {"module": type(m).__name__}
+        if family == "batch":
+            attrs["track_running_stats"] = bool(getattr(m, "track_running_stats", True))
+            attrs["affine"] = bool(getattr(m, "affine", True))
+        return OpInfo(OpKind.NORM, f"{family}_norm", norm=NormSpec(family, dep, channels, act, composite),
+                      attrs=attrs)
+
+    return rule
+
+
+def _tracks(m: nn.Module) -> bool:
+    return bool(getattr(m, "track_running_stats", True))
+
+
+if tl is not None:
+    register_module(ta.Swish, tme.SwishMe)(_act("silu"))
+    register_module(ta.Mish, tme.MishMe)(_act("mish"))
+    register_module(ta.Sigmoid)(_act("sigmoid"))
+    register_module(ta.Tanh)(_act("tanh"))
+    register_module(ta.HardSwish, tme.HardSwishMe)(_act("hardswish"))
+    register_module(ta.HardSigmoid, tme.HardSigmoidMe)(_act("hardsigmoid"))
+    register_module(ta.HardMish, tme.HardMishMe)(_act("hard_mish"))
+    register_module(ta.GELU)(_act("gelu"))
+    register_module(ta.GELUTanh)(_act("gelu_tanh"))
+    register_module(ta.QuickGELU)(_act("quick_gelu"))
+
+    @register_module(ta.PReLU)
+    def _timm_prelu(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+        w = m.weight.detach().flatten().tolist()
+        slope: Any = float(w[0]) if len(w) == 1 else tuple(float(v) for v in w)
+        return OpInfo(OpKind.ACTIVATION, "prelu", activation=ActivationSpec("prelu", (("negative_slope", slope),)))
+
+    # norm + act composites: kept as callable modules, activation visible in the spec
+    register_module(tna.BatchNormAct2d, tna.SyncBatchNormAct)(_norm("batch", _tracks, composite=True))
+    register_module(tna.FrozenBatchNormAct2d)(_norm("batch", False, composite=True))
+    register_module(tna.GroupNormAct, tna.GroupNorm1Act)(_norm("group", False, composite=True))
+    register_module(tna.LayerNormAct, tna.LayerNormAct2d, tna.LayerNormActFp32, tna.LayerNormAct2dFp32)(
+        _norm("layer", False, composite=True))
+    register_module(tna.RmsNormAct, tna.RmsNormAct2d, tna.RmsNormActFp32, tna.RmsNormAct2dFp32)(
+        _norm("rms", False, composite=True))
+    # plain norms with their own forward
+    register_module(tn.LayerNorm, tn.LayerNorm2d, tn.LayerNormFp32, tn.LayerNorm2dFp32, tn.LayerNormExp2d)(
+        _norm("layer", False))
+    register_module(tn.GroupNorm, tn.GroupNorm1)(_norm("group", False))
+    register_module(tn.RmsNorm, tn.RmsNorm2d, tn.RmsNormFp32, tn.RmsNorm2dFp32,
+                    tn.SimpleNorm, tn.SimpleNorm2d, tn.SimpleNormFp32, tn.SimpleNorm2dFp32)(_norm("rms", False))
+    register_module(tl.EvoNorm2dB0, tl.EvoNorm2dB1, tl.EvoNorm2dB2)(_norm("evonorm_batch", True))
+    register_module(tl.EvoNorm2dS0, tl.EvoNorm2dS0a, tl.EvoNorm2dS1, tl.EvoNorm2dS1a, tl.EvoNorm2dS2,
+                    tl.EvoNorm2dS2a, tl.FilterResponseNormAct2d, tl.FilterResponseNormTlu2d)(
+        _norm("evonorm_sample", False))
+    register_module(tl.SplitBatchNorm2d)(_norm("batch", _tracks))
+
+    @register_module(tl.Conv2dSame, tl.StdConv2d, tl.StdConv2dSame, tl.ScaledStdConv2d, tl.ScaledStdConv2dSame)
+    def _timm_conv(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+        attrs = conv_attrs(m)
+        attrs["module"] = type(m).__name__
+        attrs["weight_standardized"] = "Std" in type(m).__name__
+        attrs["same_padding"] = "Same" in type(m).__name__
+        return OpInfo(OpKind.CONV, "conv2d", attrs=attrs)
+
+    @register_module(tl.DropPath, tl.DropBlock2d)
+    def _timm_drop(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+        return OpInfo(OpKind.IDENTITY, type(m).__name__.lower(),
+                      attrs={"module": type(m).__name__, "dropout": float(getattr(m, "drop_prob", 0.0))})
+
+    from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
+
+    register_module(AvgPool2dSame)(lambda m, node, ctx: OpInfo(OpKind.POOL, "avg_pool", attrs={"pool_type": "avg"}))
+    register_module(MaxPool2dSame)(lambda m, node, ctx: OpInfo(OpKind.POOL, "max_pool", attrs={"pool_type": "max"}))
+
+try:
+    from torchvision.ops.misc import FrozenBatchNorm2d as _TvFrozenBN
+
+    register_module(_TvFrozenBN)(_norm("batch", False))
+except Exception:  # noqa: BLE001 - torchvision may be absent or fail to load its ops
+    pass

@@ -1,0 +1,177 @@
+"""The pass contract and the one registry of passes.
+
+A pass is a dataclass whose fields are its options. Calling it on a GraphModule
+rewrites the module and returns it, writing a :class:`~netsurgeon.report.PassRecord`.
+
+Example:
+    >>> from netsurgeon.passes import get_pass
+    >>> get_pass("strip_bn")(mode="remove").options()
+    {'mode': 'remove'}
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from typing import Any, ClassVar, Mapping, Sequence, Union
+
+import torch
+import torch.fx as fx
+
+from ..errors import PassOptionError, UnknownPassError
+from ..graph import META_KEY
+from ..report import PassRecord, Preservation, Report
+
+__all__ = ["Pass", "PassSpec", "register_pass", "get_pass", "list_passes", "make_pass", "coerce_option",
+           "get_report"]
+
+_REGISTRY: dict[str, type["Pass"]] = {}
+
+
+@dataclasses.dataclass
+class Pass:
+    """Base class of every pass; subclasses are dataclasses whose fields are options.
+
+    Subclasses set ``name`` and ``summary``, implement :meth:`run` and, when the
+    preservation depends on options, override :meth:`preservation`.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    preserves: ClassVar[Preservation] = Preservation.NONE
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_value(type(self), f.name, getattr(self, f.name))
+
+    def options(self) -> dict[str, Any]:
+        """The current option values."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def preservation(self) -> Preservation:
+        """How much of the function this pass, with these options, preserves."""
+        return self.preserves
+
+    def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
+            ) -> fx.GraphModule:
+        """Rewrite ``gm`` (in place or not) and return the result; log into ``record``."""
+        raise NotImplementedError(f"pass {self.name} does not implement run()")  # abstract method
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | None = None) -> fx.GraphModule:
+        """Apply the pass on its own (outside :func:`netsurgeon.transform`), in place."""
+        from ..pipeline import apply_pass
+
+        return apply_pass(gm, self, example_inputs)
+
+
+PassSpec = Union[str, tuple, Pass]
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator adding a pass to the registry under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty class attribute 'name'")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"a pass named {cls.name!r} is registered already ({_REGISTRY[cls.name].__name__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_passes() -> list[str]:
+    """Names of the registered passes, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_pass(name: str) -> type[Pass]:
+    """The pass class registered as ``name``; unknown names list the valid ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownPassError(f"unknown pass {name!r}.{hint} Valid passes: {', '.join(list_passes())}") from None
+
+
+def _option_names(cls: type[Pass]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def make_pass(spec: PassSpec) -> Pass:
+    """A pass instance from a name, ``(name, {options})`` or an instance."""
+    if isinstance(spec, Pass):
+        return spec
+    if isinstance(spec, str):
+        return get_pass(spec)()
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], Mapping):
+        cls = get_pass(spec[0])
+        valid = _option_names(cls)
+        for key in spec[1]:
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise PassOptionError(f"pass {cls.name!r} has no option {key!r}.{hint} "
+                                      f"Valid options: {', '.join(valid) or '(none)'}")
+        return cls(**spec[1])
+    raise PassOptionError(f"a pass is given as a name, (name, {{options}}) or a Pass instance; got {spec!r}")
+
+
+def _hint(cls: type[Pass], key: str) -> Any:
+    return typing.get_type_hints(cls)[key]
+
+
+def _check_value(cls: type[Pass], key: str, value: Any) -> None:
+    hint = _hint(cls, key)
+    choices = _literal_choices(hint)
+    if choices is not None and value not in choices:
+        raise PassOptionError(f"{cls.name}.{key} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _literal_choices(hint: Any) -> tuple | None:
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)
+    return None
+
+
+def coerce_option(cls: type[Pass], key: str, text: str) -> Any:
+    """Convert a command-line string to the type of option ``key`` of ``cls``."""
+    if key not in _option_names(cls):
+        close = difflib.get_close_matches(key, _option_names(cls), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise PassOptionError(f"pass {cls.name!r} has no option {key!r}.{hint} "
+                              f"Valid options: {', '.join(_option_names(cls)) or '(none)'}")
+    hint = _hint(cls, key)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is Union and text.lower() in ("none", "null"):
+        return None
+    base = args[0] if typing.get_origin(hint) is Union and args else hint
+    choices = _literal_choices(base)
+    try:
+        if choices is not None:
+            for c in choices:
+                if str(c) == text:
+                    return c
+            raise ValueError(f"expected one of {', '.join(map(str, choices))}")
+        if base is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if base in (int, float, str):
+            return base(text)
+    except ValueError as exc:
+        raise PassOptionError(f"bad value {text!r} for {cls.name}.{key}: {exc}") from None
+    return text
+
+
+def get_report(gm: fx.GraphModule, create_for: str | None = None) -> Report:
+    """The report stored on ``gm``; creates an empty one when ``create_for`` is given."""
+    store = gm.meta.setdefault(META_KEY, {})
+    if "report" not in store:
+        if create_for is None:
+            from ..errors import MissingAnalysisError
+
+            raise MissingAnalysisError(f"{type(gm).__name__} has no netsurgeon report: it was not produced by "
+                                       f"netsurgeon.transform (or a pass)")
+        store["report"] = Report(model=create_for)
+    return store["report"]
