@@ -9,6 +9,7 @@ Example:
     >>> print(netsurgeon.report(gm).preservation.value)
     exact_eval
 """
+from .checkpoint import convert, load
 from .errors import (CheckpointError, ModelSpecError, NetsurgeonError, OutputExistsError, PassError,
                      PassOptionError, TraceError, UnknownPassError, UnsupportedNodeError)
 from .graph import Topology, op_info, topology, trace
@@ -19,4 +20,4 @@ __version__ = "0.1.0"
 
 __all__ = ["CheckpointError", "ModelSpecError", "NetsurgeonError", "OutputExistsError", "PassError",
            "PassOptionError", "TraceError", "UnknownPassError", "UnsupportedNodeError", "Topology",
-           "__version__", "list_passes", "op_info", "report", "topology", "trace", "transform"]
+           "__version__", "convert", "list_passes", "load", "op_info", "report", "topology", "trace", "transform"]

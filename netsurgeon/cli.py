@@ -1,0 +1,168 @@
+"""The ``netsurgeon`` command line: ``convert``, ``inspect``, ``passes``.
+
+Uses only the public API. Errors print one line and exit with status 2.
+
+Example:
+    $ netsurgeon convert resnet18 --passes strip_bn --out out/resnet18
+    $ netsurgeon inspect resnet50
+    $ netsurgeon passes
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from typing import Any, Sequence
+
+import netsurgeon
+from netsurgeon.errors import NetsurgeonError, PassOptionError
+from netsurgeon.models import create_model, default_input_shape
+from netsurgeon.passes import coerce_option, get_pass, list_passes
+
+__all__ = ["main", "build_parser"]
+
+
+class _UsageError(NetsurgeonError):
+    pass
+
+
+def _progress(quiet: bool):
+    start = time.perf_counter()
+
+    def report(msg: str) -> None:
+        if not quiet:
+            print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    return report
+
+
+def _parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise _UsageError(f"malformed --input-shape {text!r}: expected comma-separated integers like 1,3,224,224") from None
+    if not shape or any(v <= 0 for v in shape):
+        raise _UsageError(f"malformed --input-shape {text!r}: every dimension must be a positive integer")
+    return shape
+
+
+def _parse_passes(text: str, sets: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise _UsageError("--passes is empty: give a comma-separated list, e.g. --passes strip_bn")
+    classes = {n: get_pass(n) for n in names}
+    options: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        pname, dot, opt = key.partition(".")
+        if not eq or not dot or not pname or not opt:
+            raise _UsageError(f"malformed --set {item!r}: expected PASS.OPTION=VALUE, e.g. strip_bn.mode=remove")
+        if pname not in classes:
+            raise _UsageError(f"--set {item!r} names pass {pname!r}, which is not in --passes ({', '.join(names)})")
+        options[pname][opt] = coerce_option(classes[pname], opt, value)
+    return [(n, options[n]) for n in names]
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    progress = _progress(args.quiet)
+    passes = _parse_passes(args.passes, args.set or [])
+    gm = netsurgeon.convert(args.model, passes, args.out, checkpoint=args.checkpoint,
+                            input_shape=_parse_shape(args.input_shape), seed=args.seed, force=args.force,
+                            progress=progress)
+    rep = netsurgeon.report(gm)
+    changes = sum(len(p.changes) for p in rep.passes)
+    print(f"wrote {args.out}: {len(rep.passes)} pass(es), {changes} change(s), function {rep.preservation.text}")
+    for p in rep.passes:
+        print(f"  {p.name}: {len(p.changes)} changed, {len(p.skipped)} skipped")
+    print(f"  details: {args.out}/report.md")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    progress = _progress(args.quiet)
+    progress(f"building model {args.model}")
+    model = create_model(args.model)
+    shape = _parse_shape(args.input_shape) or default_input_shape(model)
+    example = None
+    if shape is not None:
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            example = (torch.randn(shape),)
+    progress("tracing")
+    gm = netsurgeon.trace(model)
+    topo = netsurgeon.topology(gm, example)
+    print(topo.summary())
+    if args.blocks:
+        for b in topo.blocks:
+            layers = " | ".join(" -> ".join(bl) for bl in b.branch_layers) or "-"
+            print(f"  {b.kind:12s} {b.merge:28s} entry={b.entry} shortcut={b.shortcut_kind} branch layers: {layers}")
+    if args.dot:
+        topo.write_dot(args.dot)
+        print(f"wrote {args.dot}")
+    if args.graphml:
+        topo.to_graphml(args.graphml)
+        print(f"wrote {args.graphml}")
+    return 0
+
+
+def _cmd_passes(args: argparse.Namespace) -> int:
+    for name in list_passes():
+        cls = get_pass(name)
+        print(f"{name}: {cls.summary}")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else "(required)"
+            print(f"    {name}.{f.name} (default {default!r}): {f.type}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="netsurgeon", description="Surgery on neural networks.")
+    parser.add_argument("--version", action="version", version=f"netsurgeon {netsurgeon.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="apply passes to a model (and checkpoint) and write the result")
+    c.add_argument("model", help="timm model name (random init) or package.module:factory")
+    c.add_argument("--checkpoint", help="state dict of the base model (.safetensors, .pt, .pth); never modified")
+    c.add_argument("--passes", required=True, help="comma-separated pass names, e.g. strip_bn")
+    c.add_argument("--set", action="append", metavar="PASS.OPTION=VALUE", help="set a pass option (repeatable)")
+    c.add_argument("--out", required=True, help="output directory (model.safetensors, recipe.json, report.md)")
+    c.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (default: the model's)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random init and example input (default 0)")
+    c.add_argument("--force", action="store_true", help="replace an existing output directory")
+    c.add_argument("--quiet", action="store_true", help="no progress messages")
+    c.set_defaults(func=_cmd_convert)
+
+    i = sub.add_parser("inspect", help="print the topology summary of a model")
+    i.add_argument("model", help="timm model name or package.module:factory")
+    i.add_argument("--input-shape", help="example input shape for node shapes")
+    i.add_argument("--blocks", action="store_true", help="list every residual block and concatenation")
+    i.add_argument("--dot", help="write the graph as Graphviz DOT to this file")
+    i.add_argument("--graphml", help="write the graph as GraphML to this file")
+    i.add_argument("--quiet", action="store_true", help="no progress messages")
+    i.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("passes", help="list the passes and their options")
+    p.set_defaults(func=_cmd_passes)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (NetsurgeonError, PassOptionError) as exc:
+        print(f"netsurgeon: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("netsurgeon: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
