@@ -87,7 +87,8 @@ def apply_pass(gm: fx.GraphModule, p: Pass, example_inputs: Sequence[torch.Tenso
 
 
 def transform(model: nn.Module, passes: Sequence[PassSpec] = (), example_inputs: Sequence[torch.Tensor]
-              | torch.Tensor | None = None, inplace: bool = False) -> fx.GraphModule:
+              | torch.Tensor | None = None, inplace: bool = False, leaf_modules: Sequence[str] = ()
+              ) -> fx.GraphModule:
     """Trace ``model`` and apply ``passes`` in order.
 
     Args:
@@ -95,6 +96,7 @@ def transform(model: nn.Module, passes: Sequence[PassSpec] = (), example_inputs:
         passes: each a name (``"strip_bn"``), ``(name, {options})`` or a Pass instance.
         example_inputs: inputs some passes need for shapes; also used to check the trace.
         inplace: when False (default) the model is deep-copied first and never mutated.
+        leaf_modules: submodule paths to keep opaque when tracing (see :func:`netsurgeon.trace`).
 
     Returns:
         A ``torch.fx.GraphModule``; :func:`report` gives what each pass did.
@@ -110,7 +112,7 @@ def transform(model: nn.Module, passes: Sequence[PassSpec] = (), example_inputs:
     instances = [make_pass(s) for s in passes]  # validate every spec before any work
     if not inplace:
         model = copy.deepcopy(model)
-    gm = trace(model, _inputs(example_inputs))
+    gm = trace(model, _inputs(example_inputs), leaf_modules=leaf_modules)
     info = gm.meta[META_KEY]["trace"]
     rep = gm.meta[META_KEY].get("report")
     if rep is None:

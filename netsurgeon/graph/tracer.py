@@ -80,6 +80,11 @@ def _stack(node: fx.Node) -> list[str]:
     return [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
 
 
+def _key(n: fx.Node) -> str:
+    """A node's identity for comparing two traces (``format_node`` also shows user counts)."""
+    return f"{n.op}|{n.name}|{n.target}|{n.args}|{n.kwargs}"
+
+
 def _dropout_only_diff(a: fx.Node, b: fx.Node) -> bool:
     if a.op != "call_function" or a.target not in _DROPOUT_MODULES or a.target is not b.target:
         return False
@@ -119,14 +124,24 @@ def _trace_error_from_exception(model: nn.Module, exc: BaseException) -> TraceEr
                       f"{' at ' + where if where else ''}\n  remedy: {remedy}")
 
 
-def _trace_once(model: nn.Module, leaves: set[str], concrete_args: dict[str, Any] | None) -> fx.Graph:
+def _trace_once(model: nn.Module, leaves: set[str], concrete_args: dict[str, Any] | None
+                ) -> tuple[fx.Graph, dict[str, Any]]:
+    """One trace. fx stores tensor constants made in ``forward`` as ``_tensor_constantN``
+    attributes on the root; they are taken off again (and returned) so that the model is
+    left as it was and a second trace numbers its constants the same way."""
+    before = set(model.__dict__)
     tracer = NetsurgeonTracer(leaves)
     try:
-        return tracer.trace(model, concrete_args=concrete_args)
+        graph = tracer.trace(model, concrete_args=concrete_args)
     except TraceError:
         raise
     except Exception as exc:  # any failure inside user code during tracing
         raise _trace_error_from_exception(model, exc) from exc
+    finally:
+        added = {k: model.__dict__[k] for k in set(model.__dict__) - before}
+        for k in added:
+            delattr(model, k)
+    return graph, added
 
 
 def _replace_mode_dropouts(gm: fx.GraphModule, indices: set[int]) -> list[str]:
@@ -188,16 +203,16 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     try:
         for attempt in range(_MAX_RETRACES):
             _set_modes(model, True)
-            g_train = _trace_once(model, leaves, concrete_args)
+            g_train, constants = _trace_once(model, leaves, concrete_args)
             _set_modes(model, False)
-            g_eval = _trace_once(model, leaves, concrete_args)
+            g_eval, _ = _trace_once(model, leaves, concrete_args)
             dropout_fix: set[int] = set()
             new_leaf = None
             nodes_t, nodes_e = list(g_train.nodes), list(g_eval.nodes)
             for i in range(max(len(nodes_t), len(nodes_e))):
                 a = nodes_t[i] if i < len(nodes_t) else None
                 b = nodes_e[i] if i < len(nodes_e) else None
-                if a is not None and b is not None and a.format_node() == b.format_node():
+                if a is not None and b is not None and _key(a) == _key(b):
                     continue
                 if a is not None and b is not None and _dropout_only_diff(a, b):
                     dropout_fix.add(i)
@@ -211,6 +226,9 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
                         f"(node {n.name}: {n.format_node()})\n  at {' '.join(s.strip() for s in where)}\n"
                         f"  remedy: move that code into a submodule, or trace the model in the mode you "
                         f"will use it in with torch.fx directly")
+                if owner in leaves:
+                    raise TraceError(f"module {owner!r} behaves differently in train and eval mode even as a leaf "
+                                     f"(node {(a or b).name}); trace it in the mode you will use")
                 new_leaf = owner
                 break
             if new_leaf is None:
@@ -222,7 +240,13 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             raise TraceError(f"{type(model).__name__}: gave up after {_MAX_RETRACES} retraces")
     finally:
         _set_modes(model, modes)
-    gm = fx.GraphModule(model, g_train, class_name=type(model).__name__)
+    for k, v in constants.items():  # GraphModule copies them from the root as buffers
+        model.__dict__[k] = v
+    try:
+        gm = fx.GraphModule(model, g_train, class_name=type(model).__name__)
+    finally:
+        for k in constants:
+            del model.__dict__[k]
     info.mode_dropouts = _replace_mode_dropouts(gm, dropout_fix)
     gm.train(model.training)
     gm.meta[META_KEY] = {"trace": info}

@@ -419,3 +419,29 @@ def _interp(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
 
 register_module(nn.Upsample)(lambda m, node, ctx: OpInfo(OpKind.OTHER, "upsample",
                                                           attrs={"reason": "spatial resampling"}))
+
+
+@register_method("sum")
+@register_function(torch.sum)
+def _sum(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    return OpInfo(OpKind.POOL, "sum", attrs={"pool_type": "sum", "dim": arg(node, 1, "dim")})
+
+
+@register_function(torch.addcmul)
+def _addcmul(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    factors = [a for a in node.args[1:3] if ctx.is_signal(a)]
+    if len(factors) >= 2:
+        return OpInfo(OpKind.MULTIPLY, "addcmul")
+    return OpInfo(OpKind.AFFINE, "addcmul", attrs={"op": "addcmul"})
+
+
+@register_method("norm")
+@register_function(torch.norm, torch.linalg.vector_norm, torch.linalg.norm)
+def _vector_norm(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    return OpInfo(OpKind.OTHER, "vector_norm", attrs={"reason": "norm reduction; no kernel map"})
+
+
+register_module(nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+                nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+                nn.ReplicationPad2d, nn.ReplicationPad3d)(
+    lambda m, node, ctx: OpInfo(OpKind.OTHER, "pad", attrs={"reason": "padding adds constant locations"}))

@@ -78,27 +78,29 @@ def _ensure_bias(layer: nn.Module) -> torch.Tensor:
 
 
 def _fold_backward(layer: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
+    """``W[o] *= s[o]``, ``b = b * s + t``; in place, in the weight's dtype (s, t rounded once)."""
     w = layer.weight
     shape = (-1,) + (1,) * (w.dim() - 1)
     bias = _ensure_bias(layer)
     with torch.no_grad():
-        w.copy_((w.double() * s.view(shape).to(w.device)).to(w.dtype))
-        bias.copy_((bias.double() * s.to(w.device) + t.to(w.device)).to(bias.dtype))
+        w.mul_(s.to(w.device, w.dtype).view(shape))
+        bias.copy_((bias.double() * s.to(bias.device) + t.to(bias.device)).to(bias.dtype))
 
 
 def _fold_forward(layer: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
-    w = layer.weight.double()
+    """``W[:, i] *= s[i]``, ``b += W t`` (per group for grouped convs)."""
+    w = layer.weight
     s, t = s.to(w.device), t.to(w.device)
     groups = getattr(layer, "groups", 1)
     out_ch, in_per_group = w.shape[0], w.shape[1]
     group_of_out = torch.arange(out_ch, device=w.device) // (out_ch // groups)
-    s_in = s.view(groups, in_per_group)[group_of_out]  # [O, I/g]
-    t_in = t.view(groups, in_per_group)[group_of_out]
     extra = (1,) * (w.dim() - 2)
-    shift = (w * t_in.view(out_ch, in_per_group, *extra)).flatten(1).sum(1)
+    s_in = s.view(groups, in_per_group)[group_of_out].view(out_ch, in_per_group, *extra)
+    t_in = t.view(groups, in_per_group)[group_of_out].view(out_ch, in_per_group, *extra)
+    shift = (w.double() * t_in).flatten(1).sum(1)
     bias = _ensure_bias(layer)
     with torch.no_grad():
-        layer.weight.copy_((w * s_in.view(out_ch, in_per_group, *extra)).to(layer.weight.dtype))
+        w.mul_(s_in.to(w.dtype))
         bias.copy_((bias.double() + shift).to(bias.dtype))
 
 
@@ -123,6 +125,7 @@ class StripBN(Pass):
             ) -> fx.GraphModule:
         Topology(gm)
         norms = [n for n in gm.graph.nodes if op_info(n).kind is OpKind.NORM and op_info(n).norm.family == "batch"]
+        self._report_hidden(gm, record)
         if not norms:
             record.note("no batch norm in the model")
             return gm
@@ -139,6 +142,17 @@ class StripBN(Pass):
             else:
                 self._fold(gm, node, module, record, shapes, sites)
         return gm
+
+    @staticmethod
+    def _report_hidden(gm: fx.GraphModule, record: PassRecord) -> None:
+        """Batch norms inside opaque leaf modules cannot be reached: say so by name."""
+        called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        for path in sorted(called):
+            leaf = gm.get_submodule(path)
+            for sub_name, sub in leaf.named_modules():
+                if sub_name and isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                    record.skip(f"{path}.{sub_name}", f"inside the opaque module {path} ({type(leaf).__name__}), "
+                                                     f"which tracing kept as a leaf; not folded or removed")
 
     # -------------------------------------------------------------- remove
     def _remove(self, gm: fx.GraphModule, node: fx.Node, module: nn.Module, record: PassRecord) -> None:

@@ -1,0 +1,88 @@
+"""Tracing, train/eval fidelity and strip_bn on 50+ timm architectures."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+import netsurgeon
+from netsurgeon import TraceError
+
+from conftest import count_batch_norms, randomize_norm_stats, rel_diff
+from zoo import ZOO, Case
+
+
+def _build(case: Case) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return randomize_norm_stats(timm.create_model(case.name, pretrained=False, **case.kwargs))
+
+
+def _x(case: Case, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(2, 3, case.size, case.size, generator=torch.Generator().manual_seed(1), dtype=dtype)
+
+
+def test_zoo_is_large_and_diverse():
+    assert len(ZOO) >= 40
+    families = {"resnet", "resnetv2", "densenet", "efficientnet", "mobilenetv3", "regnet", "convnext", "vit",
+                "deit", "mixer", "nf_", "repvgg", "dla", "csp", "inception", "vgg", "wide_resnet", "resnet26d"}
+    names = " ".join(c.name for c in ZOO)
+    assert all(f in names for f in families), [f for f in families if f not in names]
+
+
+@pytest.mark.parametrize("case", ZOO, ids=str)
+def test_trace_matches_eager_in_train_and_eval(case: Case):
+    model = _build(case)
+    gm = netsurgeon.trace(model, leaf_modules=case.leaf_modules)
+    x = _x(case)
+    outs = {}
+    for mode in (True, False):
+        model.train(mode)
+        gm.train(mode)
+        torch.manual_seed(3)
+        ref = model(x)
+        torch.manual_seed(3)
+        got = gm(x)
+        scale = max(1.0, float(ref.detach().abs().max()))
+        assert float((ref - got).detach().abs().max()) <= 1e-6 * scale, f"{case.name} train={mode}"
+        outs[mode] = got
+    if count_batch_norms(model):  # the modes must really differ, or this test could not fail
+        assert not torch.allclose(outs[True], outs[False], atol=1e-3)
+    topo = netsurgeon.topology(gm)
+    assert topo.kind_counts()["conv"] + topo.kind_counts()["linear"] > 0
+
+
+@pytest.mark.parametrize("case", ZOO, ids=str)
+def test_strip_bn_fold_exact_and_remove(case: Case):
+    model = _build(case).eval()
+    before = count_batch_norms(model)
+    x = _x(case)
+    folded = netsurgeon.transform(model, [("strip_bn", {"mode": "fold"})], example_inputs=(x,),
+                                  leaf_modules=case.leaf_modules).eval()
+    assert count_batch_norms(model) == before  # input not mutated
+    rep = netsurgeon.report(folded).passes[0]
+    hidden = [s for s in rep.skipped if "opaque" in s.why]
+    assert count_batch_norms(folded) == len(hidden), [s.node for s in rep.skipped]
+    with torch.no_grad():
+        assert rel_diff(model(x), folded(x)) <= 1e-5
+    m64 = copy.deepcopy(model).double()
+    f64 = netsurgeon.transform(m64, ["strip_bn"], example_inputs=(x.double(),), leaf_modules=case.leaf_modules).eval()
+    with torch.no_grad():
+        assert rel_diff(m64(x.double()), f64(x.double())) <= 1e-10
+    removed = netsurgeon.transform(model, [("strip_bn", {"mode": "remove"})], leaf_modules=case.leaf_modules)
+    assert count_batch_norms(removed) == len(hidden)
+    changed = len(netsurgeon.report(removed).passes[0].changes)
+    assert changed == before - len(hidden) or (before and changed > 0)
+    with torch.no_grad():
+        assert torch.isfinite(removed.eval()(x)).all()
+
+
+def test_untraceable_model_names_module_line_and_remedy():
+    model = timm.create_model("vgg11_bn", pretrained=False)
+    with pytest.raises(TraceError) as err:
+        netsurgeon.trace(model)
+    msg = str(err.value)
+    assert "'pre_logits'" in msg and "ConvMlp" in msg
+    assert "vgg.py" in msg and "input_kernel_size" in msg  # the offending line
+    assert "leaf_modules=['pre_logits']" in msg  # the remedy
