@@ -131,6 +131,8 @@ def _prepare_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {str(out)!r} exists and is not a directory")
     parent = out.resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise NetsurgeonError(f"cannot write {str(out)!r}: {str(parent)!r} is not a directory")
     if not parent.exists():
         try:
             parent.mkdir(parents=True)
@@ -199,7 +201,10 @@ def _write_atomic(gm: fx.GraphModule, recipe: dict[str, Any], out: Path) -> None
     from safetensors.torch import save_model
 
     parent = out.resolve().parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise NetsurgeonError(f"cannot write into {str(parent)!r}: {exc}") from None
     try:
         save_model(gm, str(tmp / "model.safetensors"))
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")

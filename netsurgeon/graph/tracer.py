@@ -92,14 +92,26 @@ def _dropout_only_diff(a: fx.Node, b: fx.Node) -> bool:
     return str(strip(a)) == str(strip(b))
 
 
-def _common_owner(a: fx.Node | None, b: fx.Node | None) -> str:
-    stacks = [_stack(n) for n in (a, b) if n is not None]
+def _lcp(x: list[str], y: list[str]) -> str:
     owner = ""
-    for level in zip(*stacks):
-        if len(set(level)) != 1:
+    for p, q in zip(x, y):
+        if p != q:
             break
-        owner = level[0]
+        owner = p
     return owner
+
+
+def _common_owner(a: fx.Node | None, b: fx.Node | None, prev: fx.Node | None) -> str:
+    """The innermost module whose code produced the first difference between two traces.
+
+    Where one trace has left a module and the other is still inside it, the module
+    shared with the last common node (``prev``) is the one that diverged.
+    """
+    sa, sb = (_stack(a) if a is not None else []), (_stack(b) if b is not None else [])
+    sp = _stack(prev) if prev is not None else []
+    candidates = [_lcp(sa, sb)] if a is not None and b is not None else []
+    candidates += [_lcp(sp, s) for s in (sa, sb)]
+    return max(candidates, key=lambda path: (path.count(".") + 1) if path else 0, default="")
 
 
 def _trace_error_from_exception(model: nn.Module, exc: BaseException) -> TraceError:
@@ -217,7 +229,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
                 if a is not None and b is not None and _dropout_only_diff(a, b):
                     dropout_fix.add(i)
                     continue
-                owner = _common_owner(a, b)
+                owner = _common_owner(a, b, nodes_t[i - 1] if i > 0 else None)
                 if not owner:
                     n = a if a is not None else b
                     where = (n.meta.get("stack_trace") or "").strip().splitlines()[-2:]
