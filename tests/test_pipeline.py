@@ -192,3 +192,23 @@ def test_timm_resnet_residual_blocks_and_composites_visible():
     assert v2.norms() == {"batch+relu": 49}  # BatchNormAct2d kept whole, activation visible
     dn = netsurgeon.topology(timm.create_model("densenet121"))
     assert sum(b.kind == "concat" for b in dn.blocks) >= 58
+
+
+@pytest.mark.parametrize("name, kw, n_blocks, layers_first, proj", [
+    ("resnet18", {}, 8, ["layer1_0_conv1", "layer1_0_conv2"], 3),  # basic blocks
+    ("resnetv2_50", {}, 16, ["stages_0_blocks_0_conv1", "stages_0_blocks_0_conv2", "stages_0_blocks_0_conv3"], 4),
+    ("efficientnet_b0", {}, 9, ["blocks_1_1_conv_pw", "blocks_1_1_conv_dw", "blocks_1_1_se_conv_reduce",
+                                "blocks_1_1_se_conv_expand", "blocks_1_1_conv_pwl"], 0),  # MBConv with SE
+    ("convnext_atto", {}, 12, ["stages_0_blocks_0_conv_dw", "stages_0_blocks_0_mlp_fc1",
+                               "stages_0_blocks_0_mlp_fc2"], 0),
+    ("vit_tiny_patch16_224", {"img_size": 64}, 24, ["blocks_0_attn_qkv", "blocks_0_attn_proj"], 0),
+])
+def test_residual_blocks_per_family(name, kw, n_blocks, layers_first, proj):
+    topo = netsurgeon.topology(timm.create_model(name, **kw))
+    blocks = topo.residual_blocks()
+    assert len(blocks) == n_blocks
+    assert blocks[0].branch_layers[0] == layers_first
+    assert sum(b.shortcut_kind == "projection" for b in blocks) == proj
+    if name.startswith("vit"):  # attention and MLP residuals alternate
+        assert blocks[1].branch_layers[0] == ["blocks_0_mlp_fc1", "blocks_0_mlp_fc2"]
+        assert blocks[0].shortcut == [] and blocks[1].entry == blocks[0].merge
