@@ -9,6 +9,7 @@ Example:
     >>> print(netsurgeon.report(gm).preservation.value)
     exact_eval
 """
+from .analysis import Analysis, analyze, measure
 from .checkpoint import convert, load
 from .errors import (CheckpointError, ModelSpecError, NetsurgeonError, OutputExistsError, PassError,
                      PassOptionError, TraceError, UnknownPassError, UnsupportedNodeError)
@@ -18,6 +19,6 @@ from .pipeline import report, transform
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ModelSpecError", "NetsurgeonError", "OutputExistsError", "PassError",
+__all__ = ["Analysis", "analyze", "measure", "CheckpointError", "ModelSpecError", "NetsurgeonError", "OutputExistsError", "PassError",
            "PassOptionError", "TraceError", "UnknownPassError", "UnsupportedNodeError", "Topology",
            "__version__", "convert", "list_passes", "load", "op_info", "report", "topology", "trace", "transform"]

@@ -101,6 +101,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         for b in topo.blocks:
             layers = " | ".join(" -> ".join(bl) for bl in b.branch_layers) or "-"
             print(f"  {b.kind:12s} {b.merge:28s} entry={b.entry} shortcut={b.shortcut_kind} branch layers: {layers}")
+    if args.cmap:
+        progress("analysing kernel maps")
+        analysis = netsurgeon.analyze(gm, example, empirical_batch=2)
+        table = analysis.table()
+        print(table if len(table) <= 60 else analysis.summary())
+        analysis.plot_cmaps().savefig(args.cmap, dpi=120)
+        print(f"wrote {args.cmap}")
     if args.dot:
         topo.write_dot(args.dot)
         print(f"wrote {args.dot}")
@@ -141,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", help="timm model name or package.module:factory")
     i.add_argument("--input-shape", help="example input shape for node shapes")
     i.add_argument("--blocks", action="store_true", help="list every residual block and concatenation")
+    i.add_argument("--cmap", help="analyse Q/C maps, print the per-node table (or a summary) and save "
+                                  "the C-map plot to this PNG")
     i.add_argument("--dot", help="write the graph as Graphviz DOT to this file")
     i.add_argument("--graphml", help="write the graph as GraphML to this file")
     i.add_argument("--quiet", action="store_true", help="no progress messages")

@@ -1,0 +1,104 @@
+"""Empirical kernel quantities at every node (MATH.md §1).
+
+For a pair of inputs ``x``, ``x2`` the traced module is run on both; at every node with
+a tensor output ``h`` (batch first) the per-example
+
+* ``q(h) = ||h||² / dim(h)`` (the mean square; for conv features this is the per-location
+  value averaged over locations, which is the same number),
+* ``k(h, h') = <h, h'> / dim(h)`` and ``c = k / sqrt(q q')`` (uncentered cosine)
+
+are computed and averaged over the batch of pairs.
+
+Example:
+    >>> import torch, netsurgeon
+    >>> m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh())
+    >>> stats = netsurgeon.measure(m, torch.randn(4, 64), torch.randn(4, 64))
+    >>> sorted(stats.nodes)[:2]
+    ['0', '1']
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..graph import trace
+
+__all__ = ["NodeStats", "Measurement", "measure", "kernel_stats"]
+
+
+@dataclass(frozen=True)
+class NodeStats:
+    """Measured q, q', k and c at one node (means over the batch of input pairs)."""
+
+    q: float
+    q2: float
+    k: float
+    c: float
+    c_std: float  # spread of c over the batch of pairs
+
+
+@dataclass
+class Measurement:
+    """Per-node measured kernel quantities, keyed by node name, in graph order."""
+
+    nodes: dict[str, NodeStats] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> NodeStats:
+        if name not in self.nodes:
+            raise KeyError(f"no measurement for node {name!r} (not tensor-valued, or not in the graph)")
+        return self.nodes[name]
+
+
+def kernel_stats(h: torch.Tensor, h2: torch.Tensor) -> NodeStats:
+    """q, q', k, c of two batches of features ``[B, ...]``, averaged over the batch."""
+    a = h.detach().double().flatten(1)
+    b = h2.detach().double().flatten(1)
+    q, q2, k = (a * a).mean(1), (b * b).mean(1), (a * b).mean(1)
+    c = k / torch.sqrt(q * q2).clamp_min(1e-300)
+    return NodeStats(float(q.mean()), float(q2.mean()), float(k.mean()), float(c.mean()),
+                     float(c.std()) if c.numel() > 1 else 0.0)
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() >= 1:
+            self.outputs[n.name] = out
+        return out
+
+
+def measure(model: nn.Module, x: torch.Tensor, x2: torch.Tensor) -> Measurement:
+    """Run ``x`` and ``x2`` (same shape, batch first) through ``model`` in eval mode and
+    record q, q', k, c at every tensor-valued node.
+
+    Args:
+        model: an ``nn.Module`` (traced here) or a netsurgeon/fx GraphModule.
+        x: first inputs, ``[B, ...]``.
+        x2: second inputs, same shape; pair ``i`` is ``(x[i], x2[i])``.
+    """
+    if x.shape != x2.shape:
+        raise ValueError(f"x and x2 must have the same shape; got {tuple(x.shape)} and {tuple(x2.shape)}")
+    gm = model if isinstance(model, fx.GraphModule) else trace(model)
+    was = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            r1, r2 = _Recorder(gm), _Recorder(gm)
+            r1.run(x)
+            r2.run(x2)
+    finally:
+        gm.train(was)
+    result = Measurement()
+    for name, h in r1.outputs.items():
+        h2 = r2.outputs.get(name)
+        if h2 is not None and h2.shape == h.shape and h.shape[0] == x.shape[0]:
+            result.nodes[name] = kernel_stats(h, h2)
+    return result
