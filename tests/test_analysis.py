@@ -147,3 +147,17 @@ def test_plots_and_inspect_cmap(tmp_path):
 
     assert main(["inspect", "resnet10t", "--cmap", str(png), "--input-shape", "1,3,32,32", "--quiet"]) == 0
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("name", ["tanh", "gelu", "elu", "relu6", "silu", "leaky_relu"])
+def test_price_slope_at_one_matches_local_maps(name):
+    from netsurgeon.analysis.activation_maps import maps_for
+    from netsurgeon.ops import ActivationSpec
+
+    m = maps_for(ActivationSpec(name))
+    assert m.kernel_slope_at_one(1.0) == pytest.approx(m.local.c_slope_1() * m.local.q1, rel=1e-9)
+    # at another q: dK/dk equals the numerical derivative of the kernel map below k = q
+    q, eps = 2.5, 1e-6
+    num = (m.kernel_map(np.array([q]), np.array([q]), np.array([q]))[0]
+           - m.kernel_map(np.array([q]), np.array([q]), np.array([q * (1 - eps)]))[0]) / (q * eps)
+    assert m.kernel_slope_at_one(q) == pytest.approx(num, rel=2e-3)

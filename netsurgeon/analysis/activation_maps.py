@@ -7,6 +7,7 @@ import functools
 import numpy as np
 
 from ..kernels import LocalMaps
+from ..kernels.quadrature import Piecewise, gauss_expectation
 from ..ops import ActivationSpec
 
 __all__ = ["ActivationMaps", "maps_for"]
@@ -33,23 +34,8 @@ class ActivationMaps:
             return (1.0 + act.leaky_slope ** 2) / 2.0
         if any(act.phi_jumps()):
             return float("inf")
-        return _expect_split(lambda x: act.dphi(x) ** 2, float(np.sqrt(q)), act.kinks)
-
-
-_NODES, _WEIGHTS = np.polynomial.legendre.leggauss(96)
-
-
-def _expect_split(fn, std: float, kinks: tuple[float, ...]) -> float:
-    """E[fn(std·z)], z ~ N(0, 1): Gauss–Legendre on [-14 std, 14 std] split at the kinks."""
-    if std == 0:
-        return float(fn(np.zeros(1))[0])
-    edges = np.unique(np.clip(np.array([-14 * std, *kinks, 14 * std], dtype=float), -14 * std, 14 * std))
-    total = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        x = 0.5 * (hi - lo) * _NODES + 0.5 * (hi + lo)
-        pdf = np.exp(-0.5 * (x / std) ** 2) / (std * np.sqrt(2 * np.pi))
-        total += 0.5 * (hi - lo) * float(np.sum(_WEIGHTS * fn(x) * pdf))
-    return total
+        integrand = Piecewise(lambda x: act.dphi(x) ** 2, act.kinks, act.scale, act.centers)
+        return float(gauss_expectation(integrand, 0.0, float(np.sqrt(q))))
 
 
 @functools.lru_cache(maxsize=256)

@@ -54,7 +54,7 @@ class Piecewise:
     Args:
         fn: the function, vectorized over numpy arrays.
         kinks: points where fn or a derivative is discontinuous. Default: none.
-        scale: width of the smooth pieces' structure (1 for tanh, 1/β for softplus), or
+        scale: width of the smooth pieces' structure (0.75 for tanh, 1.5/β for softplus), or
             None for polynomial pieces, which need no grading. Default: None.
         centers: where that structure sits. Default: ``(0.0,)``.
     """
@@ -200,7 +200,8 @@ def _bivariate_panels(f: Piecewise, g: Piecewise, sd1: np.ndarray, sd2: np.ndarr
         if near and g.kinks:
             kink_x = _standardized(g.kinks, zero, sd2 * rho)
             width = (s / np.abs(rho))[:, None, None]
-            cols.append((kink_x[:, :, None] + width * np.asarray(NEAR_DIAGONAL)).reshape(sd1.size, -1))
+            around = (kink_x[:, :, None] + width * np.asarray(NEAR_DIAGONAL)).reshape(sd1.size, -1)
+            cols.append(np.where(np.isnan(around), np.inf, around))
     outer = _distinct_columns(_with_fixed(cols, sd1.shape))
     n_outer = (outer.shape[-1] + 1) * LEGENDRE_NODES
     n_inner = (len(split_g) + len(PANEL_BREAKS) + 1) * LEGENDRE_NODES
