@@ -128,16 +128,7 @@ def propagate_node(node: fx.Node, info: OpInfo, gm: fx.GraphModule, inputs: list
         out.dims = dims
         return out
     if kind is OpKind.ACTIVATION and info.activation is not None:
-        maps = activation_maps(info.activation)
-        if maps is None:
-            return None
-        k = inputs[0]
-        q1, q2 = float(maps.q_map(np.array([k.q]))[0]), float(maps.q_map(np.array([k.q2]))[0])
-        bound = np.sqrt(k.q * k.q2)  # rounding or measured values may step outside |k| <= sqrt(q q')
-        kout = np.asarray(maps.kernel_map(np.full_like(k.k, k.q), np.full_like(k.k, k.q2),
-                                          np.clip(k.k, -bound, bound)), dtype=float)
-        slope = float(maps.kernel_slope_at_one(k.q)) if abs(k.q - k.q2) < 1e-12 else float("nan")
-        return NodeKernel(q1, q2, kout, slope * k.dk, k.status, k.reason, dims)
+        return _activation(activation_maps(info.activation), inputs[0], dims)
     if kind is OpKind.ADD:
         weights = info.attrs.get("weights")
         if weights is None or len(weights) != len(inputs) or any(w is None for w in weights):
@@ -200,13 +191,17 @@ def _norm(m: nn.Module, info: OpInfo, k: NodeKernel, activation_maps: Callable[[
         return None
     out.dims = dims
     if spec.activation is not None:  # norm+act composite
-        maps = activation_maps(spec.activation)
-        if maps is None:
-            return None
-        q1, q2 = float(maps.q_map(np.array([out.q]))[0]), float(maps.q_map(np.array([out.q2]))[0])
-        bound = np.sqrt(out.q * out.q2)
-        kout = np.asarray(maps.kernel_map(np.full_like(out.k, out.q), np.full_like(out.k, out.q2),
-                                          np.clip(out.k, -bound, bound)))
-        slope = float(maps.kernel_slope_at_one(out.q)) if abs(out.q - out.q2) < 1e-12 else float("nan")
-        out = NodeKernel(q1, q2, kout, slope * out.dk, out.status, out.reason, dims)
+        return _activation(activation_maps(spec.activation), out, dims)
     return out
+
+
+def _activation(maps: Any, k: NodeKernel, dims: int | None) -> NodeKernel | None:
+    """The local maps of MATH.md §2 applied to ``k``; None when the activation has no maps."""
+    if maps is None:
+        return None
+    q1, q2 = float(maps.q_map(np.array([k.q]))[0]), float(maps.q_map(np.array([k.q2]))[0])
+    bound = np.sqrt(k.q * k.q2)  # rounding or measured values may step outside |k| <= sqrt(q q')
+    kout = np.asarray(maps.kernel_map(np.full_like(k.k, k.q), np.full_like(k.k, k.q2),
+                                      np.clip(k.k, -bound, bound)), dtype=float)
+    slope = float(maps.kernel_slope_at_one(k.q)) if abs(k.q - k.q2) < 1e-12 else float("nan")
+    return NodeKernel(q1, q2, kout, slope * k.dk, k.status, k.reason, dims)
