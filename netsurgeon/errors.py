@@ -16,6 +16,9 @@ __all__ = [
     "CheckpointError",
     "OutputExistsError",
     "MissingAnalysisError",
+    "DataNotFoundError",
+    "DataFormatError",
+    "InvalidArgumentError",
 ]
 
 
@@ -63,3 +66,15 @@ class MissingAnalysisError(NetsurgeonError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class DataNotFoundError(NetsurgeonError, FileNotFoundError):
+    """A dataset directory or file that does not exist (names the paths tried and the fix)."""
+
+
+class DataFormatError(NetsurgeonError, ValueError):
+    """A dataset file that exists but is corrupt or has unexpected content (names the file)."""
+
+
+class InvalidArgumentError(NetsurgeonError, ValueError):
+    """An argument outside its valid set or range (names the parameter and the valid values)."""

@@ -296,4 +296,18 @@ def test_kernels_import_no_framework() -> None:
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             for name in names:
                 assert name.split(".")[0] in {"numpy", "scipy", "math", "dataclasses", "functools", "typing",
-                                              "difflib", "__future__"}, f"{path.name} imports {name}"
+                                              "difflib", "itertools", "__future__"}, f"{path.name} imports {name}"
+
+
+@pytest.mark.parametrize("name", ["tanh", "gelu", "silu", "mish", "elu", "selu", "softsign", "hardswish", "relu6"])
+def test_fast_rule_within_2e6_of_accurate(name):
+    """analyze() propagates with quadrature.FAST; its documented bound (relative to Q(q)), checked."""
+    from netsurgeon.kernels.quadrature import FAST
+
+    m = LocalMaps(name)
+    rho = np.linspace(-1.0, 1.0, 101)
+    for q in (0.3, 1.0, 2.0, 5.0):
+        full = np.full_like(rho, q)
+        exact = m.kernel_map(full, full, rho * q)
+        fast = m.kernel_map(full, full, rho * q, FAST)
+        assert np.max(np.abs(fast - exact)) / exact[-1] < 2e-6, (name, q)

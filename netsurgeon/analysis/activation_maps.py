@@ -7,7 +7,7 @@ import functools
 import numpy as np
 
 from ..kernels import LocalMaps
-from ..kernels.quadrature import Piecewise, gauss_expectation
+from ..kernels.quadrature import FAST, Piecewise, gauss_expectation
 from ..ops import ActivationSpec
 
 __all__ = ["ActivationMaps", "maps_for"]
@@ -25,13 +25,13 @@ class ActivationMaps:
         return np.atleast_1d(self.local.q_map(q))
 
     def kernel_map(self, q1: np.ndarray, q2: np.ndarray, k: np.ndarray) -> np.ndarray:
-        return np.atleast_1d(self.local.kernel_map(q1, q2, k))
+        return np.atleast_1d(self.local.kernel_map(q1, q2, k, FAST))
 
     def kernel_slope_at_one(self, q: float) -> float:
         """``dK/dk`` at ``k = q = q'`` (Price's theorem): ``E[φ'(√q z)²]``."""
         act = self.local.activation
         if act.leaky_slope is not None:
-            return (1.0 + act.leaky_slope ** 2) / 2.0
+            return act.leaky_gain ** 2 * (1.0 + act.leaky_slope ** 2) / 2.0
         if any(act.phi_jumps()):
             return float("inf")
         integrand = Piecewise(lambda x: act.dphi(x) ** 2, act.kinks, act.scale, act.centers)

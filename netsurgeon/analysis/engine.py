@@ -18,10 +18,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import UnsupportedNodeError
-from ..graph import Topology, op_info, trace
+from ..graph import META_KEY, Topology, op_info, trace
 from ..ops import OpKind
 from .activation_maps import maps_for
-from .measure import measure
+from .measure import NodeStats, kernel_stats
 from .propagate import EXACT, UNSUPPORTED, NodeKernel, propagate_node
 
 __all__ = ["Analysis", "analyze"]
@@ -142,78 +142,165 @@ def _dims(node: fx.Node) -> int | None:
     return None
 
 
-def _pairs(example: torch.Tensor, c: float, q_in: float, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pairs(example: torch.Tensor, cgrid: np.ndarray, q_in: float, batch: int, seed: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` Gaussian input pairs per cosine of ``cgrid``, stacked: ``[P * batch, ...]`` each."""
     g = torch.Generator().manual_seed(seed)
-    shape = (batch,) + tuple(example.shape[1:])
+    shape = (len(cgrid) * batch,) + tuple(example.shape[1:])
     z1 = torch.randn(shape, generator=g, dtype=torch.float64)
     z2 = torch.randn(shape, generator=g, dtype=torch.float64)
+    c = torch.as_tensor(np.repeat(cgrid, batch), dtype=torch.float64).reshape((-1,) + (1,) * (len(shape) - 1))
     x1 = z1 * q_in ** 0.5
-    x2 = (c * z1 + (1 - c * c) ** 0.5 * z2) * q_in ** 0.5
+    x2 = (c * z1 + (1 - c * c).clamp_min(0).sqrt() * z2) * q_in ** 0.5
     return x1.to(example.dtype), x2.to(example.dtype)
+
+
+class _Done(Exception):
+    """Raised to stop the interpreter once every requested node is measured."""
+
+
+class _NodeMeter(fx.Interpreter):
+    """Runs a stacked batch ``[x1; x2]`` and keeps, for the requested nodes only, the
+    per-cosine kernel statistics; stops after the last requested node."""
+
+    def __init__(self, gm: fx.GraphModule, names: set[str], points: int, batch: int) -> None:
+        super().__init__(gm)
+        self.todo = set(names)
+        self.points, self.batch = points, batch
+        self.stats: dict[str, list[NodeStats]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.todo:
+            half = self.points * self.batch
+            if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() >= 1 \
+                    and out.shape[0] == 2 * half:
+                h1, h2 = out[:half], out[half:]
+                b = self.batch
+                self.stats[n.name] = [kernel_stats(h1[i * b:(i + 1) * b], h2[i * b:(i + 1) * b])
+                                      for i in range(self.points)]
+            self.todo.discard(n.name)
+            if not self.todo:
+                raise _Done
+        return out
+
+
+def _measure_nodes(gm: fx.GraphModule, names: set[str], example: torch.Tensor, cgrid: np.ndarray, q_in: float,
+                   batch: int, seed: int) -> dict[str, list[NodeStats]]:
+    """Measured statistics of ``names`` for input pairs at each cosine of ``cgrid`` (one stacked run)."""
+    x1, x2 = _pairs(example, cgrid, q_in, batch, seed)
+    meter = _NodeMeter(gm, names, len(cgrid), batch)
+    with torch.no_grad():
+        try:
+            meter.run(torch.cat([x1, x2]))
+        except _Done:
+            pass
+    return meter.stats
+
+
+def _propagate(gm: fx.GraphModule, topo: Topology, grid: np.ndarray, q_in: float,
+               measured: dict[str, list[NodeStats]], cgrid: np.ndarray, cache: dict[int, Any]
+               ) -> tuple[dict[str, NodeKernel], list[str]]:
+    """One pass of the rules over the graph; nodes without a rule take ``measured`` values
+    when present, else are returned as pending (their users see NaN kernels)."""
+    kernels: dict[str, NodeKernel] = {}
+    pending: list[str] = []
+    for node in gm.graph.nodes:
+        info = op_info(node)
+        if info.kind in _SKIP or not topo.graph.nodes[node.name]["signal"] and info.kind is not OpKind.OUTPUT:
+            continue
+        dims = _dims(node)
+        if info.kind is OpKind.INPUT:
+            kernels[node.name] = NodeKernel(q_in, q_in, q_in * grid, 1.0, EXACT, "", dims)
+            continue
+        ins = [kernels[a.name] for a in node.all_input_nodes if a.name in kernels]
+        blocked = any(np.isnan(i.q) for i in ins)  # downstream of a pending node: find out whether a rule exists
+        if blocked:
+            ins = [NodeKernel(q_in, q_in, q_in * grid, 1.0, EXACT, "", i.dims) for i in ins]
+        out = propagate_node(node, info, gm, ins, maps_for, dims, cache) if ins else None
+        if blocked and out is not None:
+            out = NodeKernel(*(float("nan"),) * 2, np.full_like(grid, np.nan), float("nan"), UNSUPPORTED,
+                             "downstream of unmeasured values", dims)
+        elif out is not None and out.status == UNSUPPORTED:  # an exact rule applied to measured inputs
+            out.status = "approximate"
+            out.reason = "downstream of measured values"
+        if out is None:
+            reason = info.attrs.get("reason") or f"no kernel map for {info.describe()}"
+            stats = measured.get(node.name)
+            if stats is None:
+                pending.append(node.name)
+                nan = float("nan")
+                out = NodeKernel(nan, nan, np.full_like(grid, nan), nan, UNSUPPORTED, reason, dims)
+            else:
+                ks = np.interp(grid, cgrid, [st.k for st in stats])
+                q1 = float(np.mean([st.q for st in stats]))
+                q2 = float(np.mean([st.q2 for st in stats]))
+                out = NodeKernel(q1, q2, ks, float("nan"), UNSUPPORTED, f"{reason}; measured", dims)
+        kernels[node.name] = out
+    return kernels, pending
+
+
+def _default_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...] | None:
+    """A random batch of the traced model's known input size (timm ``pretrained_cfg``), else None."""
+    info = gm.meta.get(META_KEY, {}).get("trace")
+    shape = getattr(info, "input_shape", None)
+    return None if shape is None else (torch.randn(shape, generator=torch.Generator().manual_seed(0)),)
 
 
 def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None, *,
             q_in: float = 1.0, c_in: float = 0.0, grid_size: int = 201, empirical_points: int = 21,
-            empirical_batch: int = 16, seed: int = 0) -> Analysis:
+            empirical_batch: int | None = None, seed: int = 0) -> Analysis:
     """Predict q, q', k, c and the cumulative ``C'(1)`` at every node (MATH.md §3).
+
+    Nodes without a kernel map (max pooling, products of signals, train-mode batch
+    norm) take measured values: Gaussian input pairs at ``empirical_points`` cosines,
+    all in one batched run of the graph up to the last such node.
 
     Args:
         model: any ``nn.Module`` or a traced GraphModule (analysed in eval mode).
         example_inputs: an input batch; gives node shapes (needed for concatenations)
-            and lets unsupported nodes take measured values. Default: None.
+            and lets unsupported nodes take measured values. Default: None, which for
+            a timm model means one random batch of its ``pretrained_cfg`` input size.
         q_in: mean square of both network inputs. Default: 1.0.
         c_in: the cosine of the input pair reported by ``table()``. Default: 0.0.
         grid_size: number of input cosines in ``[-1, 1]`` propagated at once. Default: 201.
         empirical_points: grid points measured for unsupported nodes. Default: 21.
-        empirical_batch: input pairs per measured grid point. Default: 16.
+        empirical_batch: input pairs per measured grid point. Default: None = 16 for flat
+            inputs, 1 for inputs with spatial or sequence axes (whose statistics already
+            average over every location).
         seed: seed of the measured input pairs. Default: 0.
 
     Raises:
-        UnsupportedNodeError: an op without a map and no ``example_inputs`` to measure it.
+        UnsupportedNodeError: ops without a map (all named) and no ``example_inputs`` to measure them.
     """
     gm = model if isinstance(model, fx.GraphModule) else trace(model)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if example_inputs is None:
+        example_inputs = _default_inputs(gm)
     was = gm.training
     gm.eval()
     try:
-        topo = Topology(gm, example_inputs)
+        topo = Topology(gm)
+        if example_inputs is not None and topo.kind_counts().get("concat"):  # dims weight concatenations
+            topo = Topology(gm, example_inputs)
         grid = np.linspace(-1.0, 1.0, grid_size)
-        kernels: dict[str, NodeKernel] = {}
-        measured: list[Any] | None = None
-        for node in gm.graph.nodes:
-            info = op_info(node)
-            if info.kind in _SKIP or not topo.graph.nodes[node.name]["signal"] and info.kind is not OpKind.OUTPUT:
-                continue
-            dims = _dims(node)
-            if info.kind is OpKind.INPUT:
-                kernels[node.name] = NodeKernel(q_in, q_in, q_in * grid, 1.0, EXACT, "", dims)
-                continue
-            ins = [kernels[a.name] for a in node.all_input_nodes if a.name in kernels]
-            out = propagate_node(node, info, gm, ins, maps_for, dims) if ins else None
-            if out is not None and out.status == UNSUPPORTED:  # an exact rule applied to measured inputs
-                out.status = "approximate"
-                out.reason = "downstream of measured values"
-            if out is None:
-                if example_inputs is None:
-                    raise UnsupportedNodeError(
-                        f"node {node.name} ({info.describe()}) has no kernel map; pass example_inputs so it can "
-                        f"be measured: {node.format_node()}")
-                if measured is None:
-                    cgrid = np.linspace(-1.0, 1.0, empirical_points)
-                    measured = [measure(gm, *_pairs(example_inputs[0], float(c), q_in, empirical_batch, seed + i))
-                                for i, c in enumerate(cgrid)]
-                stats = [m.nodes.get(node.name) for m in measured]
-                if any(s is None for s in stats):
-                    raise UnsupportedNodeError(f"node {node.name} ({info.describe()}) has no kernel map and no "
-                                               f"tensor output to measure")
-                cgrid = np.linspace(-1.0, 1.0, empirical_points)
-                ks = np.interp(grid, cgrid, [s.k for s in stats])
-                q1 = float(np.mean([s.q for s in stats]))
-                q2 = float(np.mean([s.q2 for s in stats]))
-                reason = info.attrs.get("reason") or f"no kernel map for {info.describe()}"
-                out = NodeKernel(q1, q2, ks, float("nan"), UNSUPPORTED, f"{reason}; measured", dims)
-            kernels[node.name] = out
+        cgrid = np.linspace(-1.0, 1.0, empirical_points)
+        cache: dict[int, Any] = {}
+        kernels, pending = _propagate(gm, topo, grid, q_in, {}, cgrid, cache)
+        if pending:
+            if example_inputs is None:
+                raise UnsupportedNodeError(
+                    f"{len(pending)} node(s) have no kernel map: {', '.join(pending[:10])}"
+                    f"{' ...' if len(pending) > 10 else ''}; pass example_inputs so they can be measured")
+            example = example_inputs[0]
+            batch = empirical_batch or (1 if example.dim() > 2 else 16)
+            measured = _measure_nodes(gm, set(pending), example, cgrid, q_in, batch, seed)
+            missing = [n for n in pending if n not in measured]
+            if missing:
+                raise UnsupportedNodeError(f"node(s) {', '.join(missing)} have no kernel map and no tensor output "
+                                           f"to measure")
+            kernels, _ = _propagate(gm, topo, grid, q_in, measured, cgrid, cache)
     finally:
         gm.train(was)
     return Analysis(topo, kernels, grid, q_in, c_in)

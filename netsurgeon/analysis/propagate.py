@@ -69,7 +69,8 @@ def _worse(*statuses: str) -> str:
 
 
 def _reasons(*parts: str) -> str:
-    return "; ".join(dict.fromkeys(p for p in parts if p))
+    """The distinct reasons of ``parts`` (each a "; "-joined list), in first-seen order."""
+    return "; ".join(dict.fromkeys(r for p in parts if p for r in p.split("; ")))
 
 
 def weight_stats(weight: torch.Tensor, bias: torch.Tensor | None, groups: int = 1, transposed: bool = False
@@ -89,10 +90,26 @@ def _is_delta(weight: torch.Tensor) -> bool:
     """True when only the centre tap of every kernel is non-zero (delta-initialised conv)."""
     if weight.dim() <= 2 or all(s == 1 for s in weight.shape[2:]):
         return True
-    centre = tuple(s // 2 for s in weight.shape[2:])
-    mask = torch.ones_like(weight, dtype=torch.bool)
-    mask[(slice(None), slice(None)) + centre] = False
-    return bool((weight[mask] == 0).all()) and all(s % 2 == 1 for s in weight.shape[2:])
+    if any(s % 2 == 0 for s in weight.shape[2:]):
+        return False
+    corner = weight[(slice(None), slice(None)) + (0,) * (weight.dim() - 2)]
+    if bool(corner.any()):  # the usual case, decided without touching the whole tensor
+        return False
+    rest = weight.detach().clone()
+    rest[(slice(None), slice(None)) + tuple(s // 2 for s in weight.shape[2:])] = 0
+    return not bool(rest.any())
+
+
+def _layer_stats(m: nn.Module, cache: dict[int, tuple[float, float, bool]] | None) -> tuple[float, float, bool]:
+    """``(σ_w², σ_b², is_delta)`` of a layer; ``cache`` (one analysis's, keyed by module id) saves
+    re-reading the weights when the analysis runs its second pass."""
+    if cache is not None and id(m) in cache:
+        return cache[id(m)]
+    stats = (*weight_stats(m.weight, getattr(m, "bias", None), getattr(m, "groups", 1),
+                           getattr(m, "transposed", False)), _is_delta(m.weight))
+    if cache is not None:
+        cache[id(m)] = stats
+    return stats
 
 
 def _linear(inp: NodeKernel, sw: float, sb: float, status: str, reason: str) -> NodeKernel:
@@ -101,8 +118,11 @@ def _linear(inp: NodeKernel, sw: float, sb: float, status: str, reason: str) -> 
 
 
 def propagate_node(node: fx.Node, info: OpInfo, gm: fx.GraphModule, inputs: list[NodeKernel],
-                   activation_maps: Callable[[Any], Any], dims: int | None) -> NodeKernel | None:
+                   activation_maps: Callable[[Any], Any], dims: int | None,
+                   cache: dict[int, tuple[float, float, bool]] | None = None) -> NodeKernel | None:
     """Apply the rule of ``info.kind`` to the kernels of the node's signal inputs.
+
+    ``cache``: per-analysis store of layer weight statistics (see ``_layer_stats``).
 
     Returns None when the node has no rule (the caller then uses measured values).
     """
@@ -118,9 +138,8 @@ def propagate_node(node: fx.Node, info: OpInfo, gm: fx.GraphModule, inputs: list
         return None
     if kind in (OpKind.LINEAR, OpKind.CONV) and node.op == "call_module":
         m = gm.get_submodule(node.target)
-        sw, sb = weight_stats(m.weight, getattr(m, "bias", None), getattr(m, "groups", 1),
-                              getattr(m, "transposed", False))
-        if kind is OpKind.CONV and not _is_delta(m.weight):
+        sw, sb, delta = _layer_stats(m, cache)
+        if kind is OpKind.CONV and not delta:
             status, reason = APPROX, "conv spatial mixing: locations assumed alike"
         else:
             status, reason = EXACT, ""

@@ -53,6 +53,7 @@ class TraceInfo:
     user_leaves: list[str] = field(default_factory=list)
     mode_dropouts: list[str] = field(default_factory=list)
     retraces: int = 0
+    input_shape: tuple[int, ...] | None = None
 
 
 class NetsurgeonTracer(fx.Tracer):
@@ -211,7 +212,10 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
         if path not in known:
             raise TraceError(f"leaf module {path!r} is not a submodule of {type(model).__name__}")
     leaves = set(user_leaves)
-    info = TraceInfo(model_class=type(model).__name__, user_leaves=user_leaves)
+    from ..models import default_input_shape
+
+    info = TraceInfo(model_class=type(model).__name__, user_leaves=user_leaves,
+                     input_shape=default_input_shape(model))
     try:
         for attempt in range(_MAX_RETRACES):
             _set_modes(model, True)

@@ -41,8 +41,9 @@ class Activation:
             or None when they are polynomials; the quadrature refines around ``centers``
             when the input's standard deviation exceeds 1.5 scale.
         centers: where that variation sits (the kinks, or 0 for smooth activations).
-        leaky_slope: ``a`` when ``φ(x) = relu(x) - a relu(-x)`` (ReLU, leaky ReLU, abs,
-            identity), which has closed-form maps; ``None`` otherwise.
+        leaky_slope: ``a`` when ``φ(x) = g (relu(x) - a relu(-x))`` (ReLU, leaky ReLU, abs,
+            identity, and their positive multiples), which has closed-form maps; ``None`` otherwise.
+        leaky_gain: ``g`` of that form. Default: 1.
     """
 
     name: str
@@ -54,6 +55,7 @@ class Activation:
     scale: float | None = None
     centers: tuple[float, ...] = (0.0,)
     leaky_slope: float | None = None
+    leaky_gain: float = 1.0
 
     def __call__(self, x: ArrayLike) -> np.ndarray:
         """φ(x), elementwise."""

@@ -32,7 +32,8 @@ from numpy.polynomial.hermite_e import hermegauss
 from numpy.polynomial.legendre import leggauss
 from numpy.typing import ArrayLike
 
-__all__ = ["Piecewise", "gauss_expectation", "bivariate_expectation", "hermite_rule", "hermite_rule_2d"]
+__all__ = ["Piecewise", "Rule", "ACCURATE", "FAST", "gauss_expectation", "bivariate_expectation", "hermite_rule",
+           "hermite_rule_2d"]
 
 ArrayFn = Callable[[np.ndarray], np.ndarray]
 
@@ -45,6 +46,20 @@ NEAR_DIAGONAL = (-9.0, -3.0, -1.0, 1.0, 3.0, 9.0)  # outer splits around a smoot
 _PRUNE = 1e-18  # Hermite nodes below this fraction of the largest weight are dropped.
 _CHUNK = 1 << 16  # integrand evaluations per vectorized block (small enough to stay in cache).
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Node counts of a quadrature: Gauss–Hermite per dimension, Gauss–Legendre per panel."""
+
+    hermite: int = HERMITE_NODES
+    legendre: int = LEGENDRE_NODES
+
+
+ACCURATE = Rule()  # the local maps' rule: 1e-8 and better (tests/test_local_maps.py)
+# Network propagation's rule: 3.5x fewer 2-D Hermite nodes and 8 Legendre nodes per panel; kernel values
+# within 2e-6 of ACCURATE relative to Q(q) (tests/test_local_maps.py, q in [0.3, 5]).
+FAST = Rule(hermite=60, legendre=8)
 
 
 @dataclass(frozen=True)
@@ -105,7 +120,7 @@ def _legendre_rule(n: int) -> tuple[np.ndarray, np.ndarray]:
     return leggauss(n)
 
 
-def _panel_rule(breaks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _panel_rule(breaks: np.ndarray, nodes: int = LEGENDRE_NODES) -> tuple[np.ndarray, np.ndarray]:
     """Nodes ``z`` and weights ``w·ϕ(z)`` on [-10, 10] split at ``breaks`` (last axis; no NaN).
 
     Breaks outside the range give empty panels, which carry zero weight.
@@ -114,7 +129,7 @@ def _panel_rule(breaks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     edge = np.full(b.shape[:-1] + (1,), HALF_WIDTH)
     lo = np.concatenate([-edge, b], axis=-1)[..., None]
     half = 0.5 * (np.concatenate([b, edge], axis=-1)[..., None] - lo)
-    xi, wi = _legendre_rule(LEGENDRE_NODES)
+    xi, wi = _legendre_rule(nodes)
     z = (lo + half * (xi + 1.0)).reshape(b.shape[:-1] + (-1,))
     weight = (half * (wi * _INV_SQRT_2PI)).reshape(z.shape) * np.exp(-0.5 * z * z)
     return z, weight
@@ -170,9 +185,9 @@ def _regimes(resolved: np.ndarray) -> list[np.ndarray]:
 
 
 def _bivariate_hermite(f: ArrayFn, g: ArrayFn, sd1: np.ndarray, sd2: np.ndarray, rho: np.ndarray,
-                       s: np.ndarray) -> np.ndarray:
+                       s: np.ndarray, rule: Rule) -> np.ndarray:
     """E[f(sd1 x) g(sd2 (ρx + s w))] by 2-D Gauss–Hermite; assumes f, g smooth and resolved."""
-    x, w, weight = hermite_rule_2d()
+    x, w, weight = hermite_rule_2d(rule.hermite)
     out = np.empty(sd1.shape)
     step = max(1, _CHUNK // x.size)
     fu_all = f(sd1[0] * x) * weight if np.all(sd1 == sd1[0]) else None
@@ -184,7 +199,7 @@ def _bivariate_hermite(f: ArrayFn, g: ArrayFn, sd1: np.ndarray, sd2: np.ndarray,
 
 
 def _bivariate_panels(f: Piecewise, g: Piecewise, sd1: np.ndarray, sd2: np.ndarray, rho: np.ndarray,
-                      s: np.ndarray, near: bool) -> np.ndarray:
+                      s: np.ndarray, near: bool, rule: Rule) -> np.ndarray:
     """E[f(sd1 x) g(sd2 (ρx + s w))] by Gauss–Legendre panels in x and, for each x, in w.
 
     Outer splits: where u crosses a split point of f, where v crosses one of g at w = 0
@@ -203,23 +218,24 @@ def _bivariate_panels(f: Piecewise, g: Piecewise, sd1: np.ndarray, sd2: np.ndarr
             around = (kink_x[:, :, None] + width * np.asarray(NEAR_DIAGONAL)).reshape(sd1.size, -1)
             cols.append(np.where(np.isnan(around), np.inf, around))
     outer = _distinct_columns(_with_fixed(cols, sd1.shape))
-    n_outer = (outer.shape[-1] + 1) * LEGENDRE_NODES
-    n_inner = (len(split_g) + len(PANEL_BREAKS) + 1) * LEGENDRE_NODES
+    n_outer = (outer.shape[-1] + 1) * rule.legendre
+    n_inner = (len(split_g) + len(PANEL_BREAKS) + 1) * rule.legendre
     out = np.empty(sd1.shape)
     step = max(1, _CHUNK // (n_inner * n_outer))
     for a in range(0, sd1.size, step):
         sl = slice(a, a + step)
-        x, wx = _panel_rule(outer[sl])  # (e, Po)
+        x, wx = _panel_rule(outer[sl], rule.legendre)  # (e, Po)
         shift = rho[sl, None] * x
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             inner = (tau_g[sl, None, :] - shift[..., None]) / s[sl, None, None]
-        w, ww = _panel_rule(_with_fixed([np.where(np.isnan(inner), np.inf, inner)], shift.shape))
+        w, ww = _panel_rule(_with_fixed([np.where(np.isnan(inner), np.inf, inner)], shift.shape), rule.legendre)
         gv = g.fn(sd2[sl, None, None] * (shift[..., None] + s[sl, None, None] * w))
         out[sl] = np.sum(wx * f.fn(sd1[sl, None] * x) * np.sum(ww * gv, axis=-1), axis=-1)
     return out
 
 
-def bivariate_expectation(f: Piecewise, g: Piecewise, q1: ArrayLike, q2: ArrayLike, k: ArrayLike) -> np.ndarray:
+def bivariate_expectation(f: Piecewise, g: Piecewise, q1: ArrayLike, q2: ArrayLike, k: ArrayLike,
+                          rule: Rule = ACCURATE) -> np.ndarray:
     """E[f(u) g(v)] for (u, v) ~ N(0, [[q1, k], [k, q2]]), elementwise over broadcast inputs.
 
     Assumes ``q1, q2 >= 0`` and ``|k| <= sqrt(q1 q2)`` (the correlation is clipped to [-1, 1]).
@@ -235,9 +251,9 @@ def bivariate_expectation(f: Piecewise, g: Piecewise, q1: ArrayLike, q2: ArrayLi
     near = s < np.abs(rho)  # |ρ| > 1/sqrt(2): a smoothed kink narrower than the panels
     for group in _regimes(f.resolved(sd1) & g.resolved(sd2)):
         if not f.split_points(float(sd1[group].max())) and not g.split_points(float(sd2[group].max())):
-            out[group] = _bivariate_hermite(f.fn, g.fn, sd1[group], sd2[group], rho[group], s[group])
+            out[group] = _bivariate_hermite(f.fn, g.fn, sd1[group], sd2[group], rho[group], s[group], rule)
             continue
         for mask, is_near in ((group & near, True), (group & ~near, False)):
             if np.any(mask):
-                out[mask] = _bivariate_panels(f, g, sd1[mask], sd2[mask], rho[mask], s[mask], is_near)
+                out[mask] = _bivariate_panels(f, g, sd1[mask], sd2[mask], rho[mask], s[mask], is_near, rule)
     return out.reshape(q1_b.shape)

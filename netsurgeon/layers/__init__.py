@@ -1,4 +1,5 @@
 """Modules that passes insert into graphs."""
 from .affine import ChannelAffine
+from .dks_layers import ExclusiveAvgPool2dSame, LocationNorm
 
-__all__ = ["ChannelAffine"]
+__all__ = ["ChannelAffine", "ExclusiveAvgPool2dSame", "LocationNorm"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
-from ..layers import ChannelAffine
-from .kinds import OpInfo, OpKind
+from ..layers import ChannelAffine, ExclusiveAvgPool2dSame, LocationNorm
+from .kinds import NormSpec, OpInfo, OpKind
 from .registry import ClassifyContext, register_module
 
 __all__: list[str] = []
@@ -14,3 +14,17 @@ __all__: list[str] = []
 @register_module(ChannelAffine)
 def _channel_affine(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
     return OpInfo(OpKind.AFFINE, "channel_affine", attrs={"per_channel": True, "channels": m.scale.numel()})
+
+
+@register_module(LocationNorm)
+def _location_norm(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    # An RMS norm without gain over the channels of each location: q = 1, c unchanged (MATH.md §3).
+    return OpInfo(OpKind.NORM, "location_norm", norm=NormSpec("rms", False),
+                  attrs={"module": "LocationNorm", "dim": m.dim, "eps": m.eps, "per_location": True})
+
+
+@register_module(ExclusiveAvgPool2dSame)
+def _exclusive_avg_pool(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    return OpInfo(OpKind.POOL, "avg_pool", attrs={"pool_type": "avg", "kernel_size": m.kernel_size,
+                                                  "stride": m.stride, "same_padding": True,
+                                                  "count_include_pad": False})

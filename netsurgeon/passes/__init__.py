@@ -1,6 +1,8 @@
 """Passes: one file each, registered by name. See :func:`netsurgeon.list_passes`."""
 from .base import Pass, PassSpec, coerce_option, get_pass, list_passes, make_pass, register_pass
+from .init import OrthogonalInit
 from .strip_bn import StripBN
+from .structure import InputNorm, MaxPoolToAvgPool, NormalizeSums, RemoveSkips
 
-__all__ = ["Pass", "PassSpec", "StripBN", "coerce_option", "get_pass", "list_passes", "make_pass",
-           "register_pass"]
+__all__ = ["InputNorm", "MaxPoolToAvgPool", "NormalizeSums", "OrthogonalInit", "Pass", "PassSpec", "RemoveSkips",
+           "StripBN", "coerce_option", "get_pass", "list_passes", "make_pass", "register_pass"]

@@ -1,0 +1,172 @@
+"""How long ``netsurgeon.analyze`` takes, and how that scales (issue 3, §5).
+
+Table 1, timm models (random weights) and a 1000-layer MLP:
+
+* ``trace``    -- ``netsurgeon.trace(model)``;
+* ``analyze``  -- ``netsurgeon.analyze(gm)`` on the traced module (default options: 201
+  input cosines, timm's default input size for the nodes that must be measured);
+* ``measure``  -- the part of ``analyze`` spent measuring nodes without a kernel map
+  (max pooling, attention products), timed by wrapping ``engine._measure_nodes``;
+* ``propagate`` -- analyze minus measure (the rules of MATH.md §3).
+
+Table 2, MLPs ``Linear(256, 256) + act`` at depths 250, 500, 1000, 2000: analysis time
+per node, for tanh (2-D Gauss–Hermite kernel maps), ReLU (closed form) and GELU.
+
+Each figure is the median of ``--repeats`` runs after one untimed warm-up.
+
+Usage:
+    python benchmarks/analysis_speed.py                      # full run, prints Markdown
+    python benchmarks/analysis_speed.py --out /tmp/a.md      # also writes it to a file
+    python benchmarks/analysis_speed.py --quick              # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+import netsurgeon
+from netsurgeon.analysis import engine
+
+MODELS = ["resnet50", "resnet152", "vit_small_patch16_224"]
+DEPTHS = [250, 500, 1000, 2000]
+ACTS: dict[str, Callable[[], nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
+GOAL_MLP_S = 2.0
+GOAL_RATIO = 2.0
+
+
+class _MeasureTimer:
+    """Wraps ``engine._measure_nodes`` to add up the time spent measuring."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._orig = engine._measure_nodes
+
+    def __enter__(self) -> "_MeasureTimer":
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return self._orig(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        engine._measure_nodes = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        engine._measure_nodes = self._orig
+
+
+def mlp(depth: int, act: Callable[[], nn.Module], width: int = 256) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), act())])
+
+
+def _time_once(model: nn.Module) -> dict[str, float]:
+    gc.collect()
+    t0 = time.perf_counter()
+    gm = netsurgeon.trace(model)
+    t1 = time.perf_counter()
+    with _MeasureTimer() as mt:
+        a = netsurgeon.analyze(gm)
+    t2 = time.perf_counter()
+    statuses = [k.status for k in a.kernels.values()]
+    return {"trace": t1 - t0, "analyze": t2 - t1, "measure": mt.seconds, "nodes": len(gm.graph.nodes),
+            "measured": statuses.count("unsupported")}
+
+
+def time_model(model: nn.Module, repeats: int) -> dict[str, float]:
+    _time_once(model)  # warm-up
+    runs = [_time_once(model) for _ in range(repeats)]
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    out["propagate"] = out["analyze"] - out["measure"]
+    return out
+
+
+def _exponent(xs: list[float], ys: list[float]) -> float:
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = statistics.fmean(lx), statistics.fmean(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+def run(models: list[str], depths: list[int], repeats: int) -> str:
+    import timm
+
+    lines = ["# analysis_speed", "",
+             f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
+             f"cpus {os.cpu_count()}, load average at start {os.getloadavg()[0]:.2f}; median of {repeats} runs", "",
+             "| model | nodes | measured nodes | trace s | analyze s | propagate s | measure s | analyze/trace "
+             "| propagate/trace |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    results: dict[str, dict[str, float]] = {}
+    for name in models:
+        model = timm.create_model(name, pretrained=False).eval()
+        results[name] = r = time_model(model, repeats)
+        lines.append(f"| {name} | {r['nodes']:.0f} | {r['measured']:.0f} | {r['trace']:.3f} | {r['analyze']:.3f} | "
+                     f"{r['propagate']:.3f} | {r['measure']:.3f} | {r['analyze'] / r['trace']:.2f}x | "
+                     f"{r['propagate'] / r['trace']:.2f}x |")
+    goal_mlp = time_model(mlp(1000, nn.Tanh), repeats)
+    lines.append(f"| MLP 1000 x (Linear(256,256) + Tanh) | {goal_mlp['nodes']:.0f} | {goal_mlp['measured']:.0f} | "
+                 f"{goal_mlp['trace']:.3f} | {goal_mlp['analyze']:.3f} | {goal_mlp['propagate']:.3f} | "
+                 f"{goal_mlp['measure']:.3f} | {goal_mlp['analyze'] / goal_mlp['trace']:.2f}x | "
+                 f"{goal_mlp['propagate'] / goal_mlp['trace']:.2f}x |")
+    lines += ["", "## Cost vs depth (MLP, Linear(256, 256) + activation)", "",
+              "| activation | depth | nodes | trace s | analyze s | analyze us/node |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    exps = []
+    for act_name, act in ACTS.items():
+        ns, ts = [], []
+        for d in depths:
+            r = time_model(mlp(d, act), repeats)
+            ns.append(r["nodes"])
+            ts.append(r["analyze"])
+            lines.append(f"| {act_name} | {d} | {r['nodes']:.0f} | {r['trace']:.3f} | {r['analyze']:.3f} | "
+                         f"{1e6 * r['analyze'] / r['nodes']:.0f} |")
+        exps.append((act_name, _exponent(ns, ts), ts[-1] / ns[-1] / (ts[0] / ns[0])))
+    lines += ["", "Log-log exponent of analyze time against node count (1.00 = linear), and per-node cost at the "
+              "largest depth over the smallest:", ""]
+    lines += [f"- {a}: exponent {e:.2f}, per-node ratio {r:.2f}x" for a, e, r in exps]
+    total_mlp = goal_mlp["trace"] + goal_mlp["analyze"]
+    lines += ["", "## Goal check", "",
+              f"- 1000-layer tanh MLP: analyze {goal_mlp['analyze']:.3f} s, trace + analyze {total_mlp:.3f} s "
+              f"(goal < {GOAL_MLP_S} s): **{'MET' if total_mlp < GOAL_MLP_S else 'NOT MET'}**"]
+    if "resnet152" in results:
+        r = results["resnet152"]
+        lines.append(f"- resnet152: analyze / trace = {r['analyze'] / r['trace']:.2f}x (goal <= {GOAL_RATIO}x): "
+                     f"**{'MET' if r['analyze'] / r['trace'] <= GOAL_RATIO else 'NOT MET'}**; without measuring "
+                     f"its max-pool node (propagation only) {r['propagate'] / r['trace']:.2f}x")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--models", nargs="*", default=MODELS)
+    p.add_argument("--depths", nargs="*", type=int, default=DEPTHS)
+    p.add_argument("--quick", action="store_true", help="1 repeat, resnet50 only, depths 50 and 100")
+    p.add_argument("--out", default=None, help="also write the Markdown report here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.repeats, args.models, args.depths = 1, ["resnet50"], [50, 100]
+    report = run(args.models, args.depths, args.repeats)
+    print(report)
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(report)
+        os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""netsurgeon.data: the offline datasets, root resolution and clear errors.
+
+The data tests need ``shared/data`` (or $NETSURGEON_DATA). Without it they FAIL with
+the DataNotFoundError message; set NETSURGEON_SKIP_DATA=1 to skip them instead.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from netsurgeon.data import DATASETS, channel_stats, data_root, load_dataset, verify_checksums
+from netsurgeon.errors import DataFormatError, DataNotFoundError, InvalidArgumentError, NetsurgeonError
+
+
+def require_data_root() -> Path:
+    """The data root; a missing one fails, or skips with the reason if NETSURGEON_SKIP_DATA=1."""
+    try:
+        return data_root()
+    except DataNotFoundError as e:
+        if os.environ.get("NETSURGEON_SKIP_DATA") == "1":
+            pytest.skip(f"NETSURGEON_SKIP_DATA=1 and no datasets: {e}")
+        raise
+
+
+@pytest.fixture(scope="module")
+def root() -> Path:
+    return require_data_root()
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_test_split_shapes_dtypes_labels_and_standardization(root, name):
+    spec = DATASETS[name]
+    x, y = load_dataset(name, "test")
+    assert x.shape == (spec.sizes["test"], *spec.image_shape) and x.dtype == torch.float32
+    assert y.shape == (spec.sizes["test"],) and y.dtype == torch.int64
+    assert int(y.min()) == 0 and int(y.max()) == 9 and len(y.unique()) == 10
+    # standardized with the TRAIN statistics: the test split is close to, not exactly, N(0, 1)
+    mean, std = x.mean((0, 2, 3)), x.std((0, 2, 3))
+    assert mean.abs().max() < 0.05 and (std - 1).abs().max() < 0.05, (mean, std)
+    raw, y2 = load_dataset(name, "test", normalize=False)
+    assert float(raw.min()) == 0.0 and float(raw.max()) == 1.0 and torch.equal(y, y2)
+    m, s = channel_stats(name)
+    torch.testing.assert_close(raw, x * torch.tensor(s).view(1, -1, 1, 1) + torch.tensor(m).view(1, -1, 1, 1),
+                               rtol=0, atol=1e-5)
+
+
+def test_train_statistics_match_the_published_values(root):
+    assert np.allclose(channel_stats("fashion_mnist"), ((0.2860,), (0.3530,)), rtol=0, atol=1e-4)
+    assert np.allclose(channel_stats("mnist"), ((0.1307,), (0.3081,)), rtol=0, atol=1e-4)
+    # data_batch_1 only: within 0.005 of the full CIFAR-10 train set's statistics
+    m, s = channel_stats("cifar10")
+    assert np.allclose(m, (0.4914, 0.4822, 0.4465), atol=5e-3) and np.allclose(s, (0.2470, 0.2435, 0.2616), atol=5e-3)
+    x, y = load_dataset("cifar10", "train")
+    assert x.shape == (10000, 3, 32, 32)
+    torch.testing.assert_close(x.mean((0, 2, 3)), torch.zeros(3), rtol=0, atol=1e-4)
+    torch.testing.assert_close(x.std((0, 2, 3)), torch.ones(3), rtol=0, atol=1e-4)
+
+
+def test_cifar_val_split_dtype_and_fresh_tensors(root):
+    x, y = load_dataset("cifar10", "val", dtype=torch.float64)
+    assert x.shape == (2000, 3, 32, 32) and x.dtype == torch.float64 and y.shape == (2000,)
+    x.zero_()  # returned tensors are copies: the cache is untouched
+    assert float(load_dataset("cifar10", "val")[0].abs().sum()) > 0
+
+
+def test_bad_names_splits_and_dtypes_are_named():  # checked before any file is read
+    with pytest.raises(InvalidArgumentError, match="valid.*fashion_mnist"):
+        load_dataset("fmnist")
+    with pytest.raises(InvalidArgumentError, match="split='val'.*'train', 'test'"):
+        load_dataset("mnist", "val")
+    with pytest.raises(InvalidArgumentError, match="floating"):
+        load_dataset("mnist", "test", dtype=torch.int64)
+
+
+def test_missing_root_gives_a_helpful_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("NETSURGEON_DATA", raising=False)
+    with pytest.raises(DataNotFoundError) as e:
+        load_dataset("mnist", "test", root=tmp_path / "nowhere")
+    msg = str(e.value)
+    assert str(tmp_path / "nowhere") in msg and "root= argument" in msg and "NETSURGEON_DATA" in msg
+    assert isinstance(e.value, NetsurgeonError) and isinstance(e.value, FileNotFoundError)
+    monkeypatch.setenv("NETSURGEON_DATA", str(tmp_path / "env-nowhere"))
+    with pytest.raises(DataNotFoundError, match=r"(?s)env-nowhere \(from \$NETSURGEON_DATA\).*Fix: set"):
+        data_root()
+
+
+def test_repository_default_is_shared_data_next_to_the_checkout(monkeypatch):
+    monkeypatch.delenv("NETSURGEON_DATA", raising=False)
+    import netsurgeon.data
+    assert netsurgeon.data._REPO_DEFAULT == Path(netsurgeon.data.__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _mnist_test_copy(root: Path, dest: Path) -> Path:
+    (dest / "mnist").mkdir(parents=True)
+    for f in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(root / "mnist" / f, dest / "mnist" / f)
+    return dest
+
+
+def test_env_var_is_honoured_and_root_argument_wins(root, tmp_path, monkeypatch):
+    copy = _mnist_test_copy(root, tmp_path / "copy")
+    monkeypatch.setenv("NETSURGEON_DATA", str(copy))
+    assert data_root() == copy.resolve()
+    x, y = load_dataset("mnist", "test", normalize=False)
+    x_ref, y_ref = load_dataset("mnist", "test", root=root, normalize=False)
+    assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    # normalizing needs the train split, which the copy lacks: the error names the file
+    with pytest.raises(DataNotFoundError, match="train-images-idx3-ubyte.gz"):
+        load_dataset("mnist", "test")
+    assert data_root(root) == root  # an explicit root beats the environment
+
+
+def _write_idx(path: Path, header: bytes, body: bytes) -> None:
+    with gzip.open(path, "wb") as f:
+        f.write(header + body)
+
+
+def test_corrupt_files_are_named(root, tmp_path):
+    base = _mnist_test_copy(root, tmp_path / "bad")
+    labels = base / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    _write_idx(labels, b"\x00\x00\x0d\x01" + struct.pack(">I", 10000), bytes(40000))  # float32, not ubyte
+    with pytest.raises(DataFormatError, match="t10k-labels-idx1-ubyte.gz: bad IDX magic"):
+        load_dataset("mnist", "test", root=base, normalize=False)
+    _write_idx(labels, b"\x00\x00\x08\x01" + struct.pack(">I", 10000), bytes(9999))  # truncated data
+    with pytest.raises(DataFormatError, match="header says"):
+        load_dataset("mnist", "test", root=base, normalize=False)
+    _write_idx(labels, b"\x00\x00\x08\x02" + struct.pack(">II", 10000, 1), bytes(10000))  # 2-d labels
+    with pytest.raises(DataFormatError, match=r"labels of split 'test' have shape \(10000, 1\)"):
+        load_dataset("mnist", "test", root=base, normalize=False)
+    _write_idx(labels, b"\x00\x00\x08\x01" + struct.pack(">I", 5), bytes(5))  # wrong size
+    with pytest.raises(DataFormatError, match=r"labels of split 'test' have shape \(5,\), expected \(10000,\)"):
+        load_dataset("mnist", "test", root=base, normalize=False)
+    labels.write_bytes(b"not gzip at all")
+    with pytest.raises(DataFormatError, match="not a readable gzip"):
+        load_dataset("mnist", "test", root=base, normalize=False)
+    images = base / "mnist" / "t10k-images-idx3-ubyte.gz"
+    images.unlink()
+    with pytest.raises(DataNotFoundError, match="dataset file missing: .*t10k-images-idx3-ubyte.gz"):
+        load_dataset("mnist", "test", root=base, normalize=False)
+
+
+def test_checksums(root, tmp_path):
+    assert len(verify_checksums("mnist")) == 4
+    base = tmp_path / "sums"
+    _mnist_test_copy(root, base)
+    shutil.copy(root / "SHA256SUMS", base / "SHA256SUMS")
+    for f in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (base / "mnist" / f).symlink_to(root / "mnist" / f)
+    (base / "mnist" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"tampered")
+    with pytest.raises(DataFormatError, match="t10k-labels-idx1-ubyte.gz: sha256"):
+        verify_checksums("mnist", root=base)
+
+
+def test_missing_data_fails_unless_skip_is_requested(tmp_path, monkeypatch):
+    monkeypatch.setenv("NETSURGEON_DATA", str(tmp_path / "absent"))
+    monkeypatch.delenv("NETSURGEON_SKIP_DATA", raising=False)
+    with pytest.raises(DataNotFoundError):
+        require_data_root()
+    monkeypatch.setenv("NETSURGEON_SKIP_DATA", "1")
+    with pytest.raises(pytest.skip.Exception, match="NETSURGEON_SKIP_DATA=1 and no datasets: .*absent"):
+        require_data_root()
