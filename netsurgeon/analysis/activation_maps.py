@@ -6,7 +6,8 @@ import functools
 
 import numpy as np
 
-from ..kernels import LocalMaps
+from ..kernels import LocalMaps, get_activation
+from ..kernels.transforms import transformed
 from ..kernels.quadrature import FAST, Piecewise, gauss_expectation
 from ..ops import ActivationSpec
 
@@ -19,7 +20,8 @@ class ActivationMaps:
     def __init__(self, spec: ActivationSpec) -> None:
         params = {k: v for k, v in spec.params}
         name = "leaky_relu" if spec.name == "prelu" else spec.name
-        self.local = LocalMaps(name, **params)
+        act = get_activation(name, **params)
+        self.local = LocalMaps(act if spec.transform is None else transformed(act, *spec.transform))
 
     def q_map(self, q: np.ndarray) -> np.ndarray:
         return np.atleast_1d(self.local.q_map(q))

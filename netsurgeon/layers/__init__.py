@@ -1,5 +1,6 @@
 """Modules that passes insert into graphs."""
+from .activation import ShapedActivation
 from .affine import ChannelAffine
 from .dks_layers import ExclusiveAvgPool2dSame, LocationNorm
 
-__all__ = ["ChannelAffine", "ExclusiveAvgPool2dSame", "LocationNorm"]
+__all__ = ["ChannelAffine", "ExclusiveAvgPool2dSame", "LocationNorm", "ShapedActivation"]

@@ -43,20 +43,24 @@ class ActivationSpec:
     Args:
         name: canonical name, e.g. ``"relu"``, ``"leaky_relu"``, ``"gelu_tanh"``.
         params: the function's parameters, e.g. ``{"negative_slope": 0.01}``.
+        transform: ``(α, β, γ, δ)`` when the op computes ``γ (φ(α x + β) + δ)`` (DKS/TAT).
     """
 
     name: str
     params: tuple[tuple[str, Any], ...] = ()
+    transform: tuple[float, float, float, float] | None = None
 
     @property
     def kwargs(self) -> dict[str, Any]:
         return dict(self.params)
 
     def __str__(self) -> str:
-        if not self.params:
-            return self.name
         inner = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params)
-        return f"{self.name}({inner})"
+        base = f"{self.name}({inner})" if inner else self.name
+        if self.transform is None:
+            return base
+        a, b, g, d = self.transform
+        return f"{g:.4g}*({base}({a:.4g}*x{b:+.4g}){d:+.4g})"
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,14 @@
 """Op-kind rules for the modules netsurgeon's own passes insert."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch.fx as fx
 import torch.nn as nn
 
-from ..layers import ChannelAffine, ExclusiveAvgPool2dSame, LocationNorm
+from ..layers import ChannelAffine, ExclusiveAvgPool2dSame, LocationNorm, ShapedActivation
 from .kinds import NormSpec, OpInfo, OpKind
-from .registry import ClassifyContext, register_module
+from .registry import ClassifyContext, module_rule, register_module
 
 __all__: list[str] = []
 
@@ -28,3 +30,14 @@ def _exclusive_avg_pool(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> Op
     return OpInfo(OpKind.POOL, "avg_pool", attrs={"pool_type": "avg", "kernel_size": m.kernel_size,
                                                   "stride": m.stride, "same_padding": True,
                                                   "count_include_pad": False})
+
+
+@register_module(ShapedActivation)
+def _shaped_activation(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    rule = module_rule(m.base)
+    base = rule(m.base, node, ctx) if rule is not None else None
+    if base is None or base.activation is None:
+        return OpInfo(OpKind.ACTIVATION, "shaped_activation", known=False,
+                      attrs={"reason": f"unknown base activation {type(m.base).__name__}"})
+    spec = dataclasses.replace(base.activation, transform=m.constants())
+    return OpInfo(OpKind.ACTIVATION, f"shaped_{base.name}", activation=spec)

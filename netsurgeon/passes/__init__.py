@@ -1,8 +1,9 @@
 """Passes: one file each, registered by name. See :func:`netsurgeon.list_passes`."""
 from .base import Pass, PassSpec, coerce_option, get_pass, list_passes, make_pass, register_pass
+from .dks import DKS, TAT
 from .init import OrthogonalInit
 from .strip_bn import StripBN
 from .structure import InputNorm, MaxPoolToAvgPool, NormalizeSums, RemoveSkips
 
-__all__ = ["InputNorm", "MaxPoolToAvgPool", "NormalizeSums", "OrthogonalInit", "Pass", "PassSpec", "RemoveSkips",
-           "StripBN", "coerce_option", "get_pass", "list_passes", "make_pass", "register_pass"]
+__all__ = ["DKS", "InputNorm", "MaxPoolToAvgPool", "NormalizeSums", "OrthogonalInit", "Pass", "PassSpec", "RemoveSkips",
+           "StripBN", "TAT", "coerce_option", "get_pass", "list_passes", "make_pass", "register_pass"]

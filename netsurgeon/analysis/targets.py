@@ -1,0 +1,234 @@
+"""Architecture-dependent DKS/TAT targets, derived from the traced graph (MATH.md §4–§5).
+
+DKS assumes unit q at every activation input, C-preserving linear layers (scaled
+orthogonal weights, zero biases) and normalized sums. Under those assumptions a
+scalar per node describes a subnetwork's kernel: its cumulative ``C'(1)``, its
+cumulative ``C''(1)`` (when every local ``C'(1)`` is 1), or its C value for one
+input cosine. :class:`IdealGraph` propagates such a scalar through the graph:
+
+* activation: the caller's local rule (``ξ·v``, ``v + κ``, ``C(v)``);
+* linear/conv, average pooling, reshapes: unchanged;
+* per-example norms (layer/RMS/group, ``LocationNorm``): q becomes 1, value unchanged;
+* constant scaling ``f·h``: q times f²;
+* sums ``Σ w_i h_i``: ``q = Σ w_i² q_i``, value ``Σ w_i² q_i v_i / q``;
+* concatenations: the same with the feature counts as weights.
+
+The subnetworks are the whole network (every output) and every lone residual branch
+(from the block's entry to the branch's term in the sum). The maximal slope function
+of DKS is then ``max over subnetworks`` of the propagated ``C'(1)``; no user writes it.
+
+Example:
+    >>> import torch.nn as nn, netsurgeon
+    >>> g = IdealGraph(netsurgeon.topology(nn.Sequential(*[nn.Tanh() for _ in range(50)])))
+    >>> round(g.solve_slope(1.5), 10)
+    1.0081422716
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import UnsupportedNodeError
+from ..graph import Topology
+from ..ops import OpKind
+
+__all__ = ["IdealGraph", "Subnetwork"]
+
+_PASS_THROUGH = {OpKind.LINEAR, OpKind.CONV, OpKind.IDENTITY, OpKind.RESHAPE, OpKind.OUTPUT}
+_AVG_POOLS = {"avg", "adaptive_avg", "mean"}
+_Q_TOL = 1e-6  # an activation input's idealized q must be 1 within this
+
+ActRule = Callable[[str, float], float]  # (activation node, value in) -> value out
+
+
+@dataclass(frozen=True)
+class Subnetwork:
+    """Where a subnetwork starts (``sources``, at q = 1) and the nodes it is read at."""
+
+    name: str
+    sources: tuple[str, ...]
+    sinks: tuple[str, ...]
+
+
+class IdealGraph:
+    """The graph under the DKS assumptions, ready to propagate per-node scalars.
+
+    Args:
+        topo: the topology view (with shapes when the graph concatenates).
+        products: ``"refuse"`` (products of signals are an error) or ``"neutral"``
+            (a product is treated as passing its first signal operand through; approximate).
+
+    Attributes:
+        problems: ``(node, reason)`` for every node the assumptions cannot cover.
+        activations: the activation nodes, in graph order.
+    """
+
+    def __init__(self, topo: Topology, products: str = "refuse") -> None:
+        self.topo = topo
+        self.order = [n for n in topo.gm.graph.nodes if topo.graph.nodes[n.name]["signal"]
+                      or topo.graph.nodes[n.name]["kind"] is OpKind.OUTPUT]
+        self.products = products
+        self.problems: list[tuple[str, str]] = []
+        self.activations = [n.name for n in self.order if topo.graph.nodes[n.name]["kind"] is OpKind.ACTIVATION]
+        self._check()
+
+    # ------------------------------------------------------------------ structure
+    def _check(self) -> None:
+        """Collect the nodes that break the assumptions (with the remedy in the reason)."""
+        for node in self.order:
+            d = self.topo.graph.nodes[node.name]
+            kind, info = d["kind"], d["info"]
+            if kind is OpKind.NORM and info.norm is not None and info.norm.family == "batch":
+                self.problems.append((node.name, "batch norm: run strip_bn first (fold or remove)"))
+            elif kind is OpKind.NORM and info.norm is not None and info.norm.activation is not None:
+                self.problems.append((node.name, "norm+activation composite: its activation cannot be reshaped"))
+            elif kind is OpKind.POOL and info.attrs.get("pool_type") not in _AVG_POOLS:
+                self.problems.append((node.name, f"{info.attrs.get('pool_type', 'unknown')} pooling has no exact "
+                                                 "kernel map: run maxpool_to_avgpool first"))
+            elif kind is OpKind.MULTIPLY and self.products == "refuse":
+                self.problems.append((node.name, "product of signals (attention, squeeze-excite): no kernel map; "
+                                                 "pass products='neutral' to treat it as a pass-through"))
+            elif kind is OpKind.ADD and (info.attrs.get("weights") is None
+                                         or any(w is None for w in info.attrs["weights"])):
+                self.problems.append((node.name, "sum with non-constant weights"))
+            elif kind is OpKind.CONCAT and any("shape" not in self.topo.graph.nodes[a]
+                                               for a in d["signal_operands"]):
+                self.problems.append((node.name, "concatenation without shapes: pass example_inputs"))
+            elif kind is OpKind.AFFINE and "factor" not in info.attrs:
+                self.problems.append((node.name, "per-channel affine (a folded batch norm, layer scale): "
+                                                 "not q-preserving; remove it or use strip_bn mode=remove"))
+            elif kind in (OpKind.OTHER,) or (kind is OpKind.NORM and info.norm is None):
+                self.problems.append((node.name, f"{info.describe()}: no kernel rule"))
+            elif kind is OpKind.ACTIVATION and info.activation is None:
+                self.problems.append((node.name, f"activation {info.name} not identified"))
+
+    def raise_problems(self, what: str) -> None:
+        """Raise :class:`UnsupportedNodeError` naming every problem node, if any."""
+        if self.problems:
+            lines = "\n".join(f"  {n}: {r}" for n, r in self.problems[:20])
+            more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
+            raise UnsupportedNodeError(f"{what} cannot handle {len(self.problems)} node(s):\n{lines}{more}")
+
+    def subnetworks(self) -> list[Subnetwork]:
+        """The whole network (every output) and every lone residual branch."""
+        g = self.topo.graph
+        inputs = tuple(n for n, d in g.nodes(data=True) if d["kind"] is OpKind.INPUT and d["signal"])
+        outputs = tuple(a for n, d in g.nodes(data=True) if d["kind"] is OpKind.OUTPUT for a in d["signal_operands"])
+        subs = [Subnetwork("network", inputs, outputs)]
+        for b in self.topo.blocks:
+            if b.kind == "residual" and b.entry is not None:
+                subs.append(Subnetwork(f"residual branch of {b.merge}", (b.entry,), tuple(b.operands[1:])))
+        return subs
+
+    # ------------------------------------------------------------------ propagation
+    def propagate(self, sub: Subnetwork, act: ActRule, source_value: float) -> dict[str, float]:
+        """The value at each sink of ``sub``; sources start at q = 1 and ``source_value``.
+
+        Raises:
+            UnsupportedNodeError: an activation whose input q is not 1 (an un-normalized sum).
+        """
+        q: dict[str, float] = {s: 1.0 for s in sub.sources}
+        v: dict[str, float] = {s: source_value for s in sub.sources}
+        g = self.topo.graph
+        for node in self.order:
+            name = node.name
+            if name in q:
+                continue
+            d = g.nodes[name]
+            ins = [a for a in d["signal_operands"] if a in q]
+            if not ins:
+                continue
+            q[name], v[name] = self._rule(name, d, ins, q, v, act)
+        return {s: v[s] for s in sub.sinks if s in v}
+
+    def _rule(self, name: str, d: dict, ins: list[str], q: dict[str, float], v: dict[str, float],
+              act: ActRule) -> tuple[float, float]:
+        kind, info = d["kind"], d["info"]
+        first = ins[0]
+        if kind is OpKind.ACTIVATION:
+            if info.activation is not None and info.activation.name == "identity":
+                return q[first], v[first]
+            if abs(q[first] - 1.0) > _Q_TOL:
+                raise UnsupportedNodeError(
+                    f"activation {name} receives q = {q[first]:.6g} under the DKS assumptions, not 1: a sum "
+                    f"upstream is not normalized (run normalize_sums) or a scaling changes q")
+            return 1.0, act(name, v[first])
+        if kind is OpKind.NORM:
+            return 1.0, v[first]
+        if kind is OpKind.AFFINE and "factor" in info.attrs:
+            return float(info.attrs["factor"]) ** 2 * q[first], v[first]
+        if kind is OpKind.ADD:
+            return self._sum(d, q, v)
+        if kind is OpKind.CONCAT:
+            dims = [_features(self.topo.graph.nodes[a].get("shape")) for a in d["signal_operands"]]
+            total = sum(dims)
+            return _weighted([(n / total, a) for n, a in zip(dims, d["signal_operands"]) if a in q], q, v)
+        return q[first], v[first]  # pass-through kinds, pools, neutral products
+
+    def _sum(self, d: dict, q: dict[str, float], v: dict[str, float]) -> tuple[float, float]:
+        """``Σ w_i h_i`` where a term written ``c·h`` carries c in its own q already."""
+        g = self.topo.graph
+        terms = []
+        for w, a in zip(d["info"].attrs["weights"], d["signal_operands"]):
+            if a not in q:
+                continue
+            ai = g.nodes[a]["info"]
+            factor = float(ai.attrs["factor"]) if ai.kind is OpKind.AFFINE and "factor" in ai.attrs else 1.0
+            terms.append(((float(w) / factor) ** 2, a))
+        return _weighted(terms, q, v)
+
+    # ------------------------------------------------------------------ DKS/TAT targets
+    def max_over_subnetworks(self, act: ActRule, source_value: float) -> tuple[float, str]:
+        """The largest sink value over all subnetworks, and the subnetwork's name."""
+        best, where = -float("inf"), ""
+        for sub in self.subnetworks():
+            for sink, value in self.propagate(sub, act, source_value).items():
+                if value > best:
+                    best, where = value, f"{sub.name} (at {sink})"
+        return best, where
+
+    def max_slope(self, xi: float) -> float:
+        """The maximal slope function: ``max_f C'_f(1)`` when every activation has ``C'(1) = ξ``."""
+        return self.max_over_subnetworks(lambda _n, v: xi * v, 1.0)[0]
+
+    def solve_slope(self, zeta: float) -> float:
+        """The local ``ξ`` with ``max_f C'_f(1) = ζ``, by bisection (the function increases with ξ).
+
+        Raises:
+            UnsupportedNodeError: no activation on any path (nothing to shape), or ``ζ <= 1``.
+        """
+        if not zeta > 1.0:
+            raise UnsupportedNodeError(f"zeta must exceed 1, got {zeta!r}")
+        if not self.activations or self.max_slope(zeta) < zeta:  # slope ξ^k with k >= 1 reaches ζ by ξ = ζ
+            raise UnsupportedNodeError("no activation lies on a path from an input to an output: nothing to shape")
+        lo, hi = 1.0, zeta
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if self.max_slope(mid) < zeta:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo < 1e-15:
+                break
+        return 0.5 * (lo + hi)
+
+    def max_curvature_count(self) -> tuple[float, str]:
+        """``max_f C''_f(1)`` when every activation has ``C'(1) = 1`` and ``C''(1) = 1`` (TAT's κ = τ / this)."""
+        return self.max_over_subnetworks(lambda _n, v: v + 1.0, 0.0)
+
+    def network_c0(self, c_map: ActRule) -> float:
+        """The whole network's ``C_f(0)`` (largest over its outputs) with each activation's C map."""
+        values = self.propagate(self.subnetworks()[0], c_map, 0.0)
+        return max(values.values()) if values else 0.0
+
+
+def _weighted(terms: list[tuple[float, str]], q: dict[str, float], v: dict[str, float]) -> tuple[float, float]:
+    q_out = sum(w * q[a] for w, a in terms)
+    if q_out <= 0:
+        return 0.0, 0.0
+    return q_out, sum(w * q[a] * v[a] for w, a in terms) / q_out
+
+
+def _features(shape: tuple[int, ...] | None) -> int:
+    """Channels of a ``[B, C, ...]`` shape (a concatenation's weight per location)."""
+    return int(shape[1]) if shape is not None and len(shape) > 1 else 1

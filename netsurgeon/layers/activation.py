@@ -1,0 +1,40 @@
+"""``ShapedActivation``: an activation with the DKS/TAT constants, ``γ (φ(α x + β) + δ)``."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["ShapedActivation"]
+
+
+class ShapedActivation(nn.Module):
+    """``γ (base(α x + β) + δ)`` with non-trainable constants kept as buffers.
+
+    The buffers follow ``.to(device)``/``.double()`` and are saved in ``state_dict``.
+
+    Args:
+        base: the elementwise activation module φ (kept as a submodule).
+        alpha, beta, gamma, delta: the constants (MATH.md §4–§5).
+
+    Example:
+        >>> m = ShapedActivation(nn.Tanh(), 0.5, 0.25, 2.0, -0.125)
+        >>> m.constants()
+        (0.5, 0.25, 2.0, -0.125)
+    """
+
+    def __init__(self, base: nn.Module, alpha: float, beta: float, gamma: float, delta: float) -> None:
+        super().__init__()
+        self.base = base
+        for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("delta", delta)):
+            self.register_buffer(name, torch.tensor(float(value)))
+
+    def constants(self) -> tuple[float, float, float, float]:
+        """``(α, β, γ, δ)`` as Python floats."""
+        return tuple(float(getattr(self, n)) for n in ("alpha", "beta", "gamma", "delta"))  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gamma * (self.base(self.alpha * x + self.beta) + self.delta)
+
+    def extra_repr(self) -> str:
+        a, b, g, d = self.constants()
+        return f"alpha={a:.6g}, beta={b:.6g}, gamma={g:.6g}, delta={d:.6g}"

@@ -1,0 +1,305 @@
+"""``dks`` and ``tat``: activation transforms with targets derived from the graph.
+
+Every activation node becomes a :class:`~netsurgeon.layers.ShapedActivation`
+``γ (φ(α x + β) + δ)`` (MATH.md §4–§5). The architecture enters only through
+:class:`~netsurgeon.analysis.targets.IdealGraph`:
+
+* ``dks``: the local ``C'(1)`` target ``ξ`` solves ``max over subnetworks C'_f(1) = ζ``;
+  each activation type then gets ``(α, β, γ, δ)`` with ``Q(1) = 1``, ``Q'(1) = 1``,
+  ``C(0) = 0``, ``C'(1) = ξ``.
+* ``tat``: ReLU/leaky ReLU become ``sqrt(2/(1+a²)) · leaky_relu(x, a)`` with ``a`` chosen so
+  the network's ``C_f(0) = η``; smooth activations get ``Q(1) = Q'(1) = C'(1) = 1`` and
+  ``C''(1) = κ`` with ``κ = τ / max over subnetworks of the activation count``
+  (curvature adds along chains, sums weight it by ``w_i²``).
+
+Both refuse, naming the nodes: batch norm (run ``strip_bn``), max pooling (run
+``maxpool_to_avgpool``), products of signals (unless ``products="neutral"``),
+un-normalized sums (run ``normalize_sums``). The transforms assume the other DKS
+conditions too (``input_norm``, ``orthogonal_init``); ``netsurgeon.analyze`` checks
+them on the result.
+
+The derivation (ζ, ξ, the maximizing subnetwork, the constants) is kept in
+``gm.meta["netsurgeon"]["dks"]`` and written to the report.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import warnings
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..analysis.targets import IdealGraph
+from ..errors import UnsupportedNodeError
+from ..graph import META_KEY, Topology
+from ..kernels import LocalMaps, get_activation
+from ..kernels.transforms import Transform, TransformError, solve_dks, solve_tat, transformed, trelu_c_map, trelu_gain
+from ..layers import ShapedActivation
+from ..ops import ActivationSpec, OpKind
+from ..report import PassRecord, Preservation
+from ._edit import set_submodule
+from .base import Pass, register_pass
+
+__all__ = ["DKS", "TAT"]
+
+_LEAKY = ("relu", "leaky_relu", "prelu")
+
+# Modules that compute an activation given by its spec, for functional call sites (F.gelu, torch.tanh...).
+_MODULES: dict[str, Callable[..., nn.Module]] = {
+    "relu": lambda: nn.ReLU(), "leaky_relu": lambda negative_slope=0.01: nn.LeakyReLU(negative_slope),
+    "elu": lambda alpha=1.0: nn.ELU(alpha), "celu": lambda alpha=1.0: nn.CELU(alpha), "selu": lambda: nn.SELU(),
+    "gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": lambda: nn.SiLU(),
+    "mish": lambda: nn.Mish(), "softplus": lambda beta=1.0, threshold=20.0: nn.Softplus(beta, threshold),
+    "tanh": lambda: nn.Tanh(), "sigmoid": lambda: nn.Sigmoid(), "softsign": lambda: nn.Softsign(),
+    "hardtanh": lambda min_val=-1.0, max_val=1.0: nn.Hardtanh(min_val, max_val), "relu6": lambda: nn.ReLU6(),
+    "hardswish": lambda: nn.Hardswish(), "hardsigmoid": lambda: nn.Hardsigmoid(),
+}
+
+
+@dataclasses.dataclass
+class _Site:
+    """One activation node and the spec of its φ."""
+
+    node: fx.Node
+    spec: ActivationSpec
+    rebuild: bool = False  # build φ from ``spec`` instead of reusing the node's module (ReLU -> TReLU)
+
+
+def _topology(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | None) -> Topology:
+    """The view, with shapes when the graph concatenates (they weight the sums)."""
+    topo = Topology(gm)
+    if topo.kind_counts().get("concat"):
+        if example_inputs is None:
+            info = gm.meta.get(META_KEY, {}).get("trace")
+            shape = getattr(info, "input_shape", None)
+            example_inputs = (torch.zeros(shape),) if shape is not None else None
+        if example_inputs is not None:
+            topo = Topology(gm, example_inputs)
+    return topo
+
+
+def _sites(gm: fx.GraphModule, topo: Topology, ideal: IdealGraph) -> list[_Site]:
+    """The activation nodes to reshape (identity activations are left alone)."""
+    out = []
+    for name in ideal.activations:
+        info = topo.info(name)
+        spec = info.activation
+        if spec is None or spec.name == "identity":
+            continue
+        if spec.transform is not None:
+            raise UnsupportedNodeError(f"activation {name} is already reshaped ({spec}); apply dks/tat once, to the "
+                                       f"original model")
+        if any(isinstance(v, tuple) for _, v in spec.params):
+            raise UnsupportedNodeError(f"activation {name} ({spec.name}) has per-channel parameters; no single "
+                                       f"kernel map exists")
+        out.append(_Site(_node(gm, name), spec))
+    return out
+
+
+def _node(gm: fx.GraphModule, name: str) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.name == name)
+
+
+def _base_module(gm: fx.GraphModule, site: _Site) -> nn.Module:
+    """φ as a module: the node's own module (copied), or one built from the spec."""
+    node = site.node
+    if node.op == "call_module" and not site.rebuild:
+        return copy.deepcopy(gm.get_submodule(node.target))
+    name = "leaky_relu" if site.spec.name == "prelu" else site.spec.name
+    if name not in _MODULES:
+        raise UnsupportedNodeError(f"activation {node.name} ({site.spec}): netsurgeon has no module for "
+                                   f"{site.spec.name} to reshape it")
+    return _MODULES[name](**dict(site.spec.params))
+
+
+def _install(gm: fx.GraphModule, sites: list[_Site], constants: dict[ActivationSpec, Transform],
+             record: PassRecord) -> None:
+    """Replace every site by a ShapedActivation; module call sites keep their path."""
+    done: dict[str, ShapedActivation] = {}
+    for i, site in enumerate(sites):
+        node, t = site.node, constants[site.spec]
+        if node.op == "call_module" and not site.rebuild:
+            path = node.target
+            if path not in done:
+                done[path] = ShapedActivation(_base_module(gm, site), *t)
+                set_submodule(gm, path, done[path])
+        else:
+            path = f"ns_shaped_act_{i}"
+            while hasattr(gm, path):
+                path += "_"
+            gm.add_module(path, ShapedActivation(_base_module(gm, site), *t))
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(path, (node.args[0],))
+            new.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+        record.change(node.name, f"{site.spec} -> {t.gamma:.6g}*(φ({t.alpha:.6g}*x{t.beta:+.6g}){t.delta:+.6g})",
+                      f"module {path}")
+
+
+def _prepare(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | None, products: str,
+             what: str) -> tuple[IdealGraph, list[_Site]]:
+    topo = _topology(gm, example_inputs)
+    ideal = IdealGraph(topo, products)
+    ideal.raise_problems(what)
+    sites = _sites(gm, topo, ideal)
+    if not sites:
+        raise UnsupportedNodeError(f"{what}: the model has no activation to reshape")
+    if products == "neutral":
+        neutral = [n for n in topo.graph if topo.graph.nodes[n]["kind"] is OpKind.MULTIPLY
+                   and topo.graph.nodes[n]["signal"]]
+        if neutral:
+            warnings.warn(f"{what}: {len(neutral)} product(s) of signals treated as pass-throughs "
+                          f"(approximate targets): {', '.join(neutral[:5])}", stacklevel=3)
+    return ideal, sites
+
+
+def _store(gm: fx.GraphModule, key: str, derivation: dict[str, Any]) -> None:
+    gm.meta.setdefault(META_KEY, {})[key] = derivation
+
+
+@register_pass
+@dataclasses.dataclass
+class DKS(Pass):
+    """Deep Kernel Shaping (MATH.md §4) with the maximal slope function derived from the graph.
+
+    Options:
+        zeta: the global target ``max over subnetworks C'_f(1)``. Default: 1.5.
+        products: ``"refuse"`` or ``"neutral"`` (see :class:`~netsurgeon.analysis.targets.IdealGraph`).
+    """
+
+    name = "dks"
+    summary = "Deep Kernel Shaping: γ(φ(αx+β)+δ) at every activation, ξ derived from the graph (zeta=1.5)"
+    preserves = Preservation.NONE
+
+    zeta: float = 1.5
+    products: Literal["refuse", "neutral"] = "refuse"
+
+    def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
+            ) -> fx.GraphModule:
+        ideal, sites = _prepare(gm, example_inputs, self.products, "dks")
+        xi = ideal.solve_slope(float(self.zeta))
+        _, where = ideal.max_over_subnetworks(lambda _n, v: xi * v, 1.0)
+        constants: dict[ActivationSpec, Transform] = {}
+        for site in sites:
+            if site.spec not in constants:
+                constants[site.spec] = _solve(site, lambda act: solve_dks(act, xi), "dks")
+        leaky = sorted({str(s.spec) for s in sites if s.spec.name in _LEAKY})
+        if leaky:
+            q_slopes = {str(s): LocalMaps(transformed(_activation(s), *constants[s])).q_slope_1()
+                        for s in constants if s.name in _LEAKY}
+            msg = (f"dks on {', '.join(leaky)}: the ReLU family cannot reach Q'(1) = 1 (achieved "
+                   + ", ".join(f"{k}: {v:.4f}" for k, v in q_slopes.items())
+                   + ") and its C map stays degenerate; prefer the tat pass (TReLU) or a smooth activation")
+            warnings.warn(msg, stacklevel=2)
+            record.note(msg)
+        _install(gm, sites, constants, record)
+        record.note(f"zeta = {self.zeta}: local C'(1) target xi = {xi:.10f}, reached by {where}; "
+                    f"{len(ideal.subnetworks())} subnetworks considered")
+        _store(gm, "dks", {"zeta": float(self.zeta), "xi": xi, "argmax": where,
+                           "constants": {str(k): v._asdict() for k, v in constants.items()}})
+        return gm
+
+
+@register_pass
+@dataclasses.dataclass
+class TAT(Pass):
+    """Tailored Activation Transformation (MATH.md §5).
+
+    Options:
+        eta: target network ``C_f(0)`` for the leaky-ReLU family (TReLU). Default: 0.9.
+        tau: target maximal ``C''_f(1)`` over subnetworks for smooth activations. Default: 0.3.
+        products: ``"refuse"`` or ``"neutral"``.
+    """
+
+    name = "tat"
+    summary = "TAT: TReLU with network C(0)=eta (0.9), smooth activations with max C''(1)=tau (0.3)"
+    preserves = Preservation.NONE
+
+    eta: float = 0.9
+    tau: float = 0.3
+    products: Literal["refuse", "neutral"] = "refuse"
+
+    def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
+            ) -> fx.GraphModule:
+        if not 0.0 < self.eta < 1.0:
+            raise UnsupportedNodeError(f"tat: eta must lie in (0, 1), got {self.eta!r}")
+        if not self.tau > 0.0:
+            raise UnsupportedNodeError(f"tat: tau must be > 0, got {self.tau!r}")
+        ideal, sites = _prepare(gm, example_inputs, self.products, "tat")
+        constants: dict[ActivationSpec, Transform] = {}
+        derivation: dict[str, Any] = {"eta": float(self.eta), "tau": float(self.tau)}
+        smooth = [s for s in sites if s.spec.name not in _LEAKY]
+        if smooth:
+            count, where = ideal.max_curvature_count()
+            kappa = float(self.tau) / count
+            for site in smooth:
+                if site.spec not in constants:
+                    constants[site.spec] = _solve(site, lambda act: solve_tat(act, kappa), "tat")
+            derivation.update(kappa=kappa, curvature_argmax=where)
+            record.note(f"tau = {self.tau}: local C''(1) target kappa = {kappa:.10g} (tau / {count:g}, reached by "
+                        f"{where})")
+        leaky = [s for s in sites if s.spec.name in _LEAKY]
+        if leaky:
+            c_maps = {s.node.name: LocalMaps(transformed(_activation(s.spec), *constants[s.spec])).c_map
+                      for s in smooth}
+            leaky_names = {s.node.name for s in leaky}
+            a = _solve_trelu(ideal, leaky_names, c_maps, float(self.eta))
+            for site in leaky:  # TReLU = sqrt(2/(1+a²)) · leaky_relu(x, a): the base becomes LeakyReLU(a)
+                site.spec = ActivationSpec("leaky_relu", (("negative_slope", a),))
+                site.rebuild = True
+                constants[site.spec] = Transform(1.0, 0.0, trelu_gain(a), 0.0)
+            derivation.update(negative_slope=a)
+            record.note(f"eta = {self.eta}: TReLU negative slope a = {a:.10f} gives the network C_f(0) = {self.eta}")
+        _install(gm, sites, constants, record)
+        derivation["constants"] = {str(k): v._asdict() for k, v in constants.items()}
+        _store(gm, "tat", derivation)
+        return gm
+
+
+def _activation(spec: ActivationSpec) -> Any:
+    name = "leaky_relu" if spec.name == "prelu" else spec.name
+    return get_activation(name, **dict(spec.params))
+
+
+def _solve(site: _Site, solver: Callable[[Any], Transform], what: str) -> Transform:
+    try:
+        return solver(_activation(site.spec))
+    except (TransformError, ValueError) as exc:
+        raise UnsupportedNodeError(f"{what}: activation {site.node.name} ({site.spec}): {exc}") from None
+
+
+def _solve_trelu(ideal: IdealGraph, leaky: set[str], c_maps: dict[str, Callable[[float], float]],
+                 eta: float) -> float:
+    """The negative slope ``a`` with network ``C_f(0) = η``, by bisection (C_f(0) falls as a grows).
+
+    Raises:
+        UnsupportedNodeError: η is above what a = 0 (plain ReLU) reaches; names that value.
+    """
+    def c0(a: float) -> float:
+        def rule(node: str, c: float) -> float:
+            if node in leaky:
+                return float(trelu_c_map(a, c))
+            return float(c_maps[node](c))
+        return ideal.network_c0(rule)
+
+    best = c0(0.0)
+    if best < eta:
+        raise UnsupportedNodeError(
+            f"tat: eta = {eta} is unreachable: even a = 0 (ReLU) gives the network C_f(0) = {best:.6f} (too shallow or "
+            f"too many shortcuts); use eta <= {math.floor(best * 1e6) / 1e6}")
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if c0(mid) > eta:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-14:
+            break
+    return 0.5 * (lo + hi)
