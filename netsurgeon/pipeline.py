@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import NetsurgeonError, PassError
-from .graph import META_KEY, trace
+from .graph import META_KEY, Topology, trace
 from .passes.base import Pass, PassSpec, get_report, make_pass
 from .report import PassRecord, Report
 
@@ -44,11 +44,13 @@ def _is_impure(node: fx.Node) -> bool:
 
 
 def cleanup(gm: fx.GraphModule) -> fx.GraphModule:
-    """Lint, eliminate dead code (keeping in-place ops), drop unused submodules, recompile."""
+    """Lint, eliminate dead code (keeping in-place ops), drop unused submodules, recompile,
+    and classify every node again (a pass may have swapped the module behind a node)."""
     gm.graph.lint()
     gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.delete_all_unused_submodules()
     gm.recompile()
+    Topology(gm)  # refreshes op_info(node) on every node
     return gm
 
 

@@ -1,0 +1,497 @@
+"""Deep networks without BatchNorm or skip connections: DKS and TAT on real data (issue 4 §4).
+
+Four configurations of one deep network are trained with the same step budget:
+
+* ``reference``   -- ResNet-style: BatchNorm after every weight layer and residual skips
+  (post-activation blocks of two layers, He et al. 2016, arXiv:1512.03385), ReLU;
+* ``vanilla``     -- the same weight layers in a plain chain, no BatchNorm, no skips,
+  PyTorch's default init, ReLU;
+* ``vanilla+dks`` -- the vanilla chain with tanh, then
+  ``netsurgeon.transform(net, ["input_norm", "orthogonal_init", ("dks", {"zeta": 1.5})])``
+  (Deep Kernel Shaping, Martens et al. 2021, arXiv:2110.01765; MATH.md §4). DKS is run on
+  tanh because it works poorly with ReLU (MATH.md §4: ReLU's map stays degenerate);
+* ``vanilla+tat`` -- the vanilla ReLU chain, then
+  ``transform(net, ["input_norm", "orthogonal_init", ("tat", {"eta": 0.9})])``, which
+  turns every ReLU into TAT's tailored leaky ReLU "TReLU" (Zhang et al. 2022,
+  arXiv:2203.08120; MATH.md §5).
+
+Two network families: ``mlp``, a 50-layer MLP of width 256 on Fashion-MNIST (flattened to
+784 features; 784->256, 48 x 256->256, 256->10), and ``conv``, a 21-conv-layer CNN on the
+CIFAR-10 subset (3x3 convs, widths 16/32/64 in stages of 8/6/6 convs after a stem conv,
+stride-2 transitions, global average pooling, linear head; the reference adds a 1x1
+projection shortcut with BatchNorm at each of the two transitions).
+
+Protocol. Each configuration is trained with SGD (momentum 0.9) and with Adam, at
+constant learning rate. The reference trains for ``S`` steps; the three others for
+``ceil(1.5 S)`` steps (``--goal-factor``), so that the goal "reach the reference's final
+training loss within 1.5x the reference's steps" can be checked directly. With a
+constant learning rate the first ``S`` steps of a longer run are exactly the run of
+``S`` steps, so every table column "@S" compares equal budgets. The learning rate is
+swept over a small grid with the first ``--select-seeds`` seeds (default 1) and chosen by
+the lowest mean training loss over the last 5% of the first ``S`` steps among the
+learning rates whose runs did not diverge; the remaining seeds then run at that
+learning rate only. Goal check: the target is the reference's mean (over seeds) smoothed
+training loss at step ``S``; ``bench.steps_to_loss`` on the mean smoothed curve gives
+the first step each configuration reaches it, and the ratio to the reference's own
+step count is reported (goal: <= 1.5).
+
+Outputs in ``--out-dir`` (default ``docs/figures/train_deep``): ``{family}_{optimizer}.png``
+(smoothed training loss of the four configurations at their selected learning rates,
+mean over seeds with a min/max band), ``train_deep.json`` (budgets, environment, every
+run's loss curve and summary) and ``train_deep.md`` (the Markdown section, also printed).
+
+Usage:
+    nice python benchmarks/train_deep.py                          # default run, about 40 min on 2 cores
+    python benchmarks/train_deep.py --quick --out-dir /tmp/td     # smoke run, seconds
+    python benchmarks/train_deep.py --only mlp --steps 3000 --seeds 5 --select-seeds 3   # bigger run
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import netsurgeon
+from netsurgeon.bench import RunResult, lr_sweep, plot_curves, save_json, steps_to_loss, train_run, write_table_md
+from netsurgeon.data import load_dataset
+
+__all__ = ["CONFIGS", "FAMILIES", "FamilyBudget", "ConfigResult", "build_network", "make_model_fn",
+           "run_family", "goal_rows", "summary_rows", "main"]
+
+CONFIGS = ("reference", "vanilla", "vanilla+dks", "vanilla+tat")
+FAMILIES = ("mlp", "conv")
+OPTIMIZERS = ("sgd", "adam")
+ACTIVATION = {"reference": "relu", "vanilla": "relu", "vanilla+dks": "tanh", "vanilla+tat": "relu"}
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "figures" / "train_deep"
+
+MLP_WIDTH, MLP_DEPTH = 256, 50           # weight layers: 1 input + 48 hidden + 1 output
+CONV_WIDTHS, CONV_BLOCKS = (16, 32, 64), (4, 3, 3)  # two 3x3 convs per block, plus a stem conv
+
+
+@dataclass(frozen=True)
+class FamilyBudget:
+    """Data and step budget of one network family."""
+
+    dataset: str
+    steps: int                 # S: the reference's steps (others train ceil(goal_factor * S))
+    batch_size: int
+    lrs_sgd: tuple[float, ...]
+    lrs_adam: tuple[float, ...]
+    train_subset: int | None   # None: the whole training split
+    test_subset: int | None
+
+
+DEFAULT_BUDGETS = {
+    "mlp": FamilyBudget("fashion_mnist", 600, 128, (0.01, 0.03, 0.1), (1e-4, 3e-4, 1e-3), None, None),
+    "conv": FamilyBudget("cifar10", 300, 64, (0.01, 0.03, 0.1), (1e-4, 3e-4, 1e-3), None, None),
+}
+QUICK_BUDGETS = {
+    "mlp": FamilyBudget("fashion_mnist", 4, 16, (0.01,), (1e-3,), 256, 128),
+    "conv": FamilyBudget("cifar10", 4, 16, (0.01,), (1e-3,), 256, 128),
+}
+
+
+# ====================================================================== networks
+def _act(name: str) -> nn.Module:
+    return {"relu": nn.ReLU, "tanh": nn.Tanh}[name]()
+
+
+class ResidualBlock(nn.Module):
+    """Post-activation residual block ``act(branch(x) + shortcut(x))`` (arXiv:1512.03385)."""
+
+    def __init__(self, branch: nn.Module, shortcut: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.branch, self.shortcut, self.act = branch, shortcut, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.branch(x) + self.shortcut(x))
+
+
+def _mlp_layers(bias: bool) -> tuple[nn.Module, list[tuple[nn.Module, nn.Module, int, int, int]], list[nn.Module]]:
+    """Stem, (layer, layer, in, out, stride) pairs and head of the MLP."""
+    pairs = [(nn.Linear(MLP_WIDTH, MLP_WIDTH, bias=bias), nn.Linear(MLP_WIDTH, MLP_WIDTH, bias=bias),
+              MLP_WIDTH, MLP_WIDTH, 1) for _ in range((MLP_DEPTH - 2) // 2)]
+    return nn.Linear(784, MLP_WIDTH, bias=bias), pairs, [nn.Linear(MLP_WIDTH, 10)]
+
+
+def _conv_layers(bias: bool) -> tuple[nn.Module, list[tuple[nn.Module, nn.Module, int, int, int]], list[nn.Module]]:
+    """Stem, (conv, conv, in, out, stride) pairs and head of the CNN."""
+    pairs, c = [], CONV_WIDTHS[0]
+    for stage, (width, blocks) in enumerate(zip(CONV_WIDTHS, CONV_BLOCKS)):
+        for b in range(blocks):
+            stride = 2 if stage > 0 and b == 0 else 1
+            pairs.append((nn.Conv2d(c, width, 3, stride, 1, bias=bias), nn.Conv2d(width, width, 3, 1, 1, bias=bias),
+                          c, width, stride))
+            c = width
+    head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)]
+    return nn.Conv2d(3, CONV_WIDTHS[0], 3, 1, 1, bias=bias), pairs, head
+
+
+def build_network(family: str, activation: str, residual: bool) -> nn.Sequential:
+    """The deep network of ``family``: a plain chain, or with ``residual=True`` the
+    ResNet-style reference (BatchNorm after every weight layer but the head, skips
+    around every pair of layers, 1x1 conv + BatchNorm projections where the shape changes).
+
+    Args:
+        family: "mlp" or "conv".
+        activation: "relu" or "tanh".
+        residual: build the BatchNorm + skip reference instead of the plain chain.
+
+    Returns:
+        An ``nn.Sequential`` at PyTorch's default initialization.
+    """
+    stem, pairs, head = (_mlp_layers if family == "mlp" else _conv_layers)(bias=not residual)
+    norm = nn.BatchNorm1d if family == "mlp" else nn.BatchNorm2d
+    width = MLP_WIDTH if family == "mlp" else CONV_WIDTHS[0]
+    layers: list[nn.Module] = [stem] + ([norm(width)] if residual else []) + [_act(activation)]
+    for first, second, c_in, c_out, stride in pairs:
+        if not residual:
+            layers += [first, _act(activation), second, _act(activation)]
+            continue
+        branch = nn.Sequential(first, norm(c_out), _act(activation), second, norm(c_out))
+        shortcut = (nn.Identity() if c_in == c_out and stride == 1 else
+                    nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), norm(c_out)))
+        layers.append(ResidualBlock(branch, shortcut, _act(activation)))
+    return nn.Sequential(*layers, *head)
+
+
+def _passes(config: str, seed: int) -> list[Any]:
+    """The netsurgeon passes turning the vanilla chain into ``config``."""
+    shaping = {"vanilla+dks": ("dks", {"zeta": 1.5}), "vanilla+tat": ("tat", {"eta": 0.9})}[config]
+    return ["input_norm", ("orthogonal_init", {"seed": seed}), shaping]
+
+
+def make_model_fn(family: str, config: str) -> Callable[[int], nn.Module]:
+    """``seed -> model`` for ``bench.train_run`` (called under the seeded RNG)."""
+    input_shape = (784,) if family == "mlp" else (3, 32, 32)
+
+    def build(seed: int) -> nn.Module:
+        net = build_network(family, ACTIVATION[config], residual=config == "reference")
+        if config in ("vanilla+dks", "vanilla+tat"):
+            net = netsurgeon.transform(net, _passes(config, seed), example_inputs=torch.randn(2, *input_shape))
+        return net
+
+    return build
+
+
+# ====================================================================== runs
+@dataclass
+class ConfigResult:
+    """The sweep and the selected runs of one (family, optimizer, configuration)."""
+
+    family: str
+    optimizer: str
+    config: str
+    steps: int                       # S, the common budget
+    total_steps: int                 # steps actually trained (S for the reference)
+    scores: dict[float, float | None]  # mean training loss at S per lr; None if a seed diverged
+    best_lr: float | None
+    runs: list[RunResult] = field(default_factory=list)          # all seeds at best_lr
+    sweep_runs: dict[float, list[RunResult]] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+
+    @property
+    def best_at_edge(self) -> bool:
+        """True when the selected lr is the smallest or largest of a grid of 2 or more."""
+        return len(self.scores) > 1 and self.best_lr in (min(self.scores), max(self.scores))
+
+
+def loss_at(run: RunResult, step: int) -> float:
+    """Mean minibatch training loss over the last 5% (at least 1) of the first ``step`` steps."""
+    if run.diverged and run.diverged_at is not None and run.diverged_at <= step:
+        return math.inf
+    k = max(1, math.ceil(0.05 * step))
+    return float(np.mean(run.train_loss[step - k:step]))
+
+
+def acc_at(run: RunResult, step: int) -> float | None:
+    """Test accuracy evaluated after ``step`` steps, or None."""
+    if step in run.eval_steps and not (run.diverged and run.diverged_at is not None and run.diverged_at <= step):
+        return run.test_acc[run.eval_steps.index(step)]
+    return None
+
+
+def mean_curve(runs: Sequence[RunResult]) -> RunResult | None:
+    """A RunResult whose ``smoothed_loss`` is the mean over the non-diverged runs' smoothed losses."""
+    ok = [r for r in runs if not r.diverged]
+    if not ok:
+        return None
+    n = min(len(r.smoothed_loss) for r in ok)
+    mean = np.mean([r.smoothed_loss[:n] for r in ok], axis=0)
+    return RunResult(ok[0].optimizer, ok[0].lr, -1, ok[0].batch_size, n, smoothed_loss=[float(v) for v in mean])
+
+
+def _select(sweep_runs: dict[float, list[RunResult]], steps: int) -> tuple[dict[float, float | None], float | None]:
+    """Per-lr mean training loss at ``steps`` (None if any seed diverged) and the best lr."""
+    scores = {lr: None if any(r.diverged for r in rs) else float(np.mean([loss_at(r, steps) for r in rs]))
+              for lr, rs in sweep_runs.items()}
+    eligible = [lr for lr, s in scores.items() if s is not None and math.isfinite(s)]
+    return scores, (min(eligible, key=lambda lr: scores[lr]) if eligible else None)
+
+
+def run_config(family: str, config: str, optimizer: str, data: tuple[torch.Tensor, ...], budget: FamilyBudget,
+               seeds: Sequence[int], select_seeds: int, goal_factor: float) -> ConfigResult:
+    """Sweep the lr grid on the first ``select_seeds`` seeds, then run the other seeds at the best lr."""
+    start = time.perf_counter()
+    total = budget.steps if config == "reference" else math.ceil(goal_factor * budget.steps)
+    fn = make_model_fn(family, config)
+    lrs = budget.lrs_sgd if optimizer == "sgd" else budget.lrs_adam
+    kw = dict(batch_size=budget.batch_size, eval_every=budget.steps)
+    sweep = lr_sweep(fn, data, optimizer=optimizer, lrs=lrs, seeds=list(seeds[:select_seeds]), steps=total, **kw)
+    scores, best = _select(sweep.runs, budget.steps)
+    runs = list(sweep.runs[best]) if best is not None else []
+    if best is not None:
+        runs += [train_run(fn, data, optimizer=optimizer, lr=best, steps=total, seed=s, **kw)
+                 for s in seeds[select_seeds:]]
+    return ConfigResult(family, optimizer, config, budget.steps, total, scores, best, runs, sweep.runs,
+                        time.perf_counter() - start)
+
+
+def _load(family: str, budget: FamilyBudget) -> tuple[torch.Tensor, ...]:
+    """(x_train, y_train, x_test, y_test), flattened for the MLP, subsets drawn with a fixed seed."""
+    out: list[torch.Tensor] = []
+    for split, n in (("train", budget.train_subset), ("test", budget.test_subset)):
+        x, y = load_dataset(budget.dataset, split)
+        if n is not None and n < len(x):
+            idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]
+            x, y = x[idx], y[idx]
+        out += [x.flatten(1) if family == "mlp" else x, y]
+    return tuple(out)
+
+
+def run_family(family: str, budget: FamilyBudget, configs: Sequence[str], seeds: Sequence[int],
+               select_seeds: int, goal_factor: float, log: Callable[[str], None] = print
+               ) -> dict[str, dict[str, ConfigResult]]:
+    """Every configuration of ``family`` with both optimizers: ``{optimizer: {config: result}}``."""
+    data = _load(family, budget)
+    results: dict[str, dict[str, ConfigResult]] = {}
+    for opt in OPTIMIZERS:
+        results[opt] = {}
+        for config in configs:
+            res = run_config(family, config, opt, data, budget, seeds, select_seeds, goal_factor)
+            results[opt][config] = res
+            losses = ", ".join(f"{loss_at(r, res.steps):.4g}" for r in res.runs) or "all diverged"
+            log(f"[{family}/{opt}/{config}] best lr {res.best_lr}, loss@{res.steps}: {losses} "
+                f"({res.wall_time_s:.0f} s)")
+    return results
+
+
+# ====================================================================== summaries
+def _mean_sd(values: Sequence[float | None], fmt: str) -> str:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return "–"
+    sd = f" ± {np.std(vals, ddof=1):{fmt}}" if len(vals) > 1 else ""
+    return f"{np.mean(vals):{fmt}}{sd}"
+
+
+def goal_rows(results: dict[str, ConfigResult], goal_factor: float) -> dict[str, dict[str, Any]]:
+    """Steps to the reference's final smoothed loss, per configuration of one optimizer.
+
+    The target is the reference's mean smoothed training loss at its last step ``S``;
+    ``ratio`` is a configuration's first step at or below it (mean smoothed curve,
+    ``bench.steps_to_loss``) divided by the reference's own first step there.
+    """
+    ref = results.get("reference")
+    ref_curve = mean_curve(ref.runs) if ref is not None else None
+    if ref_curve is None:
+        return {c: {"target": None, "steps_to_target": None, "ratio": None, "goal_met": None} for c in results}
+    target = ref_curve.smoothed_loss[ref.steps - 1]
+    ref_steps = steps_to_loss(ref_curve, target)
+    out = {}
+    for config, res in results.items():
+        curve = mean_curve(res.runs)
+        n = steps_to_loss(curve, target) if curve is not None else None
+        out[config] = {"target": target, "reference_steps": ref_steps, "steps_to_target": n,
+                       "ratio": None if n is None else n / ref_steps,
+                       "goal_met": None if config == "reference" else n is not None and n <= goal_factor * ref_steps}
+    return out
+
+
+def summary_rows(results: dict[str, dict[str, ConfigResult]], goal_factor: float) -> list[dict[str, Any]]:
+    """One table row per (optimizer, configuration) of a family."""
+    rows = []
+    for opt, by_config in results.items():
+        goals = goal_rows(by_config, goal_factor)
+        for config, res in by_config.items():
+            g = goals[config]
+            diverged = sum(r.diverged for r in res.runs)
+            lr = "all diverged" if res.best_lr is None else f"{res.best_lr:g}" + (" (edge)" if res.best_at_edge else "")
+            if g["steps_to_target"] is not None:
+                reach = f"{g['steps_to_target']} ({g['ratio']:.2f}x)"
+            else:
+                reach = f"not in {res.total_steps}" if res.runs else "–"
+            rows.append({
+                "optimizer": opt, "configuration": config, "activation": ACTIVATION[config], "lr": lr,
+                "seeds": f"{len(res.runs)}" + (f" ({diverged} diverged)" if diverged else ""),
+                f"train loss @{res.steps}": _mean_sd([loss_at(r, res.steps) for r in res.runs], ".4f"),
+                f"test acc @{res.steps}": _mean_sd([acc_at(r, res.steps) for r in res.runs], ".4f"),
+                "steps to ref. loss (ratio)": reach,
+                f"≤ {goal_factor:g}x": {None: "–", True: "yes", False: "no"}[g["goal_met"]],
+                "_goal": g, "_losses": [loss_at(r, res.steps) for r in res.runs],
+                "_accs": [acc_at(r, res.steps) for r in res.runs]})
+    return rows
+
+
+def _run_dict(r: RunResult, steps: int) -> dict[str, Any]:
+    """A compact record of one run (the curve rounded to 5 significant digits)."""
+    return {"lr": r.lr, "seed": r.seed, "steps_done": r.steps_done, "diverged": r.diverged,
+            "diverged_at": r.diverged_at, "loss_at_S": loss_at(r, steps), "test_acc_at_S": acc_at(r, steps),
+            "final_train_loss": r.final_train_loss, "final_test_acc": r.final_test_acc,
+            "eval_steps": r.eval_steps, "test_acc": r.test_acc, "test_loss": r.test_loss,
+            "median_step_time_s": r.median_step_time_s, "wall_time_s": r.wall_time_s, "num_params": r.num_params,
+            "train_loss": [float(f"{v:.5g}") for v in r.train_loss]}
+
+
+def _environment(threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
+            "python": platform.python_version(), "nice": os.nice(0) if hasattr(os, "nice") else None,
+            "passes": netsurgeon.list_passes()}
+
+
+def _markdown(all_rows: dict[str, list[dict[str, Any]]], budgets: dict[str, FamilyBudget], args: argparse.Namespace,
+              env: dict[str, Any], figures: dict[str, list[Path]], md_dir: Path, wall: dict[str, float]) -> str:
+    seeds = args.seeds
+    lines = [f"Command: `{args.command}`  ",
+             f"Machine: {env['cpu']}, {env['cpu_count']} CPU cores, torch {env['torch']} with "
+             f"{env['torch_threads']} thread(s), nice {env['nice']}. Wall time: "
+             + ", ".join(f"{f} {wall[f] / 60:.1f} min" for f in wall) + ".", ""]
+    for family, rows in all_rows.items():
+        b = budgets[family]
+        data = (f"Fashion-MNIST, flattened to 784 features" if family == "mlp"
+                else "CIFAR-10 subset (32x32x3)")
+        net = (f"{MLP_DEPTH}-layer MLP of width {MLP_WIDTH}" if family == "mlp" else
+               f"{1 + 2 * sum(CONV_BLOCKS)}-conv CNN, widths {'/'.join(map(str, CONV_WIDTHS))}")
+        n_train = "all" if b.train_subset is None else f"a fixed random subset of {b.train_subset}"
+        n_test = "all" if b.test_subset is None else f"a fixed random subset of {b.test_subset}"
+        lines += [f"### {family}: {net} on {data}", "",
+                  f"S = {b.steps} steps for the reference, {math.ceil(args.goal_factor * b.steps)} for the others; "
+                  f"batch {b.batch_size}; training images: {n_train}; test images: {n_test}. "
+                  f"lr grid SGD {list(b.lrs_sgd)}, Adam {list(b.lrs_adam)}, swept on {args.select_seeds} seed(s); "
+                  f"{seeds} seed(s) at the selected lr. Mean ± sd over seeds.", ""]
+        cols = [c for c in rows[0] if not c.startswith("_")] if rows else []
+        lines.append(write_table_md(rows, cols))
+        for opt in OPTIMIZERS:
+            g = next((r["_goal"] for r in rows if r["optimizer"] == opt and r["configuration"] == "reference"), None)
+            if g and g["target"] is not None:
+                lines.append(f"- {opt}: target = reference's smoothed loss at step {b.steps}: {g['target']:.4f}, "
+                             f"reached by the reference's mean curve at step {g['reference_steps']}.")
+        lines.append("")
+        lines += [f"![{p.stem}]({os.path.relpath(p.resolve(), md_dir)})" for p in figures[family]] + [""]
+    return "\n".join(lines)
+
+
+# ====================================================================== CLI
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: 4 steps, batch 16, 256 train images, 1 seed, 1 lr")
+    p.add_argument("--only", choices=FAMILIES, help="run one family only")
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="configurations to run")
+    p.add_argument("--steps", type=int, help="S, the reference's steps (default: mlp 600, conv 300)")
+    p.add_argument("--batch-size", type=int, help="default: mlp 128, conv 64")
+    p.add_argument("--lrs-sgd", type=float, nargs="+", help="SGD lr grid (default 0.01 0.03 0.1)")
+    p.add_argument("--lrs-adam", type=float, nargs="+", help="Adam lr grid (default 1e-4 3e-4 1e-3)")
+    p.add_argument("--seeds", type=int, help="seeds per configuration (default 3; --quick 1)")
+    p.add_argument("--select-seeds", type=int, default=1, help="seeds used in the lr sweep (default 1)")
+    p.add_argument("--train-subset", type=int, help="use a fixed random subset of the training images")
+    p.add_argument("--test-subset", type=int, help="use a fixed random subset of the test images")
+    p.add_argument("--goal-factor", type=float, default=1.5, help="others train this many times S (default 1.5)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    p.add_argument("--md-out", type=Path, help="Markdown file (default OUT_DIR/train_deep.md)")
+    args = p.parse_args(argv)
+    args.seeds = args.seeds or (1 if args.quick else 3)
+    args.select_seeds = min(args.select_seeds, args.seeds)
+    if args.goal_factor < 1 or args.seeds < 1 or args.select_seeds < 1:
+        p.error("need --goal-factor >= 1, --seeds >= 1 and --select-seeds >= 1")
+    args.command = "python benchmarks/train_deep.py" + ("" if argv is None and len(sys.argv) < 2 else
+                                                         " " + " ".join(sys.argv[1:] if argv is None else argv))
+    return args
+
+
+def _budget(family: str, args: argparse.Namespace) -> FamilyBudget:
+    b = (QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS)[family]
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "train_subset": args.train_subset,
+                 "test_subset": args.test_subset,
+                 "lrs_sgd": tuple(args.lrs_sgd) if args.lrs_sgd else None,
+                 "lrs_adam": tuple(args.lrs_adam) if args.lrs_adam else None}
+    return dataclasses.replace(b, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; write the figures, JSON and Markdown; return the summary.
+
+    Returns:
+        ``{"rows": {family: [row, ...]}, "markdown": str, "files": [Path, ...], "json": Path}``.
+    """
+    args = _parse(argv)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _main(args: argparse.Namespace) -> dict[str, Any]:
+    out_dir: Path = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md_path: Path = args.md_out or out_dir / "train_deep.md"
+    env = _environment(args.threads)
+    seeds = list(range(args.seeds))
+    families = [args.only] if args.only else list(FAMILIES)
+    budgets = {f: _budget(f, args) for f in families}
+    all_rows, figures, wall, record = {}, {}, {}, {}
+    for family in families:
+        start = time.perf_counter()
+        results = run_family(family, budgets[family], args.configs, seeds, args.select_seeds, args.goal_factor,
+                             log=lambda s: print(s, file=sys.stderr, flush=True))
+        wall[family] = time.perf_counter() - start
+        all_rows[family] = summary_rows(results, args.goal_factor)
+        figures[family] = []
+        for opt, by_config in results.items():
+            label = {c: f"{c}, lr {r.best_lr:g}" for c, r in by_config.items() if r.best_lr is not None}
+            path = plot_curves({label[c]: r.runs for c, r in by_config.items() if c in label},
+                               out_dir / f"{family}_{opt}.png",
+                               f"{family} / {opt}: reference {budgets[family].steps} steps, others "
+                               f"{math.ceil(args.goal_factor * budgets[family].steps)}")
+            figures[family].append(path)
+        record[family] = {
+            "budget": dataclasses.asdict(budgets[family]), "wall_time_s": wall[family],
+            "rows": [{k: v for k, v in r.items() if k != "_goal"} | {"goal": r["_goal"]} for r in all_rows[family]],
+            "configs": {opt: {c: {"best_lr": r.best_lr, "scores_at_S": r.scores, "total_steps": r.total_steps,
+                                  "wall_time_s": r.wall_time_s,
+                                  "runs": {repr(lr): [_run_dict(x, r.steps) for x in rs]
+                                           for lr, rs in r.sweep_runs.items()},
+                                  "extra_seed_runs": [_run_dict(x, r.steps) for x in r.runs[args.select_seeds:]]}
+                              for c, r in by_config.items()} for opt, by_config in results.items()}}
+    md = _markdown(all_rows, budgets, args, env, figures, md_path.parent.resolve(), wall)
+    json_path = save_json({"command": args.command, "environment": env, "seeds": seeds,
+                           "select_seeds": args.select_seeds, "goal_factor": args.goal_factor,
+                           "families": record}, out_dir / "train_deep.json")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(md)
+    print(md)
+    return {"rows": all_rows, "markdown": md, "files": [p for f in figures.values() for p in f] + [md_path],
+            "json": json_path}
+
+
+if __name__ == "__main__":
+    main()
