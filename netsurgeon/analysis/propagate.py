@@ -21,6 +21,8 @@ unknown ops) are tagged unsupported and take measured values when inputs are kno
 """
 from __future__ import annotations
 
+import operator
+
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -100,6 +102,39 @@ def _is_delta(weight: torch.Tensor) -> bool:
     return not bool(rest.any())
 
 
+def affine_moments(gm: fx.GraphModule, node: fx.Node, is_signal: Callable[[fx.Node], bool]
+                   ) -> tuple[float, float] | None:
+    """Mean squares ``(E s², E t²)`` of a per-channel ``s·h + t`` with constant s, t; None if unknown.
+
+    Covers :class:`~netsurgeon.layers.ChannelAffine` and ``h * p`` / ``h.mul(p)`` with a
+    parameter or buffer ``p`` (timm's layer scale), possibly reshaped.
+    """
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if hasattr(m, "scale") and hasattr(m, "shift"):
+            return float(m.scale.detach().double().pow(2).mean()), float(m.shift.detach().double().pow(2).mean())
+        return None
+    if node.target not in (operator.mul, torch.mul, "mul"):
+        return None
+    consts = [a for a in node.args if isinstance(a, fx.Node) and not is_signal(a)]
+    value = _constant(gm, consts[0]) if len(consts) == 1 else None
+    return None if value is None else (float(value.detach().double().pow(2).mean()), 0.0)
+
+
+def _constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """The value of a parameter-only subexpression (``get_attr``, then reshapes/views), or None."""
+    if node.op == "get_attr":
+        value: Any = gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part)
+        return value if isinstance(value, torch.Tensor) else None
+    if node.op == "call_method" and node.target in ("reshape", "view", "unsqueeze", "squeeze", "flatten") \
+            and isinstance(node.args[0], fx.Node):
+        inner = _constant(gm, node.args[0])
+        return None if inner is None else getattr(inner, node.target)(*node.args[1:], **node.kwargs)
+    return None
+
+
 def _layer_stats(m: nn.Module, cache: dict[int, tuple[float, float, bool]] | None) -> tuple[float, float, bool]:
     """``(σ_w², σ_b², is_delta)`` of a layer; ``cache`` (one analysis's, keyed by module id) saves
     re-reading the weights when the analysis runs its second pass."""
@@ -169,6 +204,15 @@ def propagate_node(node: fx.Node, info: OpInfo, gm: fx.GraphModule, inputs: list
         f2 = float(info.attrs["factor"]) ** 2
         k = inputs[0]
         return NodeKernel(f2 * k.q, f2 * k.q2, f2 * k.k, f2 * k.dk, k.status, k.reason, dims)
+    if kind is OpKind.AFFINE and len(inputs) == 1:
+        from ..graph import op_info
+
+        moments = affine_moments(gm, node, lambda a: op_info(a).kind not in (OpKind.CONSTANT, OpKind.META)
+                                 and a.op != "get_attr")
+        if moments is not None:
+            out = _linear(inputs[0], *moments, APPROX, "per-channel scale: channels assumed alike")
+            out.dims = dims
+            return out
     if kind is OpKind.CONCAT:
         if any(i.dims is None for i in inputs):
             return None

@@ -28,15 +28,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch.fx as fx
+
 from ..errors import UnsupportedNodeError
 from ..graph import Topology
 from ..ops import OpKind
+from .propagate import affine_moments
 
 __all__ = ["IdealGraph", "Subnetwork"]
 
 _PASS_THROUGH = {OpKind.LINEAR, OpKind.CONV, OpKind.IDENTITY, OpKind.RESHAPE, OpKind.OUTPUT}
 _AVG_POOLS = {"avg", "adaptive_avg", "mean"}
-_Q_TOL = 1e-6  # an activation input's idealized q must be 1 within this
+_Q_TOL = 1e-3  # an activation input's idealized q must be 1 within this (norm eps moves it ~1e-5)
 
 ActRule = Callable[[str, float], float]  # (activation node, value in) -> value out
 
@@ -94,9 +97,8 @@ class IdealGraph:
             elif kind is OpKind.CONCAT and any("shape" not in self.topo.graph.nodes[a]
                                                for a in d["signal_operands"]):
                 self.problems.append((node.name, "concatenation without shapes: pass example_inputs"))
-            elif kind is OpKind.AFFINE and "factor" not in info.attrs:
-                self.problems.append((node.name, "per-channel affine (a folded batch norm, layer scale): "
-                                                 "not q-preserving; remove it or use strip_bn mode=remove"))
+            elif kind is OpKind.AFFINE and "factor" not in info.attrs and self._affine_moments(node) is None:
+                self.problems.append((node.name, "affine op with no constant scale netsurgeon can read"))
             elif kind in (OpKind.OTHER,) or (kind is OpKind.NORM and info.norm is None):
                 self.problems.append((node.name, f"{info.describe()}: no kernel rule"))
             elif kind is OpKind.ACTIVATION and info.activation is None:
@@ -151,12 +153,20 @@ class IdealGraph:
             if abs(q[first] - 1.0) > _Q_TOL:
                 raise UnsupportedNodeError(
                     f"activation {name} receives q = {q[first]:.6g} under the DKS assumptions, not 1: a sum "
-                    f"upstream is not normalized (run normalize_sums) or a scaling changes q")
+                    f"upstream is not normalized (run normalize_sums) or a scaling changes q (a layer scale, a "
+                    f"norm whose eps dominates)")
             return 1.0, act(name, v[first])
-        if kind is OpKind.NORM:
-            return 1.0, v[first]
+        if kind is OpKind.NORM:  # per-example norms rescale to q = 1, unless q is far below their eps
+            node = _node_named(self.topo.gm, name)
+            eps = float(getattr(self.topo.gm.get_submodule(node.target), "eps", 0.0)) if node.op == "call_module" \
+                else 0.0
+            return q[first] / (q[first] + eps), v[first]
         if kind is OpKind.AFFINE and "factor" in info.attrs:
             return float(info.attrs["factor"]) ** 2 * q[first], v[first]
+        if kind is OpKind.AFFINE:  # per-channel scale (layer scale, ChannelAffine): channels assumed alike
+            s2, t2 = self._affine_moments(_node_named(self.topo.gm, name))
+            q_out = s2 * q[first] + t2
+            return q_out, (s2 * q[first] * v[first] + t2) / q_out if q_out > 0 else 0.0
         if kind is OpKind.ADD:
             return self._sum(d, q, v)
         if kind is OpKind.CONCAT:
@@ -176,6 +186,9 @@ class IdealGraph:
             factor = float(ai.attrs["factor"]) if ai.kind is OpKind.AFFINE and "factor" in ai.attrs else 1.0
             terms.append(((float(w) / factor) ** 2, a))
         return _weighted(terms, q, v)
+
+    def _affine_moments(self, node: fx.Node) -> tuple[float, float] | None:
+        return affine_moments(self.topo.gm, node, lambda a: self.topo.graph.nodes[a.name]["signal"])
 
     # ------------------------------------------------------------------ DKS/TAT targets
     def max_over_subnetworks(self, act: ActRule, source_value: float) -> tuple[float, str]:
@@ -220,6 +233,10 @@ class IdealGraph:
         """The whole network's ``C_f(0)`` (largest over its outputs) with each activation's C map."""
         values = self.propagate(self.subnetworks()[0], c_map, 0.0)
         return max(values.values()) if values else 0.0
+
+
+def _node_named(gm: fx.GraphModule, name: str) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.name == name)
 
 
 def _weighted(terms: list[tuple[float, str]], q: dict[str, float], v: dict[str, float]) -> tuple[float, float]:
