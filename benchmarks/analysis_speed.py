@@ -6,7 +6,8 @@ Table 1, timm models (random weights) and a 1000-layer MLP:
 * ``analyze``  -- ``netsurgeon.analyze(gm)`` on the traced module (default options: 201
   input cosines, timm's default input size for the nodes that must be measured);
 * ``measure``  -- the part of ``analyze`` spent measuring nodes without a kernel map
-  (max pooling, attention products), timed by wrapping ``engine._measure_nodes``;
+  (max pooling: locally on Gaussian fields; attention products: by running the network),
+  timed by wrapping ``engine._measure_locally`` and ``engine._measure_nodes``;
 * ``propagate`` -- analyze minus measure (the rules of MATH.md §3).
 
 Table 2, MLPs ``Linear(256, 256) + act`` at depths 250, 500, 1000, 2000: analysis time
@@ -45,25 +46,32 @@ GOAL_RATIO = 2.0
 
 
 class _MeasureTimer:
-    """Wraps ``engine._measure_nodes`` to add up the time spent measuring."""
+    """Wraps ``engine._measure_nodes`` (running the network) and ``engine._measure_locally``
+    (Gaussian fields through short chains) to add up the time spent measuring."""
+
+    _NAMES = ("_measure_nodes", "_measure_locally")
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self._orig = engine._measure_nodes
+        self._orig = {n: getattr(engine, n) for n in self._NAMES}
 
     def __enter__(self) -> "_MeasureTimer":
+        for name, fn in self._orig.items():
+            setattr(engine, name, self._timed(fn))
+        return self
+
+    def _timed(self, fn):
         def timed(*args, **kwargs):
             start = time.perf_counter()
             try:
-                return self._orig(*args, **kwargs)
+                return fn(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - start
-
-        engine._measure_nodes = timed
-        return self
+        return timed
 
     def __exit__(self, *exc) -> None:
-        engine._measure_nodes = self._orig
+        for name, fn in self._orig.items():
+            setattr(engine, name, fn)
 
 
 def mlp(depth: int, act: Callable[[], nn.Module], width: int = 256) -> nn.Sequential:

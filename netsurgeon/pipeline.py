@@ -121,6 +121,9 @@ def transform(model: nn.Module, passes: Sequence[PassSpec] = (), example_inputs:
         rep = Report(model=info.model_class)
         if info.auto_leaves:
             rep.trace_notes.append("kept as leaves (their code reads self.training): " + ", ".join(info.auto_leaves))
+        if info.specialized:
+            rep.trace_notes.append("control flow decided on the example inputs (the module is specialized to "
+                                   "inputs that take the same branches): " + "; ".join(info.specialized))
         if info.mode_dropouts:
             rep.trace_notes.append("functional dropout made mode-aware: " + ", ".join(info.mode_dropouts))
         gm.meta[META_KEY]["report"] = rep

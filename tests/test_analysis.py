@@ -160,3 +160,33 @@ def test_price_slope_at_one_matches_local_maps(name):
     q, eps = 2.5, 1e-6
     num = (m.local.kernel_map(q, q, q) - m.local.kernel_map(q, q, q * (1 - eps))) / (q * eps)  # accurate rule
     assert m.kernel_slope_at_one(q) == pytest.approx(num, rel=2e-3)
+
+
+def test_local_measurement_of_max_pool_agrees_with_running_the_network():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 64, 7, stride=2, padding=3), nn.BatchNorm2d(64), nn.ReLU(),
+                        nn.MaxPool2d(3, 2, 1), nn.Conv2d(64, 64, 3, padding=1), nn.Tanh())
+    net.eval()
+    x = torch.randn(1, 3, 128, 128)
+    local = netsurgeon.analyze(net, x)
+    whole = netsurgeon.analyze(net, x, local_measure=False)
+    status, reason = local.status("_3")
+    assert status == "unsupported" and "Gaussian inputs drawn at the predicted kernel" in reason
+    assert "Gaussian inputs drawn" not in whole.status("_3")[1]
+    for node in ("_3", "_5"):
+        assert local.q(node) == pytest.approx(whole.q(node), rel=0.03)
+        c = np.linspace(-1, 1, 11)
+        np.testing.assert_allclose(local.cmap(node)(c), whole.cmap(node)(c), atol=0.03)
+    # no example inputs needed: the conv gives the field's shape
+    alone = netsurgeon.analyze(net)
+    assert alone.q("_3") == pytest.approx(local.q("_3"), rel=0.03)
+
+
+def test_reasons_do_not_repeat_through_sums():
+    """Each residual sum joins its operands' reasons; they are deduplicated item by item."""
+    from netsurgeon.analysis.propagate import _reasons
+
+    r = "a; b"
+    for _ in range(60):  # would double 60 times if joined naively
+        r = _reasons(r, r, "c")
+    assert r == "a; b; c"

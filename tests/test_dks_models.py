@@ -28,8 +28,8 @@ def _mlp() -> nn.Module:
 def _model(name: str) -> tuple[nn.Module, list[str]]:
     if name == "mlp":
         return _mlp(), []
-    if name == "vgg11_bn":  # its head branches on x.shape: traced as an opaque leaf (see tests/zoo.py)
-        return timm.create_model(name, mlp_ratio=0.125), ["pre_logits"]
+    if name == "vgg11_bn":  # its head branches on x.shape: decided on the example input while tracing
+        return timm.create_model(name, mlp_ratio=0.125), []
     return timm.create_model(name), []
 
 
@@ -79,10 +79,9 @@ REFUSED = {
     ("resnetv2_50", "normalize_sums", "tat"): r"eta = 0.9 is unreachable",
     ("convnext_atto", "remove_skips", "tat"): r"receives q = 9.99999e-07.*layer scale",
     ("convnext_atto", "remove_skips", "dks"): r"receives q = 9.99999e-07.*layer scale",
-    ("vgg11_bn", "remove_skips", "tat"): r"pre_logits: other ConvMlp: no kernel rule",
-    ("vgg11_bn", "remove_skips", "dks"): r"pre_logits: other ConvMlp: no kernel rule",
-    ("vgg11_bn", "normalize_sums", "tat"): r"pre_logits: other ConvMlp: no kernel rule",
-    ("vgg11_bn", "normalize_sums", "dks"): r"pre_logits: other ConvMlp: no kernel rule",
+    ("vgg11_bn", "remove_skips", "tat"): r"eta = 0.9 is unreachable: even a = 0 \(ReLU\) gives the network "
+                                         r"C_f\(0\) = 0.8715",
+    ("vgg11_bn", "normalize_sums", "tat"): r"eta = 0.9 is unreachable",
 }
 MODELS = ["resnet18", "resnet50", "resnetv2_50", "regnetx_002", "vgg11_bn", "convnext_atto", "mlp"]
 
@@ -114,3 +113,16 @@ def test_refused_eta_works_at_the_reachable_value():
                               example_inputs=X)
     _check_tat(gm, 0.85)
     assert math.isfinite(gm.meta["netsurgeon"]["tat"]["negative_slope"])
+
+
+def test_cli_converts_with_tat_and_load_reproduces(tmp_path):
+    from netsurgeon.cli import main
+
+    out = tmp_path / "r18_tat"
+    assert main(["convert", "resnet18", "--passes", "strip_bn,remove_skips,maxpool_to_avgpool,input_norm,"
+                 "orthogonal_init,tat", "--set", "strip_bn.mode=remove", "--set", "tat.eta=0.9",
+                 "--input-shape", "1,3,64,64", "--out", str(out), "--quiet"]) == 0
+    loaded = netsurgeon.load(out)
+    shaped = [m for m in loaded.modules() if type(m).__name__ == "ShapedActivation"]
+    assert len(shaped) == 17  # resnet18's ReLUs: stem + 2 per block
+    assert torch.isfinite(loaded.eval()(X)).all()

@@ -78,11 +78,49 @@ def test_strip_bn_fold_exact_and_remove(case: Case):
         assert torch.isfinite(removed.eval()(x)).all()
 
 
+class _ShapeHead(torch.nn.Module):
+    """Branches on the input's size, like timm's vgg ConvMlp."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Conv2d(4, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] < 3:
+            x = torch.nn.functional.adaptive_avg_pool2d(x, 3)
+        return self.fc(x)
+
+
+class _ShapeNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.head = torch.nn.Conv2d(3, 4, 1), _ShapeHead()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stem(x))
+
+
 def test_untraceable_model_names_module_line_and_remedy():
-    model = timm.create_model("vgg11_bn", pretrained=False)
     with pytest.raises(TraceError) as err:
-        netsurgeon.trace(model)
+        netsurgeon.trace(_ShapeNet())
     msg = str(err.value)
-    assert "'pre_logits'" in msg and "ConvMlp" in msg
-    assert "vgg.py" in msg and "input_kernel_size" in msg  # the offending line
-    assert "leaf_modules=['pre_logits']" in msg  # the remedy
+    assert "'head'" in msg and "_ShapeHead" in msg
+    assert "test_zoo.py" in msg and "x.shape[-2] < 3" in msg  # the offending line
+    assert "pass example_inputs" in msg and "leaf_modules=['head']" in msg  # the remedies
+
+
+def test_control_flow_on_shapes_is_decided_on_example_inputs():
+    model = _ShapeNet().eval()
+    for size, branch in ((2, True), (8, False)):
+        x = torch.randn(2, 3, size, size)
+        gm = netsurgeon.transform(model, [], example_inputs=x)
+        specialized = gm.meta["netsurgeon"]["trace"].specialized
+        assert len(specialized) == 1 and specialized[0].endswith(f"-> {branch}") and "x.shape[-2] < 3" in specialized[0]
+        assert "control flow decided" in str(netsurgeon.report(gm))
+        torch.testing.assert_close(gm(x), model(x))
+    # timm's vgg traces without leaves now: the branch is decided on its default input size
+    vgg = timm.create_model("vgg11_bn", pretrained=False, mlp_ratio=0.125).eval()
+    gm = netsurgeon.trace(vgg)
+    assert any("input_kernel_size" in d for d in gm.meta["netsurgeon"]["trace"].specialized)
+    x = torch.randn(1, 3, 224, 224)
+    torch.testing.assert_close(gm(x), vgg(x))

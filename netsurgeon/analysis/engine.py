@@ -21,6 +21,7 @@ from ..errors import UnsupportedNodeError
 from ..graph import META_KEY, Topology, op_info, trace
 from ..ops import OpKind
 from .activation_maps import maps_for
+from .local_measure import local_chain, measure_local
 from .measure import NodeStats, kernel_stats
 from .propagate import EXACT, UNSUPPORTED, NodeKernel, propagate_node
 
@@ -198,9 +199,28 @@ def _measure_nodes(gm: fx.GraphModule, names: set[str], example: torch.Tensor, c
     return meter.stats
 
 
+def _measure_locally(gm: fx.GraphModule, topo: Topology, pending: list[str], kernels: dict[str, NodeKernel],
+                     grid: np.ndarray, cgrid: np.ndarray, example: torch.Tensor | None, batch: int | None,
+                     seed: int) -> dict[str, list[NodeStats]]:
+    """The pending nodes that :mod:`.local_measure` can measure on Gaussian fields (see there)."""
+    out: dict[str, list[NodeStats]] = {}
+    for i, name in enumerate(pending):
+        chain = local_chain(topo, name)
+        src = kernels.get(chain[0].name) if chain is not None else None
+        if src is None or not np.isfinite(src.q):
+            continue
+        spatial = chain[0].op != "placeholder" and not isinstance(gm.get_submodule(chain[0].target), nn.Linear) \
+            or (chain[0].op == "placeholder" and example is not None and example.dim() > 2)
+        stats = measure_local(gm, topo, chain, src.q, src.q2, np.interp(cgrid, grid, src.k), example,
+                              batch or (1 if spatial else 64), seed + i)
+        if stats is not None:
+            out[name] = stats
+    return out
+
+
 def _propagate(gm: fx.GraphModule, topo: Topology, grid: np.ndarray, q_in: float,
-               measured: dict[str, list[NodeStats]], cgrid: np.ndarray, cache: dict[int, Any]
-               ) -> tuple[dict[str, NodeKernel], list[str]]:
+               measured: dict[str, list[NodeStats]], cgrid: np.ndarray, cache: dict[int, Any],
+               local: set[str] = frozenset()) -> tuple[dict[str, NodeKernel], list[str]]:
     """One pass of the rules over the graph; nodes without a rule take ``measured`` values
     when present, else are returned as pending (their users see NaN kernels)."""
     kernels: dict[str, NodeKernel] = {}
@@ -235,7 +255,9 @@ def _propagate(gm: fx.GraphModule, topo: Topology, grid: np.ndarray, q_in: float
                 ks = np.interp(grid, cgrid, [st.k for st in stats])
                 q1 = float(np.mean([st.q for st in stats]))
                 q2 = float(np.mean([st.q2 for st in stats]))
-                out = NodeKernel(q1, q2, ks, float("nan"), UNSUPPORTED, f"{reason}; measured", dims)
+                how = "measured on Gaussian inputs drawn at the predicted kernel of the last linear op" \
+                    if node.name in local else "measured"
+                out = NodeKernel(q1, q2, ks, float("nan"), UNSUPPORTED, f"{reason}; {how}", dims)
         kernels[node.name] = out
     return kernels, pending
 
@@ -249,12 +271,13 @@ def _default_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...] | None:
 
 def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None, *,
             q_in: float = 1.0, c_in: float = 0.0, grid_size: int = 201, empirical_points: int = 21,
-            empirical_batch: int | None = None, seed: int = 0) -> Analysis:
+            empirical_batch: int | None = None, seed: int = 0, local_measure: bool = True) -> Analysis:
     """Predict q, q', k, c and the cumulative ``C'(1)`` at every node (MATH.md §3).
 
     Nodes without a kernel map (max pooling, products of signals, train-mode batch
-    norm) take measured values: Gaussian input pairs at ``empirical_points`` cosines,
-    all in one batched run of the graph up to the last such node.
+    norm) take measured values at ``empirical_points`` cosines: locally when they follow
+    a linear op through elementwise or per-channel ops (``local_measure``), otherwise
+    from Gaussian input pairs in one batched run of the graph up to the last such node.
 
     Args:
         model: any ``nn.Module`` or a traced GraphModule (analysed in eval mode).
@@ -269,6 +292,11 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
             inputs, 1 for inputs with spatial or sequence axes (whose statistics already
             average over every location).
         seed: seed of the measured input pairs. Default: 0.
+        local_measure: measure a node that follows a linear op through elementwise or
+            per-channel ops (max pooling after conv-BN-ReLU) on Gaussian fields drawn at the
+            linear op's predicted kernel, on a 32-per-axis patch (see
+            :mod:`netsurgeon.analysis.local_measure`); False runs the network instead.
+            Default: True.
 
     Raises:
         UnsupportedNodeError: ops without a map (all named) and no ``example_inputs`` to measure them.
@@ -289,18 +317,23 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
         cache: dict[int, Any] = {}
         kernels, pending = _propagate(gm, topo, grid, q_in, {}, cgrid, cache)
         if pending:
-            if example_inputs is None:
+            example = example_inputs[0] if example_inputs is not None else None
+            measured = _measure_locally(gm, topo, pending, kernels, grid, cgrid, example, empirical_batch, seed) \
+                if local_measure else {}
+            rest = [n for n in pending if n not in measured]
+            if rest and example is None:
                 raise UnsupportedNodeError(
-                    f"{len(pending)} node(s) have no kernel map: {', '.join(pending[:10])}"
-                    f"{' ...' if len(pending) > 10 else ''}; pass example_inputs so they can be measured")
-            example = example_inputs[0]
-            batch = empirical_batch or (1 if example.dim() > 2 else 16)
-            measured = _measure_nodes(gm, set(pending), example, cgrid, q_in, batch, seed)
+                    f"{len(rest)} node(s) have no kernel map: {', '.join(rest[:10])}"
+                    f"{' ...' if len(rest) > 10 else ''}; pass example_inputs so they can be measured")
+            if rest:
+                batch = empirical_batch or (1 if example.dim() > 2 else 16)
+                measured.update(_measure_nodes(gm, set(rest), example, cgrid, q_in, batch, seed))
             missing = [n for n in pending if n not in measured]
             if missing:
                 raise UnsupportedNodeError(f"node(s) {', '.join(missing)} have no kernel map and no tensor output "
                                            f"to measure")
-            kernels, _ = _propagate(gm, topo, grid, q_in, measured, cgrid, cache)
+            kernels, _ = _propagate(gm, topo, grid, q_in, measured, cgrid, cache,
+                                    {n for n in measured if n not in rest})
     finally:
         gm.train(was)
     return Analysis(topo, kernels, grid, q_in, c_in)

@@ -54,15 +54,35 @@ class TraceInfo:
     mode_dropouts: list[str] = field(default_factory=list)
     retraces: int = 0
     input_shape: tuple[int, ...] | None = None
+    specialized: list[str] = field(default_factory=list)  # control flow decided on the example inputs
 
 
 class NetsurgeonTracer(fx.Tracer):
     """An ``fx.Tracer`` that keeps registered op modules and chosen paths as leaves."""
 
-    def __init__(self, leaf_paths: Iterable[str] = ()) -> None:
+    def __init__(self, leaf_paths: Iterable[str] = (), example_inputs: tuple[torch.Tensor, ...] | None = None
+                 ) -> None:
         super().__init__()
         self.leaf_paths = set(leaf_paths)
         self.record_stack_traces = True
+        self.example_inputs = example_inputs
+        self.decisions: list[str] = []
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """Control flow on a traced value (``if x.shape[-2] < 7``): without example inputs an
+        error; with them, the graph so far is run on them and the branch taken is recorded."""
+        if self.example_inputs is None:
+            return super().to_bool(obj)
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        g.graph_copy(self.graph, env)
+        g.output(env[obj.node])
+        value = bool(_run_untraced(fx.GraphModule(self.root, g), self.example_inputs))
+        user = [f for f in traceback.extract_stack() if "/torch/" not in f.filename
+                and "netsurgeon/graph" not in f.filename]
+        where = f"{user[-1].filename}:{user[-1].lineno}: {user[-1].line}" if user else "unknown line"
+        self.decisions.append(f"{where} -> {value}")
+        return value
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths:
@@ -70,6 +90,20 @@ class NetsurgeonTracer(fx.Tracer):
         if module_rule(m) is not None:
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+def _run_untraced(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> Any:
+    """Run ``gm`` concretely while a trace is in progress: fx patches ``nn.Module.__call__`` and
+    ``__getattr__`` during tracing, so the originals are put back for the duration of the run."""
+    from torch.fx import _symbolic_trace as st
+
+    patched = nn.Module.__call__, nn.Module.__getattr__
+    nn.Module.__call__, nn.Module.__getattr__ = st._orig_module_call, st._orig_module_getattr
+    try:
+        with torch.no_grad():
+            return gm(*inputs)
+    finally:
+        nn.Module.__call__, nn.Module.__getattr__ = patched
 
 
 def _set_modes(model: nn.Module, modes: dict[str, bool] | bool) -> None:
@@ -132,20 +166,26 @@ def _trace_error_from_exception(model: nn.Module, exc: BaseException) -> TraceEr
                   f"(or register its type with netsurgeon.ops.register_module({cls}))")
     else:
         remedy = "pass concrete_args for the arguments that drive control flow, or rewrite that line"
+    if "control flow" in str(exc):
+        remedy = ("pass example_inputs so the branch is decided on them (the result is specialized to inputs "
+                  "taking the same branches), or " + remedy)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return TraceError(f"cannot trace {type(model).__name__}: {first}\n  in module {shown} ({cls})"
                       f"{' at ' + where if where else ''}\n  remedy: {remedy}")
 
 
-def _trace_once(model: nn.Module, leaves: set[str], concrete_args: dict[str, Any] | None
+def _trace_once(model: nn.Module, leaves: set[str], concrete_args: dict[str, Any] | None,
+                example_inputs: tuple[torch.Tensor, ...] | None = None, decisions: list[str] | None = None
                 ) -> tuple[fx.Graph, dict[str, Any]]:
     """One trace. fx stores tensor constants made in ``forward`` as ``_tensor_constantN``
     attributes on the root; they are taken off again (and returned) so that the model is
     left as it was and a second trace numbers its constants the same way."""
     before = set(model.__dict__)
-    tracer = NetsurgeonTracer(leaves)
+    tracer = NetsurgeonTracer(leaves, example_inputs)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
+        if decisions is not None:
+            decisions.extend(d for d in tracer.decisions if d not in decisions)
     except TraceError:
         raise
     except Exception as exc:  # any failure inside user code during tracing
@@ -190,7 +230,11 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
         model: any ``nn.Module``; it is not modified (its modes are restored), but the
             returned module shares its parameters, like ``fx.symbolic_trace``.
         example_inputs: optional inputs; when given, the traced module is run on them in
-            eval mode and checked against the eager model.
+            eval mode and checked against the eager model. Control flow on traced values
+            (``if x.shape[-2] < 7``) is decided by running the graph traced so far on them
+            (or, without them, on a random batch of a timm model's input size); the
+            decisions are listed in ``TraceInfo.specialized`` and the report, and the
+            result is valid for inputs that take the same branches.
         leaf_modules: qualified names of submodules to keep as opaque calls.
         concrete_args: passed to ``fx.Tracer.trace`` for arguments that drive control flow.
 
@@ -216,12 +260,14 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
 
     info = TraceInfo(model_class=type(model).__name__, user_leaves=user_leaves,
                      input_shape=default_input_shape(model))
+    shadow = _as_tuple(example_inputs) if example_inputs is not None else (
+        (torch.randn(info.input_shape, generator=torch.Generator().manual_seed(0)),) if info.input_shape else None)
     try:
         for attempt in range(_MAX_RETRACES):
             _set_modes(model, True)
-            g_train, constants = _trace_once(model, leaves, concrete_args)
+            g_train, constants = _trace_once(model, leaves, concrete_args, shadow, info.specialized)
             _set_modes(model, False)
-            g_eval, _ = _trace_once(model, leaves, concrete_args)
+            g_eval, _ = _trace_once(model, leaves, concrete_args, shadow, info.specialized)
             dropout_fix: set[int] = set()
             new_leaf = None
             nodes_t, nodes_e = list(g_train.nodes), list(g_eval.nodes)

@@ -1,0 +1,113 @@
+"""Local measurement of nodes without a kernel map (max pooling, hard norms...).
+
+A node P that sits a few elementwise or per-channel ops after a linear/conv node L (or
+after the network input) sees, under the analysis's own model (random weights, Gaussian
+inputs), a function of a Gaussian field at L whose kernel the propagation already knows.
+So P is measured on Gaussian pairs drawn with L's predicted ``(q, q', k)``, through the
+chain L → ... → P only, on a small spatial patch (locations independent, as the model
+assumes) instead of running the network's prefix on full-size inputs.
+
+The result is tagged measured (``unsupported``) with the reason saying it was local;
+:func:`local_chain` returns None when the path to P is not such a chain, and the engine
+then measures P by running the network (``engine._measure_nodes``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..graph import Topology
+from ..ops import OpKind
+from .measure import NodeStats, kernel_stats
+
+__all__ = ["local_chain", "measure_local"]
+
+_CHAIN_KINDS = {OpKind.ACTIVATION, OpKind.NORM, OpKind.AFFINE, OpKind.IDENTITY}
+_MAX_CHAIN = 6  # nodes between L and P
+PATCH = 32  # spatial size of the sampled Gaussian field per axis
+
+
+def local_chain(topo: Topology, name: str) -> list[fx.Node] | None:
+    """``[L, n1, ..., P]`` when P's signal comes from L through single-input elementwise or
+    per-channel nodes (``L`` a linear/conv node or a tensor input); else None."""
+    g = topo.graph
+    by_name = {n.name: n for n in topo.gm.graph.nodes}
+    chain = [by_name[name]]
+    while len(chain) <= _MAX_CHAIN + 1:
+        d = g.nodes[chain[-1].name]
+        operands = d["signal_operands"]
+        if len(operands) != 1:
+            return None
+        src = by_name[operands[0]]
+        kind = g.nodes[src.name]["kind"]
+        if kind in (OpKind.LINEAR, OpKind.CONV, OpKind.INPUT):
+            if kind is not OpKind.INPUT and src.op != "call_module":
+                return None
+            chain.append(src)
+            return chain[::-1] if all(_single_signal(n, g) for n in chain[:-1]) else None
+        info = g.nodes[src.name]["info"]
+        if kind not in _CHAIN_KINDS or (kind is OpKind.NORM and (info.norm is None or info.norm.family != "batch")):
+            return None  # per-example norms mix locations' channels: not per-channel
+        chain.append(src)
+    return None
+
+
+def _single_signal(node: fx.Node, g: Any) -> bool:
+    """The node's only tensor-node argument is its signal operand (so it can be re-run on a new input)."""
+    return len(node.all_input_nodes) == len(g.nodes[node.name]["signal_operands"]) == 1
+
+
+def _field_shape(gm: fx.GraphModule, topo: Topology, src: fx.Node, example: torch.Tensor | None
+                 ) -> tuple[int, ...] | None:
+    """Per-example shape of L's output, spatial axes capped at :data:`PATCH`."""
+    known = topo.graph.nodes[src.name].get("shape")
+    if known is not None:
+        return (known[1], *(min(s, PATCH) for s in known[2:]))
+    if src.op == "placeholder":
+        return None if example is None else (example.shape[1], *(min(s, PATCH) for s in example.shape[2:]))
+    m = gm.get_submodule(src.target)
+    if isinstance(m, nn.Linear):
+        return (m.out_features,)
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return (m.out_channels, *([PATCH] * len(m.kernel_size)))
+    return None
+
+
+def _run_chain(gm: fx.GraphModule, chain: list[fx.Node], x: torch.Tensor) -> torch.Tensor:
+    """Apply the nodes after L to ``x`` (each has one tensor argument, its signal)."""
+    for node in chain[1:]:
+        args = tuple(x if isinstance(a, fx.Node) else a for a in node.args)
+        kwargs = {k: (x if isinstance(v, fx.Node) else v) for k, v in node.kwargs.items()}
+        if node.op == "call_module":
+            x = gm.get_submodule(node.target)(*args, **kwargs)
+        elif node.op == "call_function":
+            x = node.target(*args, **kwargs)
+        else:
+            x = getattr(args[0], node.target)(*args[1:], **kwargs)
+    return x
+
+
+def measure_local(gm: fx.GraphModule, topo: Topology, chain: list[fx.Node], q1: float, q2: float,
+                  k: np.ndarray, example: torch.Tensor | None, batch: int, seed: int) -> list[NodeStats] | None:
+    """P's statistics at each entry of ``k`` (L's kernel at the measured cosines), or None when
+    L's output shape is unknown."""
+    shape = _field_shape(gm, topo, chain[0], example)
+    if shape is None or not q1 > 0 or not q2 > 0:
+        return None
+    dtype = next((p.dtype for p in gm.parameters()), torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    n = len(k) * batch
+    z1 = torch.randn((n, *shape), generator=g, dtype=torch.float64)
+    z2 = torch.randn((n, *shape), generator=g, dtype=torch.float64)
+    rho = np.clip(np.asarray(k, dtype=float) / np.sqrt(q1 * q2), -1.0, 1.0)
+    r = torch.as_tensor(np.repeat(rho, batch), dtype=torch.float64).reshape((-1,) + (1,) * len(shape))
+    u = z1 * q1 ** 0.5
+    v = (r * z1 + (1 - r * r).clamp_min(0).sqrt() * z2) * q2 ** 0.5
+    with torch.no_grad():
+        out = _run_chain(gm, chain, torch.cat([u, v]).to(dtype))
+    h1, h2 = out[:n], out[n:]
+    return [kernel_stats(h1[i * batch:(i + 1) * batch], h2[i * batch:(i + 1) * batch]) for i in range(len(k))]
