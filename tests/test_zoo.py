@@ -124,3 +124,10 @@ def test_control_flow_on_shapes_is_decided_on_example_inputs():
     assert any("input_kernel_size" in d for d in gm.meta["netsurgeon"]["trace"].specialized)
     x = torch.randn(1, 3, 224, 224)
     torch.testing.assert_close(gm(x), vgg(x))
+
+def test_deciding_control_flow_leaves_the_model_untouched():
+    """The train-mode trace runs the graph so far on the example inputs: no statistics may change."""
+    vgg = timm.create_model("vgg11_bn", pretrained=False, mlp_ratio=0.125)
+    before = {k: v.clone() for k, v in vgg.state_dict().items()}
+    netsurgeon.trace(vgg, torch.randn(2, 3, 64, 64))
+    assert all(torch.equal(before[k], v) for k, v in vgg.state_dict().items())

@@ -94,16 +94,21 @@ class NetsurgeonTracer(fx.Tracer):
 
 def _run_untraced(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> Any:
     """Run ``gm`` concretely while a trace is in progress: fx patches ``nn.Module.__call__`` and
-    ``__getattr__`` during tracing, so the originals are put back for the duration of the run."""
+    ``__getattr__`` during tracing, so the originals are put back for the duration of the run;
+    buffers (batch-norm statistics a train-mode run would update) are restored afterwards."""
     from torch.fx import _symbolic_trace as st
 
     patched = nn.Module.__call__, nn.Module.__getattr__
     nn.Module.__call__, nn.Module.__getattr__ = st._orig_module_call, st._orig_module_getattr
+    buffers = [(b, b.clone()) for b in gm.buffers()]  # a train-mode run updates batch-norm statistics
     try:
         with torch.no_grad():
             return gm(*inputs)
     finally:
         nn.Module.__call__, nn.Module.__getattr__ = patched
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
 
 
 def _set_modes(model: nn.Module, modes: dict[str, bool] | bool) -> None:

@@ -2,5 +2,6 @@
 from .activation import ShapedActivation
 from .affine import ChannelAffine
 from .dks_layers import ExclusiveAvgPool2dSame, LocationNorm
+from .farkas import FarkasLayer
 
-__all__ = ["ChannelAffine", "ExclusiveAvgPool2dSame", "LocationNorm", "ShapedActivation"]
+__all__ = ["ChannelAffine", "ExclusiveAvgPool2dSame", "FarkasLayer", "LocationNorm", "ShapedActivation"]

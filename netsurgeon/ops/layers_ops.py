@@ -6,7 +6,7 @@ import dataclasses
 import torch.fx as fx
 import torch.nn as nn
 
-from ..layers import ChannelAffine, ExclusiveAvgPool2dSame, LocationNorm, ShapedActivation
+from ..layers import ChannelAffine, ExclusiveAvgPool2dSame, FarkasLayer, LocationNorm, ShapedActivation
 from .kinds import NormSpec, OpInfo, OpKind
 from .registry import ClassifyContext, module_rule, register_module
 
@@ -41,3 +41,12 @@ def _shaped_activation(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpI
                       attrs={"reason": f"unknown base activation {type(m.base).__name__}"})
     spec = dataclasses.replace(base.activation, transform=m.constants())
     return OpInfo(OpKind.ACTIVATION, f"shaped_{base.name}", activation=spec)
+
+
+@register_module(FarkasLayer)
+def _farkas_layer(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    # The wrapped layer's kind; the analysis sees its weights (the one computed unit is neglected).
+    inner = module_rule(m.layer)
+    base = inner(m.layer, node, ctx) if inner is not None else OpInfo(OpKind.OTHER, "farkas", known=False)
+    return dataclasses.replace(base, name=f"farkas_{base.name}", attrs={**base.attrs, "farkas": True,
+                                                                        "farkas_agg": m.agg})

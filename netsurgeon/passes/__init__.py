@@ -1,9 +1,10 @@
 """Passes: one file each, registered by name. See :func:`netsurgeon.list_passes`."""
 from .base import Pass, PassSpec, coerce_option, get_pass, list_passes, make_pass, register_pass
 from .dks import DKS, TAT
+from .farkas import Farkas
 from .init import OrthogonalInit
 from .strip_bn import StripBN
 from .structure import InputNorm, MaxPoolToAvgPool, NormalizeSums, RemoveSkips
 
-__all__ = ["DKS", "InputNorm", "MaxPoolToAvgPool", "NormalizeSums", "OrthogonalInit", "Pass", "PassSpec", "RemoveSkips",
+__all__ = ["DKS", "Farkas", "InputNorm", "MaxPoolToAvgPool", "NormalizeSums", "OrthogonalInit", "Pass", "PassSpec", "RemoveSkips",
            "StripBN", "TAT", "coerce_option", "get_pass", "list_passes", "make_pass", "register_pass"]

@@ -1,0 +1,87 @@
+"""``FarkasLayer``: a linear/conv layer plus one computed Farkas unit (MATH.md §6).
+
+The layer's ``m`` outputs ``z`` get one more channel ``z_F = -agg(z - b) + b_F`` (per
+location), with ``agg`` the mean or the sum over channels and ``b`` the layer's bias.
+If every unit of the layer were ``<= 0`` then ``agg(z - b) <= -agg(b)`` and
+``z_F >= agg(b) + b_F > 0`` whenever ``b_F > -agg(b)``: some unit of every location is
+positive, so a ReLU layer always passes gradient (Farkas' lemma). With ``bias="learned"``
+``b_F = max(-agg(b) + margin, b_learned)`` (the authors' lower clamp, with a small margin
+so the inequality is strict); with ``bias="fixed"`` ``b_F`` is a constant buffer. For
+one-sided activations with a cutoff ``t`` (ELU, GELU, SiLU) the floor is raised by ``2t``
+(mean) or ``(m+1)t`` (sum): some unit then exceeds the cutoff.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["FarkasLayer"]
+
+
+class FarkasLayer(nn.Module):
+    """``cat([layer(x), z_F], dim=1)`` with the computed Farkas unit ``z_F``.
+
+    Args:
+        layer: an ``nn.Linear`` or ``nn.Conv{1,2,3}d`` (groups 1); kept as the ``layer`` submodule.
+        agg: ``"mean"`` or ``"sum"`` over the output channels.
+        bias: ``"learned"`` (parameter ``farkas_bias``, clamped from below) or ``"fixed"``
+            (buffer ``farkas_bias`` with the given positive ``value``).
+        value: the fixed ``b_F``, or the learned one's initial value. Default: 0.
+        cutoff: the activation's cutoff ``t`` (0 for ReLU). Default: 0.
+        margin: how far above ``-agg(b) + 2t`` the clamp keeps ``b_F``. Default: 1e-3.
+
+    Example:
+        >>> f = FarkasLayer(nn.Linear(4, 3))
+        >>> f(torch.randn(5, 4)).shape
+        torch.Size([5, 4])
+    """
+
+    def __init__(self, layer: nn.Module, agg: str = "mean", bias: str = "learned", value: float = 0.0,
+                 cutoff: float = 0.0, margin: float = 1e-3) -> None:
+        super().__init__()
+        if agg not in ("mean", "sum"):
+            raise ValueError(f"agg must be 'mean' or 'sum', got {agg!r}")
+        if bias not in ("learned", "fixed"):
+            raise ValueError(f"bias must be 'learned' or 'fixed', got {bias!r}")
+        if bias == "fixed" and not value > 2 * cutoff:
+            raise ValueError(f"a fixed Farkas bias must exceed 2 * cutoff = {2 * cutoff}; got {value}")
+        self.layer = layer
+        self.agg, self.bias_mode, self.cutoff, self.margin = agg, bias, float(cutoff), float(margin)
+        init = torch.tensor(float(value), dtype=layer.weight.dtype, device=layer.weight.device)
+        if bias == "learned":
+            self.farkas_bias = nn.Parameter(init)
+        else:
+            self.register_buffer("farkas_bias", init)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's weight (the Farkas unit has none of its own)."""
+        return self.layer.weight
+
+    def _aggregate(self, t: torch.Tensor) -> torch.Tensor:
+        return t.mean(dim=1, keepdim=True) if self.agg == "mean" else t.sum(dim=1, keepdim=True)
+
+    def effective_bias(self) -> torch.Tensor:
+        """``b_F`` as used: for ``learned``, clamped from below so that some unit exceeds the cutoff
+        ``t`` whenever all the layer's units are at most ``t`` (mean: ``2t - mean(b)``; sum:
+        ``(m+1)t - sum(b)``; plus ``margin``)."""
+        if self.bias_mode == "fixed":
+            return self.farkas_bias
+        m = self.layer.weight.shape[0]
+        floor = torch.as_tensor((2.0 if self.agg == "mean" else m + 1.0) * self.cutoff + self.margin,
+                                dtype=self.farkas_bias.dtype, device=self.farkas_bias.device)
+        b = self.layer.bias
+        if b is not None:
+            floor = floor - (b.mean() if self.agg == "mean" else b.sum())
+        return torch.maximum(self.farkas_bias, floor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.layer(x)
+        b = self.layer.bias
+        shape = (1, -1) + (1,) * (z.dim() - 2)
+        pre = z if b is None else z - b.reshape(shape)
+        z_f = self.effective_bias() - self._aggregate(pre)
+        return torch.cat([z, z_f], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"agg={self.agg}, bias={self.bias_mode}, cutoff={self.cutoff:g}"

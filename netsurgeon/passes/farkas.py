@@ -1,0 +1,274 @@
+"""``farkas``: append a computed Farkas unit to every eligible layer (MATH.md §6).
+
+An eligible layer is a Linear/Conv module (groups 1, called once) whose output goes,
+alone, into a one-sided activation (ReLU family, ELU, GELU, SiLU, ...), possibly through
+a batch norm (which gains a channel: "FarkasNet with BN"). The activation's output must
+reach only Linear/Conv consumers, possibly through dropout, channel-wise pooling and a
+flatten; each consumer gains the input column(s) of the new channel (a flatten before a
+Linear makes that one column per location). The layer becomes a
+:class:`~netsurgeon.layers.FarkasLayer`; ``consumer_init="zero"`` makes the insertion
+exactly function-preserving.
+
+Every other Linear/Conv is reported as skipped, with the reason (e.g. its output feeds a
+residual sum: ``mode="block"``, the authors' residual construction, is not implemented).
+Without a batch norm in between, at every location of every example at least one of the
+layer's ``m + 1`` post-activation units is positive (above the cutoff); with one, the
+batch norm's per-channel affine sits between the units and the activation and that
+guarantee does not hold (the BN variant is for speed, as in the paper).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import UnsupportedNodeError
+from ..graph import META_KEY, Topology
+from ..layers import FarkasLayer
+from ..ops import OpKind
+from ..report import PassRecord, Preservation
+from ._edit import call_sites, set_submodule
+from .base import Pass, register_pass
+
+__all__ = ["Farkas"]
+
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_ONE_SIDED = {"relu", "relu6", "elu", "celu", "selu", "gelu", "gelu_tanh", "silu", "mish", "softplus",
+              "hardswish"}
+_TRANSPARENT = {OpKind.IDENTITY, OpKind.POOL}  # dropout, channel-wise pooling
+
+
+@dataclasses.dataclass
+class _Plan:
+    layer: fx.Node
+    norm: fx.Node | None
+    act: fx.Node
+    consumers: list[tuple[fx.Node, int]]  # (consumer node, input columns the new channel adds)
+
+
+def _plain_layer(m: nn.Module) -> bool:
+    return isinstance(m, _LAYERS) and any(type(m).forward is t.forward for t in _LAYERS) \
+        and getattr(m, "groups", 1) == 1 and not getattr(m, "transposed", False)
+
+
+class _Planner:
+    """Finds the eligible layers, or the reason a layer is not eligible."""
+
+    def __init__(self, gm: fx.GraphModule, topo: Topology) -> None:
+        self.gm, self.topo, self.g = gm, topo, topo.graph
+        self.sites = call_sites(gm)
+
+    def kind(self, node: fx.Node) -> OpKind:
+        return self.g.nodes[node.name]["kind"]
+
+    def plan(self, node: fx.Node) -> _Plan | str:
+        m = self.gm.get_submodule(node.target)
+        if not _plain_layer(m):
+            return f"{type(m).__name__} (groups {getattr(m, 'groups', 1)}) is not a plain Linear/Conv with groups 1"
+        if self.sites[node.target] != 1:
+            return f"module {node.target} is called {self.sites[node.target]} times"
+        nxt = self._next(node)
+        if isinstance(nxt, str):
+            return nxt
+        norm = None
+        info = self.g.nodes[nxt.name]["info"]
+        if self.kind(nxt) is OpKind.NORM and info.norm is not None and info.norm.family == "batch" \
+                and nxt.op == "call_module" and self.sites[nxt.target] == 1:
+            norm = nxt
+            if info.norm.activation is None:
+                nxt = self._next(norm)
+                if isinstance(nxt, str):
+                    return nxt
+                info = self.g.nodes[nxt.name]["info"]
+            else:  # norm+act composite: the activation is inside the norm module
+                return self._after_activation(node, norm, nxt, info.norm.activation.name)
+        if self.kind(nxt) is not OpKind.ACTIVATION or info.activation is None:
+            return f"its output goes into {nxt.name} ({info.describe()}), not a one-sided activation"
+        return self._after_activation(node, norm, nxt, info.activation.name)
+
+    def _next(self, node: fx.Node) -> fx.Node | str:
+        """The single user of ``node``, past ``nn.Identity`` modules (timm's disabled drop-block, ...)."""
+        while True:
+            users = list(node.users)
+            if len(users) != 1:
+                return f"{node.name}'s output has {len(users)} users"
+            node = users[0]
+            if not (node.op == "call_module" and type(self.gm.get_submodule(node.target)) is nn.Identity):
+                return node
+
+    def _after_activation(self, node: fx.Node, norm: fx.Node | None, act: fx.Node, act_name: str) -> _Plan | str:
+        if act_name not in _ONE_SIDED:
+            return f"activation {act.name} ({act_name}) is not one-sided"
+        consumers: list[tuple[fx.Node, int]] = []
+        reason = self._consumers(act, 1, consumers)
+        return reason if reason is not None else _Plan(node, norm, act, consumers)
+
+    def _consumers(self, node: fx.Node, columns: int, out: list[tuple[fx.Node, int]]) -> str | None:
+        """Walk from ``node`` to the layers that read it; None when all are widenable."""
+        if not node.users:
+            return f"{node.name} has no consumer"
+        for user in node.users:
+            kind = self.kind(user)
+            if kind is OpKind.META:  # reads the shape (x.shape[-2] in timm's VGG head); checked by the run below
+                continue
+            if kind in (OpKind.LINEAR, OpKind.CONV):
+                if user.op != "call_module" or not _plain_layer(self.gm.get_submodule(user.target)) \
+                        or self.sites[user.target] != 1:
+                    return f"consumer {user.name} is not a plain Linear/Conv module called once"
+                out.append((user, columns))
+            elif kind in _TRANSPARENT and len(user.all_input_nodes) == 1:
+                if kind is OpKind.POOL and self.g.nodes[user.name]["attrs"].get("pool_type") not in \
+                        ("avg", "max", "adaptive_avg", "adaptive_max", "mean"):
+                    return f"consumer {user.name} is a pooling that mixes channels"
+                reason = self._consumers(user, columns, out)
+                if reason:
+                    return reason
+            elif kind is OpKind.RESHAPE and _is_flatten(user):
+                shape = self.g.nodes[node.name].get("shape")
+                if shape is None:
+                    return f"{user.name} flattens; the spatial size needs example_inputs"
+                reason = self._consumers(user, columns * math.prod(shape[2:]), out)
+                if reason:
+                    return reason
+            else:
+                what = "a residual sum (mode='block' is not implemented)" if kind is OpKind.ADD else \
+                    f"{self.g.nodes[user.name]['info'].describe()}"
+                return f"the activation's output reaches {user.name}: {what}"
+        return None
+
+
+def _is_flatten(node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return type(node.graph.owning_module.get_submodule(node.target)).__name__ == "Flatten"
+    return getattr(node.target, "__name__", node.target) == "flatten"
+
+
+def _widen_input(m: nn.Module, columns: int, zero: bool) -> nn.Module:
+    """A copy of ``m`` with ``columns`` more input columns (appended), zero or default-initialized."""
+    m = m.layer if isinstance(m, FarkasLayer) else m
+    w = m.weight.detach()
+    extra_shape = (w.shape[0], columns) + tuple(w.shape[2:])
+    fan_in = (w.shape[1] + columns) * math.prod(w.shape[2:])
+    bound = 1.0 / math.sqrt(fan_in)  # PyTorch's default (kaiming_uniform with a = sqrt(5))
+    extra = torch.zeros(extra_shape, dtype=w.dtype, device=w.device) if zero else \
+        torch.empty(extra_shape, dtype=w.dtype, device=w.device).uniform_(-bound, bound)
+    m.weight = nn.Parameter(torch.cat([w, extra], dim=1))
+    if isinstance(m, nn.Linear):
+        m.in_features += columns
+    else:
+        m.in_channels += columns
+    return m
+
+
+def _widen_norm(m: nn.Module) -> None:
+    """One more channel in a batch norm (identity statistics and affine)."""
+    def grow(t: torch.Tensor | None, value: float) -> torch.Tensor | None:
+        return None if t is None else torch.cat([t.detach(), torch.full((1,), value, dtype=t.dtype, device=t.device)])
+
+    if m.weight is not None:
+        m.weight = nn.Parameter(grow(m.weight, 1.0))
+        m.bias = nn.Parameter(grow(m.bias, 0.0))
+    if m.running_mean is not None:
+        m.running_mean = grow(m.running_mean, 0.0)
+        m.running_var = grow(m.running_var, 1.0)
+    m.num_features += 1
+
+
+@register_pass
+@dataclasses.dataclass
+class Farkas(Pass):
+    """Farkas rows: a computed unit ``z_F = -agg(z) + b_F`` per eligible layer (MATH.md §6).
+
+    Options:
+        agg: ``"mean"`` (default) or ``"sum"`` over the layer's channels.
+        bias: ``"learned"`` (default; clamped from below) or ``"fixed"``.
+        value: the fixed ``b_F`` (must exceed twice the cutoff), or the learned one's start. Default: 0.
+        consumer_init: ``"default"`` (PyTorch's init for the new columns) or ``"zero"``
+            (exactly function-preserving at insertion).
+        cutoff: for one-sided activations other than ReLU: guarantee some unit above it. Default: 0.
+    """
+
+    name = "farkas"
+    summary = "Farkas rows: one computed unit per ReLU-type layer so no layer is ever entirely dead"
+
+    agg: Literal["mean", "sum"] = "mean"
+    bias: Literal["learned", "fixed"] = "learned"
+    value: float = 0.0
+    consumer_init: Literal["default", "zero"] = "default"
+    cutoff: float = 0.0
+
+    def preservation(self) -> Preservation:
+        return Preservation.EXACT_EVAL if self.consumer_init == "zero" else Preservation.NONE
+
+    def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
+            ) -> fx.GraphModule:
+        if self.bias == "fixed" and not self.value > 2 * self.cutoff:
+            raise UnsupportedNodeError(f"farkas: a fixed bias needs value > 2 * cutoff = {2 * self.cutoff}; got "
+                                       f"{self.value}")
+        topo = Topology(gm, example_inputs if example_inputs is not None else _default_inputs(gm))
+        planner = _Planner(gm, topo)
+        plans = []
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _LAYERS):
+                plan = planner.plan(node)
+                if isinstance(plan, str):
+                    record.skip(node.name, plan)
+                else:
+                    plans.append(plan)
+        zero = self.consumer_init == "zero"
+        for plan in plans:
+            for consumer, columns in plan.consumers:
+                set_submodule(gm, consumer.target, _wrap_like(gm.get_submodule(consumer.target),
+                                                              _widen_input(copy.deepcopy(gm.get_submodule(
+                                                                  consumer.target)), columns, zero)))
+        for plan in plans:
+            layer = gm.get_submodule(plan.layer.target)
+            set_submodule(gm, plan.layer.target, FarkasLayer(layer, self.agg, self.bias, self.value, self.cutoff))
+            if plan.norm is not None:
+                _widen_norm(gm.get_submodule(plan.norm.target))
+            widened = ", ".join(f"{c.name} (+{n})" for c, n in plan.consumers)
+            record.change(plan.layer.name, f"Farkas unit ({self.agg}, {self.bias} bias)"
+                          + (f"; batch norm {plan.norm.name} +1 channel" if plan.norm is not None else ""),
+                          f"activation {plan.act.name}; consumers widened: {widened}")
+        if not plans:
+            record.note("no eligible layer (see the skipped list for the reasons)")
+        _check_runs(gm, example_inputs if example_inputs is not None else _default_inputs(gm),
+                    [p.layer.name for p in plans])
+        return gm
+
+
+def _wrap_like(old: nn.Module, widened: nn.Module) -> nn.Module:
+    """Put a widened inner layer back into its FarkasLayer wrapper when the consumer already has one."""
+    if isinstance(old, FarkasLayer):
+        new = copy.deepcopy(old)
+        new.layer = widened
+        return new
+    return widened
+
+
+def _check_runs(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...] | None, layers: list[str]) -> None:
+    """Run the widened model once (eval mode) when inputs are known; a failure names the layers."""
+    if inputs is None or not layers:
+        return
+    gm.recompile()
+    was = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            gm(*inputs)
+    except Exception as exc:
+        raise UnsupportedNodeError(f"farkas: the model no longer runs after widening {', '.join(layers[:8])}"
+                                   f"{' ...' if len(layers) > 8 else ''}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        gm.train(was)
+
+
+def _default_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...] | None:
+    info = gm.meta.get(META_KEY, {}).get("trace")
+    shape = getattr(info, "input_shape", None)
+    return None if shape is None else (torch.zeros(shape),)
