@@ -161,3 +161,35 @@ def test_trains_switches_modes_and_round_trips(tmp_path):
     loaded = netsurgeon.load(out)
     assert sum(isinstance(m, FarkasLayer) for m in loaded.modules()) == 8
     assert torch.isfinite(loaded.eval()(torch.randn(1, 3, 64, 64))).all()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
+def test_block_mode_widens_stages_exactly_and_keeps_block_outputs_alive(name):
+    from netsurgeon.layers import FarkasSum
+
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    gm = netsurgeon.transform(model, passes=[("farkas", {"mode": "block", "consumer_init": "zero"})],
+                              example_inputs=x[:1]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+    sums = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), FarkasSum)]
+    blocks = {"resnet18": 8, "resnet34": 16, "resnet50": 16}[name]
+    assert len(sums) == blocks
+    # width +1 per block within a stage, reset by the projection shortcut of the next stage
+    changes = [c for c in netsurgeon.report(gm).passes[0].changes if c.what.startswith("block Farkas unit")]
+    assert "+1 output channels" in changes[1].why
+    outs: list[torch.Tensor] = []
+    hooks = [gm.get_submodule(next(iter(n.users)).target).register_forward_hook(lambda m, i, o: outs.append(o))
+             for n in sums]
+    with torch.no_grad():
+        gm(torch.randn(4, 3, 64, 64) * 100)
+        gm(-torch.ones(1, 3, 64, 64))
+    for h in hooks:
+        h.remove()
+    assert all(bool((o > 0).any(dim=1).all()) for o in outs)  # every block output: some channel alive
+
+
+def test_block_mode_needs_residual_blocks():
+    with pytest.raises(PassError, match="no residual block"):
+        netsurgeon.transform(mlp([16, 8]), passes=[("farkas", {"mode": "block"})])

@@ -2,6 +2,6 @@
 from .activation import ShapedActivation
 from .affine import ChannelAffine
 from .dks_layers import ExclusiveAvgPool2dSame, LocationNorm
-from .farkas import FarkasLayer
+from .farkas import FarkasLayer, FarkasSum
 
-__all__ = ["ChannelAffine", "ExclusiveAvgPool2dSame", "FarkasLayer", "LocationNorm", "ShapedActivation"]
+__all__ = ["ChannelAffine", "ExclusiveAvgPool2dSame", "FarkasLayer", "FarkasSum", "LocationNorm", "ShapedActivation"]

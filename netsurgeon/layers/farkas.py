@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["FarkasLayer"]
+__all__ = ["FarkasLayer", "FarkasSum"]
 
 
 class FarkasLayer(nn.Module):
@@ -85,3 +85,40 @@ class FarkasLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"agg={self.agg}, bias={self.bias_mode}, cutoff={self.cutoff:g}"
+
+
+class FarkasSum(nn.Module):
+    """``cat([s, b_F - agg(s)], dim=1)``: the Farkas unit of a residual block's sum ``s``
+    (FarkasNet's block construction; MATH.md §6). If every channel of ``s`` is ``<= t`` the
+    unit is ``>= b_F - t`` (mean), so with ``b_F > 2t`` some channel exceeds ``t``.
+
+    Args:
+        agg: ``"mean"`` or ``"sum"``.
+        bias: ``"learned"`` (parameter, clamped below at ``2t + margin`` for the mean) or
+            ``"fixed"`` (buffer).
+        value: initial or fixed ``b_F``. cutoff, margin: as in :class:`FarkasLayer`.
+    """
+
+    def __init__(self, channels: int, agg: str = "mean", bias: str = "learned", value: float = 0.0,
+                 cutoff: float = 0.0, margin: float = 1e-3) -> None:
+        super().__init__()
+        self.channels, self.agg, self.bias_mode = channels, agg, bias
+        self.cutoff, self.margin = float(cutoff), float(margin)
+        init = torch.tensor(float(value))
+        if bias == "learned":
+            self.farkas_bias = nn.Parameter(init)
+        else:
+            self.register_buffer("farkas_bias", init)
+
+    def effective_bias(self) -> torch.Tensor:
+        if self.bias_mode == "fixed":
+            return self.farkas_bias
+        factor = 2.0 if self.agg == "mean" else self.channels + 1.0
+        return self.farkas_bias.clamp_min(factor * self.cutoff + self.margin)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        agg = s.mean(dim=1, keepdim=True) if self.agg == "mean" else s.sum(dim=1, keepdim=True)
+        return torch.cat([s, self.effective_bias().to(s.dtype) - agg], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, agg={self.agg}, bias={self.bias_mode}, cutoff={self.cutoff:g}"

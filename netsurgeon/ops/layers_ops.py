@@ -6,7 +6,7 @@ import dataclasses
 import torch.fx as fx
 import torch.nn as nn
 
-from ..layers import ChannelAffine, ExclusiveAvgPool2dSame, FarkasLayer, LocationNorm, ShapedActivation
+from ..layers import ChannelAffine, ExclusiveAvgPool2dSame, FarkasLayer, FarkasSum, LocationNorm, ShapedActivation
 from .kinds import NormSpec, OpInfo, OpKind
 from .registry import ClassifyContext, module_rule, register_module
 
@@ -50,3 +50,9 @@ def _farkas_layer(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
     base = inner(m.layer, node, ctx) if inner is not None else OpInfo(OpKind.OTHER, "farkas", known=False)
     return dataclasses.replace(base, name=f"farkas_{base.name}", attrs={**base.attrs, "farkas": True,
                                                                         "farkas_agg": m.agg})
+
+
+@register_module(FarkasSum)
+def _farkas_sum(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    # Appends one computed channel; no kernel map (the analysis measures it).
+    return OpInfo(OpKind.OTHER, "farkas_sum", attrs={"farkas": True, "reason": "Farkas unit of a block sum"})

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ..errors import UnsupportedNodeError
 from ..graph import META_KEY, Topology
-from ..layers import FarkasLayer
+from ..layers import FarkasLayer, FarkasSum
 from ..ops import OpKind
 from ..report import PassRecord, Preservation
 from ._edit import call_sites, set_submodule
@@ -191,6 +191,9 @@ class Farkas(Pass):
         consumer_init: ``"default"`` (PyTorch's init for the new columns) or ``"zero"``
             (exactly function-preserving at insertion).
         cutoff: for one-sided activations other than ReLU: guarantee some unit above it. Default: 0.
+        mode: ``"layer"`` (default) or ``"block"``: also the authors' FarkasNet construction for
+            residual networks (a unit computed from every block's sum; width +1 per block,
+            carried by identity shortcuts, reset by projection shortcuts), then layer mode.
     """
 
     name = "farkas"
@@ -201,6 +204,7 @@ class Farkas(Pass):
     value: float = 0.0
     consumer_init: Literal["default", "zero"] = "default"
     cutoff: float = 0.0
+    mode: Literal["layer", "block"] = "layer"
 
     def preservation(self) -> Preservation:
         return Preservation.EXACT_EVAL if self.consumer_init == "zero" else Preservation.NONE
@@ -210,7 +214,12 @@ class Farkas(Pass):
         if self.bias == "fixed" and not self.value > 2 * self.cutoff:
             raise UnsupportedNodeError(f"farkas: a fixed bias needs value > 2 * cutoff = {2 * self.cutoff}; got "
                                        f"{self.value}")
-        topo = Topology(gm, example_inputs if example_inputs is not None else _default_inputs(gm))
+        inputs = example_inputs if example_inputs is not None else _default_inputs(gm)
+        topo = Topology(gm, inputs)
+        if self.mode == "block":
+            _BlockMode(gm, topo, self, record).apply()
+            gm.recompile()
+            topo = Topology(gm, inputs)
         planner = _Planner(gm, topo)
         plans = []
         for node in gm.graph.nodes:
@@ -240,6 +249,123 @@ class Farkas(Pass):
         _check_runs(gm, example_inputs if example_inputs is not None else _default_inputs(gm),
                     [p.layer.name for p in plans])
         return gm
+
+
+def _widen_output(m: nn.Module, rows: int, zero: bool) -> None:
+    """``rows`` more output channels on a plain Linear/Conv, in place (zero or default init)."""
+    w = m.weight.detach()
+    fan_in = math.prod(w.shape[1:])
+    bound = 1.0 / math.sqrt(fan_in)
+    shape = (rows,) + tuple(w.shape[1:])
+    extra = torch.zeros(shape, dtype=w.dtype, device=w.device) if zero else \
+        torch.empty(shape, dtype=w.dtype, device=w.device).uniform_(-bound, bound)
+    m.weight = nn.Parameter(torch.cat([w, extra], dim=0))
+    if m.bias is not None:
+        m.bias = nn.Parameter(torch.cat([m.bias.detach(), torch.zeros(rows, dtype=w.dtype, device=w.device)]))
+    if isinstance(m, nn.Linear):
+        m.out_features += rows
+    else:
+        m.out_channels += rows
+
+
+class _BlockMode:
+    """FarkasNet's residual construction on the blocks of ``topo`` (all or none: a block it
+    cannot handle raises, naming it, before anything is changed)."""
+
+    def __init__(self, gm: fx.GraphModule, topo: Topology, opts: "Farkas", record: PassRecord) -> None:
+        self.gm, self.topo, self.opts, self.record = gm, topo, opts, record
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.planner = _Planner(gm, topo)
+        self.zero = opts.consumer_init == "zero"
+
+    def _plan(self) -> list[tuple[Any, fx.Node, fx.Node, list[fx.Node]]]:
+        blocks = sorted((b for b in self.topo.blocks if b.kind == "residual"),
+                        key=lambda b: self.topo.graph.nodes[b.merge]["index"])
+        if not blocks:
+            raise UnsupportedNodeError("farkas mode='block': the model has no residual block")
+        plans = []
+        for b in blocks:
+            add = self.nodes[b.merge]
+            act = self.planner._next(add)
+            info = self.topo.graph.nodes[act.name]["info"] if not isinstance(act, str) else None
+            if info is None or info.activation is None or info.activation.name not in _ONE_SIDED:
+                raise UnsupportedNodeError(f"farkas mode='block': block {b.merge}'s sum is not followed by a one-sided "
+                                           f"activation; use mode='layer'")
+            if len(b.operands) != 2:
+                raise UnsupportedNodeError(f"farkas mode='block': block {b.merge} sums {len(b.operands)} terms")
+            plans.append((b, add, act, self._branch_chain(b)))
+        return plans
+
+    def _branch_chain(self, b: Any) -> list[fx.Node]:
+        """The branch's last layer and the batch norm / identities after it, in order."""
+        node, chain = self.nodes[b.operands[1]], []
+        while True:
+            chain.append(node)
+            kind = self.topo.graph.nodes[node.name]["kind"]
+            if kind in (OpKind.CONV, OpKind.LINEAR) and node.op == "call_module" \
+                    and _plain_layer(self.gm.get_submodule(node.target)):
+                return chain[::-1]
+            norm = self.topo.graph.nodes[node.name]["info"].norm
+            ok = (kind is OpKind.NORM and norm is not None and norm.family == "batch" and norm.activation is None) \
+                or (node.op == "call_module" and type(self.gm.get_submodule(node.target)) is nn.Identity)
+            if not ok or len(node.all_input_nodes) != 1:
+                raise UnsupportedNodeError(f"farkas mode='block': block {b.merge}'s branch does not end in a "
+                                           f"Linear/Conv (+ batch norm); found {node.name}")
+            node = node.all_input_nodes[0]
+
+    def apply(self) -> None:
+        plans = self._plan()
+        extra: dict[str, int] = {}  # activation node -> channels appended to its output
+        for b, add, act, chain in plans:
+            k_in = extra.get(b.entry, 0) if b.shortcut_kind == "identity" else 0
+            layer = self.gm.get_submodule(chain[0].target)
+            if k_in:  # the identity shortcut carries k_in Farkas channels: the branch must produce them too
+                _widen_output(layer, k_in, True)
+                for n in chain[1:]:
+                    for _ in range(k_in):
+                        if n.op == "call_module" and hasattr(self.gm.get_submodule(n.target), "num_features"):
+                            _widen_norm(self.gm.get_submodule(n.target))
+            channels = layer.weight.shape[0]
+            path = f"{add.name}_farkas"
+            self.gm.add_module(path, FarkasSum(channels, self.opts.agg, self.opts.bias, self.opts.value,
+                                               self.opts.cutoff))
+            with self.gm.graph.inserting_after(add):
+                unit = self.gm.graph.call_module(path, (add,))
+            add.replace_all_uses_with(unit, delete_user_cb=lambda u: u is not unit)
+            extra[act.name] = k_in + 1
+            widened = self._widen_consumers(act, k_in + 1)
+            self.record.change(add.name, f"block Farkas unit on the sum ({channels} channels -> {channels + 1})",
+                               f"branch {chain[0].name} +{k_in} output channels; consumers widened: "
+                               + (", ".join(widened) or "none"))
+
+    def _widen_consumers(self, act: fx.Node, k: int) -> list[str]:
+        out: list[tuple[fx.Node, int]] = []
+        stack = [(act, k)]
+        done = []
+        while stack:
+            node, cols = stack.pop()
+            for user in node.users:
+                kind = self.topo.graph.nodes[user.name]["kind"] if user.name in self.topo.graph else None
+                if kind in (OpKind.LINEAR, OpKind.CONV):
+                    out.append((user, cols))
+                elif kind is OpKind.ADD or kind is OpKind.META or (user.op == "call_module" and isinstance(
+                        self.gm.get_submodule(user.target), FarkasSum)):
+                    continue  # the next block's identity shortcut: handled with that block
+                elif kind in _TRANSPARENT and len(user.all_input_nodes) == 1:
+                    stack.append((user, cols))
+                elif kind is OpKind.RESHAPE and _is_flatten(user):
+                    shape = self.topo.graph.nodes[node.name].get("shape")
+                    if shape is None:
+                        raise UnsupportedNodeError(f"farkas: {user.name} flattens; pass example_inputs")
+                    stack.append((user, cols * math.prod(shape[2:])))
+                else:
+                    raise UnsupportedNodeError(f"farkas mode='block': {act.name}'s output reaches {user.name}, "
+                                               f"which cannot take the extra channels")
+        for user, cols in out:
+            m = self.gm.get_submodule(user.target)
+            set_submodule(self.gm, user.target, _wrap_like(m, _widen_input(copy.deepcopy(m), cols, self.zero)))
+            done.append(f"{user.name} (+{cols})")
+        return done
 
 
 def _wrap_like(old: nn.Module, widened: nn.Module) -> nn.Module:
