@@ -3,5 +3,7 @@ from .activation import ShapedActivation
 from .affine import ChannelAffine
 from .dks_layers import ExclusiveAvgPool2dSame, LocationNorm
 from .farkas import FarkasLayer, FarkasSum
+from .identity import AddIdentity, FixedLinear, ScalarBias, ScalarGate
 
-__all__ = ["ChannelAffine", "ExclusiveAvgPool2dSame", "FarkasLayer", "FarkasSum", "LocationNorm", "ShapedActivation"]
+__all__ = ["AddIdentity", "ChannelAffine", "ExclusiveAvgPool2dSame", "FarkasLayer", "FarkasSum", "FixedLinear",
+           "LocationNorm", "ScalarBias", "ScalarGate", "ShapedActivation"]

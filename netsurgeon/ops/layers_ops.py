@@ -6,7 +6,8 @@ import dataclasses
 import torch.fx as fx
 import torch.nn as nn
 
-from ..layers import ChannelAffine, ExclusiveAvgPool2dSame, FarkasLayer, FarkasSum, LocationNorm, ShapedActivation
+from ..layers import (ChannelAffine, ExclusiveAvgPool2dSame, FarkasLayer, FarkasSum, FixedLinear, LocationNorm,
+                      ScalarBias, ScalarGate, ShapedActivation)
 from .kinds import NormSpec, OpInfo, OpKind
 from .registry import ClassifyContext, module_rule, register_module
 
@@ -56,3 +57,19 @@ def _farkas_layer(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
 def _farkas_sum(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
     # Appends one computed channel; no kernel map (the analysis measures it).
     return OpInfo(OpKind.OTHER, "farkas_sum", attrs={"farkas": True, "reason": "Farkas unit of a block sum"})
+
+
+@register_module(ScalarGate)
+def _scalar_gate(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    return OpInfo(OpKind.AFFINE, "scalar_gate", attrs={"op": "mul", "learned": True})
+
+
+@register_module(ScalarBias)
+def _scalar_bias(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    return OpInfo(OpKind.AFFINE, "scalar_bias", attrs={"op": "add", "learned": True})
+
+
+@register_module(FixedLinear)
+def _fixed_linear(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    return OpInfo(OpKind.LINEAR, "fixed_linear", attrs={"in_features": m.weight.shape[1],
+                                                        "out_features": m.weight.shape[0], "fixed": True})

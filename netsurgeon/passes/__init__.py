@@ -2,9 +2,10 @@
 from .base import Pass, PassSpec, coerce_option, get_pass, list_passes, make_pass, register_pass
 from .dks import DKS, TAT
 from .farkas import Farkas
+from .identity import IdentityReparam, IdentityResidual
 from .init import OrthogonalInit
 from .strip_bn import StripBN
 from .structure import InputNorm, MaxPoolToAvgPool, NormalizeSums, RemoveSkips
 
-__all__ = ["DKS", "Farkas", "InputNorm", "MaxPoolToAvgPool", "NormalizeSums", "OrthogonalInit", "Pass", "PassSpec", "RemoveSkips",
+__all__ = ["DKS", "Farkas", "IdentityReparam", "IdentityResidual", "InputNorm", "MaxPoolToAvgPool", "NormalizeSums", "OrthogonalInit", "Pass", "PassSpec", "RemoveSkips",
            "StripBN", "TAT", "coerce_option", "get_pass", "list_passes", "make_pass", "register_pass"]
