@@ -250,6 +250,9 @@ def _norm(m: nn.Module, info: OpInfo, k: NodeKernel, activation_maps: Callable[[
         status = _worse(k.status, APPROX) if b2 > 0 or spec.family != "rms" else k.status
         reason = _reasons(k.reason, "per-example norm: centering neglected" if spec.family != "rms" else "")
         out = NodeKernel(g2 + b2, g2 + b2, g2 * c + b2, dk, status, reason)
+    elif spec.family == "minimal_rms" and not m.training:  # x / running_rms: a constant scale
+        r2 = float(m.running_rms.detach().double()) ** 2
+        out = _linear(k, 1.0 / r2, 0.0, EXACT, "")
     else:
         return None
     out.dims = dims

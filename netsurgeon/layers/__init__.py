@@ -1,9 +1,10 @@
 """Modules that passes insert into graphs."""
 from .activation import ShapedActivation
 from .affine import ChannelAffine
+from .consistency import MinimalRMSNorm, Modulus
 from .dks_layers import ExclusiveAvgPool2dSame, LocationNorm
 from .farkas import FarkasLayer, FarkasSum
 from .identity import AddIdentity, FixedLinear, ScalarBias, ScalarGate
 
 __all__ = ["AddIdentity", "ChannelAffine", "ExclusiveAvgPool2dSame", "FarkasLayer", "FarkasSum", "FixedLinear",
-           "LocationNorm", "ScalarBias", "ScalarGate", "ShapedActivation"]
+           "LocationNorm", "MinimalRMSNorm", "Modulus", "ScalarBias", "ScalarGate", "ShapedActivation"]

@@ -7,8 +7,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..layers import (ChannelAffine, ExclusiveAvgPool2dSame, FarkasLayer, FarkasSum, FixedLinear, LocationNorm,
-                      ScalarBias, ScalarGate, ShapedActivation)
-from .kinds import NormSpec, OpInfo, OpKind
+                      MinimalRMSNorm, Modulus, ScalarBias, ScalarGate, ShapedActivation)
+from .kinds import ActivationSpec, NormSpec, OpInfo, OpKind
 from .registry import ClassifyContext, module_rule, register_module
 
 __all__: list[str] = []
@@ -73,3 +73,15 @@ def _scalar_bias(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
 def _fixed_linear(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
     return OpInfo(OpKind.LINEAR, "fixed_linear", attrs={"in_features": m.weight.shape[1],
                                                         "out_features": m.weight.shape[0], "fixed": True})
+
+
+@register_module(MinimalRMSNorm)
+def _minimal_rms_norm(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    # Divides by one moving-average scalar: in eval mode a constant scale (train mode: batch-dependent).
+    return OpInfo(OpKind.NORM, "minimal_rms_norm", norm=NormSpec("minimal_rms", True),
+                  attrs={"momentum": m.momentum, "eps": m.eps})
+
+
+@register_module(Modulus)
+def _modulus(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    return OpInfo(OpKind.ACTIVATION, "abs", activation=ActivationSpec("abs"))

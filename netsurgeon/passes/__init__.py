@@ -1,5 +1,6 @@
 """Passes: one file each, registered by name. See :func:`netsurgeon.list_passes`."""
 from .base import Pass, PassSpec, coerce_option, get_pass, list_passes, make_pass, register_pass
+from .consistency import ModulusPass, RMSNormPass
 from .dks import DKS, TAT
 from .farkas import Farkas
 from .identity import IdentityReparam, IdentityResidual
@@ -7,5 +8,6 @@ from .init import OrthogonalInit
 from .strip_bn import StripBN
 from .structure import InputNorm, MaxPoolToAvgPool, NormalizeSums, RemoveSkips
 
-__all__ = ["DKS", "Farkas", "IdentityReparam", "IdentityResidual", "InputNorm", "MaxPoolToAvgPool", "NormalizeSums", "OrthogonalInit", "Pass", "PassSpec", "RemoveSkips",
-           "StripBN", "TAT", "coerce_option", "get_pass", "list_passes", "make_pass", "register_pass"]
+__all__ = ["DKS", "Farkas", "IdentityReparam", "IdentityResidual", "InputNorm", "MaxPoolToAvgPool", "ModulusPass",
+           "NormalizeSums", "OrthogonalInit", "Pass", "PassSpec", "RMSNormPass", "RemoveSkips", "StripBN", "TAT",
+           "coerce_option", "get_pass", "list_passes", "make_pass", "register_pass"]

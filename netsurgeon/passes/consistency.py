@@ -1,0 +1,103 @@
+"""``rms_norm`` and ``modulus``: the consistency paper's minimal normalization and modulus
+units (MATH.md §8)."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..graph import Topology
+from ..layers import MinimalRMSNorm, Modulus
+from ..ops import OpKind
+from ..report import PassRecord, Preservation
+from ._edit import replace_with_parts, set_submodule
+from .base import Pass, register_pass
+
+__all__ = ["RMSNormPass", "ModulusPass"]
+
+_RELU_FAMILY = ("relu", "leaky_relu", "prelu", "relu6")
+
+
+@register_pass
+@dataclasses.dataclass
+class RMSNormPass(Pass):
+    """Every batch norm becomes :class:`~netsurgeon.layers.MinimalRMSNorm` (division by a
+    moving-average scalar RMS; no centering, no affine). A norm+act composite keeps its
+    activation after the new norm.
+
+    Options:
+        momentum: of the moving average. Default: 0.1.
+    """
+
+    name = "rms_norm"
+    summary = "replace batch norms by the minimal RMS normalization (moving-average scalar RMS, no affine)"
+    preserves = Preservation.NONE
+
+    momentum: float = 0.1
+
+    def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
+            ) -> fx.GraphModule:
+        topo = Topology(gm)
+        nodes = {n.name: n for n in gm.graph.nodes}
+        done: set[str] = set()
+        for name in topo.nodes_of(OpKind.NORM):
+            spec = topo.info(name).norm
+            node = nodes[name]
+            if spec is None or spec.family != "batch":
+                continue
+            if node.op != "call_module":
+                record.skip(name, "functional batch norm: no module to replace")
+                continue
+            if node.target in done:
+                continue
+            done.add(node.target)
+            m = gm.get_submodule(node.target)
+            new = MinimalRMSNorm(self.momentum, float(getattr(m, "eps", 1e-5)))
+            if spec.composite:
+                parts = [("norm", new)] + [(n, c) for n, c in m.named_children() if n in ("drop", "act")]
+                replace_with_parts(gm, node, node.args[0], parts)
+                record.change(name, f"{type(m).__name__} -> MinimalRMSNorm + its activation")
+            else:
+                set_submodule(gm, node.target, new)
+                record.change(name, f"{type(m).__name__} -> MinimalRMSNorm")
+        if not done:
+            record.note("no batch norm module in the model")
+        return gm
+
+
+@register_pass
+@dataclasses.dataclass
+class ModulusPass(Pass):
+    """ReLU-family activations become the modulus unit ``|x|``."""
+
+    name = "modulus"
+    summary = "replace ReLU-family activations by the modulus unit |x|"
+    preserves = Preservation.NONE
+
+    def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
+            ) -> fx.GraphModule:
+        topo = Topology(gm)
+        nodes = {n.name: n for n in gm.graph.nodes}
+        count = 0
+        for name in topo.nodes_of(OpKind.ACTIVATION):
+            spec = topo.info(name).activation
+            if spec is None or spec.name not in _RELU_FAMILY:
+                continue
+            node = nodes[name]
+            path = f"ns_modulus_{count}"
+            gm.add_module(path, Modulus())
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(path, (node.args[0],))
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            record.change(name, f"{spec} -> |x|")
+            count += 1
+        for name in topo.nodes_of(OpKind.NORM):
+            act = topo.info(name).norm.activation if topo.info(name).norm is not None else None
+            if act is not None and act.name in _RELU_FAMILY:
+                record.skip(name, f"{act.name} inside the norm+act composite; run strip_bn or rms_norm first")
+        if not count:
+            record.note("no ReLU-family activation")
+        return gm

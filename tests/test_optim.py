@@ -1,0 +1,92 @@
+"""LayerwiseLM (issue 7 §1): least squares in one step, chunking/subsampling tolerance, convs,
+SGD for the rest, state_dict, transformed GraphModules."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import netsurgeon
+from netsurgeon.optim import LayerwiseLM
+
+
+def _problem(n: int = 16, rows: int = 4096, seed: int = 0, correlated: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g, dtype=torch.float64)
+    if correlated:
+        x = x @ (torch.eye(n, dtype=torch.float64) + 0.5 * torch.randn(n, n, generator=g, dtype=torch.float64))
+    w_true = torch.randn(1, n, generator=g, dtype=torch.float64)
+    y = x @ w_true.T + 0.1 * torch.randn(rows, 1, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def _one_step(x, y, **kw) -> torch.Tensor:
+    lin = nn.Linear(x.shape[1], 1, bias=False).double()
+    opt = LayerwiseLM(lin, lr=1.0, momentum=0.0, ema=0.0, **kw)
+    loss = 0.5 * (lin(x) - y).pow(2).mean()
+    loss.backward()
+    opt.step()
+    return lin.weight.detach().clone()
+
+
+def test_one_step_with_tiny_damping_lands_on_least_squares():
+    x, y = _problem()
+    w = _one_step(x, y, damping=1e-10)
+    w_ls = torch.linalg.lstsq(x, y).solution.T
+    torch.testing.assert_close(w, w_ls, rtol=1e-6, atol=1e-8)
+
+
+def test_chunking_and_subsampling_stay_close_on_a_small_problem():
+    x, y = _problem(rows=16384, correlated=False)  # independent inputs: the off-chunk blocks of A are noise
+    w_ls = torch.linalg.lstsq(x, y).solution.T
+    for kw in ({"chunk_size": 4}, {"subsample": 0.5}, {"chunk_size": 8, "subsample": 0.5}):
+        w = _one_step(x, y, damping=1e-8, **kw)
+        assert float((w - w_ls).norm() / w_ls.norm()) < 0.05, kw  # the stated tolerance: 5%
+
+
+def test_conv_layers_use_the_channel_covariance_and_others_get_sgd():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(8 * 16, 4))
+    opt = LayerwiseLM(net, lr=0.05, chunk_size=4, update_every=2)
+    x, target = torch.randn(32, 3, 4, 4), torch.randn(32, 4)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = (net(x) - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+    state = opt.state[net[0].weight]
+    assert state["A"].shape == (3, 3) and state["inverse"].shape == (3, 3)
+    assert "A" not in opt.state[net[1].weight]  # batch norm: SGD only
+    sd = opt.state_dict()
+    opt2 = LayerwiseLM(net, lr=0.05)
+    opt2.load_state_dict(sd)
+    torch.testing.assert_close(opt2.state[net[0].weight]["A"], state["A"])
+
+
+def test_trains_a_transformed_timm_model_faster_than_nothing():
+    torch.manual_seed(0)
+    gm = netsurgeon.transform(timm.create_model("resnet10t", num_classes=4), passes=["strip_bn"])
+    # few rows reach the deep layers (32 examples at 1x1): damp more than the default
+    opt = LayerwiseLM(gm, lr=3e-3, momentum=0.0, damping=0.1, chunk_size=64, subsample=0.5)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 4, (32,))
+    first = None
+    for _ in range(15):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(gm.train()(x), y)
+        loss.backward()
+        opt.step()
+        first = float(loss.detach()) if first is None else first
+    assert float(loss.detach()) < first
+    opt.remove_hooks()
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="subsample"):
+        LayerwiseLM(nn.Linear(2, 2), subsample=0.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        LayerwiseLM(nn.Linear(2, 2), chunk_size=0)
