@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .kinds import ActivationSpec, NormSpec, OpInfo, OpKind
 from .registry import ClassifyContext, register_function, register_method, register_module
 
-__all__ = ["arg", "activation_of_module", "conv_attrs"]
+__all__ = ["arg", "conv_attrs"]
 
 
 def arg(node: fx.Node, pos: int, name: str, default: Any = None) -> Any:

@@ -6,7 +6,6 @@ import dataclasses
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from ..graph import Topology
 from ..layers import MinimalRMSNorm, Modulus

@@ -29,7 +29,6 @@ import math
 import warnings
 from typing import Any, Callable, Literal
 
-import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
