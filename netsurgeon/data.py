@@ -42,7 +42,17 @@ __all__ = ["DATASETS", "DatasetSpec", "data_root", "load_dataset", "channel_stat
            "clear_cache", "ENV_VAR"]
 
 ENV_VAR = "NETSURGEON_DATA"
-_REPO_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data"
+def _repo_default() -> Path:
+    """``shared/data`` next to the checkout (``../shared/data`` from the repository root), or in
+    the nearest ancestor directory that has one (a clone placed deeper, e.g. by CI)."""
+    repo = Path(__file__).resolve().parents[1]
+    for ancestor in repo.parents:
+        if (ancestor / "shared" / "data").is_dir():
+            return ancestor / "shared" / "data"
+    return repo.parent / "shared" / "data"
+
+
+_REPO_DEFAULT = _repo_default()
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,8 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     """The directory holding the datasets.
 
     Resolution order: the ``root`` argument, then the environment variable
-    ``NETSURGEON_DATA``, then ``shared/data`` next to the repository checkout. The first
+    ``NETSURGEON_DATA``, then ``shared/data`` next to the repository checkout (or in the
+    nearest ancestor directory that has one). The first
     one that is *given* is used; a given path that does not exist is an error, never a
     silent fall-through to the next candidate.
 
