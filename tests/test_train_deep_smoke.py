@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -24,7 +25,12 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_deep.py"
 def _load_script() -> ModuleType:
     spec = importlib.util.spec_from_file_location("train_deep", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
     return module
 
 
