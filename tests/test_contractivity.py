@@ -16,18 +16,19 @@ def _dense(op, shape):
     return torch.autograd.functional.jacobian(op, x).reshape(-1, x.numel())
 
 
-@pytest.mark.parametrize("conv", [nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Conv2d(4, 4, 3, padding=1, groups=2),
-                                  nn.Conv1d(2, 5, 4, stride=3), nn.Conv2d(2, 2, 2, dilation=2)])
-def test_power_iteration_matches_the_dense_matrix_norm(conv):
+@pytest.mark.parametrize("make", [lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1),
+                                  lambda: nn.Conv2d(4, 4, 3, padding=1, groups=2),
+                                  lambda: nn.Conv1d(2, 5, 4, stride=3), lambda: nn.Conv2d(2, 2, 2, dilation=2)])
+def test_power_iteration_matches_the_dense_matrix_norm(make):
     torch.manual_seed(0)
-    conv = conv.double()
+    conv = make().double()
     shape = (1, conv.in_channels) + ((7, 7) if isinstance(conv, nn.Conv2d) else (11,))
-    net = nn.Sequential(conv)
-    b = operator_norm_bound(net, torch.zeros(shape, dtype=torch.float64), iters=300)
-    dense = _dense(lambda v: nn.functional.conv2d(v, conv.weight, None, conv.stride, conv.padding, conv.dilation,
-                                                  conv.groups) if isinstance(conv, nn.Conv2d) else
-                   nn.functional.conv1d(v, conv.weight, None, conv.stride, conv.padding), shape)
-    assert b.factors["_0"] == pytest.approx(float(torch.linalg.matrix_norm(dense, 2)), rel=1e-4)
+    b = operator_norm_bound(nn.Sequential(conv), torch.zeros(shape, dtype=torch.float64), iters=2000)
+    fn = nn.functional.conv2d if isinstance(conv, nn.Conv2d) else nn.functional.conv1d
+    dense = _dense(lambda v: fn(v, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups), shape)
+    exact = float(torch.linalg.matrix_norm(dense, 2))
+    assert b.factors["_0"] <= exact * (1 + 1e-9)  # power iteration approaches from below
+    assert b.factors["_0"] == pytest.approx(exact, rel=1e-3)
 
 
 def test_network_bound_composes_layers_norms_sums_and_activations():
