@@ -10,7 +10,7 @@ Linear makes that one column per location). The layer becomes a
 exactly function-preserving.
 
 Every other Linear/Conv is reported as skipped, with the reason (e.g. its output feeds a
-residual sum: ``mode="block"``, the authors' residual construction, is not implemented).
+residual sum; ``mode="block"``, the authors' residual construction, covers those sums).
 Without a batch norm in between, at every location of every example at least one of the
 layer's ``m + 1`` post-activation units is positive (above the cutoff); with one, the
 batch norm's per-channel affine sits between the units and the activation and that
@@ -136,7 +136,7 @@ class _Planner:
                 if reason:
                     return reason
             else:
-                what = "a residual sum (mode='block' is not implemented)" if kind is OpKind.ADD else \
+                what = "a residual sum (mode='block' covers block sums)" if kind is OpKind.ADD else \
                     f"{self.g.nodes[user.name]['info'].describe()}"
                 return f"the activation's output reaches {user.name}: {what}"
         return None

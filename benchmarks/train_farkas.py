@@ -1,0 +1,591 @@
+"""Farkas rows on a small ResNet-18-style network on the CIFAR-10 subset (issue 5 §3).
+
+Farkas layers (Pooladian, Finlay & Oberman, "Farkas layers: don't shift the data, fix the
+geometry", arXiv:1910.02840; MATH.md §6) append to a layer one computed unit
+``z_F = -mean(z) + b_F`` so that a ReLU layer is never entirely dead. The paper reports
+that they help most when batch norm is removed. Four configurations, same budget and
+learning-rate grid:
+
+* ``bn``           -- ResNet-18 layout (BasicBlocks [2, 2, 2, 2], post-activation, He et
+  al. 2016, arXiv:1512.03385), narrow: widths 16/32/64/128, 3x3 stem, no max pool,
+  global average pooling, linear head; BatchNorm after every conv, convs without bias;
+* ``bn+farkas``    -- ``bn`` after ``netsurgeon.transform(net, passes=["farkas"])``;
+* ``nobn``         -- the same network without BatchNorm, convs with bias;
+* ``nobn+farkas``  -- ``nobn`` after the ``farkas`` pass.
+
+All at PyTorch's default initialization (as in the paper). The ``farkas`` pass works in
+layer mode: only the first conv of each BasicBlock (conv1 -> [bn1] -> relu -> conv2) gets a
+unit; conv2, the shortcut convs and the stem feed residual sums and are skipped (the
+paper's FarkasNet instead computes the unit from the block's sum and grows the width by
+one per block; ``--farkas-mode block`` runs the pass's implementation of that, not part
+of the default run). The pass's defaults are used: mean aggregation, learned clamped ``b_F``,
+default init of the consumers' new input columns. With one seed the Farkas model's
+original weights equal the plain model's (the pass runs after the plain init).
+
+Protocol. SGD with momentum 0.9, constant learning rate, batch 64, ``--steps`` steps, no
+augmentation, inputs standardized per channel. The lr grid is swept on the first
+``--select-seeds`` seeds and the lr with the lowest mean training loss over the last 5% of
+the steps (among lrs with no diverged run) is selected; the remaining seeds run at that
+lr. Test accuracy is on the 1000-image test split, every ``--eval-every`` steps.
+
+Overhead. The training step (forward, backward, SGD step on one fixed batch of 64) of the
+plain model, of a plain model whose conv1 layers are one channel wider (the Farkas
+model's shapes without the Farkas unit's ops) and of the Farkas model is timed
+interleaved (round-robin, order alternating), median over ``--time-steps`` steps after
+warm-up, with the run's torch threads (default 1: on the shared 2-core machine, two threads
+were 5-7x slower per step than one whenever another job was running).
+
+Outputs in ``--out-dir`` (default ``docs/figures/train_farkas``): ``train_loss.png``,
+``test_acc.png``, ``train_farkas.json`` (budget, environment, pass reports, every run) and
+``train_farkas.md`` (the Markdown section, also printed).
+
+Usage:
+    nice -n 10 python benchmarks/train_farkas.py                  # default run, about 24 min on the shared 2-core machine
+    python benchmarks/train_farkas.py --quick --out-dir /tmp/tf    # smoke run, seconds
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import netsurgeon
+from netsurgeon.bench import RunResult, lr_sweep, plot_curves, save_json, train_run, write_table_md
+from netsurgeon.data import load_dataset
+from netsurgeon.layers import FarkasLayer, FarkasSum
+
+__all__ = ["CONFIGS", "BasicBlock", "Budget", "SmallResNet", "build_model", "conv_macs", "dead_stats",
+           "farkas_record", "main", "measure_overhead", "run_config", "time_train_steps"]
+
+CONFIGS = ("bn", "bn+farkas", "nobn", "nobn+farkas")
+WIDTHS, BLOCKS = (16, 32, 64, 128), (2, 2, 2, 2)
+INPUT_SHAPE = (3, 32, 32)
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "figures" / "train_farkas"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Data, step and timing budget."""
+
+    steps: int
+    batch_size: int
+    lrs: tuple[float, ...]
+    eval_every: int
+    train_subset: int | None   # None: the whole training split (10000)
+    test_subset: int | None    # None: the whole test split (1000)
+    time_steps: int            # timed steps per model in the overhead measurement
+    time_warmup: int
+
+
+DEFAULT_BUDGET = Budget(300, 64, (0.01, 0.03, 0.1), 50, None, None, 30, 5)
+QUICK_BUDGET = Budget(4, 16, (0.03,), 2, 128, 64, 3, 1)
+
+
+# ====================================================================== network
+class BasicBlock(nn.Module):
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; without norm the BNs are identities
+    and the convs have biases. ``extra`` widens conv1 (and bn1, conv2's input) by that many channels."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: bool, extra: int = 0) -> None:
+        super().__init__()
+        mid = c_out + extra
+        self.conv1 = nn.Conv2d(c_in, mid, 3, stride, 1, bias=not norm)
+        self.bn1 = nn.BatchNorm2d(mid) if norm else nn.Identity()
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(mid, c_out, 3, 1, 1, bias=not norm)
+        self.bn2 = nn.BatchNorm2d(c_out) if norm else nn.Identity()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=not norm),
+                                          nn.BatchNorm2d(c_out) if norm else nn.Identity())
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """ResNet-18 layout for 32x32 inputs, narrow: 3x3 stem, 4 stages of 2 BasicBlocks
+    (widths 16/32/64/128, stride 2 at each stage change), global average pooling, linear head.
+
+    Args:
+        norm: BatchNorm after every conv (convs without bias), or no norm (convs with bias).
+        extra: extra output channels of every block's conv1 (for the overhead reference). Default: 0.
+        num_classes: outputs of the head. Default: 10.
+    """
+
+    def __init__(self, norm: bool, extra: int = 0, num_classes: int = 10) -> None:
+        super().__init__()
+        c = WIDTHS[0]
+        self.stem = nn.Conv2d(3, c, 3, 1, 1, bias=not norm)
+        self.bn = nn.BatchNorm2d(c) if norm else nn.Identity()
+        self.relu = nn.ReLU()
+        stages = []
+        for i, (width, blocks) in enumerate(zip(WIDTHS, BLOCKS)):
+            stage = []
+            for b in range(blocks):
+                stage.append(BasicBlock(c, width, 2 if i > 0 and b == 0 else 1, norm, extra))
+                c = width
+            stages.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn(self.stem(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def build_model(config: str, extra: int = 0, mode: str = "layer") -> nn.Module:
+    """The network of ``config`` (one of :data:`CONFIGS`) at PyTorch's default init; ``mode`` is
+    the ``farkas`` pass's mode ("layer", the default, or "block": FarkasNet's block sums too)."""
+    net = SmallResNet(norm=config.startswith("bn"), extra=extra)
+    if config.endswith("+farkas"):
+        passes = ["farkas"] if mode == "layer" else [("farkas", {"mode": mode})]
+        net = netsurgeon.transform(net, passes=passes, example_inputs=torch.randn(1, *INPUT_SHAPE))
+    return net
+
+
+def farkas_record(config: str, mode: str = "layer") -> dict[str, Any]:
+    """What the ``farkas`` pass changed and skipped in ``config``'s network, and the counts of
+    FarkasLayer (layer units) and FarkasSum (block-sum units, ``mode="block"`` only) modules."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        gm = build_model(config, mode=mode)
+    rec = netsurgeon.report(gm).passes[0]
+    return {"mode": mode, "changed": [c.node for c in rec.changes], "skipped": {s.node: s.why for s in rec.skipped},
+            "farkas_layers": sum(isinstance(m, FarkasLayer) for m in gm.modules()),
+            "farkas_sums": sum(isinstance(m, FarkasSum) for m in gm.modules())}
+
+
+def conv_macs(model: nn.Module) -> int:
+    """Multiply-accumulates of the convs and linears for one input image (forward)."""
+    total = 0
+
+    def hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal total
+        total += out[0].numel() * m.weight[0].numel()
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *INPUT_SHAPE))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train()
+    return total
+
+
+@torch.no_grad()
+def dead_stats(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """How dead the blocks' ReLUs are on ``x`` (eval mode), averaged over the 8 blocks.
+
+    ``relu1_dead_locations``: fraction of (example, position) at which every channel of a
+    block's first ReLU is zero (what a Farkas unit rules out without BN);
+    ``relu1_dead_channels``: fraction of its channels that are zero on all of ``x``;
+    ``relu2_*``: the same for the ReLU after the residual sum (no Farkas unit there).
+    """
+    outs: dict[str, list[torch.Tensor]] = {"relu1": [], "relu2": []}
+
+    def keep(key: str) -> Callable[..., None]:
+        return lambda module, inputs, output: outs[key].append(output)
+
+    hooks = [m.register_forward_hook(keep(name.rsplit(".", 1)[-1]))
+             for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in outs]
+    was = model.training
+    try:
+        model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    stats = {}
+    for k, hs in outs.items():
+        stats[f"{k}_dead_locations"] = float(np.mean([float((h.amax(1) <= 0).float().mean()) for h in hs]))
+        stats[f"{k}_dead_channels"] = float(np.mean([float((h.amax((0, 2, 3)) <= 0).float().mean()) for h in hs]))
+    return stats
+
+
+# ====================================================================== training
+@dataclass
+class ConfigResult:
+    """The lr sweep and the runs at the selected lr of one configuration."""
+
+    config: str
+    scores: dict[float, float | None]          # mean final train loss per lr on the select seeds
+    best_lr: float | None
+    sweep_runs: dict[float, list[RunResult]]
+    runs: list[RunResult] = field(default_factory=list)  # every seed at best_lr
+    wall_time_s: float = 0.0
+    dead: dict[tuple[float, int], dict[str, float]] = field(default_factory=dict)  # (lr, seed) -> dead_stats
+
+    @property
+    def best_at_edge(self) -> bool:
+        return len(self.scores) > 1 and self.best_lr in (min(self.scores), max(self.scores))
+
+
+def run_config(config: str, data: tuple[torch.Tensor, ...], budget: Budget, seeds: Sequence[int],
+               select_seeds: int, mode: str = "layer") -> ConfigResult:
+    """Sweep the lr grid on the first ``select_seeds`` seeds, then run the others at the best lr."""
+    start = time.perf_counter()
+    built: list[nn.Module] = []  # the models train_run trains (in place), in the order it builds them
+
+    def fn(seed: int) -> nn.Module:  # called by train_run under the seeded RNG
+        built.append(build_model(config, mode=mode))
+        return built[-1]
+
+    kw: dict[str, Any] = {"optimizer": "sgd", "steps": budget.steps, "batch_size": budget.batch_size,
+                          "eval_every": budget.eval_every}
+    sweep = lr_sweep(fn, data, lrs=budget.lrs, seeds=list(seeds[:select_seeds]), **kw)
+    runs = list(sweep.best_runs)
+    if sweep.best_lr is not None:
+        runs += [train_run(fn, data, lr=sweep.best_lr, seed=s, **kw) for s in seeds[select_seeds:]]
+    order = [r for lr in sweep.runs for r in sweep.runs[lr]] + runs[len(sweep.best_runs):]
+    probe = data[2][:256]
+    dead = {(r.lr, r.seed): dead_stats(m, probe) for r, m in zip(order, built, strict=True)}
+    return ConfigResult(config, sweep.scores, sweep.best_lr, sweep.runs, runs, time.perf_counter() - start, dead)
+
+
+def load_data(budget: Budget) -> tuple[torch.Tensor, ...]:
+    """(x_train, y_train, x_test, y_test) of the CIFAR-10 subset; subsets drawn with a fixed seed."""
+    out: list[torch.Tensor] = []
+    for split, n in (("train", budget.train_subset), ("test", budget.test_subset)):
+        x, y = load_dataset("cifar10", split)
+        if n is not None and n < len(x):
+            idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]
+            x, y = x[idx], y[idx]
+        out += [x, y]
+    return tuple(out)
+
+
+# ====================================================================== overhead
+def time_train_steps(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, steps: int,
+                     warmup: int) -> dict[str, float]:
+    """Median seconds of one SGD training step (forward, backward, step) per model, interleaved."""
+    def stepper(model: nn.Module) -> Callable[[], float]:
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        model.train()
+
+        def step() -> float:
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            return time.perf_counter() - t0
+        return step
+
+    steppers = {k: stepper(m) for k, m in models.items()}
+    for s in steppers.values():
+        for _ in range(warmup):
+            s()
+    times: dict[str, list[float]] = {k: [] for k in models}
+    names = list(models)
+    for i in range(steps):
+        for k in (names if i % 2 == 0 else names[::-1]):
+            times[k].append(steppers[k]())
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def measure_overhead(x: torch.Tensor, y: torch.Tensor, budget: Budget, mode: str = "layer") -> list[dict[str, Any]]:
+    """Plain, widened-plain and Farkas step times (and MACs) for the BN and the BN-free network."""
+    rows = []
+    for norm in ("bn", "nobn"):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            models = {"plain": build_model(norm), "widened": build_model(norm, extra=1),
+                      "farkas": build_model(norm + "+farkas", mode=mode)}
+        t = time_train_steps(models, x, y, budget.time_steps, budget.time_warmup)
+        macs = {k: conv_macs(m) for k, m in models.items()}
+        rows.append({"network": norm, "plain ms": 1e3 * t["plain"], "widened ms": 1e3 * t["widened"],
+                     "farkas ms": 1e3 * t["farkas"], "farkas / plain": t["farkas"] / t["plain"],
+                     "widened / plain": t["widened"] / t["plain"], "farkas / widened": t["farkas"] / t["widened"],
+                     "MACs farkas / plain": macs["farkas"] / macs["plain"]})
+    return rows
+
+
+# ====================================================================== summaries
+def _mean_sd(values: Sequence[float | None], fmt: str) -> str:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return "–"
+    return f"{np.mean(vals):{fmt}}" + (f" ± {np.std(vals, ddof=1):{fmt}}" if len(vals) > 1 else "")
+
+
+def summary_rows(results: dict[str, ConfigResult], records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per configuration at its selected lr."""
+    rows = []
+    for config, res in results.items():
+        diverged = sum(r.diverged for r in res.runs)
+        rows.append({
+            "configuration": config, "BN": "yes" if config.startswith("bn") else "no",
+            "Farkas layers": records[config]["farkas_layers"] if config in records else 0,
+            "params": res.runs[0].num_params if res.runs else None,
+            "lr": "all diverged" if res.best_lr is None else f"{res.best_lr:g}" + (" (edge)" if res.best_at_edge else ""),
+            "seeds": f"{len(res.runs)}" + (f" ({diverged} diverged)" if diverged else ""),
+            "final train loss": _mean_sd([r.final_train_loss for r in res.runs], ".4f"),
+            "test acc": _mean_sd([r.final_test_acc for r in res.runs], ".4f"),
+            "step ms (median)": _mean_sd([1e3 * r.median_step_time_s for r in res.runs], ".0f"),
+            "_losses": [r.final_train_loss for r in res.runs], "_accs": [r.final_test_acc for r in res.runs]})
+    return rows
+
+
+def sweep_rows(results: dict[str, ConfigResult]) -> list[dict[str, Any]]:
+    """Final train loss / test accuracy per lr on the select seeds (mean), per configuration."""
+    rows = []
+    for config, res in results.items():
+        row: dict[str, Any] = {"configuration": config}
+        for lr, runs in res.sweep_runs.items():
+            ok = [r for r in runs if not r.diverged]
+            row[f"lr {lr:g}"] = (f"{np.mean([r.final_train_loss for r in ok]):.3f} / "
+                                 f"{np.mean([r.final_test_acc for r in ok]):.3f}") if len(ok) == len(runs) \
+                else f"diverged ({len(runs) - len(ok)}/{len(runs)})"
+        rows.append(row)
+    return rows
+
+
+def dead_rows(results: dict[str, ConfigResult], init: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Dead-ReLU statistics at init (seed 0) and after training (mean over the seeds at the selected lr)."""
+    rows = []
+    for config, res in results.items():
+        end = [res.dead[(r.lr, r.seed)] for r in res.runs if not r.diverged]
+        mean = {k: float(np.mean([d[k] for d in end])) if end else None for k in init[config]}
+        rows.append({"configuration": config,
+                     "relu1 dead locations, init": init[config]["relu1_dead_locations"],
+                     "relu1 dead locations, end": mean["relu1_dead_locations"],
+                     "relu1 dead channels, init": init[config]["relu1_dead_channels"],
+                     "relu1 dead channels, end": mean["relu1_dead_channels"],
+                     "relu2 dead channels, init": init[config]["relu2_dead_channels"],
+                     "relu2 dead channels, end": mean["relu2_dead_channels"]})
+    return rows
+
+
+def _sd(values: Sequence[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def reading(rows: list[dict[str, Any]]) -> list[str]:
+    """Farkas minus plain, with and without BN, against the seed spread (mechanical, no judgement)."""
+    by = {r["configuration"]: r for r in rows}
+    out = []
+    for norm, label in (("bn", "With BN"), ("nobn", "Without BN")):
+        a, b = by.get(norm), by.get(norm + "+farkas")
+        if a is None or b is None:
+            continue
+        la, lb = [v for v in a["_losses"] if math.isfinite(v)], [v for v in b["_losses"] if math.isfinite(v)]
+        aa, ab = [v for v in a["_accs"] if v is not None], [v for v in b["_accs"] if v is not None]
+        if not (la and lb and aa and ab):
+            out.append(f"- {label}: no comparison (a configuration has no finished run).")
+            continue
+        dl, da = np.mean(lb) - np.mean(la), np.mean(ab) - np.mean(aa)
+        out.append(f"- {label}: Farkas changes the final training loss by {dl:+.4f} (seed sd {_sd(la):.4f} "
+                   f"plain, {_sd(lb):.4f} Farkas) and test accuracy by {100 * da:+.2f} points (seed sd "
+                   f"{100 * _sd(aa):.2f} / {100 * _sd(ab):.2f}); |difference| "
+                   + ("exceeds" if abs(da) > _sd(aa) + _sd(ab) else "is within")
+                   + " the sum of the two accuracy sds.")
+    return out
+
+
+def _environment(threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
+            "python": platform.python_version(), "nice": os.nice(0)}
+
+
+def _markdown(rows: list[dict[str, Any]], sweep: list[dict[str, Any]], dead: list[dict[str, Any]], overhead: list[dict[str, Any]],
+              records: dict[str, dict[str, Any]], budget: Budget, args: argparse.Namespace, env: dict[str, Any],
+              figures: list[Path], md_dir: Path, wall: float) -> str:
+    b = budget
+    n_train = "all 10000" if b.train_subset is None else f"a fixed random subset of {b.train_subset}"
+    n_test = "all 1000" if b.test_subset is None else f"a fixed random subset of {b.test_subset}"
+    rec = records.get("nobn+farkas") or records.get("bn+farkas") or {}
+    lines = [
+        f"Command: `{args.command}`  ",
+        (f"Machine: {env['cpu']}, {env['cpu_count']} CPU cores (shared with other jobs), torch {env['torch']} "
+         f"with {env['torch_threads']} thread(s), nice {env['nice']}. Wall time {wall / 60:.1f} min."), "",
+        (f"Budget: {b.steps} SGD steps (momentum 0.9, constant lr) of batch {b.batch_size}; training images: "
+         f"{n_train}; test images: {n_test}, evaluated every {b.eval_every} steps. lr grid {list(b.lrs)} for "
+         f"every configuration, swept on {args.select_seeds} seed(s), selected by the lowest final training "
+         f"loss (mean of the last 5% of steps); {args.seeds} seed(s) at the selected lr. Mean ± sd over "
+         "seeds; 'step ms' is the median step time inside the training runs (not controlled for load)."), "",
+        (f"Farkas pass mode `{args.farkas_mode}`: {rec.get('farkas_layers', '–')} Farkas layers per network "
+         "(the first conv of each BasicBlock)"
+         + (f" and {rec.get('farkas_sums', '–')} Farkas units on block sums" if args.farkas_mode == "block" else "")
+         + f"; skipped: {len(rec.get('skipped', {}))} layers (conv2 and shortcut convs feed a residual sum, the "
+         "stem's ReLU output feeds a residual sum, the head feeds the output)."), "",
+        write_table_md(rows, [c for c in rows[0] if not c.startswith("_")]) if rows else "",
+        "Learning-rate sweep (final training loss / test accuracy):", "",
+        write_table_md(sweep, list(sweep[0])) if sweep else "",
+        ("Dead ReLUs on the first 256 test images (eval mode), averaged over the 8 blocks: 'dead locations' = "
+         "fraction of (image, position) where every channel of the block's first ReLU (the one a Farkas unit "
+         "feeds) is zero; 'dead channels' = fraction of channels zero on all 256 images. Init: seed 0; end: "
+         "mean over the seeds at the selected lr."), "",
+        write_table_md(dead, list(dead[0])) if dead else "",
+        ("Training-step overhead (forward + backward + SGD step, batch "
+         f"{b.batch_size}, median of {b.time_steps} interleaved steps after {b.time_warmup} warm-up; "
+         "'widened' = the plain network with every conv1 one channel wider, i.e. the Farkas model's shapes "
+         "without the Farkas unit's own ops):"), "",
+        write_table_md(overhead, list(overhead[0])) if overhead else "",
+        "Mechanical comparison at the selected lrs:", "", *reading(rows), ""]
+    lines += [f"![{p.stem}]({os.path.relpath(p.resolve(), md_dir)})" for p in figures] + [""]
+    return "\n".join(lines)
+
+
+def plot_accuracy(results: dict[str, list[RunResult]], path: Path, title: str) -> Path:
+    """Test accuracy vs step, mean over the non-diverged seeds with a min/max band."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, runs in results.items():
+        ok = [r for r in runs if not r.diverged and r.test_acc]
+        if not ok:
+            continue
+        n = min(len(r.test_acc) for r in ok)
+        acc = np.array([r.test_acc[:n] for r in ok], dtype=float)
+        steps = ok[0].eval_steps[:n]
+        line, = ax.plot(steps, acc.mean(0), marker="o", ms=3, label=f"{label} ({len(ok)} seeds)")
+        ax.fill_between(steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _run_dict(r: RunResult) -> dict[str, Any]:
+    return {"lr": r.lr, "seed": r.seed, "steps_done": r.steps_done, "diverged": r.diverged,
+            "diverged_at": r.diverged_at, "final_train_loss": r.final_train_loss, "final_test_acc": r.final_test_acc,
+            "eval_steps": r.eval_steps, "test_acc": r.test_acc, "test_loss": r.test_loss,
+            "median_step_time_s": r.median_step_time_s, "wall_time_s": r.wall_time_s, "num_params": r.num_params,
+            "train_loss": [float(f"{v:.5g}") for v in r.train_loss]}
+
+
+# ====================================================================== CLI
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: 4 steps, batch 16, 128 train images, 1 seed, 1 lr")
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="configurations to run")
+    p.add_argument("--steps", type=int, help="training steps (default 300)")
+    p.add_argument("--batch-size", type=int, help="default 64")
+    p.add_argument("--lrs", type=float, nargs="+", help="SGD lr grid (default 0.01 0.03 0.1)")
+    p.add_argument("--eval-every", type=int, help="test-set evaluation interval in steps (default 50)")
+    p.add_argument("--seeds", type=int, help="seeds per configuration (default 3; --quick 1)")
+    p.add_argument("--select-seeds", type=int, default=1, help="seeds used in the lr sweep (default 1)")
+    p.add_argument("--train-subset", type=int, help="use a fixed random subset of the training images")
+    p.add_argument("--test-subset", type=int, help="use a fixed random subset of the test images")
+    p.add_argument("--time-steps", type=int, help="timed steps per model for the overhead (default 30)")
+    p.add_argument("--farkas-mode", choices=("layer", "block"), default="layer",
+                   help="the farkas pass's mode (default layer: units on every block's conv1 only)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads (default 1: on a shared 2-core machine 2 threads stall)")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    p.add_argument("--md-out", type=Path, help="Markdown file (default OUT_DIR/train_farkas.md)")
+    args = p.parse_args(argv)
+    args.seeds = args.seeds or (1 if args.quick else 3)
+    args.select_seeds = min(args.select_seeds, args.seeds)
+    if args.seeds < 1 or args.select_seeds < 1:
+        p.error("need --seeds >= 1 and --select-seeds >= 1")
+    args.command = "python benchmarks/train_farkas.py" + ("" if argv is None and len(sys.argv) < 2 else
+                                                           " " + " ".join(sys.argv[1:] if argv is None else argv))
+    base = QUICK_BUDGET if args.quick else DEFAULT_BUDGET
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lrs": tuple(args.lrs) if args.lrs else None,
+                 "eval_every": args.eval_every, "train_subset": args.train_subset, "test_subset": args.test_subset,
+                 "time_steps": args.time_steps}
+    args.budget = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; write the figures, JSON and Markdown; return the summary.
+
+    Returns:
+        ``{"rows", "sweep", "dead", "overhead", "records", "markdown", "files", "json"}``.
+    """
+    args = _parse(argv)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _main(args: argparse.Namespace) -> dict[str, Any]:
+    def log(s: str) -> None:
+        print(s, file=sys.stderr, flush=True)
+
+    out_dir: Path = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md_path: Path = args.md_out or out_dir / "train_farkas.md"
+    budget, env, seeds = args.budget, _environment(args.threads), list(range(args.seeds))
+    start = time.perf_counter()
+    data = load_data(budget)
+    records = {c: farkas_record(c, args.farkas_mode) for c in args.configs if c.endswith("+farkas")}
+    results: dict[str, ConfigResult] = {}
+    for config in args.configs:
+        res = results[config] = run_config(config, data, budget, seeds, args.select_seeds, args.farkas_mode)
+        log(f"[{config}] best lr {res.best_lr}, final loss "
+            + (", ".join(f"{r.final_train_loss:.4f}" for r in res.runs) or "all diverged")
+            + f", test acc {', '.join(f'{r.final_test_acc}' for r in res.runs)} ({res.wall_time_s:.0f} s)")
+    n = budget.batch_size
+    overhead = measure_overhead(data[0][:n], data[1][:n], budget, args.farkas_mode)
+    log("overhead: " + "; ".join(f"{r['network']} farkas/plain {r['farkas / plain']:.3f}" for r in overhead))
+    wall = time.perf_counter() - start
+    rows, sweep = summary_rows(results, records), sweep_rows(results)
+    init_dead = {}
+    for config in results:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            init_dead[config] = dead_stats(build_model(config, mode=args.farkas_mode), data[2][:256])
+    dead = dead_rows(results, init_dead)
+    label = {c: f"{c}, lr {r.best_lr:g}" for c, r in results.items() if r.best_lr is not None}
+    title = f"small ResNet-18 on CIFAR-10 subset, {budget.steps} steps, batch {budget.batch_size}"
+    figures = [plot_curves({label[c]: r.runs for c, r in results.items() if c in label}, out_dir / "train_loss.png",
+                           title),
+               plot_accuracy({label[c]: r.runs for c, r in results.items() if c in label}, out_dir / "test_acc.png",
+                             title)]
+    md = _markdown(rows, sweep, dead, overhead, records, budget, args, env, figures, md_path.parent.resolve(), wall)
+    json_path = save_json({
+        "command": args.command, "environment": env, "budget": asdict(budget), "seeds": seeds,
+        "select_seeds": args.select_seeds, "wall_time_s": wall, "farkas_pass": records, "overhead": overhead,
+        "dead": dead,
+        "rows": [{k: v for k, v in r.items()} for r in rows],
+        "configs": {c: {"best_lr": r.best_lr, "scores": r.scores, "wall_time_s": r.wall_time_s,
+                        "dead_end": {f"lr {lr:g} seed {sd}": d for (lr, sd), d in r.dead.items()},
+                        "sweep_runs": {repr(lr): [_run_dict(x) for x in rs] for lr, rs in r.sweep_runs.items()},
+                        "extra_seed_runs": [_run_dict(x) for x in r.runs[args.select_seeds:]]}
+                    for c, r in results.items()}}, out_dir / "train_farkas.json")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(md)
+    print(md)
+    return {"rows": rows, "sweep": sweep, "dead": dead, "overhead": overhead, "records": records, "markdown": md,
+            "files": figures + [md_path], "json": json_path}
+
+
+if __name__ == "__main__":
+    main()
