@@ -1,0 +1,488 @@
+"""Identity at initialization on the CIFAR-10 subset (issue 6 §3).
+
+Claim tested: a residual network *without* batch norm whose residual blocks are the identity
+at initialization trains as well as the same network *with* batch norm (Hardt & Ma, "Identity
+matters in deep learning", arXiv:1611.04231; Zhang, Dauphin & Ma, "Fixup initialization",
+arXiv:1901.09321; De & Smith, "Batch normalization biases residual blocks towards the identity
+function" (SkipInit), arXiv:2002.10444; Bachlechner et al., ReZero, arXiv:2003.04887; MATH.md §7).
+
+The network (defined here): post-activation BasicBlocks ``relu(F(x) + shortcut(x))`` with
+``F = conv3x3 -> [BN] -> relu -> conv3x3 -> [BN]`` (He et al. 2016, arXiv:1512.03385), a 3x3
+stem, 3 stages of 2 blocks with widths 16/32/64 (stride 2 and a 1x1 projection shortcut at each
+stage change), global average pooling and a linear head. Six configurations:
+
+* ``bn``              -- the reference: BatchNorm after every conv (convs without bias);
+* ``nobn``            -- the same network without BatchNorm (convs with bias), default init;
+* ``nobn+zero_last``  -- ``nobn`` after ``identity_residual`` mode ``zero_last`` (last conv of
+  every branch zeroed);
+* ``nobn+skipinit``   -- mode ``skipinit`` (a learnable scalar, 0 at init, on every branch);
+* ``nobn+fixup``      -- mode ``fixup`` (branch convs He x L^(-1/(2m-2)), last conv and the
+  classifier zeroed, scalar biases and multipliers);
+* ``nobn+hardt_ma``   -- mode ``hardt_ma`` (branch convs N(0, σ²), σ = 1/(k² c); the classifier a
+  fixed random projection).
+
+Every pass is applied with ``netsurgeon.transform(model, passes=[("identity_residual", {"mode": m,
+"seed": seed})], example_inputs=torch.randn(1, 3, 32, 32))`` on top of PyTorch's default init;
+the shortcut projections and the stem keep their default init in every configuration.
+
+Protocol. SGD with momentum 0.9, constant learning rate, no weight decay, no augmentation,
+inputs standardized per channel; ``--steps`` steps of batch ``--batch-size`` on a fixed random
+subset of the training split. The same lr grid for every configuration is swept on the first
+``--select-seeds`` seeds; the lr with the lowest mean training loss over the last 5% of the
+steps (among lrs with no diverged run) is selected and the remaining seeds run at that lr.
+Test accuracy is on the 1000-image test split.
+
+Outputs in ``--out-dir`` (default ``docs/figures/train_identity``): ``train_loss.png``,
+``test_acc.png``, ``train_identity.json`` and ``train_identity.md`` (the Markdown section, also
+printed). Both are rewritten after every configuration, so an interrupted run leaves the
+configurations it finished (marked partial).
+
+Usage:
+    nice -n 10 python benchmarks/train_identity.py                  # default run: 16.6 min on 2 cores shared with 2 jobs
+    python benchmarks/train_identity.py --quick --out-dir /tmp/ti    # smoke run, seconds
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import netsurgeon
+from netsurgeon.bench import RunResult, lr_sweep, plot_curves, save_json, steps_to_loss, train_run, write_table_md
+from netsurgeon.data import load_dataset
+
+__all__ = ["CONFIGS", "Budget", "BasicBlock", "SmallResNet", "build_model", "pass_record", "branch_share", "run_config", "main"]
+
+CONFIGS = ("bn", "nobn", "nobn+zero_last", "nobn+skipinit", "nobn+fixup", "nobn+hardt_ma")
+WIDTHS, BLOCKS = (16, 32, 64), (2, 2, 2)
+INPUT_SHAPE = (3, 32, 32)
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "docs" / "figures" / "train_identity"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Data and step budget."""
+
+    steps: int
+    batch_size: int
+    lrs: tuple[float, ...]
+    eval_every: int
+    train_subset: int | None   # None: the whole training split (10000)
+    test_subset: int | None    # None: the whole test split (1000)
+    target_loss: float         # for "steps to loss" (smoothed training loss)
+
+
+DEFAULT_BUDGET = Budget(250, 64, (0.03, 0.1), 50, 5000, None, 1.8)
+QUICK_BUDGET = Budget(4, 16, (0.03,), 2, 128, 64, 2.2)
+
+
+# ====================================================================== network
+class BasicBlock(nn.Module):
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; without norm the BNs are
+    identities and the convs have biases."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=not norm)
+        self.bn1 = nn.BatchNorm2d(c_out) if norm else nn.Identity()
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=not norm)
+        self.bn2 = nn.BatchNorm2d(c_out) if norm else nn.Identity()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=not norm),
+                                          nn.BatchNorm2d(c_out) if norm else nn.Identity())
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A small CIFAR ResNet: 3x3 stem, 3 stages of 2 BasicBlocks (widths 16/32/64, stride 2 at
+    each stage change), global average pooling, linear head.
+
+    Args:
+        norm: BatchNorm after every conv (convs without bias), or no norm (convs with bias).
+        num_classes: outputs of the head. Default: 10.
+    """
+
+    def __init__(self, norm: bool, num_classes: int = 10) -> None:
+        super().__init__()
+        c = WIDTHS[0]
+        self.stem = nn.Conv2d(3, c, 3, 1, 1, bias=not norm)
+        self.bn = nn.BatchNorm2d(c) if norm else nn.Identity()
+        self.relu = nn.ReLU()
+        stages = []
+        for i, (width, blocks) in enumerate(zip(WIDTHS, BLOCKS)):
+            stage = []
+            for b in range(blocks):
+                stage.append(BasicBlock(c, width, 2 if i > 0 and b == 0 else 1, norm))
+                c = width
+            stages.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.relu(self.bn(self.stem(x))))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def build_model(config: str, seed: int | None = 0) -> nn.Module:
+    """The network of ``config`` (one of :data:`CONFIGS`): default init, then the
+    ``identity_residual`` pass (seeded with ``seed``) for the ``nobn+<mode>`` configurations."""
+    if config not in CONFIGS:
+        raise ValueError(f"config={config!r}; valid: {CONFIGS}")
+    net = SmallResNet(norm=config == "bn")
+    if "+" in config:
+        mode = config.split("+", 1)[1]
+        net = netsurgeon.transform(net, passes=[("identity_residual", {"mode": mode, "seed": seed})],
+                                   example_inputs=torch.randn(1, *INPUT_SHAPE))
+    return net
+
+
+def pass_record(config: str) -> dict[str, Any]:
+    """What ``identity_residual`` changed and skipped in ``config``'s network (empty for bn, nobn)."""
+    if "+" not in config:
+        return {"changed": [], "skipped": {}}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        rec = netsurgeon.report(build_model(config)).passes[0]
+    return {"changed": [f"{c.node}: {c.what}" for c in rec.changes], "skipped": {s.node: s.why for s in rec.skipped}}
+
+
+@torch.no_grad()
+def branch_share(model: nn.Module, x: torch.Tensor) -> float:
+    """How far the network is from its branch-free version: ``max|f(x) - f_cut(x)| / max|f(x)|``
+    in eval mode, where ``f_cut`` is a copy with every block's last conv (``conv2``) zeroed, so every
+    residual block reduces to ``relu(shortcut(x))``. 0 when every block is the identity (up to its
+    shortcut and output ReLU); 0/0 (a zero classifier, fixup) counts as 0."""
+    cut = copy.deepcopy(model)
+    for name, mod in cut.named_modules():
+        if name.split(".")[-1] == "conv2" and isinstance(mod, nn.Conv2d):
+            nn.init.zeros_(mod.weight)
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+    was = model.training
+    model.eval()
+    try:
+        out, ref = model(x), cut.eval()(x)
+    finally:
+        model.train(was)
+    scale = float(out.abs().max())
+    return 0.0 if scale == 0.0 else float((out - ref).abs().max()) / scale
+
+
+# ====================================================================== training
+@dataclass
+class ConfigResult:
+    """The lr sweep and the runs at the selected lr of one configuration."""
+
+    config: str
+    scores: dict[float, float | None]          # mean final train loss per lr on the select seeds
+    best_lr: float | None
+    sweep_runs: dict[float, list[RunResult]]
+    runs: list[RunResult] = field(default_factory=list)  # every seed at best_lr
+    wall_time_s: float = 0.0
+
+    @property
+    def best_at_edge(self) -> bool:
+        return len(self.scores) > 1 and self.best_lr in (min(self.scores), max(self.scores))
+
+
+def run_config(config: str, data: tuple[torch.Tensor, ...], budget: Budget, seeds: Sequence[int],
+               select_seeds: int) -> ConfigResult:
+    """Sweep the lr grid on the first ``select_seeds`` seeds, then run the others at the best lr."""
+    start = time.perf_counter()
+    kw = {"optimizer": "sgd", "steps": budget.steps, "batch_size": budget.batch_size, "eval_every": budget.eval_every}
+    fn = lambda seed: build_model(config, seed)  # train_run calls it under its seeded RNG
+    sweep = lr_sweep(fn, data, lrs=budget.lrs, seeds=list(seeds[:select_seeds]), **kw)
+    runs = list(sweep.best_runs)
+    if sweep.best_lr is not None:
+        runs += [train_run(fn, data, lr=sweep.best_lr, seed=s, **kw) for s in seeds[select_seeds:]]
+    return ConfigResult(config, sweep.scores, sweep.best_lr, sweep.runs, runs, time.perf_counter() - start)
+
+
+def load_data(budget: Budget) -> tuple[torch.Tensor, ...]:
+    """(x_train, y_train, x_test, y_test) of the CIFAR-10 subset; subsets drawn with a fixed seed."""
+    out: list[torch.Tensor] = []
+    for split, n in (("train", budget.train_subset), ("test", budget.test_subset)):
+        x, y = load_dataset("cifar10", split)
+        if n is not None and n < len(x):
+            idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]
+            x, y = x[idx], y[idx]
+        out += [x, y]
+    return tuple(out)
+
+
+# ====================================================================== summaries
+def _vals(values: Sequence[float | None]) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(v)]
+
+
+def _mean_sd(values: Sequence[float | None], fmt: str) -> str:
+    vals = _vals(values)
+    if not vals:
+        return "–"
+    return f"{np.mean(vals):{fmt}}" + (f" ± {np.std(vals, ddof=1):{fmt}}" if len(vals) > 1 else "")
+
+
+def summary_rows(results: dict[str, ConfigResult], shares: dict[str, float], target: float) -> list[dict[str, Any]]:
+    """One row per configuration at its selected lr."""
+    rows = []
+    for config, res in results.items():
+        diverged = sum(r.diverged for r in res.runs)
+        reached = [steps_to_loss(r, target) for r in res.runs if not r.diverged]
+        hit = [s for s in reached if s is not None]
+        rows.append({
+            "configuration": config, "BN": "yes" if config == "bn" else "no",
+            "branch share at init": shares.get(config),
+            "trainable params": res.runs[0].num_params if res.runs else None,
+            "lr": "all diverged" if res.best_lr is None else f"{res.best_lr:g}" + (" (edge)" if res.best_at_edge else ""),
+            "seeds": f"{len(res.runs)}" + (f" ({diverged} diverged)" if diverged else ""),
+            "loss at step 1": _mean_sd([r.train_loss[0] for r in res.runs if r.train_loss], ".3f"),
+            "final train loss": _mean_sd([r.final_train_loss for r in res.runs], ".4f"),
+            "test acc": _mean_sd([r.final_test_acc for r in res.runs], ".4f"),
+            f"steps to loss {target:g}": (_mean_sd(hit, ".0f") + ("" if len(hit) == len(reached) else
+                                          f" ({len(reached) - len(hit)} not reached)")) if hit else "not reached",
+            "step ms (median)": _mean_sd([1e3 * r.median_step_time_s for r in res.runs], ".0f"),
+            "_losses": [r.final_train_loss for r in res.runs], "_accs": [r.final_test_acc for r in res.runs]})
+    return rows
+
+
+def sweep_rows(results: dict[str, ConfigResult]) -> list[dict[str, Any]]:
+    """Final train loss / test accuracy per lr on the select seeds (mean), per configuration."""
+    rows = []
+    for config, res in results.items():
+        row: dict[str, Any] = {"configuration": config}
+        for lr, runs in res.sweep_runs.items():
+            ok = [r for r in runs if not r.diverged]
+            row[f"lr {lr:g}"] = (f"{np.mean([r.final_train_loss for r in ok]):.3f} / "
+                                 f"{np.mean([r.final_test_acc for r in ok]):.3f}") if len(ok) == len(runs) \
+                else f"diverged ({len(runs) - len(ok)}/{len(runs)}, at step {min(r.diverged_at for r in runs if r.diverged)})"
+        rows.append(row)
+    return rows
+
+
+def reading(rows: list[dict[str, Any]]) -> list[str]:
+    """Each BN-free configuration minus the BN reference, against the seed spread (mechanical)."""
+    by = {r["configuration"]: r for r in rows}
+    ref = by.get("bn")
+    if ref is None or not _vals(ref["_losses"]):
+        return ["- No comparison: the bn reference has no finished run."]
+    sd = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+    lb, ab = _vals(ref["_losses"]), _vals(ref["_accs"])
+    out = []
+    for config, r in by.items():
+        if config == "bn":
+            continue
+        lc, ac = _vals(r["_losses"]), _vals(r["_accs"])
+        if not (lc and ac):
+            out.append(f"- {config}: no finished run.")
+            continue
+        dl, da = np.mean(lc) - np.mean(lb), np.mean(ac) - np.mean(ab)
+        out.append(f"- {config} vs bn: final training loss {dl:+.4f} (seed sd {sd(lc):.4f} vs {sd(lb):.4f}), "
+                   f"test accuracy {100 * da:+.2f} points (seed sd {100 * sd(ac):.2f} vs {100 * sd(ab):.2f}); "
+                   + ("one seed: no spread to compare with." if min(len(ac), len(ab)) < 2 else
+                      "the accuracy difference " + ("exceeds" if abs(da) > sd(ac) + sd(ab) else "is within")
+                      + " the sum of the two sds."))
+    return out
+
+
+def _environment(threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
+            "python": platform.python_version(), "nice": os.nice(0)}
+
+
+def _markdown(rows: list[dict[str, Any]], sweep: list[dict[str, Any]], records: dict[str, dict[str, Any]],
+              args: argparse.Namespace, env: dict[str, Any], figures: list[Path], link_dir: Path, wall: float,
+              done: int) -> str:
+    b = args.budget
+    n_train = "all 10000" if b.train_subset is None else f"a fixed random subset of {b.train_subset}"
+    n_test = "all 1000" if b.test_subset is None else f"a fixed random subset of {b.test_subset}"
+    partial = [] if done == len(args.configs) else \
+        [f"**Partial:** {done} of {len(args.configs)} configurations finished.", ""]
+    lines = partial + [
+        f"Command: `{args.command}`  ",
+        (f"Machine: {env['cpu']}, {env['cpu_count']} CPU cores (shared with other jobs), torch {env['torch']} "
+         f"with {env['torch_threads']} thread(s), nice {env['nice']}. Wall time {wall / 60:.1f} min."), "",
+        (f"Budget: {b.steps} SGD steps (momentum 0.9, constant lr, no weight decay, no augmentation) of batch "
+        f"{b.batch_size}; training images: {n_train} of the 10000-image CIFAR-10 subset; test images: {n_test}, "
+        f"evaluated every {b.eval_every} steps. lr grid {list(b.lrs)} for every configuration, swept on "
+        f"{args.select_seeds} seed(s), selected by the lowest final training loss (mean of the last 5% of steps; "
+        f"'edge' = the best lr is at the grid's edge); {args.seeds} seed(s) at the selected lr. Mean ± sd over "
+        "seeds. 'branch share at init' = max|f - f_cut| / max|f| on 256 test images (eval mode, seed 0), f_cut "
+        "the same network with every block's last conv zeroed: 0 means every block is exactly "
+        f"relu(shortcut(x)) at init. 'steps to loss {b.target_loss:g}' = first step at which the smoothed "
+        "training loss (EMA 0.9) is at most that value."), "",
+        write_table_md(rows, [c for c in rows[0] if not c.startswith("_")]) if rows else "",
+        "Learning-rate sweep (final training loss / test accuracy, select seeds):", "",
+        write_table_md(sweep, list(sweep[0])) if sweep else "",
+        ("What `identity_residual` changed (seed 0): "
+         + "; ".join(f"{c}: {len(r['changed'])} changes, {len(r['skipped'])} skipped" for c, r in records.items()
+                     if "+" in c) + "."), "",
+        "Mechanical comparison at the selected lrs:", "", *reading(rows), ""]
+    lines += [f"![{p.stem}]({os.path.relpath(p.resolve(), link_dir.resolve())})" for p in figures] + [""]
+    return "\n".join(lines)
+
+
+def plot_accuracy(results: dict[str, list[RunResult]], path: Path, title: str) -> Path:
+    """Test accuracy vs step, mean over the non-diverged seeds with a min/max band."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, runs in results.items():
+        ok = [r for r in runs if not r.diverged and r.test_acc]
+        if not ok:
+            continue
+        n = min(len(r.test_acc) for r in ok)
+        acc = np.array([r.test_acc[:n] for r in ok], dtype=float)
+        steps = ok[0].eval_steps[:n]
+        line, = ax.plot(steps, acc.mean(0), marker="o", ms=3, label=f"{label} ({len(ok)} seeds)")
+        ax.fill_between(steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _run_dict(r: RunResult) -> dict[str, Any]:
+    return {"lr": r.lr, "seed": r.seed, "steps_done": r.steps_done, "diverged": r.diverged,
+            "diverged_at": r.diverged_at, "final_train_loss": r.final_train_loss, "final_test_acc": r.final_test_acc,
+            "eval_steps": r.eval_steps, "test_acc": r.test_acc, "test_loss": r.test_loss,
+            "median_step_time_s": r.median_step_time_s, "wall_time_s": r.wall_time_s, "num_params": r.num_params,
+            "train_loss": [float(f"{v:.5g}") for v in r.train_loss]}
+
+
+# ====================================================================== CLI
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: 4 steps, batch 16, 128 train images, 1 seed, 1 lr")
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="configurations to run")
+    p.add_argument("--steps", type=int, help="training steps (default 250)")
+    p.add_argument("--batch-size", type=int, help="default 64")
+    p.add_argument("--lrs", type=float, nargs="+", help="SGD lr grid (default 0.03 0.1)")
+    p.add_argument("--eval-every", type=int, help="test-set evaluation interval in steps (default 50)")
+    p.add_argument("--seeds", type=int, help="seeds per configuration (default 3; --quick 1)")
+    p.add_argument("--select-seeds", type=int, default=1, help="seeds used in the lr sweep (default 1)")
+    p.add_argument("--train-subset", type=int, help="fixed random subset of the training images (default 5000)")
+    p.add_argument("--test-subset", type=int, help="fixed random subset of the test images (default all 1000)")
+    p.add_argument("--target-loss", type=float, help="smoothed training loss for 'steps to loss' (default 1.8)")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: the machine is shared)")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    p.add_argument("--md-out", type=Path, help="Markdown file (default OUT_DIR/train_identity.md)")
+    p.add_argument("--link-dir", type=Path, default=ROOT / "docs",
+                   help="figure links in the Markdown are relative to this directory (default docs/, where the "
+                        "section goes into benchmarks.md)")
+    args = p.parse_args(argv)
+    args.seeds = args.seeds or (1 if args.quick else 3)
+    args.select_seeds = min(args.select_seeds, args.seeds)
+    if args.seeds < 1 or args.select_seeds < 1:
+        p.error("need --seeds >= 1 and --select-seeds >= 1")
+    args.command = "python benchmarks/train_identity.py" + ("" if argv is None and len(sys.argv) < 2 else
+                                                             " " + " ".join(sys.argv[1:] if argv is None else argv))
+    base = QUICK_BUDGET if args.quick else DEFAULT_BUDGET
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lrs": tuple(args.lrs) if args.lrs else None,
+                 "eval_every": args.eval_every, "train_subset": args.train_subset, "test_subset": args.test_subset,
+                 "target_loss": args.target_loss}
+    args.budget = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; write the figures, JSON and Markdown; return the summary.
+
+    Returns:
+        ``{"rows", "sweep", "records", "shares", "markdown", "files", "json"}``.
+    """
+    args = _parse(argv)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _main(args: argparse.Namespace) -> dict[str, Any]:
+    log = lambda s: print(s, file=sys.stderr, flush=True)
+    out_dir: Path = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md_path: Path = args.md_out or out_dir / "train_identity.md"
+    budget, env, seeds = args.budget, _environment(args.threads), list(range(args.seeds))
+    start = time.perf_counter()
+    data = load_data(budget)
+    records = {c: pass_record(c) for c in args.configs}
+    shares = {}
+    for config in args.configs:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            shares[config] = branch_share(build_model(config, 0), data[2][:256])
+    results: dict[str, ConfigResult] = {}
+    summary: dict[str, Any] = {}
+    for config in args.configs:
+        res = results[config] = run_config(config, data, budget, seeds, args.select_seeds)
+        log(f"[{config}] best lr {res.best_lr}, final loss "
+            + (", ".join(f"{r.final_train_loss:.4f}" for r in res.runs) or "all diverged")
+            + f", test acc {', '.join(f'{r.final_test_acc}' for r in res.runs)} ({res.wall_time_s:.0f} s)")
+        summary = _write(results, records, shares, args, env, out_dir, md_path, time.perf_counter() - start)
+    print(summary["markdown"])
+    return summary
+
+
+def _write(results: dict[str, ConfigResult], records: dict[str, dict[str, Any]], shares: dict[str, float],
+           args: argparse.Namespace, env: dict[str, Any], out_dir: Path, md_path: Path, wall: float) -> dict[str, Any]:
+    """Write the figures, JSON and Markdown for the configurations finished so far."""
+    budget = args.budget
+    rows, sweep = summary_rows(results, shares, budget.target_loss), sweep_rows(results)
+    label = {c: f"{c}, lr {r.best_lr:g}" for c, r in results.items() if r.best_lr is not None}
+    title = f"small ResNet on CIFAR-10 subset, {budget.steps} steps, batch {budget.batch_size}"
+    curves = {label[c]: r.runs for c, r in results.items() if c in label}
+    figures = [plot_curves(curves, out_dir / "train_loss.png", title),
+               plot_accuracy(curves, out_dir / "test_acc.png", title)]
+    md = _markdown(rows, sweep, records, args, env, figures, args.link_dir, wall, len(results))
+    json_path = save_json({
+        "command": args.command, "environment": env, "budget": asdict(budget), "seeds": list(range(args.seeds)),
+        "select_seeds": args.select_seeds, "wall_time_s": wall, "finished": list(results),
+        "partial": len(results) < len(args.configs), "identity_residual": records, "branch_share_at_init": shares,
+        "rows": rows,
+        "configs": {c: {"best_lr": r.best_lr, "scores": r.scores, "wall_time_s": r.wall_time_s,
+                        "sweep_runs": {repr(lr): [_run_dict(x) for x in rs] for lr, rs in r.sweep_runs.items()},
+                        "extra_seed_runs": [_run_dict(x) for x in r.runs[args.select_seeds:]]}
+                    for c, r in results.items()}}, out_dir / "train_identity.json")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(md)
+    return {"rows": rows, "sweep": sweep, "records": records, "shares": shares, "markdown": md,
+            "files": figures + [md_path], "json": json_path}
+
+
+if __name__ == "__main__":
+    main()
