@@ -47,3 +47,37 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def require_data() -> None:
+    """Fail with the DataNotFoundError message when the datasets are missing, unless
+    NETSURGEON_SKIP_DATA=1 asks for an explicit skip (with that message as the reason)."""
+    import os
+
+    from netsurgeon.data import data_root
+    from netsurgeon.errors import DataNotFoundError
+
+    try:
+        data_root()
+    except DataNotFoundError as e:
+        if os.environ.get("NETSURGEON_SKIP_DATA") == "1":
+            pytest.skip(f"NETSURGEON_SKIP_DATA=1 and no datasets: {e}")
+        raise
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` as a module (registered in sys.modules: dataclasses need it)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
+    return module

@@ -6,42 +6,24 @@ them it fails with the DataNotFoundError message unless NETSURGEON_SKIP_DATA=1 i
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from conftest import load_benchmark, require_data
 
-from netsurgeon.data import data_root
-from netsurgeon.errors import DataNotFoundError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_deep.py"
 
 
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("train_deep", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[spec.name]
-        raise
-    return module
+def _load_script():
+    return load_benchmark("train_deep")
 
 
 @pytest.mark.timeout(120)
 def test_train_deep_quick(tmp_path: Path) -> None:
-    try:
-        data_root()
-    except DataNotFoundError as e:
-        if os.environ.get("NETSURGEON_SKIP_DATA") == "1":
-            pytest.skip(f"NETSURGEON_SKIP_DATA=1 and no datasets: {e}")
-        raise
+    require_data()
     td = _load_script()
     out = td.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)])
 

@@ -5,44 +5,26 @@ test fails with the DataNotFoundError message unless NETSURGEON_SKIP_DATA=1 is s
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from conftest import load_benchmark, require_data
 
-from netsurgeon.data import data_root
-from netsurgeon.errors import DataNotFoundError
 from netsurgeon.layers import FarkasLayer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_farkas.py"
 CONFIGS = ["bn", "bn+farkas", "nobn", "nobn+farkas"]
 
 
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("train_farkas", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[spec.name]
-        raise
-    return module
+def _load_script():
+    return load_benchmark("train_farkas")
 
 
 @pytest.mark.timeout(120)
 def test_train_farkas_quick(tmp_path: Path) -> None:
-    try:
-        data_root()
-    except DataNotFoundError as e:
-        if os.environ.get("NETSURGEON_SKIP_DATA") == "1":
-            pytest.skip(f"NETSURGEON_SKIP_DATA=1 and no datasets: {e}")
-        raise
+    require_data()
     tf = _load_script()
     out = tf.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)])
 

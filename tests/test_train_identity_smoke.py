@@ -6,44 +6,26 @@ with the DataNotFoundError message unless NETSURGEON_SKIP_DATA=1 is set.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from conftest import load_benchmark, require_data
 
-from netsurgeon.data import data_root
-from netsurgeon.errors import DataNotFoundError
 from netsurgeon.layers.identity import FixedLinear, ScalarGate
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_identity.py"
 CONFIGS = ["bn", "nobn", "nobn+zero_last", "nobn+skipinit", "nobn+fixup", "nobn+hardt_ma"]
 
 
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("train_identity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[spec.name]
-        raise
-    return module
+def _load_script():
+    return load_benchmark("train_identity")
 
 
 @pytest.mark.timeout(120)
 def test_train_identity_quick(tmp_path: Path) -> None:
-    try:
-        data_root()
-    except DataNotFoundError as e:
-        if os.environ.get("NETSURGEON_SKIP_DATA") == "1":
-            pytest.skip(f"NETSURGEON_SKIP_DATA=1 and no datasets: {e}")
-        raise
+    require_data()
     ti = _load_script()
     out = ti.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)])
 
