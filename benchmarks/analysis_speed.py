@@ -137,10 +137,14 @@ def run(models: list[str], depths: list[int], repeats: int) -> str:
             ts.append(r["analyze"])
             lines.append(f"| {act_name} | {d} | {r['nodes']:.0f} | {r['trace']:.3f} | {r['analyze']:.3f} | "
                          f"{1e6 * r['analyze'] / r['nodes']:.0f} |")
-        exps.append((act_name, _exponent(ns, ts), ts[-1] / ns[-1] / (ts[0] / ns[0])))
-    lines += ["", "Log-log exponent of analyze time against node count (1.00 = linear), and per-node cost at the "
-              "largest depth over the smallest:", ""]
-    lines += [f"- {a}: exponent {e:.2f}, per-node ratio {r:.2f}x" for a, e, r in exps]
+        if len(set(ns)) >= 2:
+            exps.append((act_name, _exponent(ns, ts), ts[-1] / ns[-1] / (ts[0] / ns[0])))
+    if exps:
+        lines += ["", "Log-log exponent of analyze time against node count (1.00 = linear), and per-node cost at "
+                  "the largest depth over the smallest:", ""]
+        lines += [f"- {a}: exponent {e:.2f}, per-node ratio {r:.2f}x" for a, e, r in exps]
+    else:
+        lines += ["", "One depth only: no exponent (give `--depths` at least two values)."]
     total_mlp = goal_mlp["trace"] + goal_mlp["analyze"]
     lines += ["", "## Goal check", "",
               f"- 1000-layer tanh MLP: analyze {goal_mlp['analyze']:.3f} s, trace + analyze {total_mlp:.3f} s "

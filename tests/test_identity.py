@@ -81,8 +81,13 @@ def test_fixup_details_and_refusal():
     he = (2.0 / (w.shape[1] * 9)) ** 0.5 * 8 ** (-1.0 / 2)  # L = 8 blocks, m = 2: L^(-1/(2m-2)) = 8^(-1/2)
     assert float(w.std()) == pytest.approx(he, rel=0.05)
     names = dict(gm.named_parameters())
-    assert sum(k.endswith(".scale") for k in names) == 8 and sum(k.endswith(".bias") and "ns_fixup_bias" in k
-                                                                   for k in names) == 8 * 3  # conv1, act1, conv2
+    assert sum(k.endswith(".scale") for k in names) == 8
+    # per block: before conv1, act1, conv2 and after the multiplier (the reference's bias1a, 1b, 2a, 2b),
+    # plus one before the classifier
+    assert sum(k.endswith(".bias") and "ns_fixup_bias" in k for k in names) == 8 * 4 + 1
+    assert "ns_fixup_bias_classifier.bias" in names
+    order = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert order.index("ns_fixup_bias_classifier") == order.index("fc") - 1
 
 
 def test_hardt_ma_init_and_fixed_projection():

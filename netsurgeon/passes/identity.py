@@ -8,7 +8,8 @@
 * ``skipinit`` (alias ``rezero``): every branch times a learnable scalar starting at 0.
 * ``fixup``: no batch norm (refused otherwise, naming ``strip_bn``); branch layers He-initialized
   and scaled by ``L^(-1/(2m-2))``, the last one zero, a scalar bias before every branch
-  layer and activation, a scalar multiplier per branch (at 1), the classifier zero.
+  layer and activation, a scalar multiplier per branch (at 1) followed by a scalar bias,
+  the classifier zero with a scalar bias before it (the stem gets none).
 * ``hardt_ma``: no batch norm; branch layers ``N(0, σ²)`` with ``σ = 1/(k² c)`` (k the kernel
   size, c the output channels); the classifier becomes a fixed random projection (buffers).
 
@@ -59,12 +60,13 @@ def _zero_preserving(topo: Topology, name: str) -> bool:
     return False
 
 
-def _insert_before(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, path: str, module: nn.Module) -> None:
-    """Route ``node``'s input ``arg`` through a new module call."""
+def _insert_before(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, path: str, module: nn.Module) -> fx.Node:
+    """Route ``node``'s input ``arg`` through a new module call; returns the new node."""
     gm.add_module(path, module)
     with gm.graph.inserting_before(node):
         new = gm.graph.call_module(path, (arg,))
     node.replace_input_with(arg, new)
+    return new
 
 
 def _classifier(topo: Topology) -> str | None:
@@ -181,9 +183,11 @@ class IdentityResidual(Pass):
             node = nodes[name]
             sig = next(a for a in node.all_input_nodes if topo.graph.nodes[a.name]["signal"])
             _insert_before(gm, node, sig, f"ns_fixup_bias_{tag}_{k}", ScalarBias())
-        _insert_before(gm, add, operand, f"ns_fixup_scale_{tag}", ScalarGate(1.0))
+        gated = _insert_before(gm, add, operand, f"ns_fixup_scale_{tag}", ScalarGate(1.0))
+        _insert_before(gm, add, gated, f"ns_fixup_bias_{tag}_out", ScalarBias())  # the reference's bias2b
         record.change(merge, f"fixup: {m_layers} branch layer(s) He-initialized x {scale:.4g} (L = {n_blocks}), last "
-                             f"zeroed, scalar biases and a scalar multiplier added")
+                             f"zeroed, scalar biases before every branch layer and activation and after the "
+                             f"multiplier, and a scalar multiplier added")
 
     def _hardt_ma(self, gm: fx.GraphModule, merge: str, layers: list[str], gen: torch.Generator | None,
                   record: PassRecord) -> None:
@@ -216,7 +220,9 @@ class IdentityResidual(Pass):
                 mod.weight.zero_()
                 if mod.bias is not None:
                     mod.bias.zero_()
-            record.change(name, "fixup: classifier zeroed")
+            node = next(n for n in gm.graph.nodes if n.name == name)
+            _insert_before(gm, node, node.args[0], "ns_fixup_bias_classifier", ScalarBias())
+            record.change(name, "fixup: classifier zeroed, a scalar bias added before it")
         else:
             set_submodule(gm, target, FixedLinear(mod.weight, mod.bias))
             record.change(name, "hardt_ma: classifier turned into a fixed random projection (buffers, not trained)")
