@@ -408,7 +408,7 @@ def _markdown(all_rows: dict[str, list[dict[str, Any]]], budgets: dict[str, Fami
              + ", ".join(f"{f} {wall[f] / 60:.1f} min" for f in wall) + ".", ""]
     for family, rows in all_rows.items():
         b = budgets[family]
-        data = (f"Fashion-MNIST, flattened to 784 features" if family == "mlp"
+        data = ("Fashion-MNIST, flattened to 784 features" if family == "mlp"
                 else "CIFAR-10 subset (32x32x3)")
         net = (f"{MLP_DEPTH}-layer MLP of width {MLP_WIDTH}" if family == "mlp" else
                f"{1 + 2 * sum(CONV_BLOCKS)}-conv CNN, widths {'/'.join(map(str, CONV_WIDTHS))}")

@@ -82,7 +82,7 @@ def _one_run(model: nn.Module) -> dict[str, float]:
     t_topo, _ = _timed(lambda: netsurgeon.topology(g1))
     g2 = copy.deepcopy(gm)
     t_strip, _ = _timed(lambda: _strip_bn(g2))
-    del g1, g2, gm
+    del gm
     return {"trace": t_trace, "topology": t_topo, "strip_bn": t_strip, "total": t_trace + t_topo + t_strip}
 
 
@@ -217,7 +217,7 @@ def machine_facts() -> list[str]:
         f"timm {getattr(timm, '__version__', 'n/a')}, networkx {networkx.__version__}, "
         f"netsurgeon {netsurgeon.__version__}",
         f"- platform: {platform.platform()}",
-        f"- load average at start (1/5/15 min): " + (" / ".join(f"{x:.2f}" for x in load) if load else "n/a"),
+        "- load average at start (1/5/15 min): " + (" / ".join(f"{x:.2f}" for x in load) if load else "n/a"),
     ]
 
 

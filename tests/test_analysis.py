@@ -190,3 +190,64 @@ def test_reasons_do_not_repeat_through_sums():
     for _ in range(60):  # would double 60 times if joined naively
         r = _reasons(r, r, "c")
     assert r == "a; b; c"
+
+
+class _SkipRelu(nn.Module):
+    """``lin(x) + relu(lin(x))``: two terms with no independent weight between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = _chain(nn.Identity, width=512, depth=1, gain=1.0)[0]
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h + torch.relu(h)
+
+
+class _Shared(nn.Module):
+    """``f(x) + f(relu(x))``: one weight on both sides, so the terms stay correlated."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = _chain(nn.Identity, width=512, depth=1, gain=1.0)[0]
+
+    def forward(self, x):
+        return self.f(x) + self.f(torch.relu(x))
+
+
+class _Twice(nn.Module):
+    def forward(self, x):
+        return x + x
+
+
+@pytest.mark.parametrize("model, why", [(_SkipRelu, "no independent Linear/Conv weight"),
+                                        (_Shared, "the same weights on both: module:f"),
+                                        (_Twice, "appears more than once")])
+def test_sums_of_correlated_terms_are_measured_not_summed(model, why):
+    torch.manual_seed(0)
+    m = model()
+    x = torch.randn(256, 512)
+    a = analyze(m, example_inputs=x, c_in=0.3, empirical_batch=64)
+    status, reason = a.status("add")
+    assert status == "unsupported" and "correlated" in reason and why in reason and "measured" in reason
+    # the measured-based prediction matches a measurement on fresh inputs (the uncorrelated rule would not)
+    g = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(256, 512, generator=g), torch.randn(256, 512, generator=g)
+    meas = measure(m, z1, 0.3 * z1 + (1 - 0.09) ** 0.5 * z2)
+    assert a.q("add") == pytest.approx(meas["add"].q, rel=0.03)
+    assert a.c("add") == pytest.approx(meas["add"].c, abs=0.02)
+    if model is _SkipRelu:  # E(h + relu h)^2 = 1 + 1 + 1/2 at q(h) = 1, against 1 + 1/2 if uncorrelated
+        assert a.q("add") == pytest.approx(2.5, rel=0.03)
+
+
+def test_residual_blocks_are_not_flagged_and_dks_refuses_correlated_sums():
+    import timm
+    from netsurgeon.analysis.sums import correlated_sums
+    from netsurgeon.analysis.targets import IdealGraph
+
+    for name in ("resnet18", "resnet50", "vit_tiny_patch16_224", "convnext_atto", "efficientnet_b0"):
+        assert correlated_sums(netsurgeon.topology(timm.create_model(name))) == {}, name
+    pool = correlated_sums(netsurgeon.topology(timm.create_model("poolformer_s12")))
+    assert "sub" in pool  # PoolFormer's token mixer pool(x) - x
+    problems = dict(IdealGraph(netsurgeon.topology(_SkipRelu())).problems)
+    assert "correlated" in problems["add"]

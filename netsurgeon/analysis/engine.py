@@ -22,6 +22,7 @@ from ..graph import META_KEY, Topology, op_info, trace
 from ..ops import OpKind
 from .activation_maps import maps_for
 from .local_measure import local_chain, measure_local
+from .sums import correlated_sums
 from .measure import NodeStats, kernel_stats
 from .propagate import EXACT, UNSUPPORTED, NodeKernel, propagate_node
 
@@ -220,9 +221,12 @@ def _measure_locally(gm: fx.GraphModule, topo: Topology, pending: list[str], ker
 
 def _propagate(gm: fx.GraphModule, topo: Topology, grid: np.ndarray, q_in: float,
                measured: dict[str, list[NodeStats]], cgrid: np.ndarray, cache: dict[int, Any],
-               local: set[str] = frozenset()) -> tuple[dict[str, NodeKernel], list[str]]:
-    """One pass of the rules over the graph; nodes without a rule take ``measured`` values
-    when present, else are returned as pending (their users see NaN kernels)."""
+               local: set[str] = frozenset(), correlated: dict[str, str] | None = None
+               ) -> tuple[dict[str, NodeKernel], list[str]]:
+    """One pass of the rules over the graph; nodes without a rule (and the sums of
+    ``correlated`` terms) take ``measured`` values when present, else are returned as pending
+    (their users see NaN kernels)."""
+    correlated = correlated or {}
     kernels: dict[str, NodeKernel] = {}
     pending: list[str] = []
     for node in gm.graph.nodes:
@@ -237,7 +241,8 @@ def _propagate(gm: fx.GraphModule, topo: Topology, grid: np.ndarray, q_in: float
         blocked = any(np.isnan(i.q) for i in ins)  # downstream of a pending node: find out whether a rule exists
         if blocked:
             ins = [NodeKernel(q_in, q_in, q_in * grid, 1.0, EXACT, "", i.dims) for i in ins]
-        out = propagate_node(node, info, gm, ins, maps_for, dims, cache) if ins else None
+        out = propagate_node(node, info, gm, ins, maps_for, dims, cache) \
+            if ins and node.name not in correlated else None
         if blocked and out is not None:
             out = NodeKernel(*(float("nan"),) * 2, np.full_like(grid, np.nan), float("nan"), UNSUPPORTED,
                              "downstream of unmeasured values", dims)
@@ -245,7 +250,7 @@ def _propagate(gm: fx.GraphModule, topo: Topology, grid: np.ndarray, q_in: float
             out.status = "approximate"
             out.reason = "downstream of measured values"
         if out is None:
-            reason = info.attrs.get("reason") or f"no kernel map for {info.describe()}"
+            reason = correlated.get(node.name) or info.attrs.get("reason") or f"no kernel map for {info.describe()}"
             stats = measured.get(node.name)
             if stats is None:
                 pending.append(node.name)
@@ -315,7 +320,8 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
         grid = np.linspace(-1.0, 1.0, grid_size)
         cgrid = np.linspace(-1.0, 1.0, empirical_points)
         cache: dict[int, Any] = {}
-        kernels, pending = _propagate(gm, topo, grid, q_in, {}, cgrid, cache)
+        correlated = correlated_sums(topo)
+        kernels, pending = _propagate(gm, topo, grid, q_in, {}, cgrid, cache, correlated=correlated)
         if pending:
             example = example_inputs[0] if example_inputs is not None else None
             measured = _measure_locally(gm, topo, pending, kernels, grid, cgrid, example, empirical_batch, seed) \
@@ -333,7 +339,7 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
                 raise UnsupportedNodeError(f"node(s) {', '.join(missing)} have no kernel map and no tensor output "
                                            f"to measure")
             kernels, _ = _propagate(gm, topo, grid, q_in, measured, cgrid, cache,
-                                    {n for n in measured if n not in rest})
+                                    {n for n in measured if n not in rest}, correlated)
     finally:
         gm.train(was)
     return Analysis(topo, kernels, grid, q_in, c_in)

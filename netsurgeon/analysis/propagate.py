@@ -11,7 +11,8 @@ Rules (σw² = fan_in · mean(W²), σb² = mean(b²) from the actual parameters
 * linear / conv: ``q ← σw² q + σb²``, ``k ← σw² k + σb²``; exact for linear, 1×1 and
   delta (centre-tap-only) convs, approximate otherwise (spatial mixing);
 * activation: the local maps of MATH.md §2 (``netsurgeon.kernels``);
-* weighted sum of uncorrelated terms: ``q = Σ w² q_i``, ``k = Σ w² k_i``;
+* weighted sum of uncorrelated terms: ``q = Σ w² q_i``, ``k = Σ w² k_i`` (sums of correlated
+  terms are found by :mod:`.sums` and measured by the engine instead);
 * concatenation: dimension-weighted average; pooling, reshapes, dropout: unchanged;
 * per-example norms (layer/group/rms): ``q = gain²``, ``c`` unchanged;
   batch norm in eval mode: the per-channel affine, as a linear map.

@@ -34,6 +34,7 @@ from ..errors import UnsupportedNodeError
 from ..graph import Topology
 from ..ops import OpKind
 from .propagate import affine_moments
+from .sums import correlated_sums
 
 __all__ = ["IdealGraph", "Subnetwork"]
 
@@ -72,6 +73,7 @@ class IdealGraph:
                       or topo.graph.nodes[n.name]["kind"] is OpKind.OUTPUT]
         self.products = products
         self.problems: list[tuple[str, str]] = []
+        self.correlated = correlated_sums(topo)
         self.activations = [n.name for n in self.order if topo.graph.nodes[n.name]["kind"] is OpKind.ACTIVATION]
         self._check()
 
@@ -94,6 +96,8 @@ class IdealGraph:
             elif kind is OpKind.ADD and (info.attrs.get("weights") is None
                                          or any(w is None for w in info.attrs["weights"])):
                 self.problems.append((node.name, "sum with non-constant weights"))
+            elif kind is OpKind.ADD and node.name in self.correlated:
+                self.problems.append((node.name, self.correlated[node.name]))
             elif kind is OpKind.CONCAT and any("shape" not in self.topo.graph.nodes[a]
                                                for a in d["signal_operands"]):
                 self.problems.append((node.name, "concatenation without shapes: pass example_inputs"))
