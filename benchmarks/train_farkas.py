@@ -170,8 +170,9 @@ def farkas_record(config: str, mode: str = "layer") -> dict[str, Any]:
             "farkas_sums": sum(isinstance(m, FarkasSum) for m in gm.modules())}
 
 
-def conv_macs(model: nn.Module) -> int:
-    """Multiply-accumulates of the convs and linears for one input image (forward)."""
+def conv_macs(model: nn.Module, x: torch.Tensor | None = None) -> int:
+    """Multiply-accumulates of the convs and linears for one input image (forward; ``x`` of
+    batch 1, default zeros of the benchmark's input shape)."""
     total = 0
 
     def hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
@@ -181,7 +182,7 @@ def conv_macs(model: nn.Module) -> int:
     hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, *INPUT_SHAPE))
+            model.eval()(torch.zeros(1, *INPUT_SHAPE) if x is None else x)
     finally:
         for h in hooks:
             h.remove()
@@ -313,6 +314,36 @@ def measure_overhead(x: torch.Tensor, y: torch.Tensor, budget: Budget, mode: str
                      "farkas ms": 1e3 * t["farkas"], "farkas / plain": t["farkas"] / t["plain"],
                      "widened / plain": t["widened"] / t["plain"], "farkas / widened": t["farkas"] / t["widened"],
                      "MACs farkas / plain": macs["farkas"] / macs["plain"]})
+    return rows
+
+
+def measure_overhead_timm(names: Sequence[str], size: int, batch: int, steps: int, warmup: int,
+                          mode: str = "layer") -> list[dict[str, Any]]:
+    """The same ratio on timm models at their real widths (ResNet-18: 64 to 512 channels), with
+    batch norm and with batch norm removed (``strip_bn`` remove), on random ``size`` x ``size`` inputs."""
+    import timm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    rows = []
+    for name in names:
+        for norm in ("bn", "nobn"):
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                plain = timm.create_model(name, pretrained=False, num_classes=10)
+                if norm == "nobn":
+                    plain = netsurgeon.transform(plain, passes=[("strip_bn", {"mode": "remove"})],
+                                                 example_inputs=x[:1])
+                passes = ["farkas"] if mode == "layer" else [("farkas", {"mode": mode})]
+                farkas = netsurgeon.transform(plain, passes=passes, example_inputs=x[:1])
+            t = time_train_steps({"plain": plain, "farkas": farkas}, x, y, steps, warmup)
+            rep = netsurgeon.report(farkas).passes[-1]
+            macs = {k: conv_macs(m, x[:1]) for k, m in (("plain", plain), ("farkas", farkas))}
+            rows.append({"network": f"timm {name} {norm}", "input": f"{batch}x3x{size}x{size}",
+                         "Farkas layers": len(rep.changes), "plain ms": 1e3 * t["plain"],
+                         "farkas ms": 1e3 * t["farkas"], "farkas / plain": t["farkas"] / t["plain"],
+                         "MACs farkas / plain": macs["farkas"] / macs["plain"]})
     return rows
 
 
@@ -499,6 +530,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--train-subset", type=int, help="use a fixed random subset of the training images")
     p.add_argument("--test-subset", type=int, help="use a fixed random subset of the test images")
     p.add_argument("--time-steps", type=int, help="timed steps per model for the overhead (default 30)")
+    p.add_argument("--overhead-only", action="store_true",
+                   help="only the training-step overhead (small network and timm models); writes overhead.md/json")
+    p.add_argument("--overhead-models", nargs="*", default=["resnet18"],
+                   help="timm models whose overhead is measured at their real widths (default resnet18; none: skip)")
+    p.add_argument("--overhead-size", type=int, default=32, help="input size for the timm overhead (default 32)")
     p.add_argument("--farkas-mode", choices=("layer", "block"), default="layer",
                    help="the farkas pass's mode (default layer: units on every block's conv1 only)")
     p.add_argument("--threads", type=int, default=1,
@@ -545,6 +581,8 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     budget, env, seeds = args.budget, _environment(args.threads), list(range(args.seeds))
     start = time.perf_counter()
     data = load_data(budget)
+    if args.overhead_only:
+        return _overhead_only(args, data, env, out_dir, start, log)
     records = {c: farkas_record(c, args.farkas_mode) for c in args.configs if c.endswith("+farkas")}
     results: dict[str, ConfigResult] = {}
     for config in args.configs:
@@ -554,6 +592,8 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
             + f", test acc {', '.join(f'{r.final_test_acc}' for r in res.runs)} ({res.wall_time_s:.0f} s)")
     n = budget.batch_size
     overhead = measure_overhead(data[0][:n], data[1][:n], budget, args.farkas_mode)
+    overhead += measure_overhead_timm(args.overhead_models, args.overhead_size, n, budget.time_steps,
+                                      budget.time_warmup, args.farkas_mode)
     log("overhead: " + "; ".join(f"{r['network']} farkas/plain {r['farkas / plain']:.3f}" for r in overhead))
     wall = time.perf_counter() - start
     rows, sweep = summary_rows(results, records), sweep_rows(results)
@@ -585,6 +625,34 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     print(md)
     return {"rows": rows, "sweep": sweep, "dead": dead, "overhead": overhead, "records": records, "markdown": md,
             "files": figures + [md_path], "json": json_path}
+
+
+def _overhead_only(args: argparse.Namespace, data: tuple[torch.Tensor, ...], env: dict[str, Any], out_dir: Path,
+                   start: float, log: Callable[[str], None]) -> dict[str, Any]:
+    budget, n = args.budget, args.budget.batch_size
+    rows = measure_overhead(data[0][:n], data[1][:n], budget, args.farkas_mode)
+    rows += measure_overhead_timm(args.overhead_models, args.overhead_size, n, budget.time_steps,
+                                  budget.time_warmup, args.farkas_mode)
+    for r in rows:
+        log(f"overhead: {r['network']} farkas/plain {r['farkas / plain']:.3f}")
+    wall = time.perf_counter() - start
+    md = "\n".join([
+        f"Command: `{args.command}`  ",
+        (f"Machine: {env['cpu']}, {env['cpu_count']} CPU cores, torch {env['torch']} with {env['torch_threads']} "
+         f"thread(s), nice {env['nice']}, load average at the end {os.getloadavg()[0]:.2f}. Wall time "
+         f"{wall / 60:.1f} min."), "",
+        (f"Training-step time (forward + backward + SGD step), median of {budget.time_steps} interleaved steps "
+         f"after {budget.time_warmup} warm-up, Farkas pass mode `{args.farkas_mode}`. The small network's rows "
+         "use CIFAR-10 images of batch " f"{n}; the timm rows use random inputs."), "",
+        write_table_md(rows, list(dict.fromkeys(k for r in rows for k in r))), ""])
+    md_path = args.md_out or out_dir / "overhead.md"
+    json_path = save_json({"command": args.command, "environment": env, "budget": asdict(budget),
+                           "wall_time_s": wall, "overhead": rows}, out_dir / "overhead.json")
+    tmp = md_path.with_suffix(".md.tmp")
+    tmp.write_text(md)
+    os.replace(tmp, md_path)
+    print(md)
+    return {"overhead": rows, "markdown": md, "files": [md_path], "json": json_path}
 
 
 if __name__ == "__main__":
