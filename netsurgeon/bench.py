@@ -37,13 +37,38 @@ import torch.nn.functional as F
 
 from .errors import InvalidArgumentError
 
-__all__ = ["RunResult", "SweepResult", "train_run", "lr_sweep", "steps_to_loss", "smooth",
+__all__ = ["RunResult", "SweepResult", "ModelOptimizer", "train_run", "lr_sweep", "steps_to_loss", "smooth",
            "write_table_md", "plot_curves", "save_json", "DIVERGENCE_FACTOR"]
 
 DIVERGENCE_FACTOR = 1e3
 """A run diverges when its loss is non-finite or exceeds this multiple of the first loss."""
 
-OptimizerSpec = str | Callable[[Any, float], torch.optim.Optimizer]
+
+@dataclass(frozen=True)
+class ModelOptimizer:
+    """An optimizer factory that needs the model, not its parameters: ``factory(model, lr)``.
+
+    For optimizers that register hooks on the layers, such as
+    :class:`netsurgeon.optim.LayerwiseLM`. A plain callable passed as ``optimizer`` keeps
+    receiving ``(params, lr)``.
+
+    Example:
+        >>> from netsurgeon.optim import LayerwiseLM
+        >>> lm = ModelOptimizer(lambda model, lr: LayerwiseLM(model, lr=lr), "lm")
+        >>> train_run(lambda seed: nn.Linear(8, 2), (torch.randn(64, 8), torch.randint(0, 2, (64,)),
+        ...           torch.randn(8, 8), torch.randint(0, 2, (8,))), optimizer=lm, lr=0.1, steps=2,
+        ...           batch_size=16, seed=0, eval_every=None).optimizer
+        'lm'
+    """
+
+    factory: Callable[[nn.Module, float], torch.optim.Optimizer]
+    name: str
+
+    def __call__(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        return self.factory(model, lr)
+
+
+OptimizerSpec = str | ModelOptimizer | Callable[[Any, float], torch.optim.Optimizer]
 LossSpec = str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
 
@@ -144,15 +169,19 @@ def smooth(values: Sequence[float], beta: float = 0.9) -> list[float]:
     return out
 
 
-def _make_optimizer(spec: OptimizerSpec, params: Any, lr: float, momentum: float,
+def _make_optimizer(spec: OptimizerSpec, model: nn.Module, lr: float, momentum: float,
                     weight_decay: float) -> tuple[torch.optim.Optimizer, str]:
+    if isinstance(spec, ModelOptimizer):
+        return spec(model, lr), spec.name
+    params = model.parameters()
     if callable(spec):
         return spec(params, lr), getattr(spec, "__name__", type(spec).__name__)
     if spec == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay), "sgd"
     if spec == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay), "adam"
-    raise InvalidArgumentError(f"optimizer={spec!r}: expected 'sgd', 'adam' or a callable (params, lr) -> Optimizer")
+    raise InvalidArgumentError(f"optimizer={spec!r}: expected 'sgd', 'adam', a callable (params, lr) -> Optimizer "
+                               "or a ModelOptimizer")
 
 
 @torch.no_grad()
@@ -187,8 +216,10 @@ def train_run(model_fn: Callable[[int], nn.Module],
     Args:
         model_fn: builds the model from the seed.
         data: ``(x_train, y_train, x_test, y_test)``.
-        optimizer: "sgd" (with ``momentum``), "adam", or a callable ``(params, lr)``
-            returning an optimizer (``momentum`` and ``weight_decay`` are then ignored).
+        optimizer: "sgd" (with ``momentum``), "adam", a callable ``(params, lr)``
+            returning an optimizer, or a :class:`ModelOptimizer` (called with the model
+            instead of its parameters); for the last two ``momentum`` and ``weight_decay``
+            are ignored.
         lr: learning rate.
         steps: optimizer steps, > 0.
         batch_size: examples per step, 1 ≤ batch_size ≤ len(x_train).
@@ -229,7 +260,7 @@ def _train(model: nn.Module, data: tuple[torch.Tensor, ...], optimizer: Optimize
            batch_size: int, seed: int, eval_every: int, momentum: float, weight_decay: float,
            loss_fn: Callable, smoothing: float) -> RunResult:
     x_train, y_train, x_test, y_test = data
-    opt, name = _make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
+    opt, name = _make_optimizer(optimizer, model, lr, momentum, weight_decay)
     res = RunResult(name, lr, seed, batch_size, steps, num_params=sum(p.numel() for p in model.parameters()))
     gen = torch.Generator().manual_seed(seed)
     order, pos = torch.empty(0, dtype=torch.long), 0

@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from netsurgeon.bench import (RunResult, lr_sweep, plot_curves, save_json, smooth, steps_to_loss, train_run,
-                              write_table_md)
+from netsurgeon.bench import (ModelOptimizer, RunResult, lr_sweep, plot_curves, save_json, smooth, steps_to_loss,
+                              train_run, write_table_md)
 from netsurgeon.data import data_root, load_dataset
 from netsurgeon.errors import DataNotFoundError, InvalidArgumentError
+from netsurgeon.optim import LayerwiseLM
 
 
 def require_data_root() -> Path:
@@ -89,6 +90,24 @@ def test_custom_optimizer_adam_and_mse_loss():
         train_run(linear, data, optimizer="lbfgs", lr=0.1, steps=5, batch_size=32, seed=0, eval_every=None)
     with pytest.raises(InvalidArgumentError, match="batch_size"):
         train_run(linear, data, optimizer="sgd", lr=0.1, steps=5, batch_size=10_000, seed=0, eval_every=None)
+
+
+def test_model_optimizer_gets_the_model():
+    seen = []
+
+    def factory(model, lr):
+        seen.append(model)
+        return torch.optim.SGD(model.parameters(), lr=lr)
+
+    run = train_run(linear, toy_data(), optimizer=ModelOptimizer(factory, "mine"), lr=0.1, steps=3, batch_size=32,
+                    seed=0, eval_every=None)
+    assert run.optimizer == "mine" and len(seen) == 1 and isinstance(seen[0], nn.Linear)
+    lm = ModelOptimizer(lambda model, lr: LayerwiseLM(model, lr=lr), "layerwise_lm")  # registers hooks on the model
+    sweep = lr_sweep(linear, toy_data(), optimizer=lm, lrs=[0.01, 0.1], seeds=[0, 1], steps=40, batch_size=32,
+                     eval_every=None)
+    assert sweep.optimizer == "layerwise_lm" and sweep.best_lr is not None
+    for r in sweep.best_runs:
+        assert not r.diverged and sum(r.train_loss[-5:]) < 0.7 * sum(r.train_loss[:5])
 
 
 def test_lr_sweep_picks_the_better_lr_and_excludes_diverged():

@@ -37,8 +37,9 @@ def test_train_farkas_quick(tmp_path: Path) -> None:
     md = (tmp_path / "train_farkas.md").read_text()
     results_table = md.split("| configuration | BN |", 1)[1].split("\n\n", 1)[0]
     assert [line.split("|")[1].strip() for line in results_table.splitlines()[2:]] == CONFIGS
-    assert {r["network"] for r in out["overhead"]} == {"bn", "nobn"}
+    assert {r["network"] for r in out["overhead"]} == {"bn", "nobn", "timm resnet18 bn", "timm resnet18 nobn"}
     assert all(r["farkas / plain"] > 0 for r in out["overhead"])
+    assert all(r["Farkas layers"] == 8 for r in out["overhead"] if r["network"].startswith("timm"))
 
     for config in ("bn+farkas", "nobn+farkas"):
         rec = out["records"][config]
