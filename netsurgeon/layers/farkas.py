@@ -78,10 +78,10 @@ class FarkasLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.layer(x)
         b = self.layer.bias
-        shape = (1, -1) + (1,) * (z.dim() - 2)
-        pre = z if b is None else z - b.reshape(shape)
-        z_f = self.effective_bias() - self._aggregate(pre)
-        return torch.cat([z, z_f], dim=1)
+        agg = self._aggregate(z)  # agg(z - b) = agg(z) - agg(b): no full-size subtraction
+        if b is not None:
+            agg = agg - (b.mean() if self.agg == "mean" else b.sum())
+        return torch.cat([z, self.effective_bias() - agg], dim=1)
 
     def extra_repr(self) -> str:
         return f"agg={self.agg}, bias={self.bias_mode}, cutoff={self.cutoff:g}"
