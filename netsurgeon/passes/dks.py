@@ -154,7 +154,8 @@ def _prepare(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | None
                    and topo.graph.nodes[n]["signal"]]
         if neutral:
             warnings.warn(f"{what}: {len(neutral)} product(s) of signals treated as pass-throughs "
-                          f"(approximate targets): {', '.join(neutral[:5])}", stacklevel=3)
+                          f"(approximate targets; gates such as squeeze-excite can shrink q far below 1, "
+                          f"check with netsurgeon.analyze): {', '.join(neutral[:5])}", stacklevel=3)
     return ideal, sites
 
 
