@@ -5,8 +5,10 @@ from .dks import DKS, TAT
 from .farkas import Farkas
 from .identity import IdentityReparam, IdentityResidual
 from .init import OrthogonalInit
+from .input_norm import InputNorm
+from .pooling import MaxPoolToAvgPool
 from .strip_bn import StripBN
-from .structure import InputNorm, MaxPoolToAvgPool, NormalizeSums, RemoveSkips
+from .sums import NormalizeSums, RemoveSkips
 
 __all__ = ["DKS", "Farkas", "IdentityReparam", "IdentityResidual", "InputNorm", "MaxPoolToAvgPool", "ModulusPass",
            "NormalizeSums", "OrthogonalInit", "Pass", "PassSpec", "RMSNormPass", "RemoveSkips", "StripBN", "TAT",

@@ -1,11 +1,9 @@
-"""Structure passes for Deep Kernel Shaping (Martens et al., 2021, arXiv:2110.01765; MATH.md §4).
+"""``normalize_sums`` and ``remove_skips``: the sum structure that Deep Kernel Shaping needs
+(Martens et al., 2021, arXiv:2110.01765; MATH.md §4).
 
 * ``normalize_sums``: every sum ``Σ w_i h_i`` gets ``Σ w_i² = 1``; residual sums give the
   shortcut ``w_s² = shortcut_weight2`` (0.8, the DKS paper's choice) and share the rest.
 * ``remove_skips``: residual blocks become plain chains (the branch alone).
-* ``maxpool_to_avgpool``: max pooling (no kernel map, MATH.md §3) becomes average pooling.
-* ``input_norm``: a :class:`~netsurgeon.layers.LocationNorm` after every tensor input,
-  so that ``q = 1`` at every input location.
 
 A sum written as a chain of binary adds (``a + b + c``) is one sum when every inner
 add feeds only the next one. Each sum is rewritten as ``operator.mul(h_i, w_i)`` nodes
@@ -26,27 +24,21 @@ import operator
 import networkx as nx
 import torch
 import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
-from timm.layers.pool2d_same import MaxPool2dSame
 
 from ..errors import PassOptionError
 from ..graph import MergeBlock, Topology, op_info
-from ..layers import ExclusiveAvgPool2dSame, LocationNorm
 from ..ops import OpKind
 from ..ops.torch_ops import arg
 from ..report import PassRecord, Preservation
-from ._edit import set_submodule
 from .base import Pass, register_pass
 
-__all__ = ["NormalizeSums", "RemoveSkips", "MaxPoolToAvgPool", "InputNorm"]
+__all__ = ["NormalizeSums", "RemoveSkips"]
 
 _WEIGHT_KINDS = (OpKind.LINEAR, OpKind.CONV)
 _COUNTED_KINDS = _WEIGHT_KINDS + (OpKind.ACTIVATION, OpKind.NORM, OpKind.MULTIPLY, OpKind.OTHER)
 _INPLACE_FNS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
 
 
-# ====================================================================== sums
 @dataclasses.dataclass
 class _Term:
     """One term ``coef · base`` of a sum: ``operand`` is the add's own argument and
@@ -300,217 +292,3 @@ class RemoveSkips(Pass):
         if not record.changes and not record.skipped:
             record.note("no residual block in the model")
         return gm
-
-
-# ====================================================================== pooling
-_MODULE_SWAP: dict[type, type] = {nn.MaxPool1d: nn.AvgPool1d, nn.MaxPool2d: nn.AvgPool2d,
-                                  nn.MaxPool3d: nn.AvgPool3d}
-_ADAPTIVE_MODULE_SWAP: dict[type, type] = {nn.AdaptiveMaxPool1d: nn.AdaptiveAvgPool1d,
-                                           nn.AdaptiveMaxPool2d: nn.AdaptiveAvgPool2d,
-                                           nn.AdaptiveMaxPool3d: nn.AdaptiveAvgPool3d}
-_FN_SWAP = {F.max_pool1d: F.avg_pool1d, F.max_pool2d: F.avg_pool2d, F.max_pool3d: F.avg_pool3d}
-_ADAPTIVE_FN_SWAP = {F.adaptive_max_pool1d: F.adaptive_avg_pool1d, F.adaptive_max_pool2d: F.adaptive_avg_pool2d,
-                     F.adaptive_max_pool3d: F.adaptive_avg_pool3d}
-_MAX_POOL_TYPES = ("max", "adaptive_max", "max_reduce")
-_WHY_EXCLUSIVE = ("count_include_pad=False: max pooling pads with -inf, so padding never counts; the average "
-                  "likewise runs over the in-bounds elements only")
-
-
-def _all_one(value: object) -> bool:
-    return all(v == 1 for v in value) if isinstance(value, (tuple, list)) else value == 1
-
-
-def _avg_module(m: nn.Module) -> tuple[nn.Module | None, str]:
-    """The average-pooling counterpart of a max-pooling module, or None and why not."""
-    if getattr(m, "return_indices", False):
-        return None, "it returns indices (used by an unpooling layer)"
-    if isinstance(m, MaxPool2dSame):
-        if not _all_one(m.dilation):
-            return None, f"dilation {m.dilation}: average pooling has no dilation"
-        return ExclusiveAvgPool2dSame(m.kernel_size, m.stride, m.ceil_mode), _WHY_EXCLUSIVE
-    adaptive = _counterpart(m, _ADAPTIVE_MODULE_SWAP)
-    if adaptive is not None:
-        return adaptive(m.output_size), "adaptive average over the same output grid"
-    plain = _counterpart(m, _MODULE_SWAP)
-    if plain is None:
-        return None, f"{type(m).__name__} is not a max-pooling type this pass knows"
-    if not _all_one(m.dilation):
-        return None, f"dilation {m.dilation}: average pooling has no dilation"
-    return plain(m.kernel_size, m.stride, m.padding, m.ceil_mode, count_include_pad=False), _WHY_EXCLUSIVE
-
-
-def _counterpart(m: nn.Module, table: dict[type, type]) -> type | None:
-    """The average type for ``m``'s max type, when ``m`` runs that type's own forward."""
-    return next((avg for mx, avg in table.items() if isinstance(m, mx) and type(m).forward is mx.forward), None)
-
-
-def _avg_call(node: fx.Node) -> tuple[object, tuple, dict, str] | str:
-    """``(target, args, kwargs, why)`` of the average pooling replacing a functional or
-    method max pooling (same op type), or why there is none."""
-    x = node.args[0]
-    if node.target in _FN_SWAP:
-        if arg(node, 6, "return_indices", False) or not _all_one(arg(node, 4, "dilation", 1)):
-            return "it returns indices or is dilated"
-        kwargs = {"stride": arg(node, 2, "stride"), "padding": arg(node, 3, "padding", 0),
-                  "ceil_mode": arg(node, 5, "ceil_mode", False), "count_include_pad": False}
-        return _FN_SWAP[node.target], (x, arg(node, 1, "kernel_size")), kwargs, _WHY_EXCLUSIVE
-    if node.target in _ADAPTIVE_FN_SWAP:
-        if arg(node, 2, "return_indices", False):
-            return "it returns indices"
-        return _ADAPTIVE_FN_SWAP[node.target], (x, arg(node, 1, "output_size")), {}, "adaptive average, same grid"
-    if node.target == "max" and len(node.args) == 1 and not node.kwargs:
-        return "mean", (x,), {}, "mean over all elements"
-    dim = arg(node, 1, "dim")
-    if node.target in ("amax", torch.amax) and dim:
-        target = "mean" if node.op == "call_method" else torch.mean
-        return target, (x, dim), {"keepdim": arg(node, 2, "keepdim", False)}, "mean over the same dims"
-    return f"{node.format_node()} is not a max pooling this pass can rewrite (max over a dim returns indices too)"
-
-
-def _call_text(target: object, args: tuple, kwargs: dict) -> str:
-    """``name(arguments after the input)``, e.g. ``avg_pool2d(3, stride=2)``."""
-    name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-    parts = [repr(a) for a in args[1:]] + [f"{k}={v!r}" for k, v in kwargs.items()]
-    return f"{name}({', '.join(parts)})"
-
-
-@register_pass
-@dataclasses.dataclass
-class MaxPoolToAvgPool(Pass):
-    """Replace every max pooling by the average pooling over the same windows.
-
-    ``nn.MaxPool{1,2,3}d`` and ``F.max_pool*`` become ``AvgPool`` with the same kernel,
-    stride, padding and ceil_mode and ``count_include_pad=False``: max pooling pads with
-    ``-inf``, so padded positions never count, and the average should not count them
-    either (counting zeros would also shrink ``q`` at the borders). timm's
-    ``MaxPool2dSame`` becomes :class:`~netsurgeon.layers.ExclusiveAvgPool2dSame`;
-    adaptive max pooling (timm ``SelectAdaptivePool2d`` with ``max``, ``avgmax``,
-    ``catavgmax`` and the ``fast*`` variants) becomes adaptive average pooling / ``mean``.
-    Dilated pools, pools returning indices and unknown max-like ops are reported by name.
-    """
-
-    name = "maxpool_to_avgpool"
-    summary = "replace max pooling by average pooling over the same windows (padding not counted)"
-    preserves = Preservation.NONE
-
-    def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
-            ) -> fx.GraphModule:
-        Topology(gm)
-        self._report_hidden(gm, record)
-        swapped: dict[str, str] = {}
-        for node in list(gm.graph.nodes):
-            info = op_info(node)
-            if info.kind is OpKind.POOL and info.attrs.get("pool_type") in _MAX_POOL_TYPES:
-                self._convert(gm, node, record, swapped)
-            elif info.kind is OpKind.OTHER and "maxpool" in info.name.lower().replace("_", ""):
-                record.skip(node.name, f"unrecognised max-pooling op {node.format_node()}: not rewritten")
-        if not record.changes and not record.skipped:
-            record.note("no max pooling in the model")
-        return gm
-
-    @staticmethod
-    def _convert(gm: fx.GraphModule, node: fx.Node, record: PassRecord, swapped: dict[str, str]) -> None:
-        if node.op == "call_module":
-            if node.target not in swapped:
-                old = gm.get_submodule(node.target)
-                new, why = _avg_module(old)
-                if new is None:
-                    record.skip(node.name, f"{type(old).__name__} {node.target}: {why}")
-                    return
-                set_submodule(gm, node.target, new)
-                swapped[node.target] = f"{type(old).__name__} -> {new!r}"
-                record.change(node.name, swapped[node.target], why)
-            else:
-                record.change(node.name, swapped[node.target], "module already replaced at an earlier call")
-            return
-        call = _avg_call(node)
-        if isinstance(call, str):
-            record.skip(node.name, call)
-            return
-        target, args, kwargs, why = call
-        with gm.graph.inserting_before(node):
-            new = gm.graph.create_node(node.op, target, args, kwargs)
-        new.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
-        record.change(node.name, f"{_call_text(node.target, node.args, node.kwargs)} -> "
-                                 f"{_call_text(target, args, kwargs)}", why)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-
-    @staticmethod
-    def _report_hidden(gm: fx.GraphModule, record: PassRecord) -> None:
-        """Max pools inside opaque leaf modules cannot be reached: say so by name."""
-        called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-        for path in sorted(called):
-            leaf = gm.get_submodule(path)
-            for sub_name, sub in leaf.named_modules():
-                if sub_name and isinstance(sub, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)):
-                    record.skip(f"{path}.{sub_name}", f"inside the opaque module {path} ({type(leaf).__name__}), "
-                                                     f"which tracing kept as a leaf; not rewritten")
-
-
-# ====================================================================== inputs
-@register_pass
-@dataclasses.dataclass
-class InputNorm(Pass):
-    """Insert a :class:`~netsurgeon.layers.LocationNorm` right after every tensor input.
-
-    Each location's channel vector is scaled to norm ``sqrt(channels)``, so ``q = 1`` at
-    every input location (DKS, MATH.md §4). The op registry classifies the module as
-    an RMS norm without gain, which the analysis maps to ``q = 1``, ``c`` unchanged.
-
-    Args:
-        dim: the channel dimension of the inputs; ``-1`` for channels-last. Default: 1.
-        eps: added to the per-location mean square. Default: 1e-6.
-    """
-
-    name = "input_norm"
-    summary = "normalize every input location's channel vector to norm sqrt(channels) (q = 1)"
-    preserves = Preservation.NONE
-    dim: int = 1
-    eps: float = 1e-6
-
-    def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
-            ) -> fx.GraphModule:
-        topo = Topology(gm)
-        inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-        targets = []
-        for i, node in enumerate(inputs):
-            example = example_inputs[i] if example_inputs is not None and i < len(example_inputs) else None
-            why = self._obstacle(node, topo, example)
-            if why is None:
-                targets.append(node)
-            else:
-                record.skip(node.name, why)
-        for node in targets:
-            path = _free_attr(gm, "input_norm" if len(targets) == 1 else f"input_norm_{node.name}")
-            gm.add_submodule(path, LocationNorm(self.dim, self.eps))
-            with gm.graph.inserting_before(first):
-                norm = gm.graph.call_module(path, (node,))
-            node.replace_all_uses_with(norm, delete_user_cb=lambda user: user is not norm)
-            record.change(node.name, f"inserted {path} = LocationNorm(dim={self.dim}, eps={self.eps:g})",
-                          "q = 1 at every input location")
-        return gm
-
-    def _obstacle(self, node: fx.Node, topo: Topology, example: torch.Tensor | None) -> str | None:
-        if not topo.graph.nodes[node.name]["signal"]:
-            return f"not a tensor input (default {node.args[0]!r})"
-        if not node.users:
-            return "input not used"
-        if all(u.op == "call_module" and isinstance(topo.gm.get_submodule(u.target), LocationNorm)
-               for u in node.users):
-            return "already followed by a LocationNorm"
-        if example is not None and not example.is_floating_point():
-            return f"example input has dtype {example.dtype} (indices, not features)"
-        if example is not None and not -example.dim() <= self.dim < example.dim():
-            return f"example input of shape {tuple(example.shape)} has no dim {self.dim}"
-        return None
-
-
-def _free_attr(gm: nn.Module, name: str) -> str:
-    """``name``, or ``name_1``, ``name_2``... when taken."""
-    candidate, i = name, 0
-    while hasattr(gm, candidate):
-        i += 1
-        candidate = f"{name}_{i}"
-    return candidate

@@ -1,0 +1,84 @@
+"""``input_norm``: a :class:`~netsurgeon.layers.LocationNorm` after every tensor input, so that
+``q = 1`` at every input location (Deep Kernel Shaping's input normalization, MATH.md §4).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..graph import Topology
+from ..layers import LocationNorm
+from ..report import PassRecord, Preservation
+from .base import Pass, register_pass
+
+__all__ = ["InputNorm"]
+
+
+@register_pass
+@dataclasses.dataclass
+class InputNorm(Pass):
+    """Insert a :class:`~netsurgeon.layers.LocationNorm` right after every tensor input.
+
+    Each location's channel vector is scaled to norm ``sqrt(channels)``, so ``q = 1`` at
+    every input location (DKS, MATH.md §4). The op registry classifies the module as
+    an RMS norm without gain, which the analysis maps to ``q = 1``, ``c`` unchanged.
+
+    Args:
+        dim: the channel dimension of the inputs; ``-1`` for channels-last. Default: 1.
+        eps: added to the per-location mean square. Default: 1e-6.
+    """
+
+    name = "input_norm"
+    summary = "normalize every input location's channel vector to norm sqrt(channels) (q = 1)"
+    preserves = Preservation.NONE
+    dim: int = 1
+    eps: float = 1e-6
+
+    def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
+            ) -> fx.GraphModule:
+        topo = Topology(gm)
+        inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+        targets = []
+        for i, node in enumerate(inputs):
+            example = example_inputs[i] if example_inputs is not None and i < len(example_inputs) else None
+            why = self._obstacle(node, topo, example)
+            if why is None:
+                targets.append(node)
+            else:
+                record.skip(node.name, why)
+        for node in targets:
+            path = _free_attr(gm, "input_norm" if len(targets) == 1 else f"input_norm_{node.name}")
+            gm.add_submodule(path, LocationNorm(self.dim, self.eps))
+            with gm.graph.inserting_before(first):
+                norm = gm.graph.call_module(path, (node,))
+            node.replace_all_uses_with(norm, delete_user_cb=lambda user: user is not norm)
+            record.change(node.name, f"inserted {path} = LocationNorm(dim={self.dim}, eps={self.eps:g})",
+                          "q = 1 at every input location")
+        return gm
+
+    def _obstacle(self, node: fx.Node, topo: Topology, example: torch.Tensor | None) -> str | None:
+        if not topo.graph.nodes[node.name]["signal"]:
+            return f"not a tensor input (default {node.args[0]!r})"
+        if not node.users:
+            return "input not used"
+        if all(u.op == "call_module" and isinstance(topo.gm.get_submodule(u.target), LocationNorm)
+               for u in node.users):
+            return "already followed by a LocationNorm"
+        if example is not None and not example.is_floating_point():
+            return f"example input has dtype {example.dtype} (indices, not features)"
+        if example is not None and not -example.dim() <= self.dim < example.dim():
+            return f"example input of shape {tuple(example.shape)} has no dim {self.dim}"
+        return None
+
+
+def _free_attr(gm: nn.Module, name: str) -> str:
+    """``name``, or ``name_1``, ``name_2``... when taken."""
+    candidate, i = name, 0
+    while hasattr(gm, candidate):
+        i += 1
+        candidate = f"{name}_{i}"
+    return candidate
