@@ -22,6 +22,7 @@ Example:
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -31,6 +32,46 @@ import torch.nn as nn
 __all__ = ["LayerwiseLM"]
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _block_diagonal_product(g: torch.Tensor, chunks: list[torch.Tensor], blocks: list[torch.Tensor]) -> torch.Tensor:
+    """``g`` (``[out, in, ...]``) times the block-diagonal matrix whose blocks act on the input
+    units ``chunks[i]``: ``out·in·chunk`` multiply-adds per kernel tap instead of ``out·in²``.
+    The input dim is permuted into chunk order once, full chunks go through one batched
+    matmul, and the result is permuted back."""
+    blocks = [b.to(g.dtype) for b in blocks]
+    if len(chunks) == 1:
+        return torch.einsum("oi...,ij->oj...", g, blocks[0])
+    n, c = g.shape[1], chunks[0].numel()
+    perm = torch.cat(chunks)
+    rows = g.index_select(1, perm).movedim(1, -1).reshape(-1, n)  # [out·taps, in], chunk order
+    full = next((i for i, ch in enumerate(chunks) if ch.numel() != c), len(chunks))  # leading equal chunks
+    out = torch.empty_like(rows)
+    head = rows[:, : full * c].reshape(-1, full, c).transpose(0, 1)  # [full, out·taps, c]
+    out[:, : full * c] = torch.bmm(head, torch.stack(blocks[:full])).transpose(0, 1).reshape(-1, full * c)
+    start = full * c
+    for ch, block in zip(chunks[full:], blocks[full:]):  # the rest (torch's split: one shorter chunk)
+        out[:, start:start + ch.numel()] = rows[:, start:start + ch.numel()] @ block
+        start += ch.numel()
+    out = out.reshape(*g.shape[:1], *g.shape[2:], n).movedim(-1, 1)
+    return torch.empty_like(g).index_copy_(1, perm, out)
+
+
+class _CaptureHook:
+    """The forward pre-hook: forwards to the optimizer through a weak reference, so a model
+    outlives its optimizer, and a deep copy of the model (an EMA copy, a snapshot) gets an
+    inert hook instead of a copy of the optimizer."""
+
+    def __init__(self, opt: "LayerwiseLM | None") -> None:
+        self._opt = weakref.ref(opt) if opt is not None else None
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        opt = self._opt() if self._opt is not None else None
+        if opt is not None:
+            opt._capture(module, args)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_CaptureHook":
+        return _CaptureHook(None)
 
 
 class LayerwiseLM(torch.optim.Optimizer):
@@ -69,24 +110,34 @@ class LayerwiseLM(torch.optim.Optimizer):
         for m in model.modules():
             if isinstance(m, _LAYERS) and getattr(m, "groups", 1) == 1 and m.weight.requires_grad:
                 self._layers[m.weight] = m
-                self._hooks.append(m.register_forward_pre_hook(self._capture))
+                self._hooks.append(m.register_forward_pre_hook(_CaptureHook(self)))
 
     # ------------------------------------------------------------------ statistics
     def _capture(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if not module.training or not torch.is_grad_enabled():
             return
         x = args[0].detach()
-        rows = x.reshape(-1, x.shape[-1]) if isinstance(module, nn.Linear) else x.movedim(1, -1).reshape(-1, x.shape[1])
-        if self.subsample < 1:
-            n = max(1, int(round(rows.shape[0] * self.subsample)))
-            idx = torch.randperm(rows.shape[0], generator=self._gen)[:n].to(rows.device)
-            rows = rows[idx]
-        rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
-        a = rows.T @ rows / rows.shape[0]
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        if isinstance(module, nn.Linear):
+            rows = self._every_kth(x.reshape(-1, x.shape[-1]), 0).to(dtype)
+            a = rows.T @ rows / rows.shape[0]
+        else:  # [B, C, L]: pixels pooled without moving channels last (no copy of the input)
+            f = x.reshape(x.shape[0], x.shape[1], -1)
+            f = self._every_kth(f, 2 if f.shape[2] > 1 else 0).to(dtype)
+            a = torch.einsum("bcl,bdl->cd", f, f) / (f.shape[0] * f.shape[2])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(a)
             a /= dist.get_world_size()
         self._batch[module.weight] = a
+
+    def _every_kth(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """A uniform subsample of ``t`` along ``dim`` at rate ``subsample``: every k-th entry from a
+        random start (a strided view, so nothing is gathered)."""
+        if self.subsample >= 1:
+            return t
+        k = min(max(1, round(1 / self.subsample)), t.shape[dim])
+        start = int(torch.randint(k, (1,), generator=self._gen))
+        return t.narrow(dim, start, t.shape[dim] - start)[(slice(None),) * dim + (slice(None, None, k),)]
 
     def _chunks(self, state: dict[str, Any], n: int, device: torch.device) -> list[torch.Tensor]:
         if "chunks" not in state:
@@ -97,16 +148,16 @@ class LayerwiseLM(torch.optim.Optimizer):
                 state["chunks"] = list(perm.split(self.chunk_size))
         return state["chunks"]
 
-    def _inverse(self, state: dict[str, Any], damping: float) -> torch.Tensor:
+    def _inverse(self, state: dict[str, Any], damping: float) -> list[torch.Tensor]:
+        """``(A + λ·mean eig·I)^(-1)`` on each chunk of inputs: one ``[c, c]`` block per chunk,
+        in the order of ``state["chunks"]`` (a single block when there is no chunking)."""
         a = state["A"]
-        n = a.shape[0]
-        inv = torch.zeros_like(a)
-        eye = torch.eye(n, dtype=a.dtype, device=a.device)
         scale = float(a.diagonal().mean()) or 1.0  # λ relative to the mean eigenvalue: scale-free damping
-        for idx in self._chunks(state, n, a.device):
-            block = a[idx][:, idx] + damping * scale * eye[: len(idx), : len(idx)]
-            inv[idx.unsqueeze(1), idx.unsqueeze(0)] = torch.linalg.inv(block)
-        return inv
+        chunks = self._chunks(state, a.shape[0], a.device)
+        if len(chunks) == 1:
+            return [torch.linalg.inv(a + damping * scale * torch.eye(a.shape[0], dtype=a.dtype, device=a.device))]
+        return [torch.linalg.inv(a[idx][:, idx] + damping * scale * torch.eye(len(idx), dtype=a.dtype, device=a.device))
+                for idx in chunks]
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -142,8 +193,15 @@ class LayerwiseLM(torch.optim.Optimizer):
         state["steps"] = state.get("steps", 0) + 1
         if "inverse" not in state or (state["steps"] - 1) % self.update_every == 0:
             state["inverse"] = self._inverse(state, group["damping"])
-        inv = state["inverse"].to(g.dtype)
-        return torch.einsum("oi...,ij->oj...", g, inv)
+        return _block_diagonal_product(g, state["chunks"], state["inverse"])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`torch.optim.Optimizer.load_state_dict`, then the chunk indices, which torch
+        casts to the parameters' float dtype, back to integers."""
+        super().load_state_dict(state_dict)
+        for st in self.state.values():
+            if "chunks" in st:
+                st["chunks"] = [c.long() for c in st["chunks"]]
 
     def remove_hooks(self) -> None:
         """Detach the statistics hooks from the model (after training)."""
