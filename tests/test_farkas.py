@@ -193,3 +193,17 @@ def test_block_mode_widens_stages_exactly_and_keeps_block_outputs_alive(name):
 def test_block_mode_needs_residual_blocks():
     with pytest.raises(PassError, match="no residual block"):
         netsurgeon.transform(mlp([16, 8]), passes=[("farkas", {"mode": "block"})])
+
+
+def test_conv_feeding_flatten_and_linear_widens_the_linear_by_the_spatial_size():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Dropout(0.1), nn.Flatten(), nn.Linear(4 * 3 * 3, 5)).eval()
+    x = torch.randn(6, 3, 5, 5)
+    gm = netsurgeon.transform(model, passes=[("farkas", {"consumer_init": "zero"})], example_inputs=x[:1])
+    linear = [m for m in gm.modules() if isinstance(m, nn.Linear)]
+    assert len(linear) == 1 and linear[0].in_features == (4 + 1) * 3 * 3  # one channel of 3x3 more
+    with torch.no_grad():
+        torch.testing.assert_close(gm.eval()(x), model(x), rtol=1e-5, atol=1e-6)
+    assert_alive(gm, -100 * torch.ones(2, 3, 5, 5))
+    rec = netsurgeon.report(netsurgeon.transform(model, passes=["farkas"])).passes[-1]  # no inputs: no spatial size
+    assert not rec.changes and any(s.node == "_0" and "flattens" in s.why for s in rec.skipped)
