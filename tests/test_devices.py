@@ -141,3 +141,31 @@ def test_trains_the_same_twice_on_cpu(case, optimizer):
 @pytest.mark.parametrize("case", list(CASES))
 def test_trains_the_same_on_cuda(case, optimizer, exact_cuda):
     _check(case, optimizer, "cuda")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiles_without_graph_breaks_and_matches_eager(case):
+    """``torch.compile(fullgraph=True)`` traces every pass family's layers in one graph (the
+    ``aot_eager`` backend: Dynamo and AOT autograd without C++ code generation, which the
+    inductor test in test_training_module.py covers) and gives the eager gradients and outputs."""
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    gm = _build(case)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+    eager = copy.deepcopy(gm).train()
+    compiled = torch.compile(gm.train(), backend="aot_eager", fullgraph=True)
+    F.cross_entropy(compiled(x), y).backward()
+    F.cross_entropy(eager(x), y).backward()
+    grads = {n: p.grad for n, p in eager.named_parameters()}
+    for n, p in gm.named_parameters():
+        if grads[n] is None:
+            assert p.grad is None, n
+        else:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-5, msg=n)
+    torch.testing.assert_close(dict(gm.named_buffers()), dict(eager.named_buffers()), rtol=1e-5, atol=1e-6)
+    gm.eval()
+    eager.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()

@@ -30,8 +30,9 @@ class MinimalRMSNorm(nn.Module):
         if self.training:
             with torch.no_grad():
                 rms = (x.detach().pow(2).mean() + self.eps).sqrt()
-                first = bool(self.num_batches_tracked == 0)
-                new = rms if first else (1 - self.momentum) * self.running_rms + self.momentum * rms
+                # the first batch sets the average; a tensor condition, so torch.compile needs no guard
+                new = torch.where(self.num_batches_tracked == 0, rms,
+                                  (1 - self.momentum) * self.running_rms + self.momentum * rms)
                 self.running_rms.copy_(new)
                 self.num_batches_tracked.add_(1)
         return x / self.running_rms.detach().to(x.dtype)
