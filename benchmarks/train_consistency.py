@@ -63,7 +63,6 @@ import dataclasses
 import importlib.util
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -76,7 +75,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import netsurgeon
-from netsurgeon.bench import ModelOptimizer, RunResult, plot_curves, save_json, steps_to_loss, train_run, write_table_md
+from netsurgeon.bench import (ModelOptimizer, RunResult, environment, plot_curves,
+                              save_json, steps_to_loss, torch_threads, train_run, write_table_md)
 from netsurgeon.data import load_dataset
 from netsurgeon.optim import LayerwiseLM
 
@@ -393,17 +393,6 @@ def _run_dict(r: RunResult, target: float) -> dict[str, Any]:
             "train_loss": [float(f"{v:.5g}") for v in r.train_loss]}
 
 
-def _environment(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
-            "python": platform.python_version(), "nice": os.nice(0)}
-
-
 def _grid_text(part: Part) -> str:
     texts = []
     for opt, by_c in part.lrs.items():
@@ -498,12 +487,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "files": [Path, ...], "json": Path}``.
     """
     args = _parse(argv)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _main(args)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:
@@ -511,7 +496,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path: Path = args.md_out or out_dir / "train_consistency.md"
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    env = _environment(args.threads)
+    env = environment(args.threads)
     seeds = list(range(args.seeds))
     parts: dict[str, Part] = args.parts_cfg
     rows: dict[str, list[dict[str, Any]]] = {}

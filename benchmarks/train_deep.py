@@ -59,7 +59,6 @@ import argparse
 import dataclasses
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -71,7 +70,8 @@ import torch
 import torch.nn as nn
 
 import netsurgeon
-from netsurgeon.bench import RunResult, lr_sweep, plot_curves, save_json, steps_to_loss, train_run, write_table_md
+from netsurgeon.bench import (RunResult, environment, lr_sweep, plot_curves,
+                              save_json, steps_to_loss, torch_threads, train_run, write_table_md)
 from netsurgeon.data import load_dataset
 
 __all__ = ["CONFIGS", "FAMILIES", "FamilyBudget", "ConfigResult", "build_network", "make_model_fn",
@@ -381,15 +381,7 @@ def _run_dict(r: RunResult, steps: int) -> dict[str, Any]:
 
 
 def _environment(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
-            "python": platform.python_version(), "nice": os.nice(0) if hasattr(os, "nice") else None,
-            "passes": netsurgeon.list_passes()}
+    return {**environment(threads), "passes": netsurgeon.list_passes()}
 
 
 def _grid_text(grids: dict[str, tuple[float, ...]]) -> str:
@@ -479,12 +471,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ``{"rows": {family: [row, ...]}, "markdown": str, "files": [Path, ...], "json": Path}``.
     """
     args = _parse(argv)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _main(args)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:

@@ -47,7 +47,6 @@ import argparse
 import copy
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -59,7 +58,8 @@ import torch
 import torch.nn as nn
 
 import netsurgeon
-from netsurgeon.bench import RunResult, lr_sweep, plot_curves, save_json, steps_to_loss, train_run, write_table_md
+from netsurgeon.bench import (RunResult, environment, lr_sweep, plot_curves,
+                              save_json, steps_to_loss, torch_threads, train_run, write_table_md)
 from netsurgeon.data import load_dataset
 
 __all__ = ["CONFIGS", "Budget", "BasicBlock", "SmallResNet", "build_model", "pass_record", "branch_share", "run_config", "main"]
@@ -302,17 +302,6 @@ def reading(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def _environment(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
-            "python": platform.python_version(), "nice": os.nice(0)}
-
-
 def _markdown(rows: list[dict[str, Any]], sweep: list[dict[str, Any]], records: dict[str, dict[str, Any]],
               args: argparse.Namespace, env: dict[str, Any], figures: list[Path], link_dir: Path, wall: float,
               done: int) -> str:
@@ -424,12 +413,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ``{"rows", "sweep", "records", "shares", "markdown", "files", "json"}``.
     """
     args = _parse(argv)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _main(args)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:
@@ -437,7 +422,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     out_dir: Path = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path: Path = args.md_out or out_dir / "train_identity.md"
-    budget, env, seeds = args.budget, _environment(args.threads), list(range(args.seeds))
+    budget, env, seeds = args.budget, environment(args.threads), list(range(args.seeds))
     start = time.perf_counter()
     data = load_data(budget)
     records = {c: pass_record(c) for c in args.configs}

@@ -20,15 +20,17 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import platform
 import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 from .errors import InvalidArgumentError
 
 __all__ = ["RunResult", "SweepResult", "ModelOptimizer", "train_run", "lr_sweep", "steps_to_loss", "smooth",
-           "write_table_md", "plot_curves", "save_json", "DIVERGENCE_FACTOR"]
+           "write_table_md", "plot_curves", "save_json", "environment", "torch_threads", "DIVERGENCE_FACTOR"]
 
 DIVERGENCE_FACTOR = 1e3
 """A run diverges when its loss is non-finite or exceeds this multiple of the first loss."""
@@ -458,3 +460,34 @@ def save_json(obj: Any, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def environment(threads: int) -> dict[str, Any]:
+    """The machine facts a benchmark record states: CPU model and count, torch threads and
+    version, Python version, and the process's nice value."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
+            "python": platform.python_version(), "nice": os.nice(0) if hasattr(os, "nice") else None}
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)`` (None: unchanged), then restore the old value.
+
+    Example:
+        >>> with torch_threads(1):
+        ...     torch.get_num_threads()
+        1
+    """
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
