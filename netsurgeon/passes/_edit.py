@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-__all__ = ["call_sites", "set_submodule", "bypass", "replace_with_parts", "shapes_from"]
+if TYPE_CHECKING:
+    from ..report import PassRecord
+
+__all__ = ["call_sites", "set_submodule", "bypass", "replace_with_parts", "shapes_from", "report_hidden"]
 
 
 def call_sites(gm: fx.GraphModule) -> Counter:
@@ -70,3 +74,15 @@ def shapes_from(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | N
         gm.train(was)
     return {n.name: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
             if hasattr(n.meta.get("tensor_meta"), "shape")}
+
+
+def report_hidden(gm: fx.GraphModule, record: "PassRecord", kinds: tuple[type, ...], what: str) -> None:
+    """Record as skipped, by path, every ``kinds`` module inside an opaque leaf module that
+    tracing kept whole: the pass cannot reach it (``what`` says what it would have done)."""
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for path in sorted(called):
+        leaf = gm.get_submodule(path)
+        for sub_name, sub in leaf.named_modules():
+            if sub_name and isinstance(sub, kinds):
+                record.skip(f"{path}.{sub_name}", f"inside the opaque module {path} ({type(leaf).__name__}), "
+                                                 f"which tracing kept as a leaf; {what}")

@@ -16,7 +16,7 @@ from ..layers import ExclusiveAvgPool2dSame
 from ..ops import OpKind
 from ..ops.torch_ops import arg
 from ..report import PassRecord, Preservation
-from ._edit import set_submodule
+from ._edit import report_hidden, set_submodule
 from .base import Pass, register_pass
 
 __all__ = ["MaxPoolToAvgPool"]
@@ -115,7 +115,7 @@ class MaxPoolToAvgPool(Pass):
     def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
             ) -> fx.GraphModule:
         Topology(gm)
-        self._report_hidden(gm, record)
+        report_hidden(gm, record, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd), "not rewritten")
         swapped: dict[str, str] = {}
         for node in list(gm.graph.nodes):
             info = op_info(node)
@@ -155,13 +155,3 @@ class MaxPoolToAvgPool(Pass):
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
 
-    @staticmethod
-    def _report_hidden(gm: fx.GraphModule, record: PassRecord) -> None:
-        """Max pools inside opaque leaf modules cannot be reached: say so by name."""
-        called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-        for path in sorted(called):
-            leaf = gm.get_submodule(path)
-            for sub_name, sub in leaf.named_modules():
-                if sub_name and isinstance(sub, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)):
-                    record.skip(f"{path}.{sub_name}", f"inside the opaque module {path} ({type(leaf).__name__}), "
-                                                     f"which tracing kept as a leaf; not rewritten")

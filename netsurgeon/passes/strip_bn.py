@@ -28,7 +28,7 @@ from ..graph import Topology, op_info
 from ..layers import ChannelAffine
 from ..ops import OpKind
 from ..report import PassRecord, Preservation
-from ._edit import bypass, call_sites, replace_with_parts, shapes_from
+from ._edit import bypass, call_sites, replace_with_parts, report_hidden, shapes_from
 from .base import Pass, register_pass
 
 __all__ = ["StripBN"]
@@ -125,7 +125,7 @@ class StripBN(Pass):
             ) -> fx.GraphModule:
         Topology(gm)
         norms = [n for n in gm.graph.nodes if op_info(n).kind is OpKind.NORM and op_info(n).norm.family == "batch"]
-        self._report_hidden(gm, record)
+        report_hidden(gm, record, (nn.modules.batchnorm._BatchNorm,), "not folded or removed")
         if not norms:
             record.note("no batch norm in the model")
             return gm
@@ -143,16 +143,6 @@ class StripBN(Pass):
                 self._fold(gm, node, module, record, shapes, sites)
         return gm
 
-    @staticmethod
-    def _report_hidden(gm: fx.GraphModule, record: PassRecord) -> None:
-        """Batch norms inside opaque leaf modules cannot be reached: say so by name."""
-        called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-        for path in sorted(called):
-            leaf = gm.get_submodule(path)
-            for sub_name, sub in leaf.named_modules():
-                if sub_name and isinstance(sub, nn.modules.batchnorm._BatchNorm):
-                    record.skip(f"{path}.{sub_name}", f"inside the opaque module {path} ({type(leaf).__name__}), "
-                                                     f"which tracing kept as a leaf; not folded or removed")
 
     # -------------------------------------------------------------- remove
     def _remove(self, gm: fx.GraphModule, node: fx.Node, module: nn.Module, record: PassRecord) -> None:
