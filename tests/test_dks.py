@@ -238,7 +238,7 @@ def test_refuses_max_pooling_and_products_by_name():
             h = torch.tanh(self.l(x))
             return h * torch.sigmoid(h)
 
-    with pytest.raises(PassError, match=r"(?s)mul.*products='neutral'"):
+    with pytest.raises(PassError, match=r"(?s)mul.*products='empirical'.*'neutral'"):
         netsurgeon.transform(Gate(), passes=["dks"])
     with pytest.warns(UserWarning, match="pass-through"):
         netsurgeon.transform(Gate(), passes=[("dks", {"products": "neutral"})])
@@ -289,3 +289,65 @@ def test_options_are_validated():
         warnings.simplefilter("error")
         netsurgeon.transform(chain(3, nn.Tanh), passes=[("dks", {"zeta": 3.0})])
     np.testing.assert_allclose(1.0, 1.0)
+
+
+class _GatedNet(nn.Module):
+    """``act(o(h * sigmoid(g(h))))`` with ``h = act(l(x))``: a squeeze-excite-like gate."""
+
+    def __init__(self, act: type[nn.Module] = nn.Tanh, width: int = 256) -> None:
+        super().__init__()
+        self.l, self.g, self.o = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.act1, self.act2 = act(), act()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act1(self.l(x))
+        return self.act2(self.o(h * torch.sigmoid(self.g(h))))
+
+
+@pytest.mark.parametrize("shaping", [("dks", {"products": "empirical"}),
+                                     ("tat", {"products": "empirical", "eta": 0.4})])
+def test_empirical_products_keep_q_and_leave_the_gate_alone(shaping):
+    torch.manual_seed(0)
+    act = nn.Tanh if shaping[0] == "dks" else nn.ReLU
+    x = torch.randn(64, 256)
+    gm = netsurgeon.transform(_GatedNet(act), passes=["orthogonal_init", shaping], example_inputs=x)
+    rec = netsurgeon.report(gm).passes[-1]
+    assert any("products='empirical'" in n and "sigmoid" in n for n in rec.notes), rec.notes
+    code = gm.code
+    assert "torch.sigmoid(g)" in code  # the gate's sigmoid is not reshaped
+    assert sum(isinstance(m, ShapedActivation) for m in gm.modules()) == 2
+    pm = gm.meta["netsurgeon"][shaping[0]]["product_maps"]["mul"]
+    assert 0.05 < pm["q_ratio"] < 0.5  # E[h² σ(g)²] / E[h²]: well below 1, hence the rescale
+    rescale = [n for n in gm.graph.nodes if n.op == "call_function" and n.args and getattr(n.args[0], "name", "") == "mul"]
+    assert rescale and rescale[0].args[1] == pytest.approx(pm["q_ratio"] ** -0.5)
+    a = netsurgeon.analyze(gm, x)
+    for node in ("o", "output"):  # q = 1 again after the product (measured through it)
+        assert a.q(node) == pytest.approx(1.0, rel=0.1), node
+    # the maps are a fixed point: measuring the final network gives the maps it was shaped with
+    from netsurgeon.passes._empirical import measure_product_maps
+
+    again = measure_product_maps(gm, (x,))["mul"]
+    assert again.q_ratio == pytest.approx(pm["q_ratio"], rel=0.1)
+    assert again.slope == pytest.approx(pm["slope"], rel=0.1)
+
+
+def test_empirical_products_on_efficientnet_keep_q_where_neutral_collapses():
+    import timm
+    from netsurgeon.analysis.targets import gate_nodes
+
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    prep = [("strip_bn", {"mode": "remove"}), "normalize_sums", "input_norm", "orthogonal_init"]
+    results = {}
+    for products in ("neutral", "empirical"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = netsurgeon.transform(model, passes=prep + [("dks", {"products": products})], example_inputs=x)
+        a = netsurgeon.analyze(gm, x)
+        gates = gate_nodes(netsurgeon.topology(gm))
+        convs = [r.q for r in a.table() if r.kind in ("conv", "linear") and r.name not in gates]
+        results[products] = (min(convs), max(convs), a.table()[-1].q)
+    lo, hi, out = results["empirical"]
+    assert 0.8 < lo and hi < 1.25 and out == pytest.approx(1.0, rel=0.15), results
+    assert results["neutral"][2] < 0.1, results  # what the pass-through assumption gives

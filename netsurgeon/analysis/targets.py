@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import networkx as nx
+import numpy as np
 import torch.fx as fx
 
 from ..errors import UnsupportedNodeError
@@ -36,13 +38,46 @@ from ..ops import OpKind
 from .propagate import affine_moments
 from .sums import correlated_sums
 
-__all__ = ["IdealGraph", "Subnetwork"]
+__all__ = ["IdealGraph", "ProductMap", "Subnetwork", "gate_nodes"]
 
 _PASS_THROUGH = {OpKind.LINEAR, OpKind.CONV, OpKind.IDENTITY, OpKind.RESHAPE, OpKind.OUTPUT}
 _AVG_POOLS = {"avg", "adaptive_avg", "mean"}
 _Q_TOL = 1e-3  # an activation input's idealized q must be 1 within this (norm eps moves it ~1e-5)
 
 ActRule = Callable[[str, float], float]  # (activation node, value in) -> value out
+
+
+@dataclass(frozen=True)
+class ProductMap:
+    """A product of signals' measured local map, relative to its first (signal) operand:
+    ``q_ratio = q(product) / q(operand)``, ``slope`` its local ``C'(1)`` (a secant over the
+    last measured cosine interval), and the C map as the pairs ``(c_in, c_out)``. The pass
+    that uses it rescales the product by ``1 / sqrt(q_ratio)``, so q passes through."""
+
+    q_ratio: float
+    slope: float
+    c_in: tuple[float, ...]
+    c_out: tuple[float, ...]
+
+    def c_map(self, c: float) -> float:
+        return float(np.interp(c, self.c_in, self.c_out))
+
+
+def gate_nodes(topo: Topology) -> set[str]:
+    """Signal nodes that reach an output only through a product's second (or later) operand:
+    the gate paths of squeeze-excite and similar blocks."""
+    g = topo.graph
+    cut = nx.DiGraph()
+    cut.add_nodes_from(g.nodes)
+    for u, v in g.edges:
+        ops = g.nodes[v]["signal_operands"]
+        if g.nodes[v]["kind"] is OpKind.MULTIPLY and ops and u in ops and u != ops[0]:
+            continue
+        cut.add_edge(u, v)
+    alive: set[str] = set()
+    for o in (n for n, d in g.nodes(data=True) if d["kind"] is OpKind.OUTPUT):
+        alive |= nx.ancestors(cut, o) | {o}
+    return {n for n, d in g.nodes(data=True) if d["signal"] and n not in alive}
 
 
 @dataclass(frozen=True)
@@ -59,19 +94,25 @@ class IdealGraph:
 
     Args:
         topo: the topology view (with shapes when the graph concatenates).
-        products: ``"refuse"`` (products of signals are an error) or ``"neutral"``
-            (a product is treated as passing its first signal operand through; approximate).
+        products: ``"refuse"`` (products of signals are an error), ``"neutral"`` (a product
+            is treated as passing its first signal operand through; approximate) or
+            ``"empirical"`` (a product follows its measured :class:`ProductMap`, a pass-through
+            until one is given, and the nodes on its gate paths are left out of the shaping).
+        product_maps: ``{product node: ProductMap}`` for ``"empirical"``.
 
     Attributes:
         problems: ``(node, reason)`` for every node the assumptions cannot cover.
         activations: the activation nodes, in graph order.
     """
 
-    def __init__(self, topo: Topology, products: str = "refuse") -> None:
+    def __init__(self, topo: Topology, products: str = "refuse",
+                 product_maps: dict[str, ProductMap] | None = None) -> None:
         self.topo = topo
-        self.order = [n for n in topo.gm.graph.nodes if topo.graph.nodes[n.name]["signal"]
-                      or topo.graph.nodes[n.name]["kind"] is OpKind.OUTPUT]
         self.products = products
+        self.product_maps = dict(product_maps or {})
+        self.gates = gate_nodes(topo) if products == "empirical" else set()
+        self.order = [n for n in topo.gm.graph.nodes if (topo.graph.nodes[n.name]["signal"]
+                      or topo.graph.nodes[n.name]["kind"] is OpKind.OUTPUT) and n.name not in self.gates]
         self.problems: list[tuple[str, str]] = []
         self.correlated = correlated_sums(topo)
         self.activations = [n.name for n in self.order if topo.graph.nodes[n.name]["kind"] is OpKind.ACTIVATION]
@@ -92,7 +133,8 @@ class IdealGraph:
                                                  "kernel map: run maxpool_to_avgpool first"))
             elif kind is OpKind.MULTIPLY and self.products == "refuse":
                 self.problems.append((node.name, "product of signals (attention, squeeze-excite): no kernel map; "
-                                                 "pass products='neutral' to treat it as a pass-through"))
+                                                 "pass products='empirical' (measured maps) or 'neutral' "
+                                                 "(a pass-through)"))
             elif kind is OpKind.ADD and (info.attrs.get("weights") is None
                                          or any(w is None for w in info.attrs["weights"])):
                 self.problems.append((node.name, "sum with non-constant weights"))
@@ -127,8 +169,11 @@ class IdealGraph:
         return subs
 
     # ------------------------------------------------------------------ propagation
-    def propagate(self, sub: Subnetwork, act: ActRule, source_value: float) -> dict[str, float]:
+    def propagate(self, sub: Subnetwork, act: ActRule, source_value: float,
+                  product: ActRule | None = None) -> dict[str, float]:
         """The value at each sink of ``sub``; sources start at q = 1 and ``source_value``.
+        ``product(node, value)`` maps the value through a product that has a measured map
+        (default: unchanged).
 
         Raises:
             UnsupportedNodeError: an activation whose input q is not 1 (an un-normalized sum).
@@ -143,6 +188,13 @@ class IdealGraph:
             d = g.nodes[name]
             ins = [a for a in d["signal_operands"] if a in q]
             if not ins:
+                continue
+            if d["kind"] is OpKind.MULTIPLY and name in self.product_maps:
+                first = d["signal_operands"][0]
+                if first not in q:
+                    continue
+                q[name] = q[first]  # the pass rescales the product by 1 / sqrt(q_ratio)
+                v[name] = product(name, v[first]) if product is not None else v[first]
                 continue
             q[name], v[name] = self._rule(name, d, ins, q, v, act)
         return {s: v[s] for s in sub.sinks if s in v}
@@ -195,18 +247,20 @@ class IdealGraph:
         return affine_moments(self.topo.gm, node, lambda a: self.topo.graph.nodes[a.name]["signal"])
 
     # ------------------------------------------------------------------ DKS/TAT targets
-    def max_over_subnetworks(self, act: ActRule, source_value: float) -> tuple[float, str]:
+    def max_over_subnetworks(self, act: ActRule, source_value: float,
+                             product: ActRule | None = None) -> tuple[float, str]:
         """The largest sink value over all subnetworks, and the subnetwork's name."""
         best, where = -float("inf"), ""
         for sub in self.subnetworks():
-            for sink, value in self.propagate(sub, act, source_value).items():
+            for sink, value in self.propagate(sub, act, source_value, product).items():
                 if value > best:
                     best, where = value, f"{sub.name} (at {sink})"
         return best, where
 
     def max_slope(self, xi: float) -> float:
         """The maximal slope function: ``max_f C'_f(1)`` when every activation has ``C'(1) = ξ``."""
-        return self.max_over_subnetworks(lambda _n, v: xi * v, 1.0)[0]
+        return self.max_over_subnetworks(lambda _n, v: xi * v, 1.0,
+                                         lambda n, v: self.product_maps[n].slope * v)[0]
 
     def solve_slope(self, zeta: float) -> float:
         """The local ``ξ`` with ``max_f C'_f(1) = ζ``, by bisection (the function increases with ξ).
@@ -216,9 +270,13 @@ class IdealGraph:
         """
         if not zeta > 1.0:
             raise UnsupportedNodeError(f"zeta must exceed 1, got {zeta!r}")
-        if not self.activations or self.max_slope(zeta) < zeta:  # slope ξ^k with k >= 1 reaches ζ by ξ = ζ
+        if not self.activations or self.max_slope(zeta / min(1.0, self._min_product_slope())) < zeta:
+            # without products, slope ξ^k with k >= 1 reaches ζ by ξ = ζ; measured products scale it
             raise UnsupportedNodeError("no activation lies on a path from an input to an output: nothing to shape")
-        lo, hi = 1.0, zeta
+        if self.max_slope(1.0) > zeta:
+            raise UnsupportedNodeError(f"zeta = {zeta} is unreachable: the measured products alone give "
+                                       f"max C'_f(1) = {self.max_slope(1.0):.6g} with linear activations (ξ = 1)")
+        lo, hi = 1.0, zeta / min(1.0, self._min_product_slope())
         for _ in range(200):
             mid = 0.5 * (lo + hi)
             if self.max_slope(mid) < zeta:
@@ -229,13 +287,17 @@ class IdealGraph:
                 break
         return 0.5 * (lo + hi)
 
+    def _min_product_slope(self) -> float:
+        slopes = [pm.slope for pm in self.product_maps.values() if pm.slope > 0]
+        return min(slopes) ** max(1, len(slopes)) if slopes else 1.0
+
     def max_curvature_count(self) -> tuple[float, str]:
         """``max_f C''_f(1)`` when every activation has ``C'(1) = 1`` and ``C''(1) = 1`` (TAT's κ = τ / this)."""
         return self.max_over_subnetworks(lambda _n, v: v + 1.0, 0.0)
 
     def network_c0(self, c_map: ActRule) -> float:
         """The whole network's ``C_f(0)`` (largest over its outputs) with each activation's C map."""
-        values = self.propagate(self.subnetworks()[0], c_map, 0.0)
+        values = self.propagate(self.subnetworks()[0], c_map, 0.0, lambda n, c: self.product_maps[n].c_map(c))
         return max(values.values()) if values else 0.0
 
 

@@ -13,7 +13,8 @@ Every activation node becomes a :class:`~netsurgeon.layers.ShapedActivation`
   (curvature adds along chains, sums weight it by ``w_i²``).
 
 Both refuse, naming the nodes: batch norm (run ``strip_bn``), max pooling (run
-``maxpool_to_avgpool``), products of signals (unless ``products="neutral"``),
+``maxpool_to_avgpool``), products of signals (unless ``products="empirical"``: measured
+maps, see :mod:`._empirical`, or ``"neutral"``: pass-throughs),
 un-normalized sums (run ``normalize_sums``). The transforms assume the other DKS
 conditions too (``input_norm``, ``orthogonal_init``); ``netsurgeon.analyze`` checks
 them on the result.
@@ -33,7 +34,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..analysis.targets import IdealGraph
+from ..analysis.targets import IdealGraph, ProductMap, gate_nodes
 from ..errors import UnsupportedNodeError
 from ..graph import META_KEY, Topology
 from ..kernels import LocalMaps, get_activation
@@ -42,6 +43,7 @@ from ..layers import ShapedActivation
 from ..ops import ActivationSpec, OpKind
 from ..report import PassRecord, Preservation
 from ._edit import set_submodule
+from ._empirical import ITERATIONS, insert_rescales, iterate_product_maps
 from .base import Pass, register_pass
 
 __all__ = ["DKS", "TAT"]
@@ -142,9 +144,9 @@ def _install(gm: fx.GraphModule, sites: list[_Site], constants: dict[ActivationS
 
 
 def _prepare(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | None, products: str,
-             what: str) -> tuple[IdealGraph, list[_Site]]:
+             what: str, maps: dict[str, ProductMap] | None = None) -> tuple[IdealGraph, list[_Site]]:
     topo = _topology(gm, example_inputs)
-    ideal = IdealGraph(topo, products)
+    ideal = IdealGraph(topo, products, maps)
     ideal.raise_problems(what)
     sites = _sites(gm, topo, ideal)
     if not sites:
@@ -163,14 +165,40 @@ def _store(gm: fx.GraphModule, key: str, derivation: dict[str, Any]) -> None:
     gm.meta.setdefault(META_KEY, {})[key] = derivation
 
 
+class _Shaping(Pass):
+    """What dks and tat share: ``products="empirical"`` iterates measured product maps."""
+
+    products: str
+
+    def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
+            ) -> fx.GraphModule:
+        if self.products != "empirical":
+            self._shape(gm, record, example_inputs, None)
+            return gm
+        maps = iterate_product_maps(gm, example_inputs, lambda g, r, m: self._shape(g, r, example_inputs, m))
+        self._shape(gm, record, example_inputs, maps)
+        gates = sorted(gate_nodes(Topology(gm)) & {n.name for n in gm.graph.nodes})
+        record.note(f"products='empirical': {len(maps)} product map(s) measured on the shaped network "
+                    f"({ITERATIONS} rounds); activations on gate paths left as they are: "
+                    f"{', '.join(gates[:8]) or 'none'}{' ...' if len(gates) > 8 else ''}")
+        gm.meta.setdefault(META_KEY, {}).setdefault(self.name, {})["product_maps"] = {
+            k: {"q_ratio": v.q_ratio, "slope": v.slope} for k, v in maps.items()}
+        return gm
+
+    def _finish(self, gm: fx.GraphModule, record: PassRecord, maps: dict[str, ProductMap] | None) -> None:
+        if maps:
+            insert_rescales(gm, maps, record)
+
+
 @register_pass
 @dataclasses.dataclass
-class DKS(Pass):
+class DKS(_Shaping):
     """Deep Kernel Shaping (MATH.md §4) with the maximal slope function derived from the graph.
 
     Options:
         zeta: the global target ``max over subnetworks C'_f(1)``. Default: 1.5.
-        products: ``"refuse"`` or ``"neutral"`` (see :class:`~netsurgeon.analysis.targets.IdealGraph`).
+        products: ``"refuse"``, ``"neutral"`` or ``"empirical"`` (measured product maps; needs
+            example inputs or a timm model; see :mod:`netsurgeon.passes._empirical`).
     """
 
     name = "dks"
@@ -178,13 +206,14 @@ class DKS(Pass):
     preserves = Preservation.NONE
 
     zeta: float = 1.5
-    products: Literal["refuse", "neutral"] = "refuse"
+    products: Literal["refuse", "neutral", "empirical"] = "refuse"
 
-    def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
-            ) -> fx.GraphModule:
-        ideal, sites = _prepare(gm, example_inputs, self.products, "dks")
+    def _shape(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None,
+               maps: dict[str, ProductMap] | None) -> None:
+        ideal, sites = _prepare(gm, example_inputs, self.products, "dks", maps)
         xi = ideal.solve_slope(float(self.zeta))
-        _, where = ideal.max_over_subnetworks(lambda _n, v: xi * v, 1.0)
+        _, where = ideal.max_over_subnetworks(lambda _n, v: xi * v, 1.0,
+                                              lambda n, v: ideal.product_maps[n].slope * v)
         constants: dict[ActivationSpec, Transform] = {}
         for site in sites:
             if site.spec not in constants:
@@ -203,18 +232,18 @@ class DKS(Pass):
                     f"{len(ideal.subnetworks())} subnetworks considered")
         _store(gm, "dks", {"zeta": float(self.zeta), "xi": xi, "argmax": where,
                            "constants": {str(k): v._asdict() for k, v in constants.items()}})
-        return gm
+        self._finish(gm, record, maps)
 
 
 @register_pass
 @dataclasses.dataclass
-class TAT(Pass):
+class TAT(_Shaping):
     """Tailored Activation Transformation (MATH.md §5).
 
     Options:
         eta: target network ``C_f(0)`` for the leaky-ReLU family (TReLU). Default: 0.9.
         tau: target maximal ``C''_f(1)`` over subnetworks for smooth activations. Default: 0.3.
-        products: ``"refuse"`` or ``"neutral"``.
+        products: ``"refuse"``, ``"neutral"`` or ``"empirical"`` (as for ``dks``).
     """
 
     name = "tat"
@@ -223,15 +252,15 @@ class TAT(Pass):
 
     eta: float = 0.9
     tau: float = 0.3
-    products: Literal["refuse", "neutral"] = "refuse"
+    products: Literal["refuse", "neutral", "empirical"] = "refuse"
 
-    def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
-            ) -> fx.GraphModule:
+    def _shape(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None,
+               maps: dict[str, ProductMap] | None) -> None:
         if not 0.0 < self.eta < 1.0:
             raise UnsupportedNodeError(f"tat: eta must lie in (0, 1), got {self.eta!r}")
         if not self.tau > 0.0:
             raise UnsupportedNodeError(f"tat: tau must be > 0, got {self.tau!r}")
-        ideal, sites = _prepare(gm, example_inputs, self.products, "tat")
+        ideal, sites = _prepare(gm, example_inputs, self.products, "tat", maps)
         constants: dict[ActivationSpec, Transform] = {}
         derivation: dict[str, Any] = {"eta": float(self.eta), "tau": float(self.tau)}
         smooth = [s for s in sites if s.spec.name not in _LEAKY]
@@ -259,7 +288,7 @@ class TAT(Pass):
         _install(gm, sites, constants, record)
         derivation["constants"] = {str(k): v._asdict() for k, v in constants.items()}
         _store(gm, "tat", derivation)
-        return gm
+        self._finish(gm, record, maps)
 
 
 def _activation(spec: ActivationSpec) -> Any:

@@ -1,0 +1,105 @@
+"""Empirical maps for products of signals in ``dks``/``tat`` (``products="empirical"``).
+
+A product (squeeze-excite ``x * gate``, gating units) has no kernel map. Its map is measured
+on the transformed network instead, and the targets are solved again with it:
+
+1. shape the network with the current product maps (none at first: pass-throughs);
+2. measure, with :func:`netsurgeon.analyze`, each product's q and C map relative to its first
+   operand (:class:`~netsurgeon.analysis.targets.ProductMap`);
+3. repeat, since the maps depend on the constants; the last maps shape the model.
+
+Each product is followed by a constant rescale ``1 / sqrt(q_ratio)`` so that q stays 1
+downstream (the DKS condition at the next activation). The activations on a product's gate
+path (nodes that reach an output only through a product's second operand) are not reshaped:
+the gate is part of the measured map.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import operator
+import warnings
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from ..analysis.targets import ProductMap
+from ..errors import UnsupportedNodeError
+from ..graph import Topology
+from ..ops import OpKind
+from ..report import PassRecord, Preservation
+
+__all__ = ["ITERATIONS", "iterate_product_maps", "measure_product_maps", "insert_rescales"]
+
+ITERATIONS = 3
+_PREFIX = "ns_product_rescale"
+
+
+def measure_product_maps(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | None,
+                         secant_from: float = 0.5) -> dict[str, ProductMap]:
+    """Each product's map relative to its first signal operand, measured on ``gm``."""
+    from ..analysis import analyze  # the analysis imports the passes' layers; import late
+
+    topo = Topology(gm)
+    names = [n for n, d in topo.graph.nodes(data=True) if d["kind"] is OpKind.MULTIPLY and d["signal"]]
+    if not names:
+        return {}
+    try:
+        a = analyze(gm, example_inputs, empirical_batch=8)
+    except UnsupportedNodeError as exc:
+        raise UnsupportedNodeError(f"products='empirical' measures the products on example inputs: {exc}") from None
+    grid = np.asarray(a.grid)
+    out = {}
+    for name in names:
+        first = topo.graph.nodes[name]["signal_operands"][0]
+        c_first, c_prod = a.cmap(first)(grid), a.cmap(name)(grid)
+        # local C'(1): least squares of 1 - c_prod = r (1 - c_first) over the input cosines >= secant_from
+        near = grid >= secant_from
+        dx, dy = 1.0 - c_first[near], 1.0 - c_prod[near]
+        spread = float(dx @ dx)
+        slope = float(dx @ dy) / spread if spread > 1e-10 else 1.0  # no spread: the signal has collapsed
+        order = np.argsort(c_first)
+        q_ratio = a.q(name) / a.q(first) if a.q(first) > 0 else 1.0
+        if not (math.isfinite(q_ratio) and q_ratio > 0 and math.isfinite(slope)):
+            raise UnsupportedNodeError(f"products='empirical': product {name} measured q ratio {q_ratio:.3g} and "
+                                       f"slope {slope:.3g}; no usable map")
+        out[name] = ProductMap(float(q_ratio), float(slope), tuple(map(float, c_first[order])),
+                               tuple(map(float, c_prod[order])))
+    return out
+
+
+def insert_rescales(gm: fx.GraphModule, maps: dict[str, ProductMap], record: PassRecord | None = None) -> None:
+    """After each measured product, multiply by ``1 / sqrt(q_ratio)`` (a constant: an affine node)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, pm in maps.items():
+        node = nodes.get(name)
+        if node is None:
+            continue
+        factor = 1.0 / math.sqrt(pm.q_ratio)
+        users = list(node.users)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_function(operator.mul, (node, factor))
+        for u in users:
+            u.replace_input_with(node, new)
+        if record is not None:
+            record.change(name, f"product rescaled by {factor:.6g} (measured q ratio {pm.q_ratio:.4g}, local "
+                                f"C'(1) {pm.slope:.4g})", "products='empirical': keeps q = 1 after the product")
+    gm.graph.lint()
+    gm.recompile()
+
+
+def iterate_product_maps(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | None,
+                         shape: Callable[[fx.GraphModule, PassRecord, dict[str, ProductMap]], None],
+                         ) -> dict[str, ProductMap]:
+    """Run ``shape(copy, record, maps)`` on copies of ``gm`` and re-measure, ``ITERATIONS`` times;
+    returns the last maps (``shape`` must install the constants and the rescales)."""
+    maps: dict[str, ProductMap] = {}
+    for _ in range(ITERATIONS):
+        trial = copy.deepcopy(gm)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            shape(trial, PassRecord("trial", {}, Preservation.NONE), maps)
+        maps = measure_product_maps(trial, example_inputs)  # of the raw product: the rescale comes after it
+    return maps
