@@ -176,3 +176,27 @@ def test_chunked_state_survives_state_dict_and_matches_dense_blocks():
     steps(net, opt, 3)
     steps(net2, opt2, 3)
     torch.testing.assert_close(net2[0].weight, net[0].weight)
+
+
+def test_chunking_and_subsampling_reduce_the_arithmetic():
+    """Counted, not timed (FlopCounterMode; it does not count the inverses): the statistics in the
+    forward pass and the preconditioning product of a step, on a wide conv. Measured: chunks of 64
+    give 0.65x, subsample 0.25 gives 0.79x the dense count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(**kw):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256 * 16, 4))
+        opt = LayerwiseLM(net, lr=1e-3, update_every=1, **kw)
+        x = torch.randn(8, 256, 4, 4)
+        net(x).sum().backward()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            net.zero_grad()
+            net(x).sum().backward()  # the forward pre-hooks take the statistics here
+            opt.step()  # inverses and the preconditioning product
+        return counter.get_total_flops()
+
+    dense = flops()
+    assert flops(chunk_size=64) < 0.75 * dense
+    assert flops(subsample=0.25) < 0.9 * dense
