@@ -77,8 +77,6 @@ REFUSED = {
     ("resnet18", "normalize_sums", "tat"): r"eta = 0.9 is unreachable: even a = 0 \(ReLU\) gives the network "
                                            r"C_f\(0\) = 0.8776",
     ("resnetv2_50", "normalize_sums", "tat"): r"eta = 0.9 is unreachable",
-    ("convnext_atto", "remove_skips", "tat"): r"receives q = 9.99999e-07.*layer scale",
-    ("convnext_atto", "remove_skips", "dks"): r"receives q = 9.99999e-07.*layer scale",
     ("vgg11_bn", "remove_skips", "tat"): r"eta = 0.9 is unreachable: even a = 0 \(ReLU\) gives the network "
                                          r"C_f\(0\) = 0.8715",
     ("vgg11_bn", "normalize_sums", "tat"): r"eta = 0.9 is unreachable",
@@ -126,3 +124,14 @@ def test_cli_converts_with_tat_and_load_reproduces(tmp_path):
     shaped = [m for m in loaded.modules() if type(m).__name__ == "ShapedActivation"]
     assert len(shaped) == 17  # resnet18's ReLUs: stem + 2 per block
     assert torch.isfinite(loaded.eval()(X)).all()
+
+
+def test_remove_skips_resets_layer_scales_by_name():
+    gm = netsurgeon.transform(timm.create_model("convnext_atto"), passes=[("strip_bn", {"mode": "remove"}),
+                                                                          "remove_skips"], example_inputs=X)
+    resets = [c for c in netsurgeon.report(gm).passes[1].changes if "layer scale" in c.what]
+    assert len(resets) == 12 and all("set to 1 (mean |value| was 1e-06)" in c.what for c in resets)
+    assert all(float(p.min()) == 1.0 for n, p in gm.named_parameters() if n.endswith("gamma"))
+    kept = netsurgeon.transform(timm.create_model("convnext_atto"), passes=[
+        ("strip_bn", {"mode": "remove"}), ("remove_skips", {"reset_layer_scale": False})], example_inputs=X)
+    assert all(float(p.max()) < 1e-5 for n, p in kept.named_parameters() if n.endswith("gamma"))

@@ -256,6 +256,50 @@ class NormalizeSums(Pass):
         return "; ".join(parts)
 
 
+def _reset_layer_scale(gm: fx.GraphModule, topo: Topology, node: fx.Node, record: PassRecord) -> None:
+    """Walk up from a branch's output through scalings and pass-throughs; set every per-channel
+    scale parameter found on the way (``h * gamma``, ``h.mul(gamma.reshape(...))``) to 1."""
+    def signal(n: fx.Node) -> bool:
+        return topo.graph.nodes[n.name]["signal"]
+
+    while True:
+        kind = op_info(node).kind
+        if kind not in (OpKind.AFFINE, OpKind.IDENTITY, OpKind.RESHAPE):
+            return
+        if kind is OpKind.AFFINE:
+            for const in (a for a in node.all_input_nodes if not signal(a)):
+                for attr in _get_attrs(const):
+                    try:
+                        param = gm.get_parameter(attr.target)
+                    except AttributeError:  # a buffer: a fixed scale, not a learned layer scale
+                        continue
+                    if param.dim() >= 1:
+                        before = float(param.detach().abs().mean())
+                        with torch.no_grad():
+                            param.fill_(1.0)
+                        record.change(node.name, f"layer scale {attr.target} set to 1 (mean |value| was "
+                                                 f"{before:.3g})", "without the shortcut a near-zero scale would "
+                                                                   "pass nothing on")
+        signals = [a for a in node.all_input_nodes if signal(a)]
+        if len(signals) != 1:
+            return
+        node = signals[0]
+
+
+def _get_attrs(node: fx.Node) -> list[fx.Node]:
+    """The get_attr nodes that a constant (non-signal) node is computed from."""
+    out, stack, seen = [], [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            out.append(n)
+        stack.extend(n.all_input_nodes)
+    return out
+
+
 @register_pass
 @dataclasses.dataclass
 class RemoveSkips(Pass):
@@ -264,11 +308,19 @@ class RemoveSkips(Pass):
     Identity and projection shortcuts are dropped (a projection's layers become dead and
     are removed with their modules). Concatenations and sums without a shortcut are left
     and reported as skipped.
+
+    Options:
+        reset_layer_scale: a branch that ends in a per-channel scale by a parameter (layer
+            scale, ConvNeXt's ``gamma``, initialized near 0 so the block starts as its
+            shortcut) gets that parameter set to 1, reported per node: without the shortcut a
+            1e-6 scale would pass nothing on. Default: True.
     """
 
     name = "remove_skips"
     summary = "replace every residual sum by its branch (identity and projection shortcuts removed)"
     preserves = Preservation.NONE
+
+    reset_layer_scale: bool = True
 
     def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
             ) -> fx.GraphModule:
@@ -286,6 +338,9 @@ class RemoveSkips(Pass):
                                              f"projection shortcut: left as is")
                 continue
             shortcut, branches = found.terms[0], found.terms[1:]
+            if self.reset_layer_scale:
+                for t in branches:
+                    _reset_layer_scale(gm, topo, t.base, record)
             _rewrite(gm, found, [(t.base, t.coef) for t in branches])
             record.change(found.root.name, f"removed {found.shortcut_kind} shortcut {shortcut.operand.name}; "
                                            f"kept {', '.join(t.base.name for t in branches)}")
