@@ -60,8 +60,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import netsurgeon
-from netsurgeon.bench import (RunResult, environment, lr_sweep, plot_curves,
-                              save_json, torch_threads, train_run, write_table_md)
+from netsurgeon.bench import (RunResult, environment, lr_sweep, plot_accuracy, plot_curves,
+                              run_record, save_json, torch_threads, train_run, write_table_md)
 from netsurgeon.data import load_dataset
 from netsurgeon.layers import FarkasLayer, FarkasSum
 
@@ -468,42 +468,6 @@ def _markdown(rows: list[dict[str, Any]], sweep: list[dict[str, Any]], dead: lis
     return "\n".join(lines)
 
 
-def plot_accuracy(results: dict[str, list[RunResult]], path: Path, title: str) -> Path:
-    """Test accuracy vs step, mean over the non-diverged seeds with a min/max band."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for label, runs in results.items():
-        ok = [r for r in runs if not r.diverged and r.test_acc]
-        if not ok:
-            continue
-        n = min(len(r.test_acc) for r in ok)
-        acc = np.array([r.test_acc[:n] for r in ok], dtype=float)
-        steps = ok[0].eval_steps[:n]
-        line, = ax.plot(steps, acc.mean(0), marker="o", ms=3, label=f"{label} ({len(ok)} seeds)")
-        ax.fill_between(steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2, lw=0)
-    ax.set_xlabel("step")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    if ax.lines:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def _run_dict(r: RunResult) -> dict[str, Any]:
-    return {"lr": r.lr, "seed": r.seed, "steps_done": r.steps_done, "diverged": r.diverged,
-            "diverged_at": r.diverged_at, "final_train_loss": r.final_train_loss, "final_test_acc": r.final_test_acc,
-            "eval_steps": r.eval_steps, "test_acc": r.test_acc, "test_loss": r.test_loss,
-            "median_step_time_s": r.median_step_time_s, "wall_time_s": r.wall_time_s, "num_params": r.num_params,
-            "train_loss": [float(f"{v:.5g}") for v in r.train_loss]}
-
-
 # ====================================================================== CLI
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -602,8 +566,8 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         "rows": [{k: v for k, v in r.items()} for r in rows],
         "configs": {c: {"best_lr": r.best_lr, "scores": r.scores, "wall_time_s": r.wall_time_s,
                         "dead_end": {f"lr {lr:g} seed {sd}": d for (lr, sd), d in r.dead.items()},
-                        "sweep_runs": {repr(lr): [_run_dict(x) for x in rs] for lr, rs in r.sweep_runs.items()},
-                        "extra_seed_runs": [_run_dict(x) for x in r.runs[args.select_seeds:]]}
+                        "sweep_runs": {repr(lr): [run_record(x) for x in rs] for lr, rs in r.sweep_runs.items()},
+                        "extra_seed_runs": [run_record(x) for x in r.runs[args.select_seeds:]]}
                     for c, r in results.items()}}, out_dir / "train_farkas.json")
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(md)

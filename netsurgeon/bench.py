@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from .errors import InvalidArgumentError
 
 __all__ = ["RunResult", "SweepResult", "ModelOptimizer", "train_run", "lr_sweep", "steps_to_loss", "smooth",
-           "write_table_md", "plot_curves", "save_json", "environment", "torch_threads", "DIVERGENCE_FACTOR"]
+           "write_table_md", "plot_curves", "plot_accuracy", "run_record", "save_json", "environment",
+           "torch_threads", "DIVERGENCE_FACTOR"]
 
 DIVERGENCE_FACTOR = 1e3
 """A run diverges when its loss is non-finite or exceeds this multiple of the first loss."""
@@ -402,6 +403,54 @@ def plot_curves(results: dict[str, list[RunResult]], path: str | os.PathLike, ti
     path = Path(path)
     fig.savefig(path, dpi=120)
     return path
+
+
+def plot_accuracy(results: dict[str, list[RunResult]], path: str | os.PathLike, title: str) -> Path:
+    """Plot test accuracy vs step, mean over the non-diverged runs with a min/max band.
+
+    Args:
+        results: label -> runs (typically one per seed).
+        path: output image file (PNG by extension).
+        title: figure title.
+
+    Returns:
+        The written path.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, runs in results.items():
+        ok = [r for r in runs if not r.diverged and r.test_acc]
+        if not ok:
+            continue
+        n = min(len(r.test_acc) for r in ok)
+        acc = np.array([r.test_acc[:n] for r in ok], dtype=float)
+        steps = ok[0].eval_steps[:n]
+        line, = ax.plot(steps, acc.mean(0), marker="o", ms=3, label=f"{label} ({len(ok)} seeds)")
+        ax.fill_between(steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def run_record(r: RunResult) -> dict[str, Any]:
+    """A run as a compact JSON-ready record: its settings, summary figures, evaluations and the
+    per-step training loss rounded to 5 significant digits."""
+    return {"lr": r.lr, "seed": r.seed, "steps_done": r.steps_done, "diverged": r.diverged,
+            "diverged_at": r.diverged_at, "final_train_loss": r.final_train_loss, "final_test_acc": r.final_test_acc,
+            "eval_steps": r.eval_steps, "test_acc": r.test_acc, "test_loss": r.test_loss,
+            "median_step_time_s": r.median_step_time_s, "wall_time_s": r.wall_time_s, "num_params": r.num_params,
+            "train_loss": [float(f"{v:.5g}") for v in r.train_loss]}
 
 
 def _jsonable(obj: Any) -> Any:

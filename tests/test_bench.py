@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from netsurgeon.bench import (ModelOptimizer, RunResult, lr_sweep, plot_curves, save_json, smooth, steps_to_loss,
-                              train_run, write_table_md)
+from netsurgeon.bench import (ModelOptimizer, RunResult, lr_sweep, plot_accuracy, plot_curves, run_record, save_json,
+                              smooth, steps_to_loss, train_run, write_table_md)
 from netsurgeon.data import data_root, load_dataset
 from netsurgeon.errors import DataNotFoundError, InvalidArgumentError
 from netsurgeon.optim import LayerwiseLM
@@ -148,6 +148,17 @@ def test_plot_curves_writes_a_png(tmp_path):
     bad = [RunResult("sgd", 9.0, 0, 8, 5, smoothed_loss=[2.0, 50.0, float("nan")], diverged=True, diverged_at=3)]
     path = plot_curves({"sgd lr=0.1": ok, "sgd lr=9": bad}, tmp_path / "curves.png", "toy")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_plot_accuracy_and_run_record(tmp_path):
+    runs = [RunResult("sgd", 0.1, s, 8, 4, train_loss=[2.0, 1.234567891, 1.0, 0.9], eval_steps=[2, 4],
+                      test_acc=[0.2, 0.3 + s / 100], test_loss=[2.0, 1.8], step_time_s=[0.1] * 4) for s in range(2)]
+    bad = [RunResult("sgd", 9.0, 0, 8, 4, train_loss=[2.0, float("nan")], diverged=True, diverged_at=2)]
+    path = plot_accuracy({"sgd lr=0.1": runs, "sgd lr=9": bad}, tmp_path / "acc.png", "toy")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    rec = run_record(runs[1])
+    assert rec["train_loss"][1] == 1.2346 and rec["final_test_acc"] == 0.31 and rec["eval_steps"] == [2, 4]
+    assert json.loads(json.dumps(rec))["train_loss"] == rec["train_loss"]  # JSON-ready
 
 
 def test_save_json_is_atomic_and_strict(tmp_path, monkeypatch):
