@@ -21,8 +21,9 @@ Four parts:
   ReLU), which stalls at ln 10 with SGD (docs/benchmarks.md, issue 4) and did so with
   LayerwiseLM in a pilot;
 * ``cost`` -- the time of one training step (zero_grad, forward, backward, step) of timm's
-  ``resnet18`` (random init, 10 classes) on 32x32 inputs, SGD against LayerwiseLM with and
-  without chunking (and Adam for reference).
+  ``resnet18`` (random init, 10 classes) on 224x224 inputs of batch 16 (``--cost-size``,
+  ``--cost-batch``; at 32x32 the last stage runs at 1x1 and the ratio is about 2x), SGD against
+  LayerwiseLM with and without chunking (and Adam for reference).
 
 Protocol (parts a-c). Fashion-MNIST standardized with the train split's statistics and
 flattened, all 60,000 training images (minibatches without replacement), the 10,000 test
@@ -451,8 +452,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, nargs="+", metavar="[PART=]N",
                    help="step budget: N for every part or PART=N (default a=800 b=1000 c=400)")
     p.add_argument("--targets", nargs="+", metavar="PART=LOSS", help="target training loss (default a=0.4 b=0.7 c=0.45)")
-    p.add_argument("--cost-batch", type=int, help="resnet18 batch for the cost (default 64; --quick 4)")
-    p.add_argument("--cost-size", type=int, default=32, help="resnet18 input size for the cost (default 32)")
+    p.add_argument("--cost-batch", type=int, help="resnet18 batch for the cost (default 16; --quick 4)")
+    p.add_argument("--cost-size", type=int, help="resnet18 input size for the cost (default 224, ResNet-18's "
+                   "training size; --quick 32)")
     p.add_argument("--cost-rounds", type=int, help="timed blocks per optimizer (default 3; --quick 1)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
@@ -472,7 +474,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                 overrides[k][field_] = cast(value)
     overrides["c"]["configs"] = tuple(args.c_configs)
     args.parts_cfg = {k: dataclasses.replace(base[k], **overrides[k]) for k in PARTS if k in args.parts}
-    args.cost_batch = args.cost_batch or (4 if args.quick else 64)
+    args.cost_size = args.cost_size or (32 if args.quick else 224)
+    args.cost_batch = args.cost_batch or (4 if args.quick else 16)
     args.cost_rounds = args.cost_rounds or (1 if args.quick else 3)
     args.command = "python benchmarks/train_consistency.py" + ("" if argv is None and len(sys.argv) < 2 else
                                                                " " + " ".join(sys.argv[1:] if argv is None else argv))
