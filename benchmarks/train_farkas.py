@@ -60,7 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import netsurgeon
-from netsurgeon.bench import (RunResult, environment, lr_sweep, plot_accuracy, plot_curves,
+from netsurgeon.bench import (RunResult, add_sweep_args, environment, lr_sweep, plot_accuracy, plot_curves,
                               run_record, save_json, torch_threads, train_run, write_table_md)
 from netsurgeon.data import load_dataset
 from netsurgeon.layers import FarkasLayer, FarkasSum
@@ -472,16 +472,7 @@ def _markdown(rows: list[dict[str, Any]], sweep: list[dict[str, Any]], dead: lis
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run: 4 steps, batch 16, 128 train images, 1 seed, 1 lr")
-    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="configurations to run")
-    p.add_argument("--steps", type=int, help="training steps (default 300)")
-    p.add_argument("--batch-size", type=int, help="default 64")
-    p.add_argument("--lrs", type=float, nargs="+", help="SGD lr grid (default 0.01 0.03 0.1)")
-    p.add_argument("--eval-every", type=int, help="test-set evaluation interval in steps (default 50)")
-    p.add_argument("--seeds", type=int, help="seeds per configuration (default 3; --quick 1)")
-    p.add_argument("--select-seeds", type=int, default=1, help="seeds used in the lr sweep (default 1)")
-    p.add_argument("--train-subset", type=int, help="use a fixed random subset of the training images")
-    p.add_argument("--test-subset", type=int, help="use a fixed random subset of the test images")
+    add_sweep_args(p, CONFIGS, steps=300, lrs=(0.01, 0.03, 0.1))
     p.add_argument("--time-steps", type=int, help="timed steps per model for the overhead (default 30)")
     p.add_argument("--overhead-only", action="store_true",
                    help="only the training-step overhead (small network and timm models); writes overhead.md/json")

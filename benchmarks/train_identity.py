@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 
 import netsurgeon
-from netsurgeon.bench import (RunResult, environment, lr_sweep, plot_accuracy, plot_curves,
+from netsurgeon.bench import (RunResult, add_sweep_args, environment, lr_sweep, plot_accuracy, plot_curves,
                               run_record, save_json, steps_to_loss, torch_threads, train_run, write_table_md)
 from netsurgeon.data import load_dataset
 
@@ -338,16 +338,7 @@ def _markdown(rows: list[dict[str, Any]], sweep: list[dict[str, Any]], records: 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run: 4 steps, batch 16, 128 train images, 1 seed, 1 lr")
-    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="configurations to run")
-    p.add_argument("--steps", type=int, help="training steps (default 250)")
-    p.add_argument("--batch-size", type=int, help="default 64")
-    p.add_argument("--lrs", type=float, nargs="+", help="SGD lr grid (default 0.03 0.1)")
-    p.add_argument("--eval-every", type=int, help="test-set evaluation interval in steps (default 50)")
-    p.add_argument("--seeds", type=int, help="seeds per configuration (default 3; --quick 1)")
-    p.add_argument("--select-seeds", type=int, default=1, help="seeds used in the lr sweep (default 1)")
-    p.add_argument("--train-subset", type=int, help="fixed random subset of the training images (default 5000)")
-    p.add_argument("--test-subset", type=int, help="fixed random subset of the test images (default all 1000)")
+    add_sweep_args(p, CONFIGS, steps=250, lrs=(0.03, 0.1), train_subset="5000", test_subset="all 1000")
     p.add_argument("--target-loss", type=float, help="smoothed training loss for 'steps to loss' (default 1.8)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: the machine is shared)")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")

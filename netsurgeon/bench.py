@@ -20,6 +20,7 @@ Example:
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -41,7 +42,7 @@ from .errors import InvalidArgumentError
 
 __all__ = ["RunResult", "SweepResult", "ModelOptimizer", "train_run", "lr_sweep", "steps_to_loss", "smooth",
            "write_table_md", "plot_curves", "plot_accuracy", "run_record", "save_json", "environment",
-           "torch_threads", "DIVERGENCE_FACTOR"]
+           "torch_threads", "add_sweep_args", "DIVERGENCE_FACTOR"]
 
 DIVERGENCE_FACTOR = 1e3
 """A run diverges when its loss is non-finite or exceeds this multiple of the first loss."""
@@ -356,6 +357,29 @@ def write_table_md(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
     return "\n".join(lines) + "\n"
 
 
+def _axes() -> tuple[Any, Any]:
+    """A figure on the Agg canvas (no pyplot, no global backend change) and its axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _save(fig: Any, ax: Any, path: str | os.PathLike, ylabel: str, title: str, legend_size: int | None = None) -> Path:
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def plot_curves(results: dict[str, list[RunResult]], path: str | os.PathLike, title: str) -> Path:
     """Plot smoothed training loss vs step (log y), mean over seeds with a min/max band.
 
@@ -371,12 +395,7 @@ def plot_curves(results: dict[str, list[RunResult]], path: str | os.PathLike, ti
     Returns:
         The written path.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _axes()
     for label, runs in results.items():
         length = max((len(r.smoothed_loss) for r in runs), default=0)
         if not length:
@@ -393,16 +412,7 @@ def plot_curves(results: dict[str, list[RunResult]], path: str | os.PathLike, ti
                         + (f", {n_div} diverged)" if n_div else ")"))
         ax.fill_between(steps, np.nanmin(c, 0), np.nanmax(c, 0), color=line.get_color(), alpha=0.2, lw=0)
     ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (smoothed)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    if ax.lines:
-        ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, ax, path, "training loss (smoothed)", title)
 
 
 def plot_accuracy(results: dict[str, list[RunResult]], path: str | os.PathLike, title: str) -> Path:
@@ -416,12 +426,7 @@ def plot_accuracy(results: dict[str, list[RunResult]], path: str | os.PathLike, 
     Returns:
         The written path.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _axes()
     for label, runs in results.items():
         ok = [r for r in runs if not r.diverged and r.test_acc]
         if not ok:
@@ -431,16 +436,7 @@ def plot_accuracy(results: dict[str, list[RunResult]], path: str | os.PathLike, 
         steps = ok[0].eval_steps[:n]
         line, = ax.plot(steps, acc.mean(0), marker="o", ms=3, label=f"{label} ({len(ok)} seeds)")
         ax.fill_between(steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.2, lw=0)
-    ax.set_xlabel("step")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, ax, path, "test accuracy", title, legend_size=8)
 
 
 def run_record(r: RunResult) -> dict[str, Any]:
@@ -540,3 +536,23 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def add_sweep_args(p: argparse.ArgumentParser, configs: Sequence[str], *, steps: int, lrs: Sequence[float],
+                   batch_size: int = 64, eval_every: int = 50, train_subset: str = "all", test_subset: str = "all",
+                   quick: str = "4 steps, batch 16, 128 train images, 1 seed, 1 lr") -> None:
+    """The options every learning-rate-sweep benchmark shares (``--quick``, ``--configs``, the
+    budget, the seeds and the data subsets); the defaults given here only fill the help texts,
+    the scripts' budgets hold the values."""
+    p.add_argument("--quick", action="store_true", help=f"smoke run: {quick}")
+    p.add_argument("--configs", nargs="+", choices=list(configs), default=list(configs),
+                   help="configurations to run")
+    p.add_argument("--steps", type=int, help=f"training steps (default {steps})")
+    p.add_argument("--batch-size", type=int, help=f"default {batch_size}")
+    p.add_argument("--lrs", type=float, nargs="+", help=f"SGD lr grid (default {' '.join(map(str, lrs))})")
+    p.add_argument("--eval-every", type=int, help=f"test-set evaluation interval in steps (default {eval_every})")
+    p.add_argument("--seeds", type=int, help="seeds per configuration (default 3; --quick 1)")
+    p.add_argument("--select-seeds", type=int, default=1, help="seeds used in the lr sweep (default 1)")
+    p.add_argument("--train-subset", type=int,
+                   help=f"fixed random subset of the training images (default {train_subset})")
+    p.add_argument("--test-subset", type=int, help=f"fixed random subset of the test images (default {test_subset})")
