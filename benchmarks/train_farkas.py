@@ -50,7 +50,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -60,8 +60,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import netsurgeon
-from netsurgeon.bench import (RunResult, add_sweep_args, environment, lr_sweep, plot_accuracy, plot_curves,
-                              run_record, save_json, torch_threads, train_run, write_table_md)
+from netsurgeon.bench import (RunResult, add_sweep_args, environment, finish_sweep_args, lr_sweep, plot_accuracy,
+                              plot_curves, run_record, save_json, torch_threads, train_run, write_table_md)
 from netsurgeon.data import load_dataset
 from netsurgeon.layers import FarkasLayer, FarkasSum
 
@@ -486,18 +486,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--md-out", type=Path, help="Markdown file (default OUT_DIR/train_farkas.md)")
     args = p.parse_args(argv)
-    args.seeds = args.seeds or (1 if args.quick else 3)
-    args.select_seeds = min(args.select_seeds, args.seeds)
-    if args.seeds < 1 or args.select_seeds < 1:
-        p.error("need --seeds >= 1 and --select-seeds >= 1")
-    args.command = "python benchmarks/train_farkas.py" + ("" if argv is None and len(sys.argv) < 2 else
-                                                           " " + " ".join(sys.argv[1:] if argv is None else argv))
-    base = QUICK_BUDGET if args.quick else DEFAULT_BUDGET
-    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lrs": tuple(args.lrs) if args.lrs else None,
-                 "eval_every": args.eval_every, "train_subset": args.train_subset, "test_subset": args.test_subset,
-                 "time_steps": args.time_steps}
-    args.budget = replace(base, **{k: v for k, v in overrides.items() if v is not None})
-    return args
+    return finish_sweep_args(p, args, argv, "train_farkas.py", QUICK_BUDGET if args.quick else DEFAULT_BUDGET,
+                             time_steps=args.time_steps)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import platform
 import random
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -42,7 +44,7 @@ from .errors import InvalidArgumentError
 
 __all__ = ["RunResult", "SweepResult", "ModelOptimizer", "train_run", "lr_sweep", "steps_to_loss", "smooth",
            "write_table_md", "plot_curves", "plot_accuracy", "run_record", "save_json", "environment",
-           "torch_threads", "add_sweep_args", "DIVERGENCE_FACTOR"]
+           "torch_threads", "add_sweep_args", "finish_sweep_args", "DIVERGENCE_FACTOR"]
 
 DIVERGENCE_FACTOR = 1e3
 """A run diverges when its loss is non-finite or exceeds this multiple of the first loss."""
@@ -556,3 +558,21 @@ def add_sweep_args(p: argparse.ArgumentParser, configs: Sequence[str], *, steps:
     p.add_argument("--train-subset", type=int,
                    help=f"fixed random subset of the training images (default {train_subset})")
     p.add_argument("--test-subset", type=int, help=f"fixed random subset of the test images (default {test_subset})")
+
+
+def finish_sweep_args(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str] | None, script: str,
+                      base: Any, **extra: Any) -> argparse.Namespace:
+    """Complete the options of :func:`add_sweep_args`: the seed counts (``--quick``: 1), the
+    command line as run (``args.command``), and ``args.budget``, the dataclass ``base`` with
+    every given option (and ``extra`` override that is not None) replacing its field."""
+    args.seeds = args.seeds or (1 if args.quick else 3)
+    args.select_seeds = min(args.select_seeds, args.seeds)
+    if args.seeds < 1 or args.select_seeds < 1:
+        p.error("need --seeds >= 1 and --select-seeds >= 1")
+    given = list(sys.argv[1:] if argv is None else argv)
+    args.command = f"python benchmarks/{script}" + (" " + " ".join(given) if given else "")
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lrs": tuple(args.lrs) if args.lrs else None,
+                 "eval_every": args.eval_every, "train_subset": args.train_subset, "test_subset": args.test_subset,
+                 **extra}
+    args.budget = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    return args
