@@ -82,6 +82,7 @@ FAMILIES = ("mlp", "conv")
 OPTIMIZERS = ("sgd", "adam")
 ACTIVATION = {"reference": "relu", "vanilla": "relu", "vanilla+dks": "tanh", "vanilla+tat": "relu"}
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "figures" / "train_deep"
+ZETA, ETA = 1.5, 0.9                     # the dks and tat defaults (MATH.md §4-§5)
 
 MLP_WIDTH, MLP_DEPTH = 256, 50           # weight layers: 1 input + 48 hidden + 1 output
 CONV_WIDTHS, CONV_BLOCKS = (16, 32, 64), (4, 3, 3)  # two 3x3 convs per block, plus a stem conv
@@ -192,20 +193,22 @@ def build_network(family: str, activation: str, residual: bool) -> nn.Sequential
     return nn.Sequential(*layers, *head)
 
 
-def _passes(config: str, seed: int) -> list[Any]:
+def _passes(config: str, seed: int, zeta: float = ZETA, eta: float = ETA) -> list[Any]:
     """The netsurgeon passes turning the vanilla chain into ``config``."""
-    shaping = {"vanilla+dks": ("dks", {"zeta": 1.5}), "vanilla+tat": ("tat", {"eta": 0.9})}[config]
+    shaping = {"vanilla+dks": ("dks", {"zeta": zeta}), "vanilla+tat": ("tat", {"eta": eta})}[config]
     return ["input_norm", ("orthogonal_init", {"seed": seed}), shaping]
 
 
-def make_model_fn(family: str, config: str) -> Callable[[int], nn.Module]:
-    """``seed -> model`` for ``bench.train_run`` (called under the seeded RNG)."""
+def make_model_fn(family: str, config: str, zeta: float = ZETA, eta: float = ETA) -> Callable[[int], nn.Module]:
+    """``seed -> model`` for ``bench.train_run`` (called under the seeded RNG); ``zeta`` and
+    ``eta`` are the ``dks`` and ``tat`` options."""
     input_shape = (784,) if family == "mlp" else (3, 32, 32)
 
     def build(seed: int) -> nn.Module:
         net = build_network(family, ACTIVATION[config], residual=config == "reference")
         if config in ("vanilla+dks", "vanilla+tat"):
-            net = netsurgeon.transform(net, _passes(config, seed), example_inputs=torch.randn(2, *input_shape))
+            net = netsurgeon.transform(net, _passes(config, seed, zeta, eta),
+                                       example_inputs=torch.randn(2, *input_shape))
         return net
 
     return build
@@ -267,11 +270,12 @@ def _select(sweep_runs: dict[float, list[RunResult]], steps: int) -> tuple[dict[
 
 
 def run_config(family: str, config: str, optimizer: str, data: tuple[torch.Tensor, ...], budget: FamilyBudget,
-               seeds: Sequence[int], select_seeds: int, goal_factor: float) -> ConfigResult:
+               seeds: Sequence[int], select_seeds: int, goal_factor: float,
+               zeta: float = ZETA, eta: float = ETA) -> ConfigResult:
     """Sweep the lr grid on the first ``select_seeds`` seeds, then run the other seeds at the best lr."""
     start = time.perf_counter()
     total = budget.steps if config == "reference" else math.ceil(goal_factor * budget.steps)
-    fn = make_model_fn(family, config)
+    fn = make_model_fn(family, config, zeta, eta)
     lrs = budget.lrs[optimizer][config]
     kw = dict(batch_size=budget.batch_size, eval_every=budget.steps)
     sweep = lr_sweep(fn, data, optimizer=optimizer, lrs=lrs, seeds=list(seeds[:select_seeds]), steps=total, **kw)
@@ -297,15 +301,16 @@ def _load(family: str, budget: FamilyBudget) -> tuple[torch.Tensor, ...]:
 
 
 def run_family(family: str, budget: FamilyBudget, configs: Sequence[str], seeds: Sequence[int],
-               select_seeds: int, goal_factor: float, log: Callable[[str], None] = print
+               select_seeds: int, goal_factor: float, log: Callable[[str], None] = print,
+               optimizers: Sequence[str] = OPTIMIZERS, zeta: float = ZETA, eta: float = ETA
                ) -> dict[str, dict[str, ConfigResult]]:
-    """Every configuration of ``family`` with both optimizers: ``{optimizer: {config: result}}``."""
+    """Every configuration of ``family`` with every optimizer: ``{optimizer: {config: result}}``."""
     data = _load(family, budget)
     results: dict[str, dict[str, ConfigResult]] = {}
-    for opt in OPTIMIZERS:
+    for opt in optimizers:
         results[opt] = {}
         for config in configs:
-            res = run_config(family, config, opt, data, budget, seeds, select_seeds, goal_factor)
+            res = run_config(family, config, opt, data, budget, seeds, select_seeds, goal_factor, zeta, eta)
             results[opt][config] = res
             losses = ", ".join(f"{loss_at(r, res.steps):.4g}" for r in res.runs) or "all diverged"
             log(f"[{family}/{opt}/{config}] best lr {res.best_lr}, loss@{res.steps}: {losses} "
@@ -411,10 +416,11 @@ def _markdown(all_rows: dict[str, list[dict[str, Any]]], budgets: dict[str, Fami
                   f"batch {b.batch_size}; training images: {n_train}; test images: {n_test}. "
                   f"lr grids: SGD {_grid_text(b.lrs['sgd'])}; Adam {_grid_text(b.lrs['adam'])}; swept on "
                   f"{args.select_seeds} seed(s), selected by training loss at S; "
-                  f"{seeds} seed(s) at the selected lr. Mean ± sd over seeds.", ""]
+                  f"{seeds} seed(s) at the selected lr; dks zeta {args.zeta:g}, tat eta {args.eta:g}. "
+                  "Mean ± sd over seeds.", ""]
         cols = [c for c in rows[0] if not c.startswith("_")] if rows else []
         lines.append(write_table_md(rows, cols))
-        for opt in OPTIMIZERS:
+        for opt in args.optimizers:
             g = next((r["_goal"] for r in rows if r["optimizer"] == opt and r["configuration"] == "reference"), None)
             if g and g["target"] is not None:
                 lines.append(f"- {opt}: target = reference's smoothed loss at step {b.steps}: {g['target']:.4f}, "
@@ -431,6 +437,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 4 steps, batch 16, 256 train / 128 test images, 1 seed, 1 lr")
     p.add_argument("--only", choices=FAMILIES, help="run one family only")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="configurations to run")
+    p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS),
+                   help="optimizers to run (default: sgd adam)")
+    p.add_argument("--zeta", type=float, default=ZETA, help=f"dks option zeta (default {ZETA})")
+    p.add_argument("--eta", type=float, default=ETA, help=f"tat option eta (default {ETA})")
     p.add_argument("--steps", type=int, help="S, the reference's steps (default: mlp 400, conv 200)")
     p.add_argument("--batch-size", type=int, help="default: mlp 128, conv 32")
     p.add_argument("--lrs-sgd", type=float, nargs="+", help="SGD lr grid for every configuration "
@@ -450,6 +460,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args.select_seeds = min(args.select_seeds, args.seeds)
     if args.goal_factor < 1 or args.seeds < 1 or args.select_seeds < 1:
         p.error("need --goal-factor >= 1, --seeds >= 1 and --select-seeds >= 1")
+    if not (args.zeta > 1 and 0 < args.eta < 1):
+        p.error(f"need --zeta > 1 and 0 < --eta < 1 (got --zeta {args.zeta:g}, --eta {args.eta:g})")
     args.command = "python benchmarks/train_deep.py" + ("" if argv is None and len(sys.argv) < 2 else
                                                          " " + " ".join(sys.argv[1:] if argv is None else argv))
     return args
@@ -487,7 +499,8 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     for family in families:
         start = time.perf_counter()
         results = run_family(family, budgets[family], args.configs, seeds, args.select_seeds, args.goal_factor,
-                             log=lambda s: print(s, file=sys.stderr, flush=True))
+                             log=lambda s: print(s, file=sys.stderr, flush=True), optimizers=args.optimizers,
+                             zeta=args.zeta, eta=args.eta)
         wall[family] = time.perf_counter() - start
         all_rows[family] = summary_rows(results, args.goal_factor)
         figures[family] = []
@@ -509,6 +522,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
                               for c, r in by_config.items()} for opt, by_config in results.items()}}
     md = _markdown(all_rows, budgets, args, env, figures, md_path.parent.resolve(), wall)
     json_path = save_json({"command": args.command, "environment": env, "seeds": seeds,
+                           "zeta": args.zeta, "eta": args.eta,
                            "select_seeds": args.select_seeds, "goal_factor": args.goal_factor,
                            "families": record}, out_dir / "train_deep.json")
     md_path.parent.mkdir(parents=True, exist_ok=True)

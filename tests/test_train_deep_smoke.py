@@ -46,3 +46,31 @@ def test_train_deep_quick(tmp_path: Path) -> None:
     md = (tmp_path / "train_deep.md").read_text()
     for config in ("reference", "vanilla", "vanilla+dks", "vanilla+tat"):
         assert f"| {config} |" in md
+
+
+def test_shaping_options_reach_the_passes_and_are_validated(tmp_path: Path) -> None:
+    """--zeta / --eta set the dks / tat options (checked on the built network's shaping);
+    --optimizers restricts the run; out-of-range values are refused before any training."""
+    import netsurgeon
+
+    td = _load_script()
+    for zeta in (1.5, 3.0):
+        gm = td.make_model_fn("mlp", "vanilla+dks", zeta=zeta)(0)
+        a = netsurgeon.analyze(gm)
+        out = [n for n in a.kernels][-1]
+        assert a.c_slope_1(out) == pytest.approx(zeta, rel=1e-4)
+    for eta in (0.9, 0.7):
+        gm = td.make_model_fn("mlp", "vanilla+tat", eta=eta)(0)
+        a = netsurgeon.analyze(gm)
+        assert float(a.cmap([n for n in a.kernels][-1])(0.0)) == pytest.approx(eta, abs=2e-3)
+    for bad in (["--zeta", "1"], ["--eta", "1.2"], ["--optimizers", "lbfgs"]):
+        with pytest.raises(SystemExit):
+            td.main(["--quick", "--out-dir", str(tmp_path), *bad])
+    assert not any(tmp_path.iterdir())  # refused before writing anything
+
+    require_data()
+    out = td.main(["--quick", "--only", "conv", "--optimizers", "sgd", "--zeta", "2", "--configs", "reference",
+                   "vanilla+dks", "--threads", "1", "--out-dir", str(tmp_path)])
+    assert {r["optimizer"] for r in out["rows"]["conv"]} == {"sgd"}
+    record = json.loads((tmp_path / "train_deep.json").read_text())
+    assert record["zeta"] == 2 and "dks zeta 2, tat eta 0.9" in out["markdown"]
