@@ -251,3 +251,18 @@ def test_residual_blocks_are_not_flagged_and_dks_refuses_correlated_sums():
     assert "sub" in pool  # PoolFormer's token mixer pool(x) - x
     problems = dict(IdealGraph(netsurgeon.topology(_SkipRelu())).problems)
     assert "correlated" in problems["add"]
+
+
+def test_relu_gain_noise_floor_that_bounds_the_measurement_check():
+    """The reason the ReLU q check cannot reach 3% at a few seeds (docs/analysis.md): for a
+    Haar-orthogonal layer the realized gain ||relu(Wx)||^2 / ||Wx||^2 has mean 1/2 and relative
+    variance 3/n, independent of the prediction, so after L layers the per-seed spread of
+    measured/predicted q is about sqrt(3L/n)."""
+    n, trials = 256, 300
+    g = torch.Generator().manual_seed(0)
+    w = torch.linalg.qr(torch.randn(trials, n, n, generator=g, dtype=torch.float64))[0]
+    z = w @ torch.randn(trials, n, 1, generator=g, dtype=torch.float64)
+    r = (torch.relu(z) ** 2).sum((1, 2)) / (z ** 2).sum((1, 2))
+    assert float(r.mean()) == pytest.approx(0.5, abs=4 * float(r.std()) / trials ** 0.5)
+    rel_var = float(r.var() / r.mean() ** 2)
+    assert rel_var == pytest.approx(3 / n, rel=0.25)  # SE of a variance from 300 draws: ~8%
