@@ -286,9 +286,9 @@ def test_options_are_validated():
     with pytest.raises(PassError, match="zeta must exceed 1"):
         netsurgeon.transform(chain(3, nn.Tanh), passes=[("dks", {"zeta": 1.0})])
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        netsurgeon.transform(chain(3, nn.Tanh), passes=[("dks", {"zeta": 3.0})])
-    np.testing.assert_allclose(1.0, 1.0)
+        warnings.simplefilter("error")  # a valid zeta on tanh: no warning at all
+        gm = netsurgeon.transform(chain(3, nn.Tanh, width=256), passes=["orthogonal_init", ("dks", {"zeta": 3.0})])
+    assert netsurgeon.analyze(gm).c_slope_1("output") == pytest.approx(3.0, rel=1e-3)
 
 
 class _GatedNet(nn.Module):
@@ -319,7 +319,8 @@ def test_empirical_products_keep_q_and_leave_the_gate_alone(shaping):
     pm = gm.meta["netsurgeon"][shaping[0]]["product_maps"]["mul"]
     assert 0.05 < pm["q_ratio"] < 0.5  # E[h² σ(g)²] / E[h²]: well below 1, hence the rescale
     rescale = [n for n in gm.graph.nodes if n.op == "call_function" and n.args and getattr(n.args[0], "name", "") == "mul"]
-    assert rescale and rescale[0].args[1] == pytest.approx(pm["q_ratio"] ** -0.5)
+    assert rescale and rescale[0].args[1].op == "get_attr"  # a buffer: it travels with the state_dict
+    assert float(gm.get_buffer(rescale[0].args[1].target)) == pytest.approx(pm["q_ratio"] ** -0.5)
     a = netsurgeon.analyze(gm, x)
     for node in ("o", "output"):  # q = 1 again after the product (measured through it)
         assert a.q(node) == pytest.approx(1.0, rel=0.1), node
@@ -329,6 +330,25 @@ def test_empirical_products_keep_q_and_leave_the_gate_alone(shaping):
     again = measure_product_maps(gm, (x,))["mul"]
     assert again.q_ratio == pytest.approx(pm["q_ratio"], rel=0.1)
     assert again.slope == pytest.approx(pm["slope"], rel=0.1)
+
+
+def test_empirical_product_constants_travel_with_the_state_dict():
+    """The measured constants depend on the weights: a fresh transform of the same recipe on other
+    weights, then load_state_dict, must reproduce the model exactly (what netsurgeon.load does)."""
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    passes = [("tat", {"products": "empirical", "eta": 0.4})]
+    torch.manual_seed(0)
+    trained = _GatedNet(nn.ReLU)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.mul_(1.5)
+    gm = netsurgeon.transform(trained, passes=passes, example_inputs=x)
+    torch.manual_seed(7)
+    fresh = netsurgeon.transform(_GatedNet(nn.ReLU), passes=passes, example_inputs=x)
+    assert not torch.equal(fresh(x), gm(x))
+    assert any(k.startswith("ns_product_rescale") for k in gm.state_dict())
+    fresh.load_state_dict(gm.state_dict())
+    assert torch.equal(fresh(x), gm(x))
 
 
 def test_empirical_products_on_efficientnet_keep_q_where_neutral_collapses():

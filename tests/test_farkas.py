@@ -207,3 +207,37 @@ def test_conv_feeding_flatten_and_linear_widens_the_linear_by_the_spatial_size()
     assert_alive(gm, -100 * torch.ones(2, 3, 5, 5))
     rec = netsurgeon.report(netsurgeon.transform(model, passes=["farkas"])).passes[-1]  # no inputs: no spatial size
     assert not rec.changes and any(s.node == "_0" and "flattens" in s.why for s in rec.skipped)
+
+
+def test_linear_on_token_tensors_gets_its_unit_on_the_feature_axis():
+    """A Linear on [batch, tokens, features] (ViT/Mixer MLPs): the unit is one more feature per
+    token, not one more token; exact with zero consumer init, and every token keeps a live unit."""
+    class TokenMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    torch.manual_seed(0)
+    model, x = TokenMLP().eval(), torch.randn(3, 5, 8)
+    gm = netsurgeon.transform(model, passes=[("farkas", {"consumer_init": "zero"})], example_inputs=x)
+    assert gm.fc1(x).shape == (3, 5, 17) and gm.fc2.in_features == 17
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
+        h = torch.relu(gm.fc1(-100 * x.abs() - 100))
+    assert bool((h > 0).any(-1).all())  # every token of every example has a positive unit
+    flat = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 16, 4))
+    rec = netsurgeon.report(netsurgeon.transform(flat, passes=["farkas"], example_inputs=x)).passes[-1]
+    assert not rec.changes and any("features are last" in s.why for s in rec.skipped)
+
+
+def test_vit_mlps_are_converted_exactly():
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, pretrained=False).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    gm = netsurgeon.transform(model, passes=[("farkas", {"consumer_init": "zero"})], example_inputs=x[:1])
+    changed = {c.node for c in netsurgeon.report(gm).passes[0].changes}
+    assert {"blocks_0_mlp_fc1", "blocks_1_mlp_fc1"} <= changed, changed
+    with torch.no_grad():
+        torch.testing.assert_close(gm.eval()(x), model(x), rtol=1e-4, atol=1e-5)

@@ -10,7 +10,9 @@ __all__ = ["ShapedActivation"]
 class ShapedActivation(nn.Module):
     """``γ (base(α x + β) + δ)`` with non-trainable constants kept as buffers.
 
-    The buffers follow ``.to(device)``/``.double()`` and are saved in ``state_dict``.
+    The buffers follow ``.to(device)``/``.double()`` and are saved in ``state_dict``. A
+    ``LeakyReLU`` base also keeps its negative slope in a buffer, which ``load_state_dict``
+    copies back into the base.
 
     Args:
         base: the elementwise activation module φ (kept as a submodule).
@@ -27,6 +29,13 @@ class ShapedActivation(nn.Module):
         self.base = base
         for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("delta", delta)):
             self.register_buffer(name, torch.tensor(float(value)))
+        if isinstance(base, nn.LeakyReLU):  # TAT's slope can depend on the weights (measured products)
+            self.register_buffer("negative_slope", torch.tensor(float(base.negative_slope)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if isinstance(self.base, nn.LeakyReLU):  # the base reads a float: keep it in step with the buffer
+            self.base.negative_slope = float(self.negative_slope)
 
     def constants(self) -> tuple[float, float, float, float]:
         """``(α, β, γ, δ)`` as Python floats."""

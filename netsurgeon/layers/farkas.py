@@ -19,7 +19,9 @@ __all__ = ["FarkasLayer", "FarkasSum"]
 
 
 class FarkasLayer(nn.Module):
-    """``cat([layer(x), z_F], dim=1)`` with the computed Farkas unit ``z_F``.
+    """``cat([layer(x), z_F], dim)`` with the computed Farkas unit ``z_F``, on the layer's channel
+    dimension: the last one for ``nn.Linear`` (so ``[batch, tokens, features]`` inputs work), 1 for
+    convolutions.
 
     Args:
         layer: an ``nn.Linear`` or ``nn.Conv{1,2,3}d`` (groups 1); kept as the ``layer`` submodule.
@@ -46,6 +48,7 @@ class FarkasLayer(nn.Module):
         if bias == "fixed" and not value > 2 * cutoff:
             raise ValueError(f"a fixed Farkas bias must exceed 2 * cutoff = {2 * cutoff}; got {value}")
         self.layer = layer
+        self.dim = -1 if isinstance(layer, nn.Linear) else 1
         self.agg, self.bias_mode, self.cutoff, self.margin = agg, bias, float(cutoff), float(margin)
         init = torch.tensor(float(value), dtype=layer.weight.dtype, device=layer.weight.device)
         if bias == "learned":
@@ -59,7 +62,7 @@ class FarkasLayer(nn.Module):
         return self.layer.weight
 
     def _aggregate(self, t: torch.Tensor) -> torch.Tensor:
-        return t.mean(dim=1, keepdim=True) if self.agg == "mean" else t.sum(dim=1, keepdim=True)
+        return t.mean(dim=self.dim, keepdim=True) if self.agg == "mean" else t.sum(dim=self.dim, keepdim=True)
 
     def effective_bias(self) -> torch.Tensor:
         """``b_F`` as used: for ``learned``, clamped from below so that some unit exceeds the cutoff
@@ -81,14 +84,14 @@ class FarkasLayer(nn.Module):
         agg = self._aggregate(z)  # agg(z - b) = agg(z) - agg(b): no full-size subtraction
         if b is not None:
             agg = agg - (b.mean() if self.agg == "mean" else b.sum())
-        return torch.cat([z, self.effective_bias() - agg], dim=1)
+        return torch.cat([z, self.effective_bias() - agg], dim=self.dim)
 
     def extra_repr(self) -> str:
         return f"agg={self.agg}, bias={self.bias_mode}, cutoff={self.cutoff:g}"
 
 
 class FarkasSum(nn.Module):
-    """``cat([s, b_F - agg(s)], dim=1)``: the Farkas unit of a residual block's sum ``s``
+    """``cat([s, b_F - agg(s)], dim)``: the Farkas unit of a residual block's sum ``s``
     (FarkasNet's block construction; MATH.md §6). If every channel of ``s`` is ``<= t`` the
     unit is ``>= b_F - t`` (mean), so with ``b_F > 2t`` some channel exceeds ``t``.
 
@@ -97,12 +100,13 @@ class FarkasSum(nn.Module):
         bias: ``"learned"`` (parameter, clamped below at ``2t + margin`` for the mean) or
             ``"fixed"`` (buffer).
         value: initial or fixed ``b_F``. cutoff, margin: as in :class:`FarkasLayer`.
+        dim: the channel dimension of ``s``: 1 (convolutions, the default) or -1 (features last).
     """
 
     def __init__(self, channels: int, agg: str = "mean", bias: str = "learned", value: float = 0.0,
-                 cutoff: float = 0.0, margin: float = 1e-3) -> None:
+                 cutoff: float = 0.0, margin: float = 1e-3, dim: int = 1) -> None:
         super().__init__()
-        self.channels, self.agg, self.bias_mode = channels, agg, bias
+        self.channels, self.agg, self.bias_mode, self.dim = channels, agg, bias, dim
         self.cutoff, self.margin = float(cutoff), float(margin)
         init = torch.tensor(float(value))
         if bias == "learned":
@@ -117,8 +121,8 @@ class FarkasSum(nn.Module):
         return self.farkas_bias.clamp_min(factor * self.cutoff + self.margin)
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
-        agg = s.mean(dim=1, keepdim=True) if self.agg == "mean" else s.sum(dim=1, keepdim=True)
-        return torch.cat([s, self.effective_bias().to(s.dtype) - agg], dim=1)
+        agg = s.mean(dim=self.dim, keepdim=True) if self.agg == "mean" else s.sum(dim=self.dim, keepdim=True)
+        return torch.cat([s, self.effective_bias().to(s.dtype) - agg], dim=self.dim)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, agg={self.agg}, bias={self.bias_mode}, cutoff={self.cutoff:g}"
+        return f"channels={self.channels}, agg={self.agg}, bias={self.bias_mode}, cutoff={self.cutoff:g}, dim={self.dim}"

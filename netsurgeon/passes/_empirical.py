@@ -71,7 +71,12 @@ def measure_product_maps(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor,
 
 
 def insert_rescales(gm: fx.GraphModule, maps: dict[str, ProductMap], record: PassRecord | None = None) -> None:
-    """After each measured product, multiply by ``1 / sqrt(q_ratio)`` (a constant: an affine node)."""
+    """After each measured product, multiply by ``1 / sqrt(q_ratio)`` (an affine node).
+
+    The factor is a scalar buffer ``ns_product_rescale_<product>``, not a constant in the code:
+    it depends on the weights it was measured with, so it must travel with the ``state_dict``
+    (a fresh transform of the same recipe, then ``load_state_dict``, reproduces the model).
+    """
     nodes = {n.name: n for n in gm.graph.nodes}
     for name, pm in maps.items():
         node = nodes.get(name)
@@ -79,8 +84,12 @@ def insert_rescales(gm: fx.GraphModule, maps: dict[str, ProductMap], record: Pas
             continue
         factor = 1.0 / math.sqrt(pm.q_ratio)
         users = list(node.users)
+        attr = f"{_PREFIX}_{name}"
+        gm.register_buffer(attr, torch.tensor(factor, dtype=torch.get_default_dtype(), device=_device(gm)))
         with gm.graph.inserting_after(node):
-            new = gm.graph.call_function(operator.mul, (node, factor))
+            const = gm.graph.get_attr(attr)
+        with gm.graph.inserting_after(const):
+            new = gm.graph.call_function(operator.mul, (node, const))
         for u in users:
             u.replace_input_with(node, new)
         if record is not None:
@@ -88,6 +97,10 @@ def insert_rescales(gm: fx.GraphModule, maps: dict[str, ProductMap], record: Pas
                                 f"C'(1) {pm.slope:.4g})", "products='empirical': keeps q = 1 after the product")
     gm.graph.lint()
     gm.recompile()
+
+
+def _device(gm: fx.GraphModule) -> torch.device:
+    return next(iter(gm.parameters()), next(iter(gm.buffers()), torch.empty(0))).device
 
 
 def iterate_product_maps(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | None,

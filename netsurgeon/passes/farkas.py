@@ -105,11 +105,13 @@ class _Planner:
         if act_name not in _ONE_SIDED:
             return f"activation {act.name} ({act_name}) is not one-sided"
         consumers: list[tuple[fx.Node, int]] = []
-        reason = self._consumers(act, 1, consumers)
+        reason = self._consumers(act, 1, consumers, self.kind(node) is OpKind.LINEAR)
         return reason if reason is not None else _Plan(node, norm, act, consumers)
 
-    def _consumers(self, node: fx.Node, columns: int, out: list[tuple[fx.Node, int]]) -> str | None:
-        """Walk from ``node`` to the layers that read it; None when all are widenable."""
+    def _consumers(self, node: fx.Node, columns: int, out: list[tuple[fx.Node, int]],
+                   features_last: bool = False) -> str | None:
+        """Walk from ``node`` to the layers that read it; None when all are widenable.
+        ``features_last``: the extra unit is the last dimension (a Linear's output)."""
         if not node.users:
             return f"{node.name} has no consumer"
         for user in node.users:
@@ -125,13 +127,15 @@ class _Planner:
                 if kind is OpKind.POOL and self.g.nodes[user.name]["attrs"].get("pool_type") not in \
                         ("avg", "max", "adaptive_avg", "adaptive_max", "mean"):
                     return f"consumer {user.name} is a pooling that mixes channels"
-                reason = self._consumers(user, columns, out)
+                reason = self._consumers(user, columns, out, features_last)
                 if reason:
                     return reason
             elif kind is OpKind.RESHAPE and _is_flatten(user):
                 shape = self.g.nodes[node.name].get("shape")
                 if shape is None:
                     return f"{user.name} flattens; the spatial size needs example_inputs"
+                if features_last and len(shape) > 2:  # the extra features would be interleaved, not appended
+                    return f"{user.name} flattens a {len(shape)}-d Linear output whose features are last"
                 reason = self._consumers(user, columns * math.prod(shape[2:]), out)
                 if reason:
                     return reason
@@ -328,7 +332,7 @@ class _BlockMode:
             channels = layer.weight.shape[0]
             path = f"{add.name}_farkas"
             self.gm.add_module(path, FarkasSum(channels, self.opts.agg, self.opts.bias, self.opts.value,
-                                               self.opts.cutoff))
+                                               self.opts.cutoff, dim=-1 if isinstance(layer, nn.Linear) else 1))
             with self.gm.graph.inserting_after(add):
                 unit = self.gm.graph.call_module(path, (add,))
             add.replace_all_uses_with(unit, delete_user_cb=lambda u: u is not unit)
