@@ -11,13 +11,13 @@ from __future__ import annotations
 import copy
 import operator
 import time
-from typing import Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import NetsurgeonError, PassError
+from .errors import InvalidArgumentError, NetsurgeonError, PassError
 from .graph import META_KEY, Topology, trace
 from .passes.base import Pass, PassSpec, get_report, make_pass
 from .report import PassRecord, Report
@@ -104,6 +104,7 @@ def transform(model: nn.Module, passes: Sequence[PassSpec] = (), example_inputs:
         A ``torch.fx.GraphModule``; :func:`report` gives what each pass did.
 
     Raises:
+        InvalidArgumentError: ``passes`` is not a list of pass specs (e.g. None or a dict).
         UnknownPassError, PassOptionError: a bad pass spec (before anything runs).
         TraceError: the model cannot be traced.
         PassError: a pass failed; names the pass and those that ran before it.
@@ -111,6 +112,10 @@ def transform(model: nn.Module, passes: Sequence[PassSpec] = (), example_inputs:
     if isinstance(passes, (str, Pass)) or (isinstance(passes, tuple) and len(passes) == 2
                                            and isinstance(passes[0], str) and isinstance(passes[1], dict)):
         passes = [passes]
+    if not isinstance(passes, Iterable) or isinstance(passes, Mapping):
+        raise InvalidArgumentError(f"passes must be a list of pass names, (name, {{options}}) pairs or Pass "
+                                   f"instances, e.g. ['strip_bn', ('normalize_sums', {{'shortcut_weight2': 0.8}})]; "
+                                   f"got {passes!r}")
     instances = [make_pass(s) for s in passes]  # validate every spec before any work
     if not inplace:
         model = copy.deepcopy(model)

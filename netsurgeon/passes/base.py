@@ -2,6 +2,8 @@
 
 A pass is a dataclass whose fields are its options. Calling it on a GraphModule
 rewrites the module and returns it, writing a :class:`~netsurgeon.report.PassRecord`.
+Options are checked against their type hints (``int``, ``float``, ``bool``, ``str``,
+``Literal``, unions of these) when the pass is made; :meth:`Pass.validate` adds ranges.
 
 Example:
     >>> from netsurgeon.passes import get_pass
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
+import types
 import typing
 from typing import Any, ClassVar, Mapping, Sequence, Union
 
@@ -26,6 +30,9 @@ __all__ = ["Pass", "PassSpec", "register_pass", "get_pass", "list_passes", "make
            "get_report"]
 
 _REGISTRY: dict[str, type["Pass"]] = {}
+_TYPE_WORDS = {type(None): "None", bool: "a bool (True or False)", int: "an int", float: "a float (or an int)",
+               str: "a string"}
+_TEXT_WORDS = {type(None): "none", bool: "true or false", int: "an int", float: "a float", str: "a string"}
 
 
 @dataclasses.dataclass
@@ -33,7 +40,8 @@ class Pass:
     """Base class of every pass; subclasses are dataclasses whose fields are options.
 
     Subclasses set ``name`` and ``summary``, implement :meth:`run` and, when the
-    preservation depends on options, override :meth:`preservation`.
+    preservation depends on options, override :meth:`preservation`; options with a valid
+    range extend :meth:`validate`.
     """
 
     name: ClassVar[str] = ""
@@ -41,8 +49,21 @@ class Pass:
     preserves: ClassVar[Preservation] = Preservation.NONE
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every option against its type hint; subclasses check ranges after calling this.
+
+        Raises:
+            PassOptionError: names the pass, the option, the value and what is expected.
+        """
         for f in dataclasses.fields(self):
             _check_value(type(self), f.name, getattr(self, f.name))
+
+    def _require(self, key: str, ok: bool, expected: str) -> None:
+        """Raise ``PassOptionError("{name}.{key} must {expected}; got {value!r}")`` unless ``ok``."""
+        if not ok:
+            raise PassOptionError(f"{self.name}.{key} must {expected}; got {getattr(self, key)!r}")
 
     def options(self) -> dict[str, Any]:
         """The current option values."""
@@ -97,8 +118,9 @@ def _option_names(cls: type[Pass]) -> list[str]:
 
 
 def make_pass(spec: PassSpec) -> Pass:
-    """A pass instance from a name, ``(name, {options})`` or an instance."""
+    """A pass instance from a name, ``(name, {options})`` or an instance (validated again)."""
     if isinstance(spec, Pass):
+        spec.validate()  # its options may have been set after construction
         return spec
     if isinstance(spec, str):
         return get_pass(spec)()
@@ -120,10 +142,17 @@ def _hint(cls: type[Pass], key: str) -> Any:
 
 
 def _check_value(cls: type[Pass], key: str, value: Any) -> None:
-    hint = _hint(cls, key)
-    choices = _literal_choices(hint)
-    if choices is not None and value not in choices:
-        raise PassOptionError(f"{cls.name}.{key} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    alternatives = _alternatives(_hint(cls, key))
+    if not any(_matches(value, h) for h in alternatives):
+        raise PassOptionError(f"{cls.name}.{key} must be {_expected(alternatives)}; "
+                              f"got {value!r} of type {type(value).__name__}")
+
+
+def _alternatives(hint: Any) -> tuple:
+    """The members of a ``Union[...]`` or ``X | Y`` hint; ``(hint,)`` for any other."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
 
 
 def _literal_choices(hint: Any) -> tuple | None:
@@ -132,36 +161,78 @@ def _literal_choices(hint: Any) -> tuple | None:
     return None
 
 
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has type ``hint``: a bool is no number, an int is a float; other hints accept all."""
+    choices = _literal_choices(hint)
+    if choices is not None:
+        return value in choices
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, numbers.Integral if hint is int else numbers.Real) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _expected(alternatives: tuple, typed: bool = True) -> str:
+    """``alternatives`` in words, as Python values (``"an int or None"``) or, unless ``typed``,
+    as command-line text (``"an int or none"``)."""
+    words = _TYPE_WORDS if typed else _TEXT_WORDS
+    parts = []
+    for hint in alternatives:
+        choices = _literal_choices(hint)
+        if choices is not None:
+            parts.append(f"one of {', '.join(map(repr if typed else str, choices))}")
+        else:
+            parts.append(words.get(hint, getattr(hint, "__name__", repr(hint))))
+    return " or ".join(parts)
+
+
+def _parse(text: str, hint: Any) -> Any:
+    """``text`` as a value of type ``hint``; ValueError when it is not one."""
+    choices = _literal_choices(hint)
+    if choices is not None:
+        for c in choices:
+            if str(c) == text:
+                return c
+        raise ValueError(text)
+    if hint is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(text)
+    if hint is type(None):
+        raise ValueError(text)  # "none" and "null" are handled by coerce_option
+    if hint in (int, float, str):
+        return hint(text)
+    return text
+
+
 def coerce_option(cls: type[Pass], key: str, text: str) -> Any:
-    """Convert a command-line string to the type of option ``key`` of ``cls``."""
+    """Convert a command-line string to the type of option ``key`` of ``cls``.
+
+    Bools take ``true``/``false``, ``yes``/``no``, ``on``/``off``, ``1``/``0``; an
+    option that may be None takes ``none`` or ``null``. Ranges are checked later,
+    when the pass is made.
+    """
     if key not in _option_names(cls):
         close = difflib.get_close_matches(key, _option_names(cls), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise PassOptionError(f"pass {cls.name!r} has no option {key!r}.{hint} "
                               f"Valid options: {', '.join(_option_names(cls)) or '(none)'}")
-    hint = _hint(cls, key)
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is Union and text.lower() in ("none", "null"):
+    alternatives = _alternatives(_hint(cls, key))
+    if type(None) in alternatives and text.lower() in ("none", "null"):
         return None
-    base = args[0] if typing.get_origin(hint) is Union and args else hint
-    choices = _literal_choices(base)
-    try:
-        if choices is not None:
-            for c in choices:
-                if str(c) == text:
-                    return c
-            raise ValueError(f"expected one of {', '.join(map(str, choices))}")
-        if base is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError("expected true or false")
-        if base in (int, float, str):
-            return base(text)
-    except ValueError as exc:
-        raise PassOptionError(f"bad value {text!r} for {cls.name}.{key}: {exc}") from None
-    return text
+    for hint in alternatives:
+        try:
+            return _parse(text, hint)
+        except ValueError:
+            continue
+    raise PassOptionError(f"bad value {text!r} for {cls.name}.{key}: expected {_expected(alternatives, typed=False)}")
 
 
 def get_report(gm: fx.GraphModule, create_for: str | None = None) -> Report:

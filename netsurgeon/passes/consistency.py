@@ -27,7 +27,7 @@ class RMSNormPass(Pass):
     activation after the new norm.
 
     Options:
-        momentum: of the moving average. Default: 0.1.
+        momentum: weight of the new batch in the moving average, in [0, 1]. Default: 0.1.
     """
 
     name = "rms_norm"
@@ -35,6 +35,10 @@ class RMSNormPass(Pass):
     preserves = Preservation.NONE
 
     momentum: float = 0.1
+
+    def validate(self) -> None:
+        super().validate()
+        self._require("momentum", 0.0 <= self.momentum <= 1.0, "lie in [0, 1]")
 
     def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
             ) -> fx.GraphModule:

@@ -89,7 +89,8 @@ class IdentityResidual(Pass):
     Options:
         mode: ``"zero_last"`` (default), ``"skipinit"``, ``"rezero"`` (= skipinit), ``"fixup"``,
             ``"hardt_ma"``.
-        seed: seed of the re-initializations (fixup, hardt_ma); None uses the global RNG.
+        seed: seed of the re-initializations (fixup, hardt_ma), an int in [-2**63, 2**64);
+            None uses the global RNG. Default: None.
     """
 
     name = "identity_residual"
@@ -98,6 +99,10 @@ class IdentityResidual(Pass):
 
     mode: Literal["zero_last", "skipinit", "rezero", "fixup", "hardt_ma"] = "zero_last"
     seed: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        self._require("seed", self.seed is None or -2**63 <= self.seed < 2**64, "be None or an int in [-2**63, 2**64)")
 
     def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
             ) -> fx.GraphModule:

@@ -39,7 +39,6 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import PassOptionError
 from ..graph import Topology, op_info
 from ..ops import OpKind
 from ..ops.torch_ops import arg
@@ -142,10 +141,10 @@ class OrthogonalInit(Pass):
     gain: float = 1.0
     seed: Optional[int] = None
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not float(self.gain) > 0:
-            raise PassOptionError(f"orthogonal_init.gain must be positive; got {self.gain!r}")
+    def validate(self) -> None:
+        super().validate()
+        self._require("gain", 0.0 < self.gain < math.inf, "be positive and finite")
+        self._require("seed", self.seed is None or -2**63 <= self.seed < 2**64, "be None or an int in [-2**63, 2**64)")
 
     def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
             ) -> fx.GraphModule:

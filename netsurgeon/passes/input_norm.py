@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.fx as fx
@@ -28,7 +29,8 @@ class InputNorm(Pass):
 
     Args:
         dim: the channel dimension of the inputs; ``-1`` for channels-last. Default: 1.
-        eps: added to the per-location mean square. Default: 1e-6.
+        eps: added to the per-location mean square; positive, so that an all-zero
+            location gives 0 rather than 0/0. Default: 1e-6.
     """
 
     name = "input_norm"
@@ -36,6 +38,10 @@ class InputNorm(Pass):
     preserves = Preservation.NONE
     dim: int = 1
     eps: float = 1e-6
+
+    def validate(self) -> None:
+        super().validate()
+        self._require("eps", 0.0 < self.eps < math.inf, "be positive and finite")
 
     def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
             ) -> fx.GraphModule:

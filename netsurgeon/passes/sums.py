@@ -25,7 +25,6 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from ..errors import PassOptionError
 from ..graph import MergeBlock, Topology, op_info
 from ..ops import OpKind
 from ..ops.torch_ops import arg
@@ -217,10 +216,9 @@ class NormalizeSums(Pass):
     preserves = Preservation.NONE
     shortcut_weight2: float = 0.8
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 < float(self.shortcut_weight2) < 1.0:
-            raise PassOptionError(f"normalize_sums.shortcut_weight2 must lie in (0, 1); got {self.shortcut_weight2!r}")
+    def validate(self) -> None:
+        super().validate()
+        self._require("shortcut_weight2", 0.0 < self.shortcut_weight2 < 1.0, "lie in (0, 1)")
 
     def _weights(self, found: _Sum) -> list[float]:
         n = len(found.terms)
