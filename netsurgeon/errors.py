@@ -19,6 +19,7 @@ __all__ = [
     "DataNotFoundError",
     "DataFormatError",
     "InvalidArgumentError",
+    "ExampleInputError",
 ]
 
 
@@ -78,3 +79,7 @@ class DataFormatError(NetsurgeonError, ValueError):
 
 class InvalidArgumentError(NetsurgeonError, ValueError):
     """An argument outside its valid set or range (names the parameter and the valid values)."""
+
+
+class ExampleInputError(NetsurgeonError, ValueError):
+    """The model cannot run on the example inputs given (wrong shape, dtype or number of inputs)."""

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..graph import Topology, trace
+from ..graph.running import eval_mode
 from ..kernels import get_activation
 from ..ops import OpKind
 
@@ -116,13 +117,9 @@ def operator_norm_bound(model: nn.Module, example_inputs: Sequence[torch.Tensor]
     """
     gm = model if isinstance(model, fx.GraphModule) else trace(model)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    was = gm.training
-    gm.eval()
-    try:
+    with eval_mode(gm):
         topo = Topology(gm, tuple(x[:1] for x in inputs))
         return _bound(gm, topo, iters, seed)
-    finally:
-        gm.train(was)
 
 
 def _bound(gm: fx.GraphModule, topo: Topology, iters: int, seed: int) -> OperatorNormBound:

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..errors import UnsupportedNodeError
 from ..graph import META_KEY, Topology, op_info, trace
+from ..graph.running import eval_mode, example_run
 from ..ops import OpKind
 from .activation_maps import maps_for
 from .local_measure import local_chain, measure_local
@@ -257,12 +258,16 @@ def _propagate(gm: fx.GraphModule, topo: Topology, grid: np.ndarray, q_in: float
                 nan = float("nan")
                 out = NodeKernel(nan, nan, np.full_like(grid, nan), nan, UNSUPPORTED, reason, dims)
             else:
-                ks = np.interp(grid, cgrid, [st.k for st in stats])
+                kc = np.array([st.k for st in stats])
+                ks = np.interp(grid, cgrid, kc)
                 q1 = float(np.mean([st.q for st in stats]))
                 q2 = float(np.mean([st.q2 for st in stats]))
                 how = "measured on Gaussian inputs drawn at the predicted kernel of the last linear op" \
                     if node.name in local else "measured"
-                out = NodeKernel(q1, q2, ks, float("nan"), UNSUPPORTED, f"{reason}; {how}", dims)
+                # dk/dc_in at c_in = 1 from the secant over the two measured points nearest 1
+                dk = float((kc[-1] - kc[-2]) / (cgrid[-1] - cgrid[-2]))
+                out = NodeKernel(q1, q2, ks, dk, UNSUPPORTED,
+                                 f"{reason}; {how}; C'(1) from the secant over c_in in [{cgrid[-2]:.2g}, 1]", dims)
         kernels[node.name] = out
     return kernels, pending
 
@@ -309,14 +314,14 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     gm = model if isinstance(model, fx.GraphModule) else trace(model)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    given = example_inputs is not None
     if example_inputs is None:
         example_inputs = _default_inputs(gm)
-    was = gm.training
-    gm.eval()
-    try:
+    with eval_mode(gm):
         topo = Topology(gm)
-        if example_inputs is not None and topo.kind_counts().get("concat"):  # dims weight concatenations
-            topo = Topology(gm, example_inputs)
+        if given or (example_inputs is not None and topo.kind_counts().get("concat")):  # dims weight concats
+            with example_run(gm.__class__.__name__, example_inputs):  # given inputs are checked up front
+                topo = Topology(gm, example_inputs)
         grid = np.linspace(-1.0, 1.0, grid_size)
         cgrid = np.linspace(-1.0, 1.0, empirical_points)
         cache: dict[int, Any] = {}
@@ -340,8 +345,6 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
                                            f"to measure")
             kernels, _ = _propagate(gm, topo, grid, q_in, measured, cgrid, cache,
                                     {n for n in measured if n not in rest}, correlated)
-    finally:
-        gm.train(was)
     return Analysis(topo, kernels, grid, q_in, c_in)
 
 

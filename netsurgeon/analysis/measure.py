@@ -26,6 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..graph import trace
+from ..graph.running import eval_mode, example_run
 
 __all__ = ["NodeStats", "Measurement", "measure", "kernel_stats"]
 
@@ -87,15 +88,10 @@ def measure(model: nn.Module, x: torch.Tensor, x2: torch.Tensor) -> Measurement:
     if x.shape != x2.shape:
         raise ValueError(f"x and x2 must have the same shape; got {tuple(x.shape)} and {tuple(x2.shape)}")
     gm = model if isinstance(model, fx.GraphModule) else trace(model)
-    was = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            r1, r2 = _Recorder(gm), _Recorder(gm)
-            r1.run(x)
-            r2.run(x2)
-    finally:
-        gm.train(was)
+    with eval_mode(gm), torch.no_grad(), example_run(gm.__class__.__name__, (x,)):
+        r1, r2 = _Recorder(gm), _Recorder(gm)
+        r1.run(x)
+        r2.run(x2)
     result = Measurement()
     for name, h in r1.outputs.items():
         h2 = r2.outputs.get(name)

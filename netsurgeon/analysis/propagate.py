@@ -270,5 +270,7 @@ def _activation(maps: Any, k: NodeKernel, dims: int | None) -> NodeKernel | None
     bound = np.sqrt(k.q * k.q2)  # rounding or measured values may step outside |k| <= sqrt(q q')
     kout = np.asarray(maps.kernel_map(np.full_like(k.k, k.q), np.full_like(k.k, k.q2),
                                       np.clip(k.k, -bound, bound)), dtype=float)
-    slope = float(maps.kernel_slope_at_one(k.q)) if abs(k.q - k.q2) < 1e-12 else float("nan")
+    # at c = 1 both inputs share q; measured values upstream leave q and q' a little apart
+    near = abs(k.q - k.q2) <= 0.05 * max(k.q, k.q2)
+    slope = float(maps.kernel_slope_at_one(float(np.sqrt(k.q * k.q2)))) if near else float("nan")
     return NodeKernel(q1, q2, kout, slope * k.dk, k.status, k.reason, dims)

@@ -22,6 +22,7 @@ import torch.nn as nn
 from ..errors import MissingAnalysisError
 from ..ops import OpInfo, OpKind, classify, unknown_hint
 from .blocks import MergeBlock, find_merge_blocks
+from .running import eval_mode, example_run
 from .tracer import META_KEY, trace
 
 __all__ = ["Topology", "UnknownOp", "topology", "op_info"]
@@ -177,6 +178,34 @@ class Topology:
             lines += [f"  {u}" for u in self.unknown]
         return "\n".join(lines)
 
+    def format_blocks(self, max_branches: int | None = 3, max_layers: int | None = 4) -> str:
+        """One line per merge: kind, merge node, entry, shortcut and the weight layers of each branch.
+
+        Long listings are shortened so that large graphs stay readable (a DenseNet concatenation
+        has one branch per earlier layer, each through every layer before it): a branch with more
+        than ``max_layers`` weight layers shows its first and last layer and how many are left
+        out, and a merge with more than ``max_branches`` branches shows the first and the last
+        branch and how many are left out. ``None`` shows everything; the full paths are in
+        :attr:`blocks`.
+
+        Args:
+            max_branches: branches listed in full per merge. Default: 3.
+            max_layers: weight layers listed in full per branch. Default: 4.
+        """
+        def clip(items: list[str], limit: int | None, what: str) -> list[str]:
+            if limit is None or len(items) <= limit:
+                return items
+            return [items[0], f"... {len(items) - 2} more {what} ...", items[-1]]
+
+        lines = []
+        for b in self.blocks:
+            branches = [" -> ".join(clip(bl, max_layers, "layers")) or "(no weight layer)" for bl in b.branch_layers]
+            listing = " | ".join(clip(branches, max_branches, "branches")) or "-"
+            count = f"{len(branches)} branches, " if len(branches) > 1 else ""
+            lines.append(f"  {b.kind:12s} {b.merge:28s} entry={b.entry} shortcut={b.shortcut_kind} "
+                         f"{count}branch layers: {listing}")
+        return "\n".join(lines)
+
     # ------------------------------------------------------------------ export
     def _export_graph(self) -> nx.DiGraph:
         out = nx.DiGraph()
@@ -226,13 +255,8 @@ def _propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
     from torch.fx.passes.shape_prop import ShapeProp
 
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    was = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
-    finally:
-        gm.train(was)
+    with eval_mode(gm), torch.no_grad(), example_run(gm.__class__.__name__, inputs):
+        ShapeProp(gm).propagate(*inputs)
 
 
 def topology(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None) -> Topology:

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import TraceError
+from .running import eval_mode, example_run
 from ..ops import module_rule
 
 __all__ = ["trace", "NetsurgeonTracer", "TraceInfo", "META_KEY"]
@@ -315,7 +316,9 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
         for k in constants:
             del model.__dict__[k]
     info.mode_dropouts = _replace_mode_dropouts(gm, dropout_fix)
-    gm.train(model.training)
+    modes = {name: m.training for name, m in model.named_modules()}
+    for name, m in gm.named_modules():  # the shared submodules keep theirs; new containers copy the model's
+        m.training = modes.get(name, model.training)
     gm.meta[META_KEY] = {"trace": info}
     if example_inputs is not None:
         _check_against_eager(model, gm, example_inputs)
@@ -328,15 +331,8 @@ def _as_tuple(x: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, .
 
 def _check_against_eager(model: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> None:
     inputs = _as_tuple(example_inputs)
-    was = {name: m.training for name, m in model.named_modules()}
-    try:
-        model.eval()
-        gm.eval()
-        with torch.no_grad():
-            ref, out = model(*inputs), gm(*inputs)
-    finally:
-        _set_modes(model, was)
-        gm.train(model.training)
+    with eval_mode(model), eval_mode(gm), torch.no_grad(), example_run(type(model).__name__, inputs):
+        ref, out = model(*inputs), gm(*inputs)
     ref_t = [t for t in torch.utils._pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
     out_t = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
     if len(ref_t) != len(out_t) or any(not torch.equal(r, o) for r, o in zip(ref_t, out_t)):

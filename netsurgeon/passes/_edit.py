@@ -8,6 +8,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..graph.running import eval_mode, example_run
+
 if TYPE_CHECKING:
     from ..report import PassRecord
 
@@ -65,13 +67,8 @@ def shapes_from(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | N
         return {}
     from torch.fx.passes.shape_prop import ShapeProp
 
-    was = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    finally:
-        gm.train(was)
+    with eval_mode(gm), torch.no_grad(), example_run(gm.__class__.__name__, example_inputs):
+        ShapeProp(gm).propagate(*example_inputs)
     return {n.name: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
             if hasattr(n.meta.get("tensor_meta"), "shape")}
 

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from ..errors import UnsupportedNodeError
 from ..graph import META_KEY, Topology
+from ..graph.running import eval_mode
 from ..layers import FarkasLayer, FarkasSum
 from ..ops import OpKind
 from ..report import PassRecord, Preservation
@@ -386,16 +387,12 @@ def _check_runs(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...] | None, lay
     if inputs is None or not layers:
         return
     gm.recompile()
-    was = gm.training
-    gm.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(gm), torch.no_grad():
             gm(*inputs)
     except Exception as exc:
         raise UnsupportedNodeError(f"farkas: the model no longer runs after widening {', '.join(layers[:8])}"
                                    f"{' ...' if len(layers) > 8 else ''}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        gm.train(was)
 
 
 def _default_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...] | None:
