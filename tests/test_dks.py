@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import netsurgeon
 from netsurgeon.analysis.targets import IdealGraph
-from netsurgeon.errors import PassError
+from netsurgeon.errors import PassError, PassOptionError
 from netsurgeon.graph import Topology, op_info
 from netsurgeon.kernels import LocalMaps, get_activation
 from netsurgeon.kernels.transforms import transformed
@@ -280,9 +280,11 @@ def test_applying_twice_is_refused():
 
 
 def test_options_are_validated():
-    with pytest.raises(PassError, match="eta must lie in"):
+    with pytest.raises(PassOptionError, match=r"tat.eta must lie in \(0, 1\); got 1.5"):
         netsurgeon.transform(chain(3, nn.ReLU), passes=[("tat", {"eta": 1.5})])
-    with pytest.raises(PassError, match="zeta must exceed 1"):
+    with pytest.raises(PassOptionError, match="tat.tau must be positive"):
+        netsurgeon.transform(chain(3, nn.ReLU), passes=[("tat", {"tau": 0})])
+    with pytest.raises(PassOptionError, match="dks.zeta must exceed 1"):
         netsurgeon.transform(chain(3, nn.Tanh), passes=[("dks", {"zeta": 1.0})])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a valid zeta on tanh: no warning at all

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from scipy.optimize import linprog
 
 import netsurgeon
-from netsurgeon.errors import PassError
+from netsurgeon.errors import PassError, PassOptionError
 from netsurgeon.layers import FarkasLayer
 
 
@@ -111,8 +111,10 @@ def test_cutoff_for_gelu_and_fixed_bias():
                                                                              "value": 1.5})])
     assert_alive(gm, torch.randn(64, 16) * 50, cutoff=0.5)
     assert_alive(gm, torch.zeros(2, 16), cutoff=0.5)
-    with pytest.raises(PassError, match="value > 2 \\* cutoff"):
+    with pytest.raises(PassOptionError, match=r"farkas.value must exceed 2 \* cutoff = 0 for a fixed bias"):
         netsurgeon.transform(mlp([16, 8]), passes=[("farkas", {"bias": "fixed", "value": 0.0})])
+    with pytest.raises(PassOptionError, match="farkas.cutoff must be >= 0"):
+        netsurgeon.transform(mlp([16, 8]), passes=[("farkas", {"cutoff": -1.0})])
 
 
 TIMM = ["resnet18", "resnet50", "resnetv2_50", "vgg11_bn", "efficientnet_b0", "mobilenetv3_small_100",

@@ -208,6 +208,10 @@ class DKS(_Shaping):
     zeta: float = 1.5
     products: Literal["refuse", "neutral", "empirical"] = "refuse"
 
+    def validate(self) -> None:
+        super().validate()
+        self._require("zeta", 1.0 < self.zeta < math.inf, "exceed 1 and be finite")
+
     def _shape(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None,
                maps: dict[str, ProductMap] | None) -> None:
         ideal, sites = _prepare(gm, example_inputs, self.products, "dks", maps)
@@ -254,12 +258,13 @@ class TAT(_Shaping):
     tau: float = 0.3
     products: Literal["refuse", "neutral", "empirical"] = "refuse"
 
+    def validate(self) -> None:
+        super().validate()
+        self._require("eta", 0.0 < self.eta < 1.0, "lie in (0, 1)")
+        self._require("tau", 0.0 < self.tau < math.inf, "be positive and finite")
+
     def _shape(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None,
                maps: dict[str, ProductMap] | None) -> None:
-        if not 0.0 < self.eta < 1.0:
-            raise UnsupportedNodeError(f"tat: eta must lie in (0, 1), got {self.eta!r}")
-        if not self.tau > 0.0:
-            raise UnsupportedNodeError(f"tat: tau must be > 0, got {self.tau!r}")
         ideal, sites = _prepare(gm, example_inputs, self.products, "tat", maps)
         constants: dict[ActivationSpec, Transform] = {}
         derivation: dict[str, Any] = {"eta": float(self.eta), "tau": float(self.tau)}

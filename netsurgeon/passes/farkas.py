@@ -214,11 +214,15 @@ class Farkas(Pass):
     def preservation(self) -> Preservation:
         return Preservation.EXACT_EVAL if self.consumer_init == "zero" else Preservation.NONE
 
+    def validate(self) -> None:
+        super().validate()
+        self._require("cutoff", 0.0 <= self.cutoff < math.inf, "be >= 0 and finite")
+        self._require("value", math.isfinite(self.value), "be finite")
+        self._require("value", self.bias == "learned" or self.value > 2 * self.cutoff,
+                      f"exceed 2 * cutoff = {2 * self.cutoff:g} for a fixed bias (bias='fixed')")
+
     def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
             ) -> fx.GraphModule:
-        if self.bias == "fixed" and not self.value > 2 * self.cutoff:
-            raise UnsupportedNodeError(f"farkas: a fixed bias needs value > 2 * cutoff = {2 * self.cutoff}; got "
-                                       f"{self.value}")
         inputs = example_inputs if example_inputs is not None else _default_inputs(gm)
         topo = Topology(gm, inputs)
         if self.mode == "block":
