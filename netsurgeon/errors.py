@@ -20,6 +20,7 @@ __all__ = [
     "DataFormatError",
     "InvalidArgumentError",
     "ExampleInputError",
+    "UnknownNodeError",
 ]
 
 
@@ -67,6 +68,10 @@ class MissingAnalysisError(NetsurgeonError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class UnknownNodeError(MissingAnalysisError):
+    """A node name that is not in the graph or the analysis (the message lists some that are)."""
 
 
 class DataNotFoundError(NetsurgeonError, FileNotFoundError):

@@ -34,7 +34,10 @@ def _from_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
         factory = getattr(factory, part)
     if not callable(factory):
         raise ModelSpecError(f"{spec!r} is not callable")
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:  # most often an argument the factory does not take
+        raise ModelSpecError(f"{spec!r} failed with the arguments {kwargs!r}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
     return model

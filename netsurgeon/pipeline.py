@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import operator
 import time
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -89,8 +89,8 @@ def apply_pass(gm: fx.GraphModule, p: Pass, example_inputs: Sequence[torch.Tenso
 
 
 def transform(model: nn.Module, passes: Sequence[PassSpec] = (), example_inputs: Sequence[torch.Tensor]
-              | torch.Tensor | None = None, inplace: bool = False, leaf_modules: Sequence[str] = ()
-              ) -> fx.GraphModule:
+              | torch.Tensor | None = None, inplace: bool = False, leaf_modules: Sequence[str] = (),
+              concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
     """Trace ``model`` and apply ``passes`` in order.
 
     Args:
@@ -99,6 +99,8 @@ def transform(model: nn.Module, passes: Sequence[PassSpec] = (), example_inputs:
         example_inputs: inputs some passes need for shapes; also used to check the trace.
         inplace: when False (default) the model is deep-copied first and never mutated.
         leaf_modules: submodule paths to keep opaque when tracing (see :func:`netsurgeon.trace`).
+        concrete_args: values of ``forward`` arguments that drive control flow, fixed for the trace
+            (see :func:`netsurgeon.trace`).
 
     Returns:
         A ``torch.fx.GraphModule``; :func:`report` gives what each pass did.
@@ -119,7 +121,7 @@ def transform(model: nn.Module, passes: Sequence[PassSpec] = (), example_inputs:
     instances = [make_pass(s) for s in passes]  # validate every spec before any work
     if not inplace:
         model = copy.deepcopy(model)
-    gm = trace(model, _inputs(example_inputs), leaf_modules=leaf_modules)
+    gm = trace(model, _inputs(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args)
     info = gm.meta[META_KEY]["trace"]
     rep = gm.meta[META_KEY].get("report")
     if rep is None:

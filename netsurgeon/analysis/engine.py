@@ -9,6 +9,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -17,7 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import UnsupportedNodeError
+from ..errors import InvalidArgumentError, UnknownNodeError, UnsupportedNodeError
 from ..graph import META_KEY, Topology, op_info, trace
 from ..graph.running import eval_mode, example_run
 from ..ops import OpKind
@@ -75,7 +76,8 @@ class Analysis:
 
     def _get(self, node: str) -> NodeKernel:
         if node not in self.kernels:
-            raise KeyError(f"no analysis for node {node!r}; analysed nodes: {', '.join(list(self.kernels)[:8])}...")
+            raise UnknownNodeError(f"no analysis for node {node!r}; analysed nodes: "
+                                   f"{', '.join(list(self.kernels)[:8])}...")
         return self.kernels[node]
 
     def cmap(self, node: str) -> Callable[[Any], np.ndarray]:
@@ -311,6 +313,9 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     Raises:
         UnsupportedNodeError: ops without a map (all named) and no ``example_inputs`` to measure them.
     """
+    if not (0.0 < q_in < math.inf and -1.0 <= c_in <= 1.0):
+        raise InvalidArgumentError(f"analyze needs q_in > 0 (finite) and -1 <= c_in <= 1; got q_in={q_in!r}, "
+                                   f"c_in={c_in!r}")
     gm = model if isinstance(model, fx.GraphModule) else trace(model)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)

@@ -171,7 +171,8 @@ def _trace_error_from_exception(model: nn.Module, exc: BaseException) -> TraceEr
         remedy = (f"make it a leaf: netsurgeon.trace(model, leaf_modules=[{module_path!r}]) "
                   f"(or register its type with netsurgeon.ops.register_module({cls}))")
     else:
-        remedy = "pass concrete_args for the arguments that drive control flow, or rewrite that line"
+        remedy = ("fix the forward arguments that drive control flow with concrete_args={...} (netsurgeon.trace "
+                  "or transform), or rewrite that line")
     if "control flow" in str(exc):
         remedy = ("pass example_inputs so the branch is decided on them (the result is specialized to inputs "
                   "taking the same branches), or " + remedy)

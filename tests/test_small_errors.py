@@ -1,0 +1,47 @@
+"""Small user errors get the project's error classes with a message naming what was wrong."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import netsurgeon
+from netsurgeon.errors import InvalidArgumentError, ModelSpecError, TraceError, UnknownNodeError
+from netsurgeon.models import create_model
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def test_analysis_inputs_and_node_names_are_checked():
+    a = netsurgeon.analyze(_mlp())
+    with pytest.raises(UnknownNodeError, match="no analysis for node 'nope'; analysed nodes: input"):
+        a.cmap("nope")
+    for kw in ({"q_in": 0.0}, {"q_in": -1.0}, {"q_in": float("inf")}, {"c_in": 1.5}):
+        with pytest.raises(InvalidArgumentError, match="q_in > 0"):
+            netsurgeon.analyze(_mlp(), **kw)
+
+
+def test_factory_with_bad_arguments_is_a_model_spec_error():
+    with pytest.raises(ModelSpecError, match=r"'torch.nn:Linear' failed with the arguments \{'bogus': 1\}"):
+        create_model("torch.nn:Linear", bogus=1)
+
+
+class _Flag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, double=False):
+        y = self.lin(x)
+        return 2 * y if double else y
+
+
+def test_concrete_args_reach_the_tracer_through_transform():
+    m = _Flag()
+    with pytest.raises(TraceError, match=r"concrete_args=\{\.\.\.\} \(netsurgeon.trace or transform\)"):
+        netsurgeon.transform(m, [])
+    gm = netsurgeon.transform(m, [], concrete_args={"double": True})
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(gm(x, True), m(x, True))
