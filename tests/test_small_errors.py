@@ -45,3 +45,18 @@ def test_concrete_args_reach_the_tracer_through_transform():
     gm = netsurgeon.transform(m, [], concrete_args={"double": True})
     x = torch.randn(3, 4)
     torch.testing.assert_close(gm(x, True), m(x, True))
+
+
+def test_a_pickled_module_says_why_its_report_is_gone():
+    import io
+
+    from netsurgeon.errors import MissingAnalysisError
+
+    gm = netsurgeon.transform(_mlp(), ["orthogonal_init"])
+    assert netsurgeon.report(gm).passes
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with pytest.raises(MissingAnalysisError, match="torch.save/torch.load.*netsurgeon.load"):
+        netsurgeon.report(loaded)

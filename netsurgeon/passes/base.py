@@ -243,6 +243,8 @@ def get_report(gm: fx.GraphModule, create_for: str | None = None) -> Report:
             from ..errors import MissingAnalysisError
 
             raise MissingAnalysisError(f"{type(gm).__name__} has no netsurgeon report: it was not produced by "
-                                       f"netsurgeon.transform (or a pass)")
+                                       f"netsurgeon.transform (or a pass), or it went through torch.save/torch.load, "
+                                       f"which drops GraphModule.meta; to keep the report, save with "
+                                       f"netsurgeon.convert (report.md, recipe.json) and rebuild with netsurgeon.load")
         store["report"] = Report(model=create_for)
     return store["report"]
