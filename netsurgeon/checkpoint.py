@@ -2,8 +2,10 @@
 
 ``convert`` builds a model, optionally loads a checkpoint, runs passes and writes
 ``DIR/model.safetensors``, ``DIR/recipe.json`` and ``DIR/report.md`` atomically (a
-temporary directory renamed into place). ``load`` rebuilds the GraphModule from the
-recipe and loads the weights.
+temporary directory renamed into place), with the modes a plain ``mkdir``/``open`` would
+give under the process umask. ``force`` replaces an existing ``DIR`` only when it holds
+nothing but those files. ``load`` rebuilds the GraphModule from the recipe and loads the
+weights.
 
 Example:
     >>> import tempfile, os, netsurgeon
@@ -125,12 +127,43 @@ def _build(recipe: dict[str, Any], progress: Callable[[str], None], checkpoint: 
     return gm
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _check_replaceable(out: Path, target: Path) -> None:
+    """Raise unless the existing directory ``target`` (``out`` resolved) can be swapped out: not
+    the filesystem root, a mount point, the working directory or one of its ancestors, and
+    holding only the files a conversion writes."""
+    cwd = Path.cwd().resolve()
+    if target == target.parent or os.path.ismount(target):
+        raise OutputExistsError(f"output {str(out)!r} is the filesystem root or a mount point and cannot be "
+                                f"replaced; choose a new directory for --out")
+    if target == cwd or target in cwd.parents:
+        raise OutputExistsError(f"output {str(out)!r} is the current directory or one of its parents and cannot "
+                                f"be replaced; choose a new directory for --out, e.g. {str(out / 'converted')!r}")
+    try:
+        extra = sorted(name for name in os.listdir(target) if name not in _FILES or not (target / name).is_file())
+    except OSError as exc:
+        raise OutputExistsError(f"cannot read output {str(out)!r} to check what --force would replace: {exc}") from None
+    if extra:
+        raise OutputExistsError(f"output {str(out)!r} holds files that netsurgeon did not write ({_listing(extra)}); "
+                                f"--force only replaces a directory holding nothing but {', '.join(_FILES)}: "
+                                f"move them away or choose another --out")
+
+
 def _prepare_out(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise OutputExistsError(f"output {str(out)!r} exists; pass --force (force=True) to replace it")
+    target = out.resolve()
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {str(out)!r} exists and is not a directory")
-    parent = out.resolve().parent
+    if out.exists():
+        _check_replaceable(out, target)  # before --force, so the hint never leads to an unreplaceable --out
+        if not force:
+            raise OutputExistsError(f"output {str(out)!r} exists; pass --force (force=True) to replace it")
+    parent = target.parent
     if parent.exists() and not parent.is_dir():
         raise NetsurgeonError(f"cannot write {str(out)!r}: {str(parent)!r} is not a directory")
     if not parent.exists():
@@ -155,7 +188,10 @@ def convert(model: str, passes: Sequence[PassSpec], out: str | os.PathLike, *, c
         checkpoint: optional ``.safetensors``/``.pt`` state dict of the base model (never modified).
         input_shape: example input shape; default: the timm model's default input size.
         seed: seed of the random initialization and of the example input.
-        force: replace an existing output directory.
+        force: replace an existing output directory, provided it holds only files a conversion
+            writes (``model.safetensors``, ``recipe.json``, ``report.md``); anything else in it,
+            or an ``out`` that is the working directory, one of its parents or a mount point,
+            raises :class:`OutputExistsError` before any work is done.
         model_kwargs: passed to the model factory.
         progress: called with a message at each stage.
 
@@ -198,27 +234,56 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_atomic(gm: fx.GraphModule, recipe: dict[str, Any], out: Path) -> None:
+    """Write the three files into a temporary sibling of ``out`` and rename it into place."""
     from safetensors.torch import save_model
 
-    parent = out.resolve().parent
+    target = out.resolve()
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     except OSError as exc:
-        raise NetsurgeonError(f"cannot write into {str(parent)!r}: {exc}") from None
+        raise NetsurgeonError(f"cannot write into {str(target.parent)!r}: {exc}") from None
     try:
         save_model(gm, str(tmp / "model.safetensors"))
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
         (tmp / "report.md").write_text(report(gm).to_markdown())
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.rename(out, old / "previous")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        umask = _umask()  # mkdtemp makes a 0700 directory; give what mkdir/open would
+        for name in _FILES:
+            os.chmod(tmp / name, 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if target.exists():
+            _check_replaceable(out, target)  # again: files may have appeared while converting
+        _replace_dir(tmp, target)
+    except NetsurgeonError:
         raise
+    except OSError as exc:
+        raise NetsurgeonError(f"cannot write output {str(out)!r}: {exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when the rename succeeded
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``. An existing ``target`` is first renamed aside (onto an empty
+    placeholder in the same directory) and deleted only after the new one is in place; if that
+    fails it is renamed back, so no ``.old`` directory is left behind."""
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    try:
+        os.rename(target, old)  # onto an empty directory: replaces it
+    except BaseException:
+        old.rmdir()
+        raise
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        try:
+            os.rename(old, target)
+        except OSError as exc:
+            raise NetsurgeonError(f"cannot put the previous output back in {str(target)!r}: {exc}; "
+                                  f"it is kept in {str(old)!r}") from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load(directory: str | os.PathLike) -> fx.GraphModule:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+import tempfile
 import time
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import netsurgeon
 from netsurgeon.errors import NetsurgeonError, PassOptionError
@@ -66,6 +69,57 @@ def _parse_passes(text: str, sets: Sequence[str]) -> list[tuple[str, dict[str, A
     return [(n, options[n]) for n in names]
 
 
+def _cmap_formats() -> set[str]:
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return set(FigureCanvasBase.get_supported_filetypes())
+
+
+def _check_output_files(args: argparse.Namespace) -> dict[str, Path]:
+    """Validate inspect's ``--cmap/--dot/--graphml`` paths before any work: an existing directory,
+    no existing file unless ``--force``, distinct paths, and a plot format matplotlib writes."""
+    outputs = {flag: Path(getattr(args, flag)) for flag in ("cmap", "dot", "graphml") if getattr(args, flag)}
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        where = f"--{flag} {str(path)!r}"
+        if path.resolve() in seen:
+            raise _UsageError(f"{where} is also given to --{seen[path.resolve()]}: give each output its own file")
+        seen[path.resolve()] = flag
+        if flag == "cmap":
+            ext = path.suffix.lower().lstrip(".")
+            formats = _cmap_formats()
+            if ext not in formats:
+                raise _UsageError(f"{where}: unsupported plot format {ext or '(no extension)'!r}; "
+                                  f"use one of {', '.join(sorted(formats))} (e.g. cmap.png)")
+        parent = path.absolute().parent
+        if not parent.is_dir():
+            raise _UsageError(f"{where}: directory {str(parent)!r} does not exist (create it first)")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise _UsageError(f"{where}: directory {str(parent)!r} is not writable")
+        if path.is_dir():
+            raise _UsageError(f"{where} is a directory; give a file name")
+        if path.exists() and not args.force:
+            raise _UsageError(f"{where} exists; pass --force to overwrite it")
+    return outputs
+
+
+def _write_file_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """Call ``write`` on a temporary file next to ``path`` (same extension, so writers that pick
+    the format from it still do), give it the mode ``open`` would, and rename it onto ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.absolute().parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _UsageError(f"cannot write {str(path)!r}: {exc}") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     progress = _progress(args.quiet)
     passes = _parse_passes(args.passes, args.set or [])
@@ -83,6 +137,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     progress = _progress(args.quiet)
+    outputs = _check_output_files(args)
     progress(f"building model {args.model}")
     model = create_model(args.model)
     shape = _parse_shape(args.input_shape) or default_input_shape(model)
@@ -97,22 +152,21 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     gm = netsurgeon.trace(model)
     topo = netsurgeon.topology(gm, example)
     print(topo.summary())
-    if args.blocks:
-        for b in topo.blocks:
-            layers = " | ".join(" -> ".join(bl) for bl in b.branch_layers) or "-"
-            print(f"  {b.kind:12s} {b.merge:28s} entry={b.entry} shortcut={b.shortcut_kind} branch layers: {layers}")
-    if args.cmap:
+    if args.blocks and topo.blocks:
+        print(topo.format_blocks())
+    if "cmap" in outputs:
         progress("analysing kernel maps")
         analysis = netsurgeon.analyze(gm, example, empirical_batch=2)
         table = analysis.table()
         print(table if len(table) <= 60 else analysis.summary())
-        analysis.plot_cmaps().savefig(args.cmap, dpi=120)
+        figure = analysis.plot_cmaps()
+        _write_file_atomic(outputs["cmap"], lambda tmp: figure.savefig(tmp, dpi=120))
         print(f"wrote {args.cmap}")
-    if args.dot:
-        topo.write_dot(args.dot)
+    if "dot" in outputs:
+        _write_file_atomic(outputs["dot"], topo.write_dot)
         print(f"wrote {args.dot}")
-    if args.graphml:
-        topo.to_graphml(args.graphml)
+    if "graphml" in outputs:
+        _write_file_atomic(outputs["graphml"], topo.to_graphml)
         print(f"wrote {args.graphml}")
     return 0
 
@@ -140,18 +194,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output directory (model.safetensors, recipe.json, report.md)")
     c.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (default: the model's)")
     c.add_argument("--seed", type=int, default=0, help="seed of the random init and example input (default 0)")
-    c.add_argument("--force", action="store_true", help="replace an existing output directory")
+    c.add_argument("--force", action="store_true",
+                   help="replace an existing output directory, atomically; refused if it holds anything besides "
+                        "model.safetensors, recipe.json and report.md, or if it is the current directory or one "
+                        "of its parents")
     c.add_argument("--quiet", action="store_true", help="no progress messages")
     c.set_defaults(func=_cmd_convert)
 
     i = sub.add_parser("inspect", help="print the topology summary of a model")
     i.add_argument("model", help="timm model name or package.module:factory")
     i.add_argument("--input-shape", help="example input shape for node shapes")
-    i.add_argument("--blocks", action="store_true", help="list every residual block and concatenation")
+    i.add_argument("--blocks", action="store_true",
+                   help="list every residual block and concatenation, one line each; long branches and merges "
+                        "of many branches are shortened to their first and last entries (full paths: "
+                        "netsurgeon.topology(model).blocks in Python)")
     i.add_argument("--cmap", help="analyse Q/C maps, print the per-node table (or a summary) and save "
-                                  "the C-map plot to this PNG")
+                                  "the C-map plot to this file (.png, .pdf, .svg, ...: format from the extension)")
     i.add_argument("--dot", help="write the graph as Graphviz DOT to this file")
     i.add_argument("--graphml", help="write the graph as GraphML to this file")
+    i.add_argument("--force", action="store_true",
+                   help="overwrite existing --cmap/--dot/--graphml files (without it they are refused, as for "
+                        "convert --out); files are written atomically and their directory must exist")
     i.add_argument("--quiet", action="store_true", help="no progress messages")
     i.set_defaults(func=_cmd_inspect)
 

@@ -62,10 +62,10 @@ def test_convert_with_checkpoint_and_set_option(tmp_path):
 def test_existing_output_needs_force_and_force_replaces(tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
-    (out / "keep.txt").write_text("x")
+    (out / "report.md").write_text("x")  # a previous conversion's file: --force may replace it (test_cli_safety)
     assert main(["convert", "resnet10t", "--passes", "strip_bn", "--out", str(out), "--quiet"]) == 2
     assert "exists; pass --force" in capsys.readouterr().err
-    assert (out / "keep.txt").exists()
+    assert (out / "report.md").read_text() == "x"
     assert main(["convert", "resnet10t", "--passes", "strip_bn", "--out", str(out), "--input-shape", SHAPE,
                  "--force", "--quiet"]) == 0
     assert sorted(os.listdir(out)) == ["model.safetensors", "recipe.json", "report.md"]
