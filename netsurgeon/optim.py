@@ -29,6 +29,7 @@ Example:
 """
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import weakref
@@ -261,9 +262,10 @@ class LayerwiseLM(torch.optim.Optimizer):
             state["inverse"] = self._inverse(state, group["damping"], self._names.get(p, "layer"))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As :meth:`torch.optim.Optimizer.load_state_dict`, then the chunk indices, which torch
-        casts to the parameters' float dtype, back to integers."""
-        super().load_state_dict(state_dict)
+        """As :meth:`torch.optim.Optimizer.load_state_dict`, on a deep copy (torch keeps the source's
+        tensors when no cast is needed, so two optimizers would update one shared ``A`` in place),
+        then the chunk indices, which torch casts to the parameters' float dtype, back to integers."""
+        super().load_state_dict(copy.deepcopy(state_dict))
         for st in self.state.values():
             if "chunks" in st:
                 st["chunks"] = [c.long() for c in st["chunks"]]

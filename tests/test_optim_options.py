@@ -84,3 +84,26 @@ def test_zero_damping_with_enough_rows_still_works():
     net = _net()
     _steps(net, LayerwiseLM(net, damping=0.0, lr=1e-3), rows=256)
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_state_dict_into_a_fresh_optimizer_takes_the_same_next_step(chunk):
+    """Loading in memory must not alias the source's statistics (torch's Adam does: both
+    optimizers would then update one shared tensor in place)."""
+    import copy
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)), torch.randn(64, 8)
+    opt = LayerwiseLM(model, lr=0.05, chunk_size=chunk)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    twin = copy.deepcopy(model)
+    opt2 = LayerwiseLM(twin, lr=0.05, chunk_size=chunk)
+    opt2.load_state_dict(opt.state_dict())
+    for o, m in ((opt, model), (opt2, twin)):
+        o.zero_grad()
+        m(x).pow(2).mean().backward()
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
