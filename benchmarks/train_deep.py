@@ -74,7 +74,7 @@ from netsurgeon.bench import (RunResult, environment, lr_sweep, plot_curves,
                               save_json, steps_to_loss, torch_threads, train_run, write_table_md)
 from netsurgeon.data import load_dataset
 
-__all__ = ["CONFIGS", "FAMILIES", "FamilyBudget", "ConfigResult", "build_network", "make_model_fn",
+__all__ = ["CONFIGS", "FAMILIES", "FamilyBudget", "Shaping", "ConfigResult", "build_network", "make_model_fn",
            "run_family", "goal_rows", "summary_rows", "main"]
 
 CONFIGS = ("reference", "vanilla", "vanilla+dks", "vanilla+tat")
@@ -82,7 +82,16 @@ FAMILIES = ("mlp", "conv")
 OPTIMIZERS = ("sgd", "adam")
 ACTIVATION = {"reference": "relu", "vanilla": "relu", "vanilla+dks": "tanh", "vanilla+tat": "relu"}
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "figures" / "train_deep"
-ZETA, ETA = 1.5, 0.9                     # the dks and tat defaults (MATH.md §4-§5)
+
+
+@dataclass(frozen=True)
+class Shaping:
+    """The options of the transformed configurations: ``dks``'s zeta, ``tat``'s eta (their
+    defaults, MATH.md §4-§5) and ``orthogonal_init``'s conv scheme ("delta" or "full")."""
+
+    zeta: float = 1.5
+    eta: float = 0.9
+    conv_init: str = "delta"
 
 MLP_WIDTH, MLP_DEPTH = 256, 50           # weight layers: 1 input + 48 hidden + 1 output
 CONV_WIDTHS, CONV_BLOCKS = (16, 32, 64), (4, 3, 3)  # two 3x3 convs per block, plus a stem conv
@@ -193,21 +202,20 @@ def build_network(family: str, activation: str, residual: bool) -> nn.Sequential
     return nn.Sequential(*layers, *head)
 
 
-def _passes(config: str, seed: int, zeta: float = ZETA, eta: float = ETA) -> list[Any]:
+def _passes(config: str, seed: int, shaping: Shaping = Shaping()) -> list[Any]:
     """The netsurgeon passes turning the vanilla chain into ``config``."""
-    shaping = {"vanilla+dks": ("dks", {"zeta": zeta}), "vanilla+tat": ("tat", {"eta": eta})}[config]
-    return ["input_norm", ("orthogonal_init", {"seed": seed}), shaping]
+    last = {"vanilla+dks": ("dks", {"zeta": shaping.zeta}), "vanilla+tat": ("tat", {"eta": shaping.eta})}[config]
+    return ["input_norm", ("orthogonal_init", {"seed": seed, "conv": shaping.conv_init}), last]
 
 
-def make_model_fn(family: str, config: str, zeta: float = ZETA, eta: float = ETA) -> Callable[[int], nn.Module]:
-    """``seed -> model`` for ``bench.train_run`` (called under the seeded RNG); ``zeta`` and
-    ``eta`` are the ``dks`` and ``tat`` options."""
+def make_model_fn(family: str, config: str, shaping: Shaping = Shaping()) -> Callable[[int], nn.Module]:
+    """``seed -> model`` for ``bench.train_run`` (called under the seeded RNG)."""
     input_shape = (784,) if family == "mlp" else (3, 32, 32)
 
     def build(seed: int) -> nn.Module:
         net = build_network(family, ACTIVATION[config], residual=config == "reference")
         if config in ("vanilla+dks", "vanilla+tat"):
-            net = netsurgeon.transform(net, _passes(config, seed, zeta, eta),
+            net = netsurgeon.transform(net, _passes(config, seed, shaping),
                                        example_inputs=torch.randn(2, *input_shape))
         return net
 
@@ -271,11 +279,11 @@ def _select(sweep_runs: dict[float, list[RunResult]], steps: int) -> tuple[dict[
 
 def run_config(family: str, config: str, optimizer: str, data: tuple[torch.Tensor, ...], budget: FamilyBudget,
                seeds: Sequence[int], select_seeds: int, goal_factor: float,
-               zeta: float = ZETA, eta: float = ETA) -> ConfigResult:
+               shaping: Shaping = Shaping()) -> ConfigResult:
     """Sweep the lr grid on the first ``select_seeds`` seeds, then run the other seeds at the best lr."""
     start = time.perf_counter()
     total = budget.steps if config == "reference" else math.ceil(goal_factor * budget.steps)
-    fn = make_model_fn(family, config, zeta, eta)
+    fn = make_model_fn(family, config, shaping)
     lrs = budget.lrs[optimizer][config]
     kw = dict(batch_size=budget.batch_size, eval_every=budget.steps)
     sweep = lr_sweep(fn, data, optimizer=optimizer, lrs=lrs, seeds=list(seeds[:select_seeds]), steps=total, **kw)
@@ -302,7 +310,7 @@ def _load(family: str, budget: FamilyBudget) -> tuple[torch.Tensor, ...]:
 
 def run_family(family: str, budget: FamilyBudget, configs: Sequence[str], seeds: Sequence[int],
                select_seeds: int, goal_factor: float, log: Callable[[str], None] = print,
-               optimizers: Sequence[str] = OPTIMIZERS, zeta: float = ZETA, eta: float = ETA
+               optimizers: Sequence[str] = OPTIMIZERS, shaping: Shaping = Shaping()
                ) -> dict[str, dict[str, ConfigResult]]:
     """Every configuration of ``family`` with every optimizer: ``{optimizer: {config: result}}``."""
     data = _load(family, budget)
@@ -310,7 +318,7 @@ def run_family(family: str, budget: FamilyBudget, configs: Sequence[str], seeds:
     for opt in optimizers:
         results[opt] = {}
         for config in configs:
-            res = run_config(family, config, opt, data, budget, seeds, select_seeds, goal_factor, zeta, eta)
+            res = run_config(family, config, opt, data, budget, seeds, select_seeds, goal_factor, shaping)
             results[opt][config] = res
             losses = ", ".join(f"{loss_at(r, res.steps):.4g}" for r in res.runs) or "all diverged"
             log(f"[{family}/{opt}/{config}] best lr {res.best_lr}, loss@{res.steps}: {losses} "
@@ -416,7 +424,8 @@ def _markdown(all_rows: dict[str, list[dict[str, Any]]], budgets: dict[str, Fami
                   f"batch {b.batch_size}; training images: {n_train}; test images: {n_test}. "
                   f"lr grids: SGD {_grid_text(b.lrs['sgd'])}; Adam {_grid_text(b.lrs['adam'])}; swept on "
                   f"{args.select_seeds} seed(s), selected by training loss at S; "
-                  f"{seeds} seed(s) at the selected lr; dks zeta {args.zeta:g}, tat eta {args.eta:g}. "
+                  f"{seeds} seed(s) at the selected lr; dks zeta {args.zeta:g}, tat eta {args.eta:g}, "
+                  f"{args.conv_init} orthogonal convs. "
                   "Mean ± sd over seeds.", ""]
         cols = [c for c in rows[0] if not c.startswith("_")] if rows else []
         lines.append(write_table_md(rows, cols))
@@ -439,8 +448,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="configurations to run")
     p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS),
                    help="optimizers to run (default: sgd adam)")
-    p.add_argument("--zeta", type=float, default=ZETA, help=f"dks option zeta (default {ZETA})")
-    p.add_argument("--eta", type=float, default=ETA, help=f"tat option eta (default {ETA})")
+    p.add_argument("--zeta", type=float, default=Shaping.zeta, help=f"dks option zeta (default {Shaping.zeta})")
+    p.add_argument("--eta", type=float, default=Shaping.eta, help=f"tat option eta (default {Shaping.eta})")
+    p.add_argument("--conv-init", choices=("delta", "full"), default=Shaping.conv_init,
+                   help="orthogonal_init's conv scheme for dks/tat: centre tap only, or the whole window "
+                        f"(default {Shaping.conv_init})")
     p.add_argument("--steps", type=int, help="S, the reference's steps (default: mlp 400, conv 200)")
     p.add_argument("--batch-size", type=int, help="default: mlp 128, conv 32")
     p.add_argument("--lrs-sgd", type=float, nargs="+", help="SGD lr grid for every configuration "
@@ -500,7 +512,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         results = run_family(family, budgets[family], args.configs, seeds, args.select_seeds, args.goal_factor,
                              log=lambda s: print(s, file=sys.stderr, flush=True), optimizers=args.optimizers,
-                             zeta=args.zeta, eta=args.eta)
+                             shaping=Shaping(args.zeta, args.eta, args.conv_init))
         wall[family] = time.perf_counter() - start
         all_rows[family] = summary_rows(results, args.goal_factor)
         figures[family] = []
@@ -522,7 +534,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
                               for c, r in by_config.items()} for opt, by_config in results.items()}}
     md = _markdown(all_rows, budgets, args, env, figures, md_path.parent.resolve(), wall)
     json_path = save_json({"command": args.command, "environment": env, "seeds": seeds,
-                           "zeta": args.zeta, "eta": args.eta,
+                           "zeta": args.zeta, "eta": args.eta, "conv_init": args.conv_init,
                            "select_seeds": args.select_seeds, "goal_factor": args.goal_factor,
                            "families": record}, out_dir / "train_deep.json")
     md_path.parent.mkdir(parents=True, exist_ok=True)

@@ -409,6 +409,29 @@ def test_orthogonal_init_grouped_depthwise_patchify_and_gain():
     assert "patch-orthogonal" in _record(gm, "orthogonal_init").changes[2].what
 
 
+def test_orthogonal_init_full_window_convs():
+    """conv="full": an orthogonal [out/groups, in/groups · prod(kernel)] matrix over the whole
+    window (grouped too), q kept in expectation; the analysis calls such convs approximate."""
+    m = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1, groups=4),
+                      nn.Conv2d(16, 200, 3, padding=1))
+    gm = netsurgeon.transform(m, [("orthogonal_init", {"seed": 0, "conv": "full"})])
+    w0 = gm.get_submodule("0").weight.detach().double().reshape(16, 72)
+    _assert_scaled_eye(w0 @ w0.T, 1.0)
+    assert float(gm.get_submodule("0").weight.detach()[:, :, 0, 0].abs().max()) > 0  # off-centre taps set
+    w1 = gm.get_submodule("1").weight.detach().double().reshape(4, 4, 36)  # 4 groups of [4, 4·9]
+    for g in range(4):
+        _assert_scaled_eye(w1[g] @ w1[g].T, 1.0)
+    w2 = gm.get_submodule("2").weight.detach().double().reshape(200, 144)  # expanding: gain² = 200/144
+    _assert_scaled_eye(w2.T @ w2, 200 / 144)
+    assert all("full-orthogonal" in c.what for c in _record(gm, "orthogonal_init").changes)
+    x = _x(64, 8, 8, 8)
+    with torch.no_grad():
+        ratio = _q(gm.get_submodule("0")(x)[..., 1:-1, 1:-1]) / _q(x)  # interior: no zero padding in the window
+    assert ratio == pytest.approx(1.0, rel=0.05)
+    status, reason = netsurgeon.analyze(gm).status("_0")
+    assert status == "approximate" and "spatial mixing" in reason
+
+
 def test_orthogonal_init_skips_by_name_what_it_cannot_init():
     m = nn.Sequential(nn.Conv2d(4, 4, 2), StdConv2d(4, 4, 3), nn.ConvTranspose2d(4, 4, 3), TimmLinear(4, 8))
     before = {k: v.clone() for k, v in m.state_dict().items()}

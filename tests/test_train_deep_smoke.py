@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch.nn as nn
 from conftest import load_benchmark, require_data
 
 
@@ -55,12 +56,12 @@ def test_shaping_options_reach_the_passes_and_are_validated(tmp_path: Path) -> N
 
     td = _load_script()
     for zeta in (1.5, 3.0):
-        gm = td.make_model_fn("mlp", "vanilla+dks", zeta=zeta)(0)
+        gm = td.make_model_fn("mlp", "vanilla+dks", td.Shaping(zeta=zeta))(0)
         a = netsurgeon.analyze(gm)
         out = [n for n in a.kernels][-1]
         assert a.c_slope_1(out) == pytest.approx(zeta, rel=1e-4)
     for eta in (0.9, 0.7):
-        gm = td.make_model_fn("mlp", "vanilla+tat", eta=eta)(0)
+        gm = td.make_model_fn("mlp", "vanilla+tat", td.Shaping(eta=eta))(0)
         a = netsurgeon.analyze(gm)
         assert float(a.cmap([n for n in a.kernels][-1])(0.0)) == pytest.approx(eta, abs=2e-3)
     for bad in (["--zeta", "1"], ["--eta", "1.2"], ["--optimizers", "lbfgs"]):
@@ -73,4 +74,7 @@ def test_shaping_options_reach_the_passes_and_are_validated(tmp_path: Path) -> N
                    "vanilla+dks", "--threads", "1", "--out-dir", str(tmp_path)])
     assert {r["optimizer"] for r in out["rows"]["conv"]} == {"sgd"}
     record = json.loads((tmp_path / "train_deep.json").read_text())
-    assert record["zeta"] == 2 and "dks zeta 2, tat eta 0.9" in out["markdown"]
+    assert record["zeta"] == 2 and "dks zeta 2, tat eta 0.9, delta orthogonal convs" in out["markdown"]
+    full = td.make_model_fn("conv", "vanilla+dks", td.Shaping(conv_init="full"))(0)
+    stem = [m for m in full.modules() if isinstance(m, nn.Conv2d)][0].weight.detach()
+    assert float(stem[:, :, 0, 0].abs().max()) > 0  # the whole window, not the centre tap only

@@ -21,6 +21,12 @@ matrix instead (the rule above with ``in`` the patch size). Other even kernels h
 centre tap and are reported as skipped, as are transposed convs and layers whose
 forward transforms the weight (timm's weight-standardized ``StdConv2d``).
 
+``conv="full"`` gives every conv that ``[out/groups, in/groups · prod(kernel)]`` orthogonal
+matrix over its whole window instead: ``q`` is kept in expectation as for a linear layer, but
+the kernel maps are no longer exact (neighbouring locations mix; the analysis says so). It uses
+the off-centre taps from the start, which trained the CNN of ``benchmarks/train_deep.py``
+faster under DKS (``docs/benchmarks.md``).
+
 Example:
     >>> import torch, torch.nn as nn, netsurgeon
     >>> gm = netsurgeon.transform(nn.Sequential(nn.Linear(10, 40)), [("orthogonal_init", {"seed": 0})])
@@ -32,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.fx as fx
@@ -79,11 +85,13 @@ def _obstacle(m: nn.Module) -> str | None:
     return None
 
 
-def _layout(m: nn.Module) -> tuple[str, int, int] | str:
+def _layout(m: nn.Module, conv: str = "delta") -> tuple[str, int, int] | str:
     """``(scheme, rows, cols)`` of the per-group matrix, or why no scheme applies."""
     if isinstance(m, nn.Linear):
         return "orthogonal", m.out_features, m.in_features
     rows, cols = m.out_channels // m.groups, m.in_channels // m.groups
+    if conv == "full":
+        return "full-orthogonal", rows, cols * math.prod(m.kernel_size)
     if all(k % 2 == 1 for k in m.kernel_size):
         return "delta-orthogonal", rows, cols
     no_pad = m.padding == "valid" or (not isinstance(m.padding, str) and all(p == 0 for p in m.padding))
@@ -133,6 +141,8 @@ class OrthogonalInit(Pass):
             positive. Default: 1.0.
         seed: seed of a private generator (the global RNG is left alone); None draws
             from the global RNG. Default: None.
+        conv: ``"delta"`` (centre tap only; exact kernel maps) or ``"full"`` (orthogonal over
+            the whole window). Default: "delta".
     """
 
     name = "orthogonal_init"
@@ -140,6 +150,7 @@ class OrthogonalInit(Pass):
     preserves = Preservation.NONE
     gain: float = 1.0
     seed: Optional[int] = None
+    conv: Literal["delta", "full"] = "delta"
 
     def validate(self) -> None:
         super().validate()
@@ -166,7 +177,7 @@ class OrthogonalInit(Pass):
     def _init_module(self, path: str, m: nn.Module, node_name: str, generator: torch.Generator | None,
                      record: PassRecord) -> bool:
         why = _obstacle(m)
-        layout = _layout(m) if why is None else why
+        layout = _layout(m, self.conv) if why is None else why
         if isinstance(layout, str):
             record.skip(node_name, f"{type(m).__name__} {path}: {layout}")
             return False
