@@ -60,3 +60,20 @@ def test_a_pickled_module_says_why_its_report_is_gone():
     loaded = torch.load(buf, weights_only=False)
     with pytest.raises(MissingAnalysisError, match="torch.save/torch.load.*netsurgeon.load"):
         netsurgeon.report(loaded)
+
+
+def test_public_helpers_raise_the_projects_errors():
+    from netsurgeon.errors import NetsurgeonError
+    from netsurgeon.kernels import get_activation
+    from netsurgeon.layers import FarkasLayer
+
+    x = torch.randn(4, 8)
+    calls = [lambda: netsurgeon.measure(_mlp(), x, x[:2]),
+             lambda: netsurgeon.topology(_mlp()).info("nope"),
+             lambda: netsurgeon.measure(_mlp(), x, x.flip(0))["nope"],
+             lambda: get_activation("nope"),
+             lambda: get_activation(3),
+             lambda: FarkasLayer(nn.Linear(4, 4), agg="max")]
+    for call in calls:
+        with pytest.raises(NetsurgeonError):
+            call()

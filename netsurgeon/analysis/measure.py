@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..errors import InvalidArgumentError, UnknownNodeError
 from ..graph import trace
 from ..graph.running import eval_mode, example_run
 
@@ -50,7 +51,7 @@ class Measurement:
 
     def __getitem__(self, name: str) -> NodeStats:
         if name not in self.nodes:
-            raise KeyError(f"no measurement for node {name!r} (not tensor-valued, or not in the graph)")
+            raise UnknownNodeError(f"no measurement for node {name!r} (not tensor-valued, or not in the graph)")
         return self.nodes[name]
 
 
@@ -86,7 +87,7 @@ def measure(model: nn.Module, x: torch.Tensor, x2: torch.Tensor) -> Measurement:
         x2: second inputs, same shape; pair ``i`` is ``(x[i], x2[i])``.
     """
     if x.shape != x2.shape:
-        raise ValueError(f"x and x2 must have the same shape; got {tuple(x.shape)} and {tuple(x2.shape)}")
+        raise InvalidArgumentError(f"x and x2 must have the same shape; got {tuple(x.shape)} and {tuple(x2.shape)}")
     gm = model if isinstance(model, fx.GraphModule) else trace(model)
     with eval_mode(gm), torch.no_grad(), example_run(gm.__class__.__name__, (x,)):
         r1, r2 = _Recorder(gm), _Recorder(gm)

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..errors import MissingAnalysisError
+from ..errors import MissingAnalysisError, UnknownNodeError
 from ..ops import OpInfo, OpKind, classify, unknown_hint
 from .blocks import MergeBlock, find_merge_blocks
 from .running import eval_mode, example_run
@@ -116,7 +116,7 @@ class Topology:
     def info(self, name: str) -> OpInfo:
         """The OpInfo of node ``name``."""
         if name not in self.graph:
-            raise KeyError(f"no node named {name!r} in the graph")
+            raise UnknownNodeError(f"no node named {name!r} in the graph")
         return self.graph.nodes[name]["info"]
 
     def kind_counts(self) -> Counter:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
+from ..errors import InvalidArgumentError
 from .builtin_activations import REGISTRY, require
 
 __all__ = ["Activation", "get_activation", "list_activations"]
@@ -98,13 +99,13 @@ def _from_name(name: str, params: dict[str, Any]) -> Activation:
     if name not in REGISTRY:
         close = difflib.get_close_matches(name, REGISTRY, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown activation {name!r}.{hint} Valid names: {', '.join(list_activations())}; "
+        raise InvalidArgumentError(f"unknown activation {name!r}.{hint} Valid names: {', '.join(list_activations())}; "
                          "or pass a numpy callable with its kinks=[...].")
     builder, defaults = REGISTRY[name]
     unknown = sorted(set(params) - set(defaults))
     if unknown:
         valid = ", ".join(defaults) or "none"
-        raise ValueError(f"activation {name!r} has no parameter {', '.join(unknown)}; valid parameters: {valid}")
+        raise InvalidArgumentError(f"activation {name!r} has no parameter {', '.join(unknown)}; valid parameters: {valid}")
     values = {k: float(params.get(k, v)) for k, v in defaults.items()}
     for k, v in values.items():
         require(bool(np.isfinite(v)), name, k, v, "a finite number")
@@ -139,7 +140,7 @@ def get_activation(spec_or_name: Any, **params: Any) -> Activation:
     """
     if isinstance(spec_or_name, Activation):
         if params:
-            raise ValueError(f"parameters {sorted(params)} given with a ready Activation {spec_or_name}")
+            raise InvalidArgumentError(f"parameters {sorted(params)} given with a ready Activation {spec_or_name}")
         return spec_or_name
     if isinstance(spec_or_name, str):
         return _from_name(spec_or_name, params)
@@ -147,7 +148,8 @@ def get_activation(spec_or_name: Any, **params: Any) -> Activation:
         return _from_name(str(spec_or_name.name), {**dict(spec_or_name.params), **params})
     if callable(spec_or_name):
         return _from_callable(spec_or_name, **params)
-    raise TypeError(f"expected an activation name, ActivationSpec or callable, got {type(spec_or_name).__name__}")
+    raise InvalidArgumentError(f"expected an activation name, ActivationSpec or callable, got "
+                               f"{type(spec_or_name).__name__}")
 
 
 def _from_callable(fn: ArrayFn, kinks: Sequence[float] = (), dphi: ArrayFn | None = None,
@@ -156,7 +158,7 @@ def _from_callable(fn: ArrayFn, kinks: Sequence[float] = (), dphi: ArrayFn | Non
     """A user activation; missing derivatives by finite differences that never straddle a kink."""
     kinks_t = tuple(sorted(float(t) for t in kinks))
     if scale is not None and not scale > 0:
-        raise ValueError(f"scale={scale!r} must be > 0 (or None for piecewise polynomial activations)")
+        raise InvalidArgumentError(f"scale={scale!r} must be > 0 (or None for piecewise polynomial activations)")
     centers_t = tuple(float(c) for c in centers) if centers is not None else (kinks_t or (0.0,))
 
     def phi(x: np.ndarray) -> np.ndarray:

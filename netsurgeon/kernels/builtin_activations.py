@@ -14,6 +14,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 from scipy.special import expit, ndtr
 
+from ..errors import InvalidArgumentError
+
 __all__ = ["Parts", "REGISTRY", "register", "require"]
 
 ArrayFn = Callable[[np.ndarray], np.ndarray]
@@ -59,7 +61,7 @@ def _leaky(a: float) -> Parts:
 def require(ok: bool, name: str, param: str, value: float, valid: str) -> None:
     """Raise ValueError naming the activation, the parameter and its valid range unless ``ok``."""
     if not ok:
-        raise ValueError(f"activation {name}: parameter {param}={value!r} is out of range; valid: {valid}")
+        raise InvalidArgumentError(f"activation {name}: parameter {param}={value!r} is out of range; valid: {valid}")
 
 
 register("relu")(lambda: _leaky(0.0))

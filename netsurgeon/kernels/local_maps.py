@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 from numpy.typing import ArrayLike
 
+from ..errors import InvalidArgumentError
 from .activations import Activation, get_activation
 from .quadrature import ACCURATE, Piecewise, Rule, bivariate_expectation, gauss_expectation
 
@@ -56,7 +57,7 @@ def _checked_correlation(c: ArrayLike, name: str = "c") -> np.ndarray:
     """c as an array, clipped to [-1, 1]; ValueError beyond rounding."""
     arr = np.asarray(c, dtype=float)
     if np.any(~(np.abs(arr) <= 1.0 + _TOL)):
-        raise ValueError(f"{name} must lie in [-1, 1]; got values up to {np.nanmax(np.abs(arr))!r}")
+        raise InvalidArgumentError(f"{name} must lie in [-1, 1]; got values up to {np.nanmax(np.abs(arr))!r}")
     return np.clip(arr, -1.0, 1.0)
 
 
@@ -64,7 +65,7 @@ def _checked_variance(q: ArrayLike, name: str) -> np.ndarray:
     """q as an array; ValueError when negative or not finite."""
     arr = np.asarray(q, dtype=float)
     if np.any(~(arr >= 0)) or np.any(~np.isfinite(arr)):
-        raise ValueError(f"{name} must be a finite variance >= 0; got minimum {np.min(arr)!r}")
+        raise InvalidArgumentError(f"{name} must be a finite variance >= 0; got minimum {np.min(arr)!r}")
     return arr
 
 
@@ -157,7 +158,7 @@ class LocalMaps:
         k_arr = np.asarray(k, dtype=float)
         prod = np.sqrt(q1_arr * q2_arr)
         if np.any(~(np.abs(k_arr) <= prod * (1.0 + _TOL) + 1e-300)):
-            raise ValueError("k must satisfy |k| <= sqrt(q1 q2) (the covariance matrix must be positive "
+            raise InvalidArgumentError("k must satisfy |k| <= sqrt(q1 q2) (the covariance matrix must be positive "
                              "semi-definite)")
         if self._a is not None:
             with np.errstate(divide="ignore", invalid="ignore"):

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.optimize import brentq, root
 
+from ..errors import InvalidArgumentError
 from .activations import Activation
 from .quadrature import Piecewise, gauss_expectation
 
@@ -53,7 +54,7 @@ class Transform(NamedTuple):
 def transformed(act: Activation, alpha: float, beta: float, gamma: float, delta: float) -> Activation:
     """The activation ``ψ(x) = γ (φ(α x + β) + δ)`` with its derivatives and kinks (α > 0)."""
     if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha!r}")
+        raise InvalidArgumentError(f"alpha must be > 0, got {alpha!r}")
     a, b, g, d = float(alpha), float(beta), float(gamma), float(delta)
     leaky = act.leaky_slope if act.leaky_slope is not None and b == 0.0 and d == 0.0 and g > 0 else None
     params = act.params + (("alpha", a), ("beta", b), ("gamma", g), ("delta", d))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..errors import InvalidArgumentError
+
 __all__ = ["ChannelAffine"]
 
 
@@ -26,7 +28,7 @@ class ChannelAffine(nn.Module):
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
         super().__init__()
         if scale.shape != shift.shape or scale.dim() != 1:
-            raise ValueError(f"scale and shift must be 1-D of equal length; got {tuple(scale.shape)} "
+            raise InvalidArgumentError(f"scale and shift must be 1-D of equal length; got {tuple(scale.shape)} "
                              f"and {tuple(shift.shape)}")
         self.register_buffer("scale", scale.detach().clone())
         self.register_buffer("shift", shift.detach().clone())

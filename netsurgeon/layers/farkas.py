@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..errors import InvalidArgumentError
+
 __all__ = ["FarkasLayer", "FarkasSum"]
 
 
@@ -42,11 +44,11 @@ class FarkasLayer(nn.Module):
                  cutoff: float = 0.0, margin: float = 1e-3) -> None:
         super().__init__()
         if agg not in ("mean", "sum"):
-            raise ValueError(f"agg must be 'mean' or 'sum', got {agg!r}")
+            raise InvalidArgumentError(f"agg must be 'mean' or 'sum', got {agg!r}")
         if bias not in ("learned", "fixed"):
-            raise ValueError(f"bias must be 'learned' or 'fixed', got {bias!r}")
+            raise InvalidArgumentError(f"bias must be 'learned' or 'fixed', got {bias!r}")
         if bias == "fixed" and not value > 2 * cutoff:
-            raise ValueError(f"a fixed Farkas bias must exceed 2 * cutoff = {2 * cutoff}; got {value}")
+            raise InvalidArgumentError(f"a fixed Farkas bias must exceed 2 * cutoff = {2 * cutoff}; got {value}")
         self.layer = layer
         self.dim = -1 if isinstance(layer, nn.Linear) else 1
         self.agg, self.bias_mode, self.cutoff, self.margin = agg, bias, float(cutoff), float(margin)
