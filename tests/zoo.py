@@ -40,6 +40,7 @@ ZOO = [
     Case("selecsls42b"), Case("tresnet_m"), Case("botnet26t_256", size=256), Case("poolformer_s12"),
     Case("levit_128s", size=224),  # attention modules cache biases in eval: auto-kept as leaves
     Case("vgg11_bn", leaf_modules=("pre_logits",),
-         why="ConvMlp.forward branches on x.shape (timm/models/vgg.py: 'if x.shape[-2] < self.input_kernel_size'); "
-             "fx cannot trace shape-dependent control flow, so the head is kept as a leaf"),
+         why="ConvMlp.forward branches on x.shape (timm/models/vgg.py: 'if x.shape[-2] < self.input_kernel_size'). "
+             "It traces without the leaf too (the branch is decided on timm's default input size, as in "
+             "tests/test_dks_models.py); here the head is kept as a leaf so the zoo covers leaf_modules"),
 ]
