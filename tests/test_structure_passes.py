@@ -43,7 +43,7 @@ def test_passes_registered_with_options_and_cli_coercion():
         netsurgeon.list_passes())
     assert get_pass("normalize_sums")().options() == {"shortcut_weight2": 0.8}
     assert get_pass("input_norm")().options() == {"dim": 1, "eps": 1e-6}
-    assert get_pass("orthogonal_init")().options() == {"gain": 1.0, "seed": None}
+    assert get_pass("orthogonal_init")().options() == {"gain": 1.0, "seed": None, "conv": "delta"}
     assert get_pass("remove_skips")().options() == {"reset_layer_scale": True}
     assert get_pass("maxpool_to_avgpool")().options() == {}
     assert coerce_option(get_pass("remove_skips"), "reset_layer_scale", "false") is False
