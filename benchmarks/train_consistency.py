@@ -78,7 +78,7 @@ import torch.nn.functional as F
 import netsurgeon
 from netsurgeon.bench import (ModelOptimizer, RunResult, environment, plot_curves,
                               save_json, steps_to_loss, torch_threads, train_run, write_table_md)
-from netsurgeon.data import load_dataset
+from netsurgeon.data import load_splits
 from netsurgeon.optim import LayerwiseLM
 
 __all__ = ["PARTS", "Part", "DEFAULT_PARTS", "QUICK_PARTS", "LM_OPTIONS", "COST_LM", "build_mlp", "make_model_fn",
@@ -181,15 +181,8 @@ def _optimizer(name: str) -> str | ModelOptimizer:
 
 # ====================================================================== runs
 def _load(part: Part) -> tuple[torch.Tensor, ...]:
-    """(x_train, y_train, x_test, y_test), flattened, subsets drawn with a fixed seed."""
-    out: list[torch.Tensor] = []
-    for split, n in (("train", part.train_subset), ("test", part.test_subset)):
-        x, y = load_dataset("fashion_mnist", split)
-        if n is not None and n < len(x):
-            idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]
-            x, y = x[idx], y[idx]
-        out += [x.flatten(1), y]
-    return tuple(out)
+    """(x_train, y_train, x_test, y_test) of Fashion-MNIST, flattened, with the part's subsets."""
+    return load_splits("fashion_mnist", part.train_subset, part.test_subset, flatten=True)
 
 
 def run_part(part: Part, seeds: Sequence[int], log: Callable[[str], None] = print

@@ -72,7 +72,7 @@ import torch.nn as nn
 import netsurgeon
 from netsurgeon.bench import (RunResult, environment, lr_sweep, plot_curves,
                               save_json, steps_to_loss, torch_threads, train_run, write_table_md)
-from netsurgeon.data import load_dataset
+from netsurgeon.data import load_splits
 
 __all__ = ["CONFIGS", "FAMILIES", "FamilyBudget", "Shaping", "ConfigResult", "build_network", "make_model_fn",
            "run_family", "goal_rows", "summary_rows", "main"]
@@ -297,15 +297,8 @@ def run_config(family: str, config: str, optimizer: str, data: tuple[torch.Tenso
 
 
 def _load(family: str, budget: FamilyBudget) -> tuple[torch.Tensor, ...]:
-    """(x_train, y_train, x_test, y_test), flattened for the MLP, subsets drawn with a fixed seed."""
-    out: list[torch.Tensor] = []
-    for split, n in (("train", budget.train_subset), ("test", budget.test_subset)):
-        x, y = load_dataset(budget.dataset, split)
-        if n is not None and n < len(x):
-            idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]
-            x, y = x[idx], y[idx]
-        out += [x.flatten(1) if family == "mlp" else x, y]
-    return tuple(out)
+    """(x_train, y_train, x_test, y_test), flattened for the MLP, with the budget's subsets."""
+    return load_splits(budget.dataset, budget.train_subset, budget.test_subset, flatten=family == "mlp")
 
 
 def run_family(family: str, budget: FamilyBudget, configs: Sequence[str], seeds: Sequence[int],

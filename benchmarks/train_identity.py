@@ -60,7 +60,7 @@ import torch.nn as nn
 import netsurgeon
 from netsurgeon.bench import (RunResult, add_sweep_args, environment, finish_sweep_args, lr_sweep, plot_accuracy,
                               plot_curves, run_record, save_json, steps_to_loss, torch_threads, train_run, write_table_md)
-from netsurgeon.data import load_dataset
+from netsurgeon.data import load_splits
 
 __all__ = ["CONFIGS", "Budget", "BasicBlock", "SmallResNet", "build_model", "pass_record", "branch_share", "run_config", "main"]
 
@@ -217,15 +217,8 @@ def run_config(config: str, data: tuple[torch.Tensor, ...], budget: Budget, seed
 
 
 def load_data(budget: Budget) -> tuple[torch.Tensor, ...]:
-    """(x_train, y_train, x_test, y_test) of the CIFAR-10 subset; subsets drawn with a fixed seed."""
-    out: list[torch.Tensor] = []
-    for split, n in (("train", budget.train_subset), ("test", budget.test_subset)):
-        x, y = load_dataset("cifar10", split)
-        if n is not None and n < len(x):
-            idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]
-            x, y = x[idx], y[idx]
-        out += [x, y]
-    return tuple(out)
+    """(x_train, y_train, x_test, y_test) of the CIFAR-10 subset, with the budget's subsets."""
+    return load_splits("cifar10", budget.train_subset, budget.test_subset)
 
 
 # ====================================================================== summaries

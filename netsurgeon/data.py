@@ -38,8 +38,8 @@ import torch
 
 from .errors import DataFormatError, DataNotFoundError, InvalidArgumentError
 
-__all__ = ["DATASETS", "DatasetSpec", "data_root", "load_dataset", "channel_stats", "verify_checksums",
-           "clear_cache", "ENV_VAR"]
+__all__ = ["DATASETS", "DatasetSpec", "data_root", "load_dataset", "load_splits", "channel_stats",
+           "verify_checksums", "clear_cache", "ENV_VAR"]
 
 ENV_VAR = "NETSURGEON_DATA"
 def _repo_default() -> Path:
@@ -295,3 +295,23 @@ def clear_cache() -> None:
     """Drop the in-process cache of decoded arrays and train statistics."""
     for fn in (_read_idx, _read_cifar, _stats):
         fn.cache_clear()
+
+
+def load_splits(name: str, train_subset: int | None = None, test_subset: int | None = None,
+                flatten: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_train, y_train, x_test, y_test)`` of dataset ``name``, as the benchmarks train on it.
+
+    Args:
+        name: a dataset of :data:`DATASETS`.
+        train_subset, test_subset: keep a fixed random subset of this many examples (the same
+            one on every call: a permutation seeded with 0); None keeps the whole split.
+        flatten: flatten each example to a vector (for MLPs).
+    """
+    out: list[torch.Tensor] = []
+    for split, n in (("train", train_subset), ("test", test_subset)):
+        x, y = load_dataset(name, split)
+        if n is not None and n < len(x):
+            idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]
+            x, y = x[idx], y[idx]
+        out += [x.flatten(1) if flatten else x, y]
+    return tuple(out)  # type: ignore[return-value]

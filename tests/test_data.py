@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from netsurgeon.data import DATASETS, channel_stats, data_root, load_dataset, verify_checksums
+from netsurgeon.data import DATASETS, channel_stats, data_root, load_dataset, load_splits, verify_checksums
 from netsurgeon.errors import DataFormatError, DataNotFoundError, InvalidArgumentError, NetsurgeonError
 
 
@@ -166,3 +166,16 @@ def test_missing_data_fails_unless_skip_is_requested(tmp_path, monkeypatch):
     monkeypatch.setenv("NETSURGEON_SKIP_DATA", "1")
     with pytest.raises(pytest.skip.Exception, match="NETSURGEON_SKIP_DATA=1 and no datasets: .*absent"):
         require_data_root()
+
+
+def test_load_splits_draws_the_same_fixed_subsets(root):
+    """The benchmarks' loader: fixed subsets (identical on every call, drawn from the full split)."""
+    x, y, xt, yt = load_splits("fashion_mnist", 300, 100, flatten=True)
+    assert x.shape == (300, 784) and xt.shape == (100, 784) and y.shape == (300,) and yt.shape == (100,)
+    again = load_splits("fashion_mnist", 300, 100, flatten=True)
+    assert all(torch.equal(a, b) for a, b in zip((x, y, xt, yt), again))
+    full_x, full_y = load_dataset("fashion_mnist", "test")
+    idx = torch.randperm(len(full_x), generator=torch.Generator().manual_seed(0))[:100]
+    assert torch.equal(xt, full_x[idx].flatten(1)) and torch.equal(yt, full_y[idx])
+    cx, _, cxt, _ = load_splits("cifar10", 50, None)
+    assert cx.shape == (50, 3, 32, 32) and len(cxt) == len(load_dataset("cifar10", "test")[0])
