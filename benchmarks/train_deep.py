@@ -19,7 +19,8 @@ Two network families: ``mlp``, a 50-layer MLP of width 256 on Fashion-MNIST (fla
 784 features; 784->256, 48 x 256->256, 256->10), and ``conv``, a 21-conv-layer CNN on the
 CIFAR-10 subset (3x3 convs, widths 16/32/64 in stages of 8/6/6 convs after a stem conv,
 stride-2 transitions, global average pooling, linear head; the reference adds a 1x1
-projection shortcut with BatchNorm at each of the two transitions).
+projection shortcut with BatchNorm at each of the two transitions; ``--conv-widths`` sets
+the three widths).
 
 Protocol. Each configuration is trained with SGD (momentum 0.9) and with Adam, at
 constant learning rate, cross-entropy loss, minibatches drawn without replacement. The
@@ -161,20 +162,22 @@ def _mlp_layers(bias: bool) -> tuple[nn.Module, list[tuple[nn.Module, nn.Module,
     return nn.Linear(784, MLP_WIDTH, bias=bias), pairs, [nn.Linear(MLP_WIDTH, 10)]
 
 
-def _conv_layers(bias: bool) -> tuple[nn.Module, list[tuple[nn.Module, nn.Module, int, int, int]], list[nn.Module]]:
-    """Stem, (conv, conv, in, out, stride) pairs and head of the CNN."""
-    pairs, c = [], CONV_WIDTHS[0]
-    for stage, (width, blocks) in enumerate(zip(CONV_WIDTHS, CONV_BLOCKS)):
+def _conv_layers(bias: bool, widths: Sequence[int] = CONV_WIDTHS
+                 ) -> tuple[nn.Module, list[tuple[nn.Module, nn.Module, int, int, int]], list[nn.Module]]:
+    """Stem, (conv, conv, in, out, stride) pairs and head of the CNN with stage ``widths``."""
+    pairs, c = [], widths[0]
+    for stage, (width, blocks) in enumerate(zip(widths, CONV_BLOCKS)):
         for b in range(blocks):
             stride = 2 if stage > 0 and b == 0 else 1
             pairs.append((nn.Conv2d(c, width, 3, stride, 1, bias=bias), nn.Conv2d(width, width, 3, 1, 1, bias=bias),
                           c, width, stride))
             c = width
     head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)]
-    return nn.Conv2d(3, CONV_WIDTHS[0], 3, 1, 1, bias=bias), pairs, head
+    return nn.Conv2d(3, widths[0], 3, 1, 1, bias=bias), pairs, head
 
 
-def build_network(family: str, activation: str, residual: bool) -> nn.Sequential:
+def build_network(family: str, activation: str, residual: bool,
+                  conv_widths: Sequence[int] = CONV_WIDTHS) -> nn.Sequential:
     """The deep network of ``family``: a plain chain, or with ``residual=True`` the
     ResNet-style reference (BatchNorm after every weight layer but the head, skips
     around every pair of layers, 1x1 conv + BatchNorm projections where the shape changes).
@@ -183,13 +186,16 @@ def build_network(family: str, activation: str, residual: bool) -> nn.Sequential
         family: "mlp" or "conv".
         activation: "relu" or "tanh".
         residual: build the BatchNorm + skip reference instead of the plain chain.
+        conv_widths: the CNN's three stage widths (default ``CONV_WIDTHS``).
 
     Returns:
         An ``nn.Sequential`` at PyTorch's default initialization.
     """
-    stem, pairs, head = (_mlp_layers if family == "mlp" else _conv_layers)(bias=not residual)
+    if len(conv_widths) != len(CONV_BLOCKS) or min(conv_widths) < 1:
+        raise ValueError(f"conv_widths needs {len(CONV_BLOCKS)} positive widths, got {tuple(conv_widths)}")
+    stem, pairs, head = _mlp_layers(bias=not residual) if family == "mlp" else _conv_layers(not residual, conv_widths)
     norm = nn.BatchNorm1d if family == "mlp" else nn.BatchNorm2d
-    width = MLP_WIDTH if family == "mlp" else CONV_WIDTHS[0]
+    width = MLP_WIDTH if family == "mlp" else conv_widths[0]
     layers: list[nn.Module] = [stem] + ([norm(width)] if residual else []) + [_act(activation)]
     for first, second, c_in, c_out, stride in pairs:
         if not residual:
@@ -208,12 +214,13 @@ def _passes(config: str, seed: int, shaping: Shaping = Shaping()) -> list[Any]:
     return ["input_norm", ("orthogonal_init", {"seed": seed, "conv": shaping.conv_init}), last]
 
 
-def make_model_fn(family: str, config: str, shaping: Shaping = Shaping()) -> Callable[[int], nn.Module]:
+def make_model_fn(family: str, config: str, shaping: Shaping = Shaping(),
+                  conv_widths: Sequence[int] = CONV_WIDTHS) -> Callable[[int], nn.Module]:
     """``seed -> model`` for ``bench.train_run`` (called under the seeded RNG)."""
     input_shape = (784,) if family == "mlp" else (3, 32, 32)
 
     def build(seed: int) -> nn.Module:
-        net = build_network(family, ACTIVATION[config], residual=config == "reference")
+        net = build_network(family, ACTIVATION[config], residual=config == "reference", conv_widths=conv_widths)
         if config in ("vanilla+dks", "vanilla+tat"):
             net = netsurgeon.transform(net, _passes(config, seed, shaping),
                                        example_inputs=torch.randn(2, *input_shape))
@@ -279,11 +286,11 @@ def _select(sweep_runs: dict[float, list[RunResult]], steps: int) -> tuple[dict[
 
 def run_config(family: str, config: str, optimizer: str, data: tuple[torch.Tensor, ...], budget: FamilyBudget,
                seeds: Sequence[int], select_seeds: int, goal_factor: float,
-               shaping: Shaping = Shaping()) -> ConfigResult:
+               shaping: Shaping = Shaping(), conv_widths: Sequence[int] = CONV_WIDTHS) -> ConfigResult:
     """Sweep the lr grid on the first ``select_seeds`` seeds, then run the other seeds at the best lr."""
     start = time.perf_counter()
     total = budget.steps if config == "reference" else math.ceil(goal_factor * budget.steps)
-    fn = make_model_fn(family, config, shaping)
+    fn = make_model_fn(family, config, shaping, conv_widths)
     lrs = budget.lrs[optimizer][config]
     kw = dict(batch_size=budget.batch_size, eval_every=budget.steps)
     sweep = lr_sweep(fn, data, optimizer=optimizer, lrs=lrs, seeds=list(seeds[:select_seeds]), steps=total, **kw)
@@ -303,15 +310,16 @@ def _load(family: str, budget: FamilyBudget) -> tuple[torch.Tensor, ...]:
 
 def run_family(family: str, budget: FamilyBudget, configs: Sequence[str], seeds: Sequence[int],
                select_seeds: int, goal_factor: float, log: Callable[[str], None] = print,
-               optimizers: Sequence[str] = OPTIMIZERS, shaping: Shaping = Shaping()
-               ) -> dict[str, dict[str, ConfigResult]]:
+               optimizers: Sequence[str] = OPTIMIZERS, shaping: Shaping = Shaping(),
+               conv_widths: Sequence[int] = CONV_WIDTHS) -> dict[str, dict[str, ConfigResult]]:
     """Every configuration of ``family`` with every optimizer: ``{optimizer: {config: result}}``."""
     data = _load(family, budget)
     results: dict[str, dict[str, ConfigResult]] = {}
     for opt in optimizers:
         results[opt] = {}
         for config in configs:
-            res = run_config(family, config, opt, data, budget, seeds, select_seeds, goal_factor, shaping)
+            res = run_config(family, config, opt, data, budget, seeds, select_seeds, goal_factor, shaping,
+                             conv_widths)
             results[opt][config] = res
             losses = ", ".join(f"{loss_at(r, res.steps):.4g}" for r in res.runs) or "all diverged"
             log(f"[{family}/{opt}/{config}] best lr {res.best_lr}, loss@{res.steps}: {losses} "
@@ -409,7 +417,7 @@ def _markdown(all_rows: dict[str, list[dict[str, Any]]], budgets: dict[str, Fami
         data = ("Fashion-MNIST, flattened to 784 features" if family == "mlp"
                 else "CIFAR-10 subset (32x32x3)")
         net = (f"{MLP_DEPTH}-layer MLP of width {MLP_WIDTH}" if family == "mlp" else
-               f"{1 + 2 * sum(CONV_BLOCKS)}-conv CNN, widths {'/'.join(map(str, CONV_WIDTHS))}")
+               f"{1 + 2 * sum(CONV_BLOCKS)}-conv CNN, widths {'/'.join(map(str, args.conv_widths))}")
         n_train = "all" if b.train_subset is None else f"a fixed random subset of {b.train_subset}"
         n_test = "all" if b.test_subset is None else f"a fixed random subset of {b.test_subset}"
         lines += [f"### {family}: {net} on {data}", "",
@@ -446,6 +454,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--conv-init", choices=("delta", "full"), default=Shaping.conv_init,
                    help="orthogonal_init's conv scheme for dks/tat: centre tap only, or the whole window "
                         f"(default {Shaping.conv_init})")
+    p.add_argument("--conv-widths", type=int, nargs=3, default=list(CONV_WIDTHS), metavar="W",
+                   help="the CNN's three stage widths (default %s)" % " ".join(map(str, CONV_WIDTHS)))
     p.add_argument("--steps", type=int, help="S, the reference's steps (default: mlp 400, conv 200)")
     p.add_argument("--batch-size", type=int, help="default: mlp 128, conv 32")
     p.add_argument("--lrs-sgd", type=float, nargs="+", help="SGD lr grid for every configuration "
@@ -467,6 +477,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("need --goal-factor >= 1, --seeds >= 1 and --select-seeds >= 1")
     if not (args.zeta > 1 and 0 < args.eta < 1):
         p.error(f"need --zeta > 1 and 0 < --eta < 1 (got --zeta {args.zeta:g}, --eta {args.eta:g})")
+    if min(args.conv_widths) < 1:
+        p.error(f"--conv-widths must be positive, got {args.conv_widths}")
     args.command = "python benchmarks/train_deep.py" + ("" if argv is None and len(sys.argv) < 2 else
                                                          " " + " ".join(sys.argv[1:] if argv is None else argv))
     return args
@@ -505,7 +517,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         results = run_family(family, budgets[family], args.configs, seeds, args.select_seeds, args.goal_factor,
                              log=lambda s: print(s, file=sys.stderr, flush=True), optimizers=args.optimizers,
-                             shaping=Shaping(args.zeta, args.eta, args.conv_init))
+                             shaping=Shaping(args.zeta, args.eta, args.conv_init), conv_widths=args.conv_widths)
         wall[family] = time.perf_counter() - start
         all_rows[family] = summary_rows(results, args.goal_factor)
         figures[family] = []
@@ -528,6 +540,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     md = _markdown(all_rows, budgets, args, env, figures, md_path.parent.resolve(), wall)
     json_path = save_json({"command": args.command, "environment": env, "seeds": seeds,
                            "zeta": args.zeta, "eta": args.eta, "conv_init": args.conv_init,
+                           "conv_widths": args.conv_widths,
                            "select_seeds": args.select_seeds, "goal_factor": args.goal_factor,
                            "families": record}, out_dir / "train_deep.json")
     md_path.parent.mkdir(parents=True, exist_ok=True)

@@ -78,3 +78,26 @@ def test_shaping_options_reach_the_passes_and_are_validated(tmp_path: Path) -> N
     full = td.make_model_fn("conv", "vanilla+dks", td.Shaping(conv_init="full"))(0)
     stem = [m for m in full.modules() if isinstance(m, nn.Conv2d)][0].weight.detach()
     assert float(stem[:, :, 0, 0].abs().max()) > 0  # the whole window, not the centre tap only
+
+
+def test_conv_widths_option_builds_that_network_and_is_recorded(tmp_path: Path) -> None:
+    """--conv-widths sets the CNN's stage widths for every configuration (the reference's
+    projection shortcuts included); bad widths are refused before anything is written."""
+    td = _load_script()
+    for config in ("reference", "vanilla", "vanilla+dks"):
+        net = td.make_model_fn("conv", config, td.Shaping(), conv_widths=(8, 12, 20))(0)
+        outs = sorted({m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)})
+        assert outs == [8, 12, 20], (config, outs)
+        assert [m for m in net.modules() if isinstance(m, nn.Linear)][-1].in_features == 20
+    with pytest.raises(ValueError, match="conv_widths"):
+        td.build_network("conv", "relu", residual=False, conv_widths=(8, 16))
+    for bad in (["--conv-widths", "8", "0", "16"], ["--conv-widths", "8", "16"]):
+        with pytest.raises(SystemExit):
+            td.main(["--quick", "--out-dir", str(tmp_path), *bad])
+    assert not any(tmp_path.iterdir())
+
+    require_data()
+    out = td.main(["--quick", "--only", "conv", "--optimizers", "adam", "--configs", "reference", "vanilla+dks",
+                   "--conv-widths", "8", "12", "20", "--threads", "1", "--out-dir", str(tmp_path)])
+    assert "21-conv CNN, widths 8/12/20" in out["markdown"]
+    assert json.loads((tmp_path / "train_deep.json").read_text())["conv_widths"] == [8, 12, 20]
