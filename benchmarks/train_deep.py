@@ -22,8 +22,9 @@ stride-2 transitions, global average pooling, linear head; the reference adds a 
 projection shortcut with BatchNorm at each of the two transitions; ``--conv-widths`` sets
 the three widths).
 
-Protocol. Each configuration is trained with SGD (momentum 0.9) and with Adam, at
-constant learning rate, cross-entropy loss, minibatches drawn without replacement. The
+Protocol. Each configuration is trained with SGD (momentum 0.9) and with Adam (and, with
+``--optimizers lm``, with netsurgeon's layer-wise second-order optimizer ``LayerwiseLM``,
+options ``LM_OPTIONS``), at constant learning rate, cross-entropy loss, minibatches drawn without replacement. The
 reference trains for ``S`` steps; the three others for ``ceil(1.5 S)`` steps
 (``--goal-factor``), so that the goal "reach the reference's final training loss within
 1.5x the reference's steps" can be checked directly. With a constant learning rate the
@@ -71,16 +72,20 @@ import torch
 import torch.nn as nn
 
 import netsurgeon
-from netsurgeon.bench import (RunResult, environment, lr_sweep, plot_curves,
+from netsurgeon.bench import (ModelOptimizer, RunResult, environment, lr_sweep, plot_curves,
                               save_json, steps_to_loss, torch_threads, train_run, write_table_md)
 from netsurgeon.data import load_splits
+from netsurgeon.optim import LayerwiseLM
 
-__all__ = ["CONFIGS", "FAMILIES", "FamilyBudget", "Shaping", "ConfigResult", "build_network", "make_model_fn",
+__all__ = ["CONFIGS", "FAMILIES", "LM_OPTIONS", "optimizer_spec", "FamilyBudget", "Shaping", "ConfigResult", "build_network", "make_model_fn",
            "run_family", "goal_rows", "summary_rows", "main"]
 
 CONFIGS = ("reference", "vanilla", "vanilla+dks", "vanilla+tat")
 FAMILIES = ("mlp", "conv")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam")          # the default; "lm" (LayerwiseLM) is opt-in
+OPTIMIZER_CHOICES = OPTIMIZERS + ("lm",)
+# LayerwiseLM (netsurgeon.optim, issue 7) with train_consistency.py's options.
+LM_OPTIONS: dict[str, Any] = dict(momentum=0.9, damping=0.1, ema=0.95, update_every=10)
 ACTIVATION = {"reference": "relu", "vanilla": "relu", "vanilla+dks": "tanh", "vanilla+tat": "relu"}
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "figures" / "train_deep"
 
@@ -99,6 +104,7 @@ CONV_WIDTHS, CONV_BLOCKS = (16, 32, 64), (4, 3, 3)  # two 3x3 convs per block, p
 
 
 Grid = dict[str, dict[str, tuple[float, ...]]]  # optimizer -> configuration -> learning rates
+_OPT_NAMES = {"sgd": "SGD", "adam": "Adam", "lm": "LayerwiseLM"}
 
 
 @dataclass(frozen=True)
@@ -113,8 +119,15 @@ class FamilyBudget:
     test_subset: int | None
 
 
-def _grid(sgd: Sequence[float], adam: dict[str, Sequence[float]]) -> Grid:
-    return {"sgd": {c: tuple(sgd) for c in CONFIGS}, "adam": {c: tuple(adam[c]) for c in CONFIGS}}
+# LayerwiseLM: a seed-0 pilot on the CNN (ζ = 3, full-window convs) did best at 0.01 for the
+# reference and at 0.003 for DKS, whose loss went to about 300 at 0.01.
+_LM = {"reference": (0.003, 0.01, 0.03), "vanilla": (0.003, 0.01, 0.03), "vanilla+dks": (0.001, 0.003, 0.01),
+       "vanilla+tat": (0.001, 0.003, 0.01)}
+
+
+def _grid(sgd: Sequence[float], adam: dict[str, Sequence[float]], lm: dict[str, Sequence[float]] = _LM) -> Grid:
+    return {"sgd": {c: tuple(sgd) for c in CONFIGS}, "adam": {c: tuple(adam[c]) for c in CONFIGS},
+            "lm": {c: tuple(lm[c]) for c in CONFIGS}}
 
 
 # Three-point grids placed by a pilot sweep (seed 0; SGD lr 0.003-1 for the MLP, 0.003-0.3
@@ -132,7 +145,7 @@ DEFAULT_BUDGETS = {
         "reference": _ADAM_REF, "vanilla": _ADAM_REF, "vanilla+dks": (1e-4, 3e-4, 1e-3),
         "vanilla+tat": (3e-5, 1e-4, 3e-4)}), None, None),
 }
-_QUICK_GRID = _grid((0.003,), {c: (1e-4,) for c in CONFIGS})
+_QUICK_GRID = _grid((0.003,), {c: (1e-4,) for c in CONFIGS}, {c: (0.003,) for c in CONFIGS})
 QUICK_BUDGETS = {
     "mlp": FamilyBudget("fashion_mnist", 4, 16, _QUICK_GRID, 256, 128),
     "conv": FamilyBudget("cifar10", 4, 16, _QUICK_GRID, 256, 128),
@@ -284,6 +297,14 @@ def _select(sweep_runs: dict[float, list[RunResult]], steps: int) -> tuple[dict[
     return scores, (min(eligible, key=lambda lr: scores[lr]) if eligible else None)
 
 
+def optimizer_spec(name: str) -> str | ModelOptimizer:
+    """What ``bench.train_run`` takes for ``name``: "sgd" and "adam" as they are, "lm" as
+    :class:`~netsurgeon.optim.LayerwiseLM` with ``LM_OPTIONS``."""
+    if name == "lm":
+        return ModelOptimizer(lambda model, lr: LayerwiseLM(model, lr=lr, **LM_OPTIONS), "lm")
+    return name
+
+
 def run_config(family: str, config: str, optimizer: str, data: tuple[torch.Tensor, ...], budget: FamilyBudget,
                seeds: Sequence[int], select_seeds: int, goal_factor: float,
                shaping: Shaping = Shaping(), conv_widths: Sequence[int] = CONV_WIDTHS) -> ConfigResult:
@@ -293,11 +314,12 @@ def run_config(family: str, config: str, optimizer: str, data: tuple[torch.Tenso
     fn = make_model_fn(family, config, shaping, conv_widths)
     lrs = budget.lrs[optimizer][config]
     kw = dict(batch_size=budget.batch_size, eval_every=budget.steps)
-    sweep = lr_sweep(fn, data, optimizer=optimizer, lrs=lrs, seeds=list(seeds[:select_seeds]), steps=total, **kw)
+    spec = optimizer_spec(optimizer)
+    sweep = lr_sweep(fn, data, optimizer=spec, lrs=lrs, seeds=list(seeds[:select_seeds]), steps=total, **kw)
     scores, best = _select(sweep.runs, budget.steps)
     runs = list(sweep.runs[best]) if best is not None else []
     if best is not None:
-        runs += [train_run(fn, data, optimizer=optimizer, lr=best, steps=total, seed=s, **kw)
+        runs += [train_run(fn, data, optimizer=spec, lr=best, steps=total, seed=s, **kw)
                  for s in seeds[select_seeds:]]
     return ConfigResult(family, optimizer, config, budget.steps, total, scores, best, runs, sweep.runs,
                         time.perf_counter() - start)
@@ -423,7 +445,8 @@ def _markdown(all_rows: dict[str, list[dict[str, Any]]], budgets: dict[str, Fami
         lines += [f"### {family}: {net} on {data}", "",
                   f"S = {b.steps} steps for the reference, {math.ceil(args.goal_factor * b.steps)} for the others; "
                   f"batch {b.batch_size}; training images: {n_train}; test images: {n_test}. "
-                  f"lr grids: SGD {_grid_text(b.lrs['sgd'])}; Adam {_grid_text(b.lrs['adam'])}; swept on "
+                  "lr grids: " + "; ".join(f"{_OPT_NAMES[o]} {_grid_text(b.lrs[o])}" for o in args.optimizers)
+                  + "; swept on "
                   f"{args.select_seeds} seed(s), selected by training loss at S; "
                   f"{seeds} seed(s) at the selected lr; dks zeta {args.zeta:g}, tat eta {args.eta:g}, "
                   f"{args.conv_init} orthogonal convs. "
@@ -447,8 +470,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 4 steps, batch 16, 256 train / 128 test images, 1 seed, 1 lr")
     p.add_argument("--only", choices=FAMILIES, help="run one family only")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="configurations to run")
-    p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS),
-                   help="optimizers to run (default: sgd adam)")
+    p.add_argument("--optimizers", nargs="+", choices=OPTIMIZER_CHOICES, default=list(OPTIMIZERS),
+                   help="optimizers to run (default: sgd adam; lm is LayerwiseLM with LM_OPTIONS)")
     p.add_argument("--zeta", type=float, default=Shaping.zeta, help=f"dks option zeta (default {Shaping.zeta})")
     p.add_argument("--eta", type=float, default=Shaping.eta, help=f"tat option eta (default {Shaping.eta})")
     p.add_argument("--conv-init", choices=("delta", "full"), default=Shaping.conv_init,
@@ -462,6 +485,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    "(default 0.001 0.003 0.01)")
     p.add_argument("--lrs-adam", type=float, nargs="+", help="Adam lr grid for every configuration "
                    "(default per configuration, see DEFAULT_BUDGETS)")
+    p.add_argument("--lrs-lm", type=float, nargs="+", help="LayerwiseLM lr grid for every configuration "
+                   "(default per configuration, see _LM)")
     p.add_argument("--seeds", type=int, help="seeds per configuration (default 3; --quick 1)")
     p.add_argument("--select-seeds", type=int, default=1, help="seeds used in the lr sweep (default 1)")
     p.add_argument("--train-subset", type=int, help="use a fixed random subset of the training images")
@@ -487,7 +512,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def _budget(family: str, args: argparse.Namespace) -> FamilyBudget:
     b = (QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS)[family]
     lrs = {opt: {c: tuple(given) if given else grid for c, grid in b.lrs[opt].items()}
-           for opt, given in (("sgd", args.lrs_sgd), ("adam", args.lrs_adam))}
+           for opt, given in (("sgd", args.lrs_sgd), ("adam", args.lrs_adam), ("lm", args.lrs_lm))}
     overrides = {"steps": args.steps, "batch_size": args.batch_size, "train_subset": args.train_subset,
                  "test_subset": args.test_subset, "lrs": lrs}
     return dataclasses.replace(b, **{k: v for k, v in overrides.items() if v is not None})

@@ -101,3 +101,29 @@ def test_conv_widths_option_builds_that_network_and_is_recorded(tmp_path: Path) 
                    "--conv-widths", "8", "12", "20", "--threads", "1", "--out-dir", str(tmp_path)])
     assert "21-conv CNN, widths 8/12/20" in out["markdown"]
     assert json.loads((tmp_path / "train_deep.json").read_text())["conv_widths"] == [8, 12, 20]
+
+
+def test_lm_optimizer_option_trains_with_layerwise_lm(tmp_path: Path) -> None:
+    """--optimizers lm runs the configurations with netsurgeon's LayerwiseLM (LM_OPTIONS);
+    sgd/adam stay the default and are passed to bench.train_run by name."""
+    from netsurgeon.bench import ModelOptimizer
+    from netsurgeon.optim import LayerwiseLM
+
+    td = _load_script()
+    assert td.optimizer_spec("sgd") == "sgd" and td.optimizer_spec("adam") == "adam"
+    spec = td.optimizer_spec("lm")
+    assert isinstance(spec, ModelOptimizer)
+    opt = spec(nn.Sequential(nn.Linear(4, 3)), 0.01)
+    assert isinstance(opt, LayerwiseLM) and opt.defaults["lr"] == 0.01
+    assert (opt.defaults["damping"], opt.defaults["ema"]) == (td.LM_OPTIONS["damping"], td.LM_OPTIONS["ema"])
+    assert td.OPTIMIZERS == ("sgd", "adam")
+
+    require_data()
+    out = td.main(["--quick", "--only", "conv", "--optimizers", "lm", "--configs", "reference", "vanilla+dks",
+                   "--threads", "1", "--out-dir", str(tmp_path)])
+    rows = out["rows"]["conv"]
+    assert [(r["optimizer"], r["configuration"]) for r in rows] == [("lm", "reference"), ("lm", "vanilla+dks")]
+    assert all(math.isfinite(v) for r in rows for v in r["_losses"])
+    assert "LayerwiseLM [0.003]" in out["markdown"] and (tmp_path / "conv_lm.png").is_file()
+    record = json.loads((tmp_path / "train_deep.json").read_text())
+    assert set(record["families"]["conv"]["configs"]) == {"lm"}
