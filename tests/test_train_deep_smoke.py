@@ -100,7 +100,13 @@ def test_conv_widths_option_builds_that_network_and_is_recorded(tmp_path: Path) 
     out = td.main(["--quick", "--only", "conv", "--optimizers", "adam", "--configs", "reference", "vanilla+dks",
                    "--conv-widths", "8", "12", "20", "--threads", "1", "--out-dir", str(tmp_path)])
     assert "21-conv CNN, widths 8/12/20" in out["markdown"]
-    assert json.loads((tmp_path / "train_deep.json").read_text())["conv_widths"] == [8, 12, 20]
+    record = json.loads((tmp_path / "train_deep.json").read_text())
+    assert record["conv_widths"] == [8, 12, 20]
+    for config in ("reference", "vanilla+dks"):  # the trained networks are the narrow ones
+        want = sum(p.numel() for p in td.make_model_fn("conv", config, conv_widths=(8, 12, 20))(0).parameters())
+        default = sum(p.numel() for p in td.make_model_fn("conv", config)(0).parameters())
+        runs = [r for rs in record["families"]["conv"]["configs"]["adam"][config]["runs"].values() for r in rs]
+        assert runs and all(r["num_params"] == want != default for r in runs), config
 
 
 def test_lm_optimizer_option_trains_with_layerwise_lm(tmp_path: Path) -> None:
@@ -115,7 +121,9 @@ def test_lm_optimizer_option_trains_with_layerwise_lm(tmp_path: Path) -> None:
     assert isinstance(spec, ModelOptimizer)
     opt = spec(nn.Sequential(nn.Linear(4, 3)), 0.01)
     assert isinstance(opt, LayerwiseLM) and opt.defaults["lr"] == 0.01
-    assert (opt.defaults["damping"], opt.defaults["ema"]) == (td.LM_OPTIONS["damping"], td.LM_OPTIONS["ema"])
+    for key in ("damping", "ema", "momentum"):
+        assert opt.defaults[key] == td.LM_OPTIONS[key], key
+    assert opt.update_every == td.LM_OPTIONS["update_every"]
     assert td.OPTIMIZERS == ("sgd", "adam")
 
     require_data()
