@@ -76,7 +76,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import netsurgeon
-from netsurgeon.bench import (ModelOptimizer, RunResult, environment, plot_curves,
+from netsurgeon.bench import (RunResult, environment, plot_curves,
                               save_json, steps_to_loss, torch_threads, train_run, write_table_md)
 from netsurgeon.data import load_splits
 from netsurgeon.optim import LayerwiseLM
@@ -87,8 +87,21 @@ __all__ = ["PARTS", "Part", "DEFAULT_PARTS", "QUICK_PARTS", "LM_OPTIONS", "COST_
 PARTS = ("a", "b", "c")
 FIRST_ORDER = ("sgd", "adam")
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "figures" / "train_consistency"
-LM_OPTIONS: dict[str, Any] = dict(momentum=0.9, damping=0.1, ema=0.95, update_every=10, subsample=1.0,
-                                  chunk_size=None)
+
+
+def _train_deep() -> Any:
+    """``benchmarks/train_deep.py`` as a module (part c uses its network builder; every part
+    its ``LM_OPTIONS`` and ``optimizer_spec``)."""
+    if "train_deep" in sys.modules:
+        return sys.modules["train_deep"]
+    spec = importlib.util.spec_from_file_location("train_deep", Path(__file__).with_name("train_deep.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_deep"] = module  # its dataclasses need it
+    spec.loader.exec_module(module)
+    return module
+
+
+LM_OPTIONS: dict[str, Any] = _train_deep().LM_OPTIONS  # one definition, in train_deep.py
 COST_LM: dict[str, Any] = dict(LM_OPTIONS, chunk_size=128, subsample=0.25)
 COST_GOAL = 1.5  # LayerwiseLM step / SGD step on resnet18
 
@@ -147,17 +160,6 @@ def build_mlp(depth: int, width: int, act: Callable[[], nn.Module] = nn.ReLU) ->
     return nn.Sequential(*layers, nn.Linear(width, 10))
 
 
-def _train_deep() -> Any:
-    """``benchmarks/train_deep.py`` as a module (part c uses its network builder)."""
-    if "train_deep" in sys.modules:
-        return sys.modules["train_deep"]
-    spec = importlib.util.spec_from_file_location("train_deep", Path(__file__).with_name("train_deep.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_deep"] = module  # its dataclasses need it
-    spec.loader.exec_module(module)
-    return module
-
-
 def make_model_fn(part: str, config: str) -> Callable[[int], nn.Module]:
     """``seed -> model`` for ``bench.train_run`` (called under the seeded RNG)."""
     if part == "c":
@@ -171,12 +173,6 @@ def make_model_fn(part: str, config: str) -> Callable[[int], nn.Module]:
         return netsurgeon.transform(build_mlp(depth, width), passes, example_inputs=torch.randn(2, 784))
 
     return build
-
-
-def _optimizer(name: str) -> str | ModelOptimizer:
-    if name == "lm":
-        return ModelOptimizer(lambda model, lr: LayerwiseLM(model, lr=lr, **LM_OPTIONS), "lm")
-    return name
 
 
 # ====================================================================== runs
@@ -197,7 +193,7 @@ def run_part(part: Part, seeds: Sequence[int], log: Callable[[str], None] = prin
             out[config][opt] = {}
             for lr in part.lrs[opt][config]:
                 start = time.perf_counter()
-                runs = [train_run(fn, data, optimizer=_optimizer(opt), lr=lr, steps=part.steps,
+                runs = [train_run(fn, data, optimizer=_train_deep().optimizer_spec(opt), lr=lr, steps=part.steps,
                                   batch_size=part.batch_size, seed=s, eval_every=None) for s in seeds]
                 out[config][opt][lr] = runs
                 reach = [steps_to_loss(r, part.target) for r in runs]

@@ -84,8 +84,9 @@ CONFIGS = ("reference", "vanilla", "vanilla+dks", "vanilla+tat")
 FAMILIES = ("mlp", "conv")
 OPTIMIZERS = ("sgd", "adam")          # the default; "lm" (LayerwiseLM) is opt-in
 OPTIMIZER_CHOICES = OPTIMIZERS + ("lm",)
-# LayerwiseLM (netsurgeon.optim, issue 7) with train_consistency.py's options.
-LM_OPTIONS: dict[str, Any] = dict(momentum=0.9, damping=0.1, ema=0.95, update_every=10)
+# LayerwiseLM's options (netsurgeon.optim, issue 7); train_consistency.py uses these too.
+LM_OPTIONS: dict[str, Any] = dict(momentum=0.9, damping=0.1, ema=0.95, update_every=10, subsample=1.0,
+                                  chunk_size=None)
 ACTIVATION = {"reference": "relu", "vanilla": "relu", "vanilla+dks": "tanh", "vanilla+tat": "relu"}
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "figures" / "train_deep"
 
