@@ -317,8 +317,8 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
         for k in constants:
             del model.__dict__[k]
     info.mode_dropouts = _replace_mode_dropouts(gm, dropout_fix)
-    modes = {name: m.training for name, m in model.named_modules()}
-    for name, m in gm.named_modules():  # the shared submodules keep theirs; new containers copy the model's
+    # the shared submodules keep their own flags (``modes``, restored above); new containers copy the model's
+    for name, m in gm.named_modules():
         m.training = modes.get(name, model.training)
     gm.meta[META_KEY] = {"trace": info}
     if example_inputs is not None:
