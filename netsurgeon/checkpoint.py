@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ._fileio import umask as current_umask
 from .errors import CheckpointError, NetsurgeonError, OutputExistsError
 from .models import create_model, default_input_shape
 from .passes.base import PassSpec, make_pass
@@ -125,13 +126,6 @@ def _build(recipe: dict[str, Any], progress: Callable[[str], None], checkpoint: 
         progress(f"tracing and running passes: {', '.join(p['name'] for p in recipe['passes']) or '(none)'}")
         gm = transform(model, passes, example_inputs=example, inplace=True)
     return gm
-
-
-def _umask() -> int:
-    """The process umask (read by setting it and restoring it at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _check_replaceable(out: Path, target: Path) -> None:
@@ -246,7 +240,7 @@ def _write_atomic(gm: fx.GraphModule, recipe: dict[str, Any], out: Path) -> None
         save_model(gm, str(tmp / "model.safetensors"))
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
         (tmp / "report.md").write_text(report(gm).to_markdown())
-        umask = _umask()  # mkdtemp makes a 0700 directory; give what mkdir/open would
+        umask = current_umask()  # mkdtemp makes a 0700 directory; give what mkdir/open would
         for name in _FILES:
             os.chmod(tmp / name, 0o666 & ~umask)
         os.chmod(tmp, 0o777 & ~umask)

@@ -13,12 +13,12 @@ import argparse
 import dataclasses
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import netsurgeon
+from netsurgeon._fileio import write_atomic
 from netsurgeon.errors import NetsurgeonError, PassOptionError
 from netsurgeon.models import create_model, default_input_shape
 from netsurgeon.passes import coerce_option, get_pass, list_passes
@@ -106,18 +106,10 @@ def _check_output_files(args: argparse.Namespace) -> dict[str, Path]:
 def _write_file_atomic(path: Path, write: Callable[[Path], Any]) -> None:
     """Call ``write`` on a temporary file next to ``path`` (same extension, so writers that pick
     the format from it still do), give it the mode ``open`` would, and rename it onto ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.absolute().parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
     try:
-        write(Path(tmp))
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
+        write_atomic(path, write)
     except OSError as exc:
         raise _UsageError(f"cannot write {str(path)!r}: {exc}") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:

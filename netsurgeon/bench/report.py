@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 
 
+from .._fileio import write_atomic
 from .train import RunResult
 
 __all__ = ["write_table_md", "plot_curves", "plot_accuracy", "run_record", "save_json"]
@@ -149,13 +149,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _default_mode() -> int:
-    """0666 minus the process umask: the mode ``open(path, "w")`` would give a new file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def save_json(obj: Any, path: str | os.PathLike) -> Path:
     """Write ``obj`` as indented JSON atomically: a temporary file in the same
     directory, flushed and fsynced, then ``os.replace``. On any error the old file (if
@@ -172,15 +165,12 @@ def save_json(obj: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, _default_mode())  # mkstemp makes 0600 files
-        with os.fdopen(fd, "w") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomic(path, write)
     return path
