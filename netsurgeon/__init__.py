@@ -12,7 +12,8 @@ Example:
 from .analysis import Analysis, analyze, measure
 from .checkpoint import convert, load
 from .errors import (CheckpointError, ExampleInputError, ModelSpecError, NetsurgeonError, OutputExistsError,
-                     PassError, PassOptionError, TraceError, UnknownPassError, UnsupportedNodeError)
+                     PassError, PassOptionError, RecipeError, TraceError, UnknownPassError, UnsupportedNodeError,
+                     UntrustedCodeError)
 from .graph import Topology, op_info, topology, trace
 from .passes import list_passes
 from .pipeline import report, transform
@@ -20,5 +21,5 @@ from .pipeline import report, transform
 __version__ = "0.1.0"
 
 __all__ = ["Analysis", "analyze", "measure", "CheckpointError", "ExampleInputError", "ModelSpecError", "NetsurgeonError", "OutputExistsError", "PassError",
-           "PassOptionError", "TraceError", "UnknownPassError", "UnsupportedNodeError", "Topology",
+           "PassOptionError", "RecipeError", "TraceError", "UnknownPassError", "UnsupportedNodeError", "UntrustedCodeError", "Topology",
            "__version__", "convert", "list_passes", "load", "op_info", "report", "topology", "trace", "transform"]

@@ -14,6 +14,8 @@ __all__ = [
     "UnsupportedNodeError",
     "ModelSpecError",
     "CheckpointError",
+    "RecipeError",
+    "UntrustedCodeError",
     "OutputExistsError",
     "MissingAnalysisError",
     "DataNotFoundError",
@@ -57,6 +59,15 @@ class ModelSpecError(NetsurgeonError, ValueError):
 
 class CheckpointError(NetsurgeonError):
     """A checkpoint that cannot be read or does not match the model."""
+
+
+class RecipeError(CheckpointError, ValueError):
+    """A ``recipe.json`` field that is missing, of the wrong type or out of range (names the field)."""
+
+
+class UntrustedCodeError(CheckpointError):
+    """Loading would import a module, call a factory or read a file named by data; refused unless the
+    caller opts in with ``trust_code=True`` (CLI ``--trust-code``)."""
 
 
 class OutputExistsError(NetsurgeonError, FileExistsError):
