@@ -14,6 +14,7 @@ import dataclasses
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,6 +23,7 @@ from netsurgeon._fileio import write_atomic
 from netsurgeon.errors import NetsurgeonError, PassOptionError
 from netsurgeon.models import create_model, default_input_shape
 from netsurgeon.passes import coerce_option, get_pass, list_passes
+from netsurgeon.recipe import check_input_shape
 
 __all__ = ["main", "build_parser"]
 
@@ -49,7 +51,12 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
         raise _UsageError(f"malformed --input-shape {text!r}: expected comma-separated integers like 1,3,224,224") from None
     if not shape or any(v <= 0 for v in shape):
         raise _UsageError(f"malformed --input-shape {text!r}: every dimension must be a positive integer")
-    return shape
+    return check_input_shape(shape, "--input-shape", _UsageError)
+
+
+def _notice(message: str) -> None:
+    """Things netsurgeon did on its own (recovering an interrupted output): said even with --quiet."""
+    print(f"netsurgeon: note: {message}", file=sys.stderr, flush=True)
 
 
 def _parse_passes(text: str, sets: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -115,9 +122,12 @@ def _write_file_atomic(path: Path, write: Callable[[Path], Any]) -> None:
 def _cmd_convert(args: argparse.Namespace) -> int:
     progress = _progress(args.quiet)
     passes = _parse_passes(args.passes, args.set or [])
+    if os.path.isdir(args.model) and os.path.isfile(os.path.join(args.model, "recipe.json")):
+        raise _UsageError(f"MODEL {args.model!r} is a conversion directory; convert starts from a timm name or "
+                          f"package.module:factory (look at a conversion with: netsurgeon inspect {args.model})")
     gm = netsurgeon.convert(args.model, passes, args.out, checkpoint=args.checkpoint,
                             input_shape=_parse_shape(args.input_shape), seed=args.seed, force=args.force,
-                            progress=progress)
+                            progress=progress, notice=_notice)
     rep = netsurgeon.report(gm)
     changes = sum(len(p.changes) for p in rep.passes)
     print(f"wrote {args.out}: {len(rep.passes)} pass(es), {changes} change(s), function {rep.preservation.text}")
@@ -130,9 +140,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     progress = _progress(args.quiet)
     outputs = _check_output_files(args)
-    progress(f"building model {args.model}")
-    model = create_model(args.model)
-    shape = _parse_shape(args.input_shape) or default_input_shape(model)
+    if os.path.isdir(args.model):
+        progress(f"loading conversion {args.model}")
+        model = netsurgeon.load(args.model, trust_code=args.trust_code)
+        shape = _parse_shape(args.input_shape) or model.meta["netsurgeon"]["recipe"].input_shape
+    else:
+        if args.trust_code:
+            raise _UsageError("--trust-code applies to a conversion directory (MODEL is a timm name or your own "
+                              "package.module:factory here, which is already yours to run)")
+        progress(f"building model {args.model}")
+        model = create_model(args.model)
+        shape = _parse_shape(args.input_shape) or default_input_shape(model)
     example = None
     if shape is not None:
         import torch
@@ -191,10 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "model.safetensors, recipe.json and report.md, or if it is the current directory or one "
                         "of its parents")
     c.add_argument("--quiet", action="store_true", help="no progress messages")
+    c.add_argument("--verbose", action="store_true",
+                   help="on an error, print every node a refusal names and, for an internal error, the traceback")
     c.set_defaults(func=_cmd_convert)
 
     i = sub.add_parser("inspect", help="print the topology summary of a model")
-    i.add_argument("model", help="timm model name or package.module:factory")
+    i.add_argument("model", help="timm model name, package.module:factory, or a conversion directory "
+                                 "(written by convert; read as data, see --trust-code)")
+    i.add_argument("--trust-code", action="store_true",
+                   help="allow a conversion directory whose recipe.json names a package.module:factory (imported "
+                        "and called) or model arguments that read files; only for directories you trust")
     i.add_argument("--input-shape", help="example input shape for node shapes")
     i.add_argument("--blocks", action="store_true",
                    help="list every residual block and concatenation, one line each; long branches and merges "
@@ -208,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overwrite existing --cmap/--dot/--graphml files (without it they are refused, as for "
                         "convert --out); files are written atomically and their directory must exist")
     i.add_argument("--quiet", action="store_true", help="no progress messages")
+    i.add_argument("--verbose", action="store_true",
+                   help="on an error, print every node a refusal names and, for an internal error, the traceback")
     i.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("passes", help="list the passes and their options")
@@ -218,14 +244,49 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    verbose = getattr(args, "verbose", False)
     try:
         return args.func(args)
     except (NetsurgeonError, PassOptionError) as exc:
-        print(f"netsurgeon: error: {exc}", file=sys.stderr)
+        print(f"netsurgeon: error: {_one_line(exc)}", file=sys.stderr)
+        if verbose:
+            for line in _details(exc):
+                print(f"  {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("netsurgeon: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("netsurgeon: error: out of memory; use a smaller --input-shape or a smaller model", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug, or a resource torch reports as RuntimeError: one line, traceback on --verbose
+        text = _one_line(exc)
+        if "allocate" in text or isinstance(exc, getattr(__import__("torch"), "OutOfMemoryError", ())):
+            print(f"netsurgeon: error: out of memory ({text}); use a smaller --input-shape or a smaller model",
+                  file=sys.stderr)
+            return 2
+        if verbose:
+            traceback.print_exc()
+        print(f"netsurgeon: internal error: {type(exc).__name__}: {text} (a bug in netsurgeon or in the model; "
+              f"rerun with --verbose for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if len(lines) <= 1 else f"{lines[0]} (+{len(lines) - 1} more lines with --verbose)"
+
+
+def _details(exc: BaseException) -> list[str]:
+    """Everything behind the one line: the full message and the nodes a refusal names."""
+    seen: list[str] = str(exc).splitlines()[1:]
+    cause: BaseException | None = exc
+    while cause is not None:
+        details = getattr(cause, "details", None) or getattr(cause, "nodes", None)
+        if details:
+            return seen + [str(d) for d in details]
+        cause = cause.__cause__
+    return seen
 
 
 if __name__ == "__main__":

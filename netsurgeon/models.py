@@ -10,13 +10,77 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import math
 from typing import Any
 
+import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from .errors import ModelSpecError
 
-__all__ = ["create_model", "default_input_shape"]
+__all__ = ["create_model", "default_input_shape", "AllocationGuard"]
+
+_FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.randint,
+              torch.empty_strided, torch.eye}
+_METHOD_FACTORIES = {"new_empty", "new_zeros", "new_ones", "new_full", "new_empty_strided"}
+
+
+def _size_of(args: tuple, kwargs: dict) -> int:
+    """Elements a factory call would allocate, from its size arguments (0 when it cannot tell)."""
+    size = kwargs.get("size")
+    if size is None:
+        ints = []
+        for a in args:
+            if isinstance(a, (tuple, list, torch.Size)):
+                size = a
+                break
+            if isinstance(a, int) and not isinstance(a, bool):
+                ints.append(a)
+            else:
+                break
+        size = size if size is not None else ints
+    try:
+        return math.prod(int(v) for v in size)
+    except (TypeError, ValueError):
+        return 0
+
+
+class AllocationGuard(TorchFunctionMode):
+    """Refuse, before allocating, tensor factory calls that would bring the total above ``max_elements``.
+
+    Counts every ``torch.empty/zeros/ones/full/rand*/eye`` and ``Tensor.new_*`` call made while
+    active (temporaries included), so a model factory asked for ``num_classes=10**7`` fails with
+    a :class:`ModelSpecError` instead of exhausting the machine.
+
+    Example:
+        >>> with AllocationGuard(1000):
+        ...     _ = torch.nn.Linear(10, 10)   # 110 elements
+        >>> with AllocationGuard(1000):
+        ...     _ = torch.nn.Linear(100, 100)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        netsurgeon.errors.ModelSpecError: building the model would allocate more than 1,000 tensor elements ...
+    """
+
+    def __init__(self, max_elements: int, what: str = "the model") -> None:
+        super().__init__()
+        self.max_elements, self.what, self.total = int(max_elements), what, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        n = 0
+        if func in _FACTORIES:
+            n = _size_of(args, kwargs)
+        elif getattr(func, "__name__", "") in _METHOD_FACTORIES:
+            n = _size_of(args[1:], kwargs)
+        if n:
+            self.total += n
+            if self.total > self.max_elements:
+                raise ModelSpecError(f"building {self.what} would allocate more than {self.max_elements:,} tensor "
+                                     f"elements (the cap on a model build); check its arguments (e.g. num_classes) "
+                                     f"or raise max_model_elements")
+        return func(*args, **kwargs)
 
 
 def _from_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -43,18 +107,24 @@ def _from_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     return model
 
 
-def create_model(spec: str, **kwargs: Any) -> nn.Module:
+def create_model(spec: str, max_elements: int | None = None, **kwargs: Any) -> nn.Module:
     """Build the model named by ``spec`` with random weights.
 
     Args:
         spec: a timm model name (``"resnet18"``) or ``"package.module:factory"``.
+        max_elements: refuse a build that would allocate more tensor elements than this (checked
+            before each allocation, see :class:`AllocationGuard`). Default: no cap.
         **kwargs: passed to the factory (e.g. ``num_classes=10``).
 
     Raises:
-        ModelSpecError: unknown timm name (with close names), import or factory failure.
+        ModelSpecError: unknown timm name (with close names), import or factory failure, or a build
+            over ``max_elements``.
     """
     if not isinstance(spec, str) or not spec:
         raise ModelSpecError(f"a model spec is a non-empty string; got {spec!r}")
+    if max_elements is not None:
+        with AllocationGuard(max_elements, f"model {spec!r}"):
+            return create_model(spec, **kwargs)
     if ":" in spec:
         return _from_factory(spec, kwargs)
     import timm
@@ -64,7 +134,13 @@ def create_model(spec: str, **kwargs: Any) -> nn.Module:
         close = difflib.get_close_matches(spec, names, n=3, cutoff=0.6)
         hint = f" Close timm names: {', '.join(close)}." if close else ""
         raise ModelSpecError(f"unknown model {spec!r}: not a timm model name and not 'package.module:factory'.{hint}")
-    return timm.create_model(spec, pretrained=False, **kwargs)
+    try:
+        return timm.create_model(spec, pretrained=False, **kwargs)
+    except ModelSpecError:
+        raise
+    except (TypeError, ValueError, AssertionError, KeyError) as exc:  # arguments the model does not take
+        raise ModelSpecError(f"timm model {spec!r} failed with the arguments {kwargs!r}: "
+                             f"{type(exc).__name__}: {exc}") from None
 
 
 def default_input_shape(model: nn.Module) -> tuple[int, ...] | None:

@@ -61,11 +61,12 @@ def test_convert_with_checkpoint_and_set_option(tmp_path):
 
 def test_existing_output_needs_force_and_force_replaces(tmp_path, capsys):
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "report.md").write_text("x")  # a previous conversion's file: --force may replace it (test_cli_safety)
+    assert main(["convert", "resnet10t", "--passes", "strip_bn", "--set", "strip_bn.mode=remove", "--out", str(out),
+                 "--input-shape", SHAPE, "--quiet"]) == 0  # a previous conversion: --force may replace it
+    before = (out / "recipe.json").read_text()
     assert main(["convert", "resnet10t", "--passes", "strip_bn", "--out", str(out), "--quiet"]) == 2
     assert "exists; pass --force" in capsys.readouterr().err
-    assert (out / "report.md").read_text() == "x"
+    assert (out / "recipe.json").read_text() == before
     assert main(["convert", "resnet10t", "--passes", "strip_bn", "--out", str(out), "--input-shape", SHAPE,
                  "--force", "--quiet"]) == 0
     assert sorted(os.listdir(out)) == ["model.safetensors", "recipe.json", "report.md"]
@@ -132,4 +133,6 @@ def test_factory_spec(tmp_path):
     out = tmp_path / "f"
     assert main(["convert", "torchvision.models:resnet18", "--passes", "strip_bn", "--out", str(out),
                  "--input-shape", SHAPE, "--quiet"]) == 0
-    assert netsurgeon.load(out) is not None
+    with pytest.raises(netsurgeon.UntrustedCodeError, match="torchvision.models:resnet18"):
+        netsurgeon.load(out)  # a recipe that names a factory is code: only with trust_code
+    assert isinstance(netsurgeon.load(out, trust_code=True), torch.fx.GraphModule)
