@@ -15,8 +15,9 @@ Example:
     >>> _ = netsurgeon.convert("resnet18", ["strip_bn"], out, input_shape=(1, 3, 64, 64))
     >>> sorted(os.listdir(out))
     ['model.safetensors', 'recipe.json', 'report.md']
-    >>> netsurgeon.load(out).__class__.__name__
-    'GraphModule'
+    >>> import torch.fx
+    >>> isinstance(netsurgeon.load(out), torch.fx.GraphModule)
+    True
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import torch.nn as nn
 
 from . import _outdir
 from ._fileio import umask as current_umask
-from .errors import CheckpointError, InvalidArgumentError, NetsurgeonError
+from .errors import CheckpointError, InvalidArgumentError, ModelSpecError, NetsurgeonError, RecipeError
 from .models import create_model, default_input_shape
 from .passes.base import PassSpec, make_pass
 from .pipeline import report, transform
@@ -45,14 +46,14 @@ from .recipe import (MAX_MODEL_ELEMENTS, RECIPE_VERSION, Recipe, check_input_sha
 __all__ = ["convert", "load", "load_state_dict_file", "check_state_dict", "RECIPE_VERSION"]
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_GLOBAL = re.compile(r"GLOBAL ([\w.]+)|[Uu]nsupported global: ([\w.]+)")
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def _pickle_refusal(path: Path, exc: BaseException) -> CheckpointError:
     """One line for a torch file that holds pickled objects besides tensors."""
     text = _ANSI.sub("", str(exc))
     found = _GLOBAL.search(text)
-    what = f" (e.g. {found.group(1) or found.group(2)})" if found else ""
+    what = f" (e.g. {found.group(1)})" if found else ""
     return CheckpointError(
         f"checkpoint {str(path)!r} contains pickled Python objects{what}; netsurgeon loads only tensors and never "
         f"unpickles. Only if you trust the file, convert it once to safetensors: python -c \"import torch; "
@@ -322,6 +323,11 @@ def load(directory: str | os.PathLike, *, trust_code: bool = False, verify: bool
         if not (d / name).is_file():
             raise CheckpointError(f"{str(d)!r} is not a netsurgeon conversion: {name} is missing")
     recipe = read_recipe(d / "recipe.json", trust_code)
+    for i, (name, options) in enumerate(recipe.passes):  # every field checked before anything is built
+        try:
+            make_pass((name, options))
+        except NetsurgeonError as exc:
+            raise RecipeError(f"recipe field 'passes[{i}]': {exc}") from None
     weights = d / "model.safetensors"
     if verify:
         entry = recipe.files.get("model.safetensors")
@@ -331,7 +337,11 @@ def load(directory: str | os.PathLike, *, trust_code: bool = False, verify: bool
         if os.path.getsize(weights) != entry["bytes"] or _outdir.sha256_file(weights) != entry["sha256"]:
             raise CheckpointError(f"{str(weights)!r} is not the file its recipe.json records (sha256 differs): the "
                                   f"weights were replaced or damaged; pass verify=False to load them anyway")
-    gm, _ = _build(recipe, lambda msg: None, None, max_model_elements)
+    try:
+        gm, _ = _build(recipe, lambda msg: None, None, max_model_elements)
+    except ModelSpecError as exc:  # the recipe's model or its arguments
+        field = "model_kwargs" if recipe.model_kwargs else "model"
+        raise RecipeError(f"recipe field {field!r}: {exc}") from None
     from safetensors.torch import load_file
 
     try:
