@@ -13,12 +13,19 @@ Table 1, timm models (random weights) and a 1000-layer MLP:
 Table 2, MLPs ``Linear(256, 256) + act`` at depths 250, 500, 1000, 2000: analysis time
 per node, for tanh (2-D Gauss–Hermite kernel maps), ReLU (closed form) and GELU.
 
+Table 3, ``LocalMaps(name).c_map(grid)`` on a grid of 201 cosines in [-1, 1] (the accurate
+local maps, not analyze's ``FAST`` rule) for six activations that need quadrature: smooth
+(tanh, gelu), kinked (elu, hardswish, softshrink) and slowly decaying (softsign). Goal:
+under 100 ms per grid. This is the timing that tests/test_local_maps.py used to assert;
+the test now counts activation calls instead (a grid is evaluated in one vectorized pass).
+
 Each figure is the median of ``--repeats`` runs after one untimed warm-up.
 
 Usage:
     python benchmarks/analysis_speed.py                      # full run, prints Markdown
     python benchmarks/analysis_speed.py --out /tmp/a.md      # also writes it to a file
     python benchmarks/analysis_speed.py --quick              # smoke run
+    python benchmarks/analysis_speed.py --threads 1 --cmap-only   # Table 3 only (seconds)
 """
 from __future__ import annotations
 
@@ -32,17 +39,22 @@ import sys
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 import netsurgeon
 from netsurgeon.analysis import engine
+from netsurgeon.kernels import LocalMaps
 
 MODELS = ["resnet50", "resnet152", "vit_small_patch16_224"]
 DEPTHS = [250, 500, 1000, 2000]
 ACTS: dict[str, Callable[[], nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 GOAL_MLP_S = 2.0
 GOAL_RATIO = 2.0
+CMAP_ACTS = ["tanh", "gelu", "elu", "hardswish", "softshrink", "softsign"]
+CMAP_POINTS = 201
+GOAL_CMAP_MS = 100.0
 
 
 class _MeasureTimer:
@@ -100,6 +112,47 @@ def time_model(model: nn.Module, repeats: int) -> dict[str, float]:
     return out
 
 
+def time_c_maps(repeats: int) -> dict[str, tuple[float, float]]:
+    """(median, min) seconds of ``LocalMaps(name).c_map`` on the 201-cosine grid, per activation."""
+    grid = np.linspace(-1.0, 1.0, CMAP_POINTS)
+    out = {}
+    for name in CMAP_ACTS:
+        maps = LocalMaps(name)
+        maps.c_map(grid)  # warm-up; also computes the cached normalizer Q(1)
+        runs = []
+        for _ in range(repeats):
+            gc.collect()
+            start = time.perf_counter()
+            maps.c_map(grid)
+            runs.append(time.perf_counter() - start)
+        out[name] = (statistics.median(runs), min(runs))
+    return out
+
+
+def c_map_report(repeats: int) -> tuple[list[str], str]:
+    """Table 3 and its goal line."""
+    times = time_c_maps(repeats)
+    lines = [f"## C map on a grid of {CMAP_POINTS} cosines (`LocalMaps(name).c_map`, accurate rule)", "",
+             "| activation | median ms | min ms |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {1e3 * med:.1f} | {1e3 * low:.1f} |" for name, (med, low) in times.items()]
+    worst_name, (worst, _) = max(times.items(), key=lambda kv: kv[1][0])
+    met = "MET" if 1e3 * worst < GOAL_CMAP_MS else "NOT MET"
+    goal = (f"- C map on {CMAP_POINTS} cosines: slowest median {1e3 * worst:.1f} ms ({worst_name}) "
+            f"(goal < {GOAL_CMAP_MS:.0f} ms for each activation): **{met}**")
+    return lines, goal
+
+
+def _header(repeats: int) -> list[str]:
+    return ["# analysis_speed", "",
+            f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
+            f"cpus {os.cpu_count()}, load average at start {os.getloadavg()[0]:.2f}; median of {repeats} runs", ""]
+
+
+def run_c_maps(repeats: int) -> str:
+    table, goal = c_map_report(repeats)
+    return "\n".join(_header(repeats) + table + ["", "## Goal check", "", goal]) + "\n"
+
+
 def _exponent(xs: list[float], ys: list[float]) -> float:
     lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
     mx, my = statistics.fmean(lx), statistics.fmean(ly)
@@ -109,9 +162,7 @@ def _exponent(xs: list[float], ys: list[float]) -> float:
 def run(models: list[str], depths: list[int], repeats: int) -> str:
     import timm
 
-    lines = ["# analysis_speed", "",
-             f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, "
-             f"cpus {os.cpu_count()}, load average at start {os.getloadavg()[0]:.2f}; median of {repeats} runs", "",
+    lines = _header(repeats) + [
              "| model | nodes | measured nodes | trace s | analyze s | propagate s | measure s | analyze/trace "
              "| propagate/trace |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     results: dict[str, dict[str, float]] = {}
@@ -145,6 +196,8 @@ def run(models: list[str], depths: list[int], repeats: int) -> str:
         lines += [f"- {a}: exponent {e:.2f}, per-node ratio {r:.2f}x" for a, e, r in exps]
     else:
         lines += ["", "One depth only: no exponent (give `--depths` at least two values)."]
+    cmap_table, cmap_goal = c_map_report(repeats)
+    lines += [""] + cmap_table
     total_mlp = goal_mlp["trace"] + goal_mlp["analyze"]
     lines += ["", "## Goal check", "",
               f"- 1000-layer tanh MLP: analyze {goal_mlp['analyze']:.3f} s, trace + analyze {total_mlp:.3f} s "
@@ -154,6 +207,7 @@ def run(models: list[str], depths: list[int], repeats: int) -> str:
         lines.append(f"- resnet152: analyze / trace = {r['analyze'] / r['trace']:.2f}x (goal <= {GOAL_RATIO}x): "
                      f"**{'MET' if r['analyze'] / r['trace'] <= GOAL_RATIO else 'NOT MET'}**; without measuring "
                      f"its max-pool node (propagation only) {r['propagate'] / r['trace']:.2f}x")
+    lines.append(cmap_goal)
     return "\n".join(lines) + "\n"
 
 
@@ -164,13 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="*", default=MODELS)
     p.add_argument("--depths", nargs="*", type=int, default=DEPTHS)
     p.add_argument("--quick", action="store_true", help="1 repeat, resnet50 only, depths 50 and 100")
+    p.add_argument("--cmap-only", action="store_true", help=f"only the C-map table ({CMAP_POINTS}-cosine grid)")
     p.add_argument("--out", default=None, help="also write the Markdown report here")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.repeats, args.models, args.depths = 1, ["resnet50"], [50, 100]
-    report = run(args.models, args.depths, args.repeats)
+    report = run_c_maps(args.repeats) if args.cmap_only else run(args.models, args.depths, args.repeats)
     print(report)
     if args.out:
         tmp = args.out + ".tmp"

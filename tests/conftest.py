@@ -1,6 +1,10 @@
 """Shared test helpers."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn as nn
 
@@ -36,9 +40,6 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
 
 
-import pytest  # noqa: E402
-
-
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tests run tiny tensors: with 2 threads each op pays a thread hand-off (measured
@@ -49,20 +50,78 @@ def _one_torch_thread():
     torch.set_num_threads(n)
 
 
-def require_data() -> None:
-    """Fail with the DataNotFoundError message when the datasets are missing, unless
-    NETSURGEON_SKIP_DATA=1 asks for an explicit skip (with that message as the reason)."""
-    import os
+# ---------------------------------------------------------------- datasets
+# One policy for every test that reads shared/data (netsurgeon.data), in require_data():
+# the ``needs_data`` marker (checked before the test's fixtures run) and direct calls
+# (fixtures that return the data root; tests that need the data only for their second
+# half) both go through it. Without the datasets the test is SKIPPED with a reason that
+# names NETSURGEON_DATA; with NETSURGEON_REQUIRE_DATA=1 (.ci/run sets it) it FAILS instead.
+REQUIRE_DATA_ENV = "NETSURGEON_REQUIRE_DATA"
 
-    from netsurgeon.data import data_root
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "needs_data: reads the datasets (shared/data beside the checkout, or $NETSURGEON_DATA); "
+        f"skipped with the reason when they are missing, failed instead when {REQUIRE_DATA_ENV}=1")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("needs_data") is not None:
+        require_data()
+
+
+def data_required() -> bool:
+    """True when NETSURGEON_REQUIRE_DATA asks for missing datasets to fail the tests."""
+    return os.environ.get(REQUIRE_DATA_ENV, "").strip().lower() in {"1", "true", "yes"}
+
+
+def expected_data_files() -> list[str]:
+    """The files under the data root that the tests read, relative to it."""
+    from netsurgeon.data import _CIFAR_FILE, _IDX_PREFIX, DATASETS
+
+    files = ["SHA256SUMS"]
+    for name, spec in sorted(DATASETS.items()):
+        if name == "cifar10":
+            files.append(f"{spec.directory}/{_CIFAR_FILE}")
+        else:
+            files += [f"{spec.directory}/{_IDX_PREFIX[split]}-{kind}-ubyte.gz"
+                      for split in spec.sizes for kind in ("images-idx3", "labels-idx1")]
+    return files
+
+
+def missing_data_reason() -> str | None:
+    """None when every dataset file the tests read is present, else a one-line reason that
+    says where the files were looked for and how to point the tests at them."""
+    import netsurgeon.data as nd
     from netsurgeon.errors import DataNotFoundError
 
+    env = os.environ.get(nd.ENV_VAR) or None
+    where = (f"{env} (from ${nd.ENV_VAR})" if env is not None
+             else f"{nd._REPO_DEFAULT} (shared/data beside the checkout; ${nd.ENV_VAR} is not set)")
+    fix = f"set {nd.ENV_VAR}=/path/to/shared/data"
     try:
-        data_root()
-    except DataNotFoundError as e:
-        if os.environ.get("NETSURGEON_SKIP_DATA") == "1":
-            pytest.skip(f"NETSURGEON_SKIP_DATA=1 and no datasets: {e}")
-        raise
+        root = nd.data_root()
+    except DataNotFoundError:
+        return f"dataset directory not found: {where}; {fix}"
+    missing = [f for f in expected_data_files() if not (root / f).is_file()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        return f"dataset files not found in {where}: {shown}; {fix}"
+    return None
+
+
+def require_data() -> Path:
+    """The data root. When the datasets are missing: skip with the reason, or fail with it
+    when NETSURGEON_REQUIRE_DATA=1 (so that CI cannot pass by skipping)."""
+    from netsurgeon.data import data_root
+
+    reason = missing_data_reason()
+    if reason is None:
+        return data_root()
+    if data_required():
+        pytest.fail(f"{REQUIRE_DATA_ENV}=1 and {reason}", pytrace=False)
+    pytest.skip(f"{reason} ({REQUIRE_DATA_ENV}=1 makes this a failure)")
 
 
 def load_benchmark(name: str):

@@ -1,13 +1,12 @@
 """netsurgeon.bench: training runs, divergence, lr sweeps, and the result writers.
 
-The Fashion-MNIST test needs the datasets: without them it FAILS with the
-DataNotFoundError message unless NETSURGEON_SKIP_DATA=1 is set (then it skips).
+The Fashion-MNIST test (marker ``needs_data``) reads the datasets: without them it is
+skipped with the reason, or fails when NETSURGEON_REQUIRE_DATA=1 (tests/conftest.py).
 """
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,19 +14,9 @@ import torch.nn as nn
 
 from netsurgeon.bench import (ModelOptimizer, RunResult, lr_sweep, plot_accuracy, plot_curves, run_record, save_json,
                               smooth, steps_to_loss, train_run, write_table_md)
-from netsurgeon.data import data_root, load_dataset
-from netsurgeon.errors import DataNotFoundError, InvalidArgumentError
+from netsurgeon.data import load_dataset
+from netsurgeon.errors import InvalidArgumentError
 from netsurgeon.optim import LayerwiseLM
-
-
-def require_data_root() -> Path:
-    """The data root; a missing one fails, or skips with the reason if NETSURGEON_SKIP_DATA=1."""
-    try:
-        return data_root()
-    except DataNotFoundError as e:
-        if os.environ.get("NETSURGEON_SKIP_DATA") == "1":
-            pytest.skip(f"NETSURGEON_SKIP_DATA=1 and no datasets: {e}")
-        raise
 
 
 def mlp(seed: int) -> nn.Module:
@@ -46,8 +35,8 @@ def linear(seed: int) -> nn.Module:
     return nn.Linear(10, 2)
 
 
+@pytest.mark.needs_data
 def test_mlp_on_fashion_mnist_learns_and_is_reproducible():
-    require_data_root()
     x, y = load_dataset("fashion_mnist", "train")
     xt, yt = load_dataset("fashion_mnist", "test")
     data = (x[:512], y[:512], xt[:1000], yt[:1000])

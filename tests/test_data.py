@@ -1,12 +1,12 @@
 """netsurgeon.data: the offline datasets, root resolution and clear errors.
 
-The data tests need ``shared/data`` (or $NETSURGEON_DATA). Without it they FAIL with
-the DataNotFoundError message; set NETSURGEON_SKIP_DATA=1 to skip them instead.
+The data tests (marker ``needs_data``) read ``shared/data`` beside the checkout, or
+$NETSURGEON_DATA. Without it they are SKIPPED with a reason naming NETSURGEON_DATA; with
+NETSURGEON_REQUIRE_DATA=1 (as in .ci/run) they FAIL instead (tests/conftest.py).
 """
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 import struct
 from pathlib import Path
@@ -14,26 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REQUIRE_DATA_ENV, expected_data_files, require_data
 
+import netsurgeon.data
 from netsurgeon.data import DATASETS, channel_stats, data_root, load_dataset, load_splits, verify_checksums
 from netsurgeon.errors import DataFormatError, DataNotFoundError, InvalidArgumentError, NetsurgeonError
 
 
-def require_data_root() -> Path:
-    """The data root; a missing one fails, or skips with the reason if NETSURGEON_SKIP_DATA=1."""
-    try:
-        return data_root()
-    except DataNotFoundError as e:
-        if os.environ.get("NETSURGEON_SKIP_DATA") == "1":
-            pytest.skip(f"NETSURGEON_SKIP_DATA=1 and no datasets: {e}")
-        raise
-
-
 @pytest.fixture(scope="module")
 def root() -> Path:
-    return require_data_root()
+    return require_data()
 
 
+@pytest.mark.needs_data
 @pytest.mark.parametrize("name", sorted(DATASETS))
 def test_test_split_shapes_dtypes_labels_and_standardization(root, name):
     spec = DATASETS[name]
@@ -51,6 +44,7 @@ def test_test_split_shapes_dtypes_labels_and_standardization(root, name):
                                rtol=0, atol=1e-5)
 
 
+@pytest.mark.needs_data
 def test_train_statistics_match_the_published_values(root):
     assert np.allclose(channel_stats("fashion_mnist"), ((0.2860,), (0.3530,)), rtol=0, atol=1e-4)
     assert np.allclose(channel_stats("mnist"), ((0.1307,), (0.3081,)), rtol=0, atol=1e-4)
@@ -63,6 +57,7 @@ def test_train_statistics_match_the_published_values(root):
     torch.testing.assert_close(x.std((0, 2, 3)), torch.ones(3), rtol=0, atol=1e-4)
 
 
+@pytest.mark.needs_data
 def test_cifar_val_split_dtype_and_fresh_tensors(root):
     x, y = load_dataset("cifar10", "val", dtype=torch.float64)
     assert x.shape == (2000, 3, 32, 32) and x.dtype == torch.float64 and y.shape == (2000,)
@@ -104,6 +99,7 @@ def _mnist_test_copy(root: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.needs_data
 def test_env_var_is_honoured_and_root_argument_wins(root, tmp_path, monkeypatch):
     copy = _mnist_test_copy(root, tmp_path / "copy")
     monkeypatch.setenv("NETSURGEON_DATA", str(copy))
@@ -122,6 +118,7 @@ def _write_idx(path: Path, header: bytes, body: bytes) -> None:
         f.write(header + body)
 
 
+@pytest.mark.needs_data
 def test_corrupt_files_are_named(root, tmp_path):
     base = _mnist_test_copy(root, tmp_path / "bad")
     labels = base / "mnist" / "t10k-labels-idx1-ubyte.gz"
@@ -146,6 +143,7 @@ def test_corrupt_files_are_named(root, tmp_path):
         load_dataset("mnist", "test", root=base, normalize=False)
 
 
+@pytest.mark.needs_data
 def test_checksums(root, tmp_path):
     assert len(verify_checksums("mnist")) == 4
     base = tmp_path / "sums"
@@ -158,16 +156,51 @@ def test_checksums(root, tmp_path):
         verify_checksums("mnist", root=base)
 
 
-def test_missing_data_fails_unless_skip_is_requested(tmp_path, monkeypatch):
+def test_missing_data_skips_with_a_reason_unless_required(tmp_path, monkeypatch):
+    """A fresh clone without the datasets: skipped, with a reason that says where the files
+    were looked for and names NETSURGEON_DATA; NETSURGEON_REQUIRE_DATA=1 makes it a failure."""
+    monkeypatch.delenv(REQUIRE_DATA_ENV, raising=False)
     monkeypatch.setenv("NETSURGEON_DATA", str(tmp_path / "absent"))
-    monkeypatch.delenv("NETSURGEON_SKIP_DATA", raising=False)
-    with pytest.raises(DataNotFoundError):
-        require_data_root()
-    monkeypatch.setenv("NETSURGEON_SKIP_DATA", "1")
-    with pytest.raises(pytest.skip.Exception, match="NETSURGEON_SKIP_DATA=1 and no datasets: .*absent"):
-        require_data_root()
+    with pytest.raises(pytest.skip.Exception, match=r"dataset directory not found: .*absent \(from \$NETSURGEON_DATA\)"
+                                                     r"; set NETSURGEON_DATA=/path/to/shared/data"):
+        require_data()
+    (tmp_path / "empty").mkdir()  # the directory exists but holds no dataset
+    monkeypatch.setenv("NETSURGEON_DATA", str(tmp_path / "empty"))
+    with pytest.raises(pytest.skip.Exception, match=r"dataset files not found in .*empty .*SHA256SUMS.* and \d+ more"
+                                                     r"; set NETSURGEON_DATA="):
+        require_data()
+    # no NETSURGEON_DATA and no shared/data beside the checkout (a fresh clone on its own)
+    monkeypatch.delenv("NETSURGEON_DATA")
+    monkeypatch.setattr(netsurgeon.data, "_REPO_DEFAULT", tmp_path / "clone-parent" / "shared" / "data")
+    with pytest.raises(pytest.skip.Exception,
+                       match=r"clone-parent.*\$NETSURGEON_DATA is not set\); set NETSURGEON_DATA"):
+        require_data()
+    for value in ("1", "true", "YES"):
+        monkeypatch.setenv(REQUIRE_DATA_ENV, value)
+        with pytest.raises(pytest.fail.Exception, match=r"NETSURGEON_REQUIRE_DATA=1 and dataset directory not found"):
+            require_data()
+    monkeypatch.setenv(REQUIRE_DATA_ENV, "0")
+    with pytest.raises(pytest.skip.Exception):
+        require_data()
 
 
+@pytest.mark.needs_data
+def test_partial_data_copy_is_missing_data(root, tmp_path, monkeypatch):
+    """A copy that lacks one of the files the tests read counts as missing (named in the reason)."""
+    monkeypatch.delenv(REQUIRE_DATA_ENV, raising=False)
+    copy = tmp_path / "partial"
+    for rel in expected_data_files():
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        (copy / rel).symlink_to(root / rel)
+    monkeypatch.setenv("NETSURGEON_DATA", str(copy))
+    assert require_data() == copy.resolve()
+    (copy / "cifar10" / "cifar10_subset.npz").unlink()
+    with pytest.raises(pytest.skip.Exception, match=r"dataset files not found in .*partial .*: "
+                                                     r"cifar10/cifar10_subset.npz; set NETSURGEON_DATA"):
+        require_data()
+
+
+@pytest.mark.needs_data
 def test_load_splits_draws_the_same_fixed_subsets(root):
     """The benchmarks' loader: fixed subsets (identical on every call, drawn from the full split)."""
     x, y, xt, yt = load_splits("fashion_mnist", 300, 100, flatten=True)

@@ -2,8 +2,9 @@
 
 Runs every configuration (relu, modulus, vanilla+tat) with every optimizer (sgd, adam, lm)
 by name, so it fails, not skips, when the ``modulus``, ``tat`` or ``orthogonal_init`` pass or
-``LayerwiseLM`` is missing. Needs the datasets: without them it fails with the
-DataNotFoundError message unless NETSURGEON_SKIP_DATA=1 is set.
+``LayerwiseLM`` is missing. Needs the datasets (marker
+``needs_data``): without them it is skipped with the reason, or fails when
+NETSURGEON_REQUIRE_DATA=1 (tests/conftest.py).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import load_benchmark, require_data
+from conftest import load_benchmark
 
 EXPECTED = {"a": {("relu", "sgd"), ("relu", "adam"), ("relu", "lm")},
             "b": {(c, o) for c in ("relu", "modulus") for o in ("sgd", "adam", "lm")},
@@ -20,8 +21,8 @@ EXPECTED = {"a": {("relu", "sgd"), ("relu", "adam"), ("relu", "lm")},
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.needs_data
 def test_train_consistency_quick(tmp_path: Path) -> None:
-    require_data()
     tc = load_benchmark("train_consistency")
     out = tc.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)])
 

@@ -1,8 +1,9 @@
 """Smoke run of benchmarks/train_deep.py (--quick) for both network families.
 
 Runs all four configurations (reference, vanilla, vanilla+dks, vanilla+tat) by name, so it
-fails, not skips, when the ``dks`` or ``tat`` pass is missing. Needs the datasets: without
-them it fails with the DataNotFoundError message unless NETSURGEON_SKIP_DATA=1 is set.
+fails, not skips, when the ``dks`` or ``tat`` pass is missing. The training runs
+need the datasets: without them a test is skipped with the reason where it reaches them
+(conftest.require_data), or fails when NETSURGEON_REQUIRE_DATA=1.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ def _load_script():
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.needs_data
 def test_train_deep_quick(tmp_path: Path) -> None:
-    require_data()
     td = _load_script()
     out = td.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)])
 

@@ -1,7 +1,7 @@
 """Smoke run of benchmarks/train_farkas.py (--quick): the four configurations (with and without
 batch norm, with and without Farkas rows) train, report finite losses and land in the table, and
-the Farkas models really contain FarkasLayer modules. Needs the CIFAR-10 subset: without it the
-test fails with the DataNotFoundError message unless NETSURGEON_SKIP_DATA=1 is set.
+the Farkas models really contain FarkasLayer modules. Needs the CIFAR-10 subset (marker ``needs_data``):
+without it the test is skipped with the reason, or fails when NETSURGEON_REQUIRE_DATA=1.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import load_benchmark, require_data
+from conftest import load_benchmark
 
 from netsurgeon.layers import FarkasLayer
 
@@ -23,8 +23,8 @@ def _load_script():
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.needs_data
 def test_train_farkas_quick(tmp_path: Path) -> None:
-    require_data()
     tf = _load_script()
     out = tf.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)])
 

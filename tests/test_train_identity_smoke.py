@@ -1,8 +1,8 @@
 """Smoke run of benchmarks/train_identity.py (--quick): the six configurations (the batch-norm
 reference, the BN-free network at default init and after identity_residual zero_last, skipinit,
 fixup and hardt_ma) train with finite losses and land in the table, and the identity modes make
-every residual block the identity at init. Needs the CIFAR-10 subset: without it the test fails
-with the DataNotFoundError message unless NETSURGEON_SKIP_DATA=1 is set.
+every residual block the identity at init. Needs the CIFAR-10 subset (marker ``needs_data``): without it
+the test is skipped with the reason, or fails when NETSURGEON_REQUIRE_DATA=1.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import load_benchmark, require_data
+from conftest import load_benchmark
 
 from netsurgeon.layers.identity import FixedLinear, ScalarGate
 
@@ -24,8 +24,8 @@ def _load_script():
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.needs_data
 def test_train_identity_quick(tmp_path: Path) -> None:
-    require_data()
     ti = _load_script()
     out = ti.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)])
 
