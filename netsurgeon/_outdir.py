@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ._validate import short_list
 from .errors import NetsurgeonError, OutputExistsError, RecipeError
 
 try:
@@ -50,10 +51,6 @@ def sha256_file(path: Path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
-
-def _listing(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def _short(name: str) -> str:
@@ -106,7 +103,7 @@ def not_netsurgeon_output(directory: Path) -> str | None:
         return f"cannot be read ({exc.strerror or exc})"
     foreign = [n for n in entries if n not in FILES or (directory / n).is_symlink() or not (directory / n).is_file()]
     if foreign:
-        return f"holds files that netsurgeon did not write ({_listing(foreign)})"
+        return f"holds files that netsurgeon did not write ({short_list(foreign)})"
     if not entries:
         return None
     if "recipe.json" not in entries:

@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from . import _outdir
 from ._fileio import umask as current_umask
+from ._validate import non_finite, require_bool, short_list
 from .errors import CheckpointError, InvalidArgumentError, ModelSpecError, NetsurgeonError, RecipeError
 from .models import create_model, default_input_shape
 from .passes.base import PassSpec, make_pass
@@ -94,10 +95,6 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _listing(keys: Sequence[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
 
 def _dtype_kind(dtype: torch.dtype) -> str:
     return "floating" if dtype.is_floating_point else "complex" if dtype.is_complex else "integer"
@@ -121,28 +118,24 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str 
     if missing or unexpected or shapes or kinds:
         parts = []
         if missing:
-            parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+            parts.append(f"missing keys ({len(missing)}): {short_list(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+            parts.append(f"unexpected keys ({len(unexpected)}): {short_list(unexpected)}")
         if shapes:
-            parts.append(f"shape mismatches ({len(shapes)}): {_listing(shapes)}")
+            parts.append(f"shape mismatches ({len(shapes)}): {short_list(shapes)}")
         if kinds:
-            parts.append(f"dtype mismatches, refused rather than cast ({len(kinds)}): {_listing(kinds)}")
+            parts.append(f"dtype mismatches, refused rather than cast ({len(kinds)}): {short_list(kinds)}")
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
-    bad = []
-    for k, v in sd.items():
-        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
-            nan, inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
-            bad.append(f"{k} ({', '.join(t for t in (f'{nan} NaN' if nan else '', f'{inf} inf' if inf else '') if t)})")
+    bad = non_finite(sd.items())
     if bad:
-        raise CheckpointError(f"{source} holds non-finite values in {len(bad)} tensor(s): {_listing(bad, 5)}; "
+        raise CheckpointError(f"{source} holds non-finite values in {len(bad)} tensor(s): {short_list(bad, 5)}; "
                               f"netsurgeon needs finite weights (check how the checkpoint was saved)")
     converted: dict[str, list[str]] = {}
     for k, v in sd.items():
         if v.dtype != own[k].dtype and v.is_floating_point():
             converted.setdefault(f"{str(v.dtype).removeprefix('torch.')} to "
                                  f"{str(own[k].dtype).removeprefix('torch.')}", []).append(k)
-    return [f"{source}: {len(keys)} tensor(s) converted from {how} ({_listing(keys, 3)})"
+    return [f"{source}: {len(keys)} tensor(s) converted from {how} ({short_list(keys, 3)})"
             for how, keys in converted.items()]
 
 
@@ -194,11 +187,6 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise InvalidArgumentError(f"{name} must be True or False; got {value!r}")
-
-
 def _default_notice(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
@@ -237,7 +225,7 @@ def convert(model: str, passes: Sequence[PassSpec], out: str | os.PathLike, *, c
     """
     progress = progress or (lambda msg: None)
     notice = notice or _default_notice
-    _check_bool("force", force)
+    require_bool("convert", "force", force)
     seed = check_seed(seed, "seed", InvalidArgumentError)
     shape = check_input_shape(list(input_shape), "input_shape", InvalidArgumentError) if input_shape else None
     model_kwargs = check_model_kwargs(dict(model_kwargs or {}), trust_code=True)
@@ -314,8 +302,8 @@ def load(directory: str | os.PathLike, *, trust_code: bool = False, verify: bool
         RecipeError: a recipe field that is missing, mistyped or out of range (named).
         UntrustedCodeError: the recipe would run code or read files, and ``trust_code`` is False.
     """
-    _check_bool("trust_code", trust_code)
-    _check_bool("verify", verify)
+    require_bool("load", "trust_code", trust_code)
+    require_bool("load", "verify", verify)
     d = Path(directory)
     if not d.is_dir():
         raise CheckpointError(f"{str(d)!r} is not a directory; load() takes a directory written by convert")

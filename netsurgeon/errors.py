@@ -5,6 +5,8 @@ catch one type; each subclass names what was wrong and how to fix it.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 __all__ = [
     "NetsurgeonError",
     "TraceError",
@@ -35,7 +37,16 @@ class TraceError(NetsurgeonError):
 
 
 class PassError(NetsurgeonError):
-    """A pass failed; the message names the pass and the passes that ran before it."""
+    """A pass failed; the message names the pass and the passes that ran before it.
+
+    The original error is ``__cause__``; when it listed nodes (an :class:`UnsupportedNodeError`),
+    its ``nodes`` and ``details`` are copied here, so callers read them from either.
+    """
+
+    def __init__(self, message: str, *, nodes: Sequence[str] = (), details: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.nodes: tuple[str, ...] = tuple(nodes)
+        self.details: tuple[str, ...] = tuple(details)
 
 
 class UnknownPassError(NetsurgeonError, KeyError):
@@ -50,7 +61,17 @@ class PassOptionError(NetsurgeonError, ValueError):
 
 
 class UnsupportedNodeError(NetsurgeonError):
-    """A rewrite met nodes it cannot handle; the message lists them by name."""
+    """A rewrite met nodes it cannot handle.
+
+    The message names the first few and how many more; ``nodes`` holds every node name and
+    ``details`` one ``"node: reason"`` line per node (empty when the message says it all),
+    which the CLI prints with ``--verbose``.
+    """
+
+    def __init__(self, message: str, *, nodes: Sequence[str] = (), details: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.nodes: tuple[str, ...] = tuple(nodes)
+        self.details: tuple[str, ...] = tuple(details)
 
 
 class ModelSpecError(NetsurgeonError, ValueError):

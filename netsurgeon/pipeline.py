@@ -17,7 +17,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import InvalidArgumentError, NetsurgeonError, PassError
+from ._validate import require_bool
+from .errors import InvalidArgumentError, NetsurgeonError, PassError, PassOptionError
 from .graph import META_KEY, Topology, trace
 from .passes.base import Pass, PassSpec, get_report, make_pass
 from .report import PassRecord, Report
@@ -62,7 +63,14 @@ def _inputs(example_inputs: Sequence[torch.Tensor] | torch.Tensor | None) -> tup
 
 def apply_pass(gm: fx.GraphModule, p: Pass, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
                *, previous: Sequence[str] = ()) -> fx.GraphModule:
-    """Run one pass on a netsurgeon GraphModule, record it in the report, clean up."""
+    """Run one pass on a netsurgeon GraphModule, record it in the report, clean up.
+
+    Raises:
+        PassOptionError: an option value the model or its inputs rule out (``input_norm.dim`` beyond
+            the input's dims), as the pass raised it.
+        PassError: any other failure; names the pass and ``previous``, chains the original error
+            (``__cause__``) and copies its ``nodes`` and ``details`` when it has them.
+    """
     rep = get_report(gm, create_for=gm.meta.get(META_KEY, {}).get("trace").model_class
                      if gm.meta.get(META_KEY, {}).get("trace") else type(gm).__name__)
     record = PassRecord(p.name, p.options(), p.preservation())
@@ -72,13 +80,15 @@ def apply_pass(gm: fx.GraphModule, p: Pass, example_inputs: Sequence[torch.Tenso
         if not isinstance(out, fx.GraphModule):
             raise PassError(f"pass {p.name} returned {type(out).__name__}, not a GraphModule")
         out = cleanup(out)
+    except PassOptionError:
+        raise  # the message names the pass, the option and its value already
     except Exception as exc:
         before = ", ".join(previous) if previous else "none"
-        if isinstance(exc, NetsurgeonError):
-            msg = str(exc)
-        else:
-            msg = f"{type(exc).__name__}: {exc}"
-        raise PassError(f"pass {p.name!r} failed (passes run before it: {before}): {msg}") from exc
+        ours = isinstance(exc, NetsurgeonError)
+        msg = str(exc) if ours else f"{type(exc).__name__}: {exc}"
+        raise PassError(f"pass {p.name!r} failed (passes run before it: {before}): {msg}",
+                        nodes=getattr(exc, "nodes", ()) if ours else (),
+                        details=getattr(exc, "details", ()) if ours else ()) from exc
     record.seconds = time.perf_counter() - start
     rep.passes.append(record)
     out.meta.setdefault(META_KEY, {})["report"] = rep
@@ -107,9 +117,12 @@ def transform(model: nn.Module, passes: Sequence[PassSpec] = (), example_inputs:
 
     Raises:
         InvalidArgumentError: ``passes`` is not a list of pass specs (e.g. None or a dict).
-        UnknownPassError, PassOptionError: a bad pass spec (before anything runs).
+        InvalidArgumentError: ``inplace`` is not a bool.
+        UnknownPassError, PassOptionError: a bad pass spec (before anything runs), or an option value
+            the model's inputs rule out (when that pass runs).
         TraceError: the model cannot be traced.
-        PassError: a pass failed; names the pass and those that ran before it.
+        PassError: a pass failed; names the pass and those that ran before it (``nodes`` and
+            ``details`` list the nodes it could not handle, if any).
     """
     if isinstance(passes, (str, Pass)) or (isinstance(passes, tuple) and len(passes) == 2
                                            and isinstance(passes[0], str) and isinstance(passes[1], dict)):
@@ -118,6 +131,7 @@ def transform(model: nn.Module, passes: Sequence[PassSpec] = (), example_inputs:
         raise InvalidArgumentError(f"passes must be a list of pass names, (name, {{options}}) pairs or Pass "
                                    f"instances, e.g. ['strip_bn', ('normalize_sums', {{'shortcut_weight2': 0.8}})]; "
                                    f"got {passes!r}")
+    require_bool("transform", "inplace", inplace)
     instances = [make_pass(s) for s in passes]  # validate every spec before any work
     if not inplace:
         model = copy.deepcopy(model)

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .._validate import require_bool, short_list
 from ..errors import InvalidArgumentError, UnknownNodeError, UnsupportedNodeError
 from ..graph import META_KEY, Topology, op_info, trace
 from ..graph.running import eval_mode, example_run
@@ -311,8 +312,11 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
             Default: True.
 
     Raises:
-        UnsupportedNodeError: ops without a map (all named) and no ``example_inputs`` to measure them.
+        UnsupportedNodeError: ops without a map and no ``example_inputs`` to measure them (the first
+            few named, all in ``nodes``).
+        InvalidArgumentError: ``q_in``/``c_in`` out of range, ``local_measure`` not a bool.
     """
+    require_bool("analyze", "local_measure", local_measure)
     if not (0.0 < q_in < math.inf and -1.0 <= c_in <= 1.0):
         raise InvalidArgumentError(f"analyze needs q_in > 0 (finite) and -1 <= c_in <= 1; got q_in={q_in!r}, "
                                    f"c_in={c_in!r}")
@@ -338,16 +342,15 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
                 if local_measure else {}
             rest = [n for n in pending if n not in measured]
             if rest and example is None:
-                raise UnsupportedNodeError(
-                    f"{len(rest)} node(s) have no kernel map: {', '.join(rest[:10])}"
-                    f"{' ...' if len(rest) > 10 else ''}; pass example_inputs so they can be measured")
+                raise UnsupportedNodeError(f"{len(rest)} node(s) have no kernel map: {short_list(rest)}; pass "
+                                           f"example_inputs so they can be measured", nodes=rest)
             if rest:
                 batch = empirical_batch or (1 if example.dim() > 2 else 16)
                 measured.update(_measure_nodes(gm, set(rest), example, cgrid, q_in, batch, seed))
             missing = [n for n in pending if n not in measured]
             if missing:
-                raise UnsupportedNodeError(f"node(s) {', '.join(missing)} have no kernel map and no tensor output "
-                                           f"to measure")
+                raise UnsupportedNodeError(f"{len(missing)} node(s) have no kernel map and no tensor output to "
+                                           f"measure: {short_list(missing)}", nodes=missing)
             kernels, _ = _propagate(gm, topo, grid, q_in, measured, cgrid, cache,
                                     {n for n in measured if n not in rest}, correlated)
     return Analysis(topo, kernels, grid, q_in, c_in)

@@ -32,6 +32,7 @@ import networkx as nx
 import numpy as np
 import torch.fx as fx
 
+from .._validate import problem_list
 from ..errors import UnsupportedNodeError
 from ..graph import Topology
 from ..ops import OpKind
@@ -151,11 +152,13 @@ class IdealGraph:
                 self.problems.append((node.name, f"activation {info.name} not identified"))
 
     def raise_problems(self, what: str) -> None:
-        """Raise :class:`UnsupportedNodeError` naming every problem node, if any."""
+        """Raise :class:`UnsupportedNodeError` if there are problem nodes: one line naming the first
+        few by reason, every node in ``nodes`` and one ``"node: reason"`` line each in ``details``."""
         if self.problems:
-            lines = "\n".join(f"  {n}: {r}" for n, r in self.problems[:20])
-            more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
-            raise UnsupportedNodeError(f"{what} cannot handle {len(self.problems)} node(s):\n{lines}{more}")
+            raise UnsupportedNodeError(f"{what} cannot handle {len(self.problems)} node(s): "
+                                       f"{problem_list(self.problems)}",
+                                       nodes=[n for n, _ in self.problems],
+                                       details=[f"{n}: {r}" for n, r in self.problems])
 
     def subnetworks(self) -> list[Subnetwork]:
         """The whole network (every output) and every lone residual branch."""
@@ -210,7 +213,7 @@ class IdealGraph:
                 raise UnsupportedNodeError(
                     f"activation {name} receives q = {q[first]:.6g} under the DKS assumptions, not 1: a sum "
                     f"upstream is not normalized (run normalize_sums) or a scaling changes q (a layer scale, a "
-                    f"norm whose eps dominates)")
+                    f"norm whose eps dominates)", nodes=[name])
             return 1.0, act(name, v[first])
         if kind is OpKind.NORM:  # per-example norms rescale to q = 1, unless q is far below their eps
             node = _node_named(self.topo.gm, name)

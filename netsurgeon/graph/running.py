@@ -1,16 +1,23 @@
 """Running a traced model for a measurement: eval mode that gives every submodule its own flag
-back, and errors from unsuitable example inputs turned into :class:`ExampleInputError`."""
+back, errors from unsuitable example inputs turned into :class:`ExampleInputError`, NaN/inf in
+inputs or weights named before a run is compared, and shape propagation that raises without
+printing."""
 from __future__ import annotations
 
 import contextlib
 from typing import Any, Iterator, Sequence
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from ..errors import ExampleInputError, NetsurgeonError
+from .._validate import non_finite, short_list
+from ..errors import ExampleInputError, InvalidArgumentError, NetsurgeonError
 
-__all__ = ["eval_mode", "example_run"]
+__all__ = ["eval_mode", "example_run", "propagate_shapes", "require_finite", "outputs_match",
+           "overflow_error"]
 
 
 @contextlib.contextmanager
@@ -47,3 +54,95 @@ def example_run(what: str, inputs: Sequence[Any]) -> Iterator[None]:
         raise ExampleInputError(f"{what} cannot run on the example inputs ({_describe(inputs)}): "
                                 f"{type(cause).__name__}: {first}. Pass inputs of the shape and dtype the model "
                                 f"expects (example_inputs=..., or --input-shape in the CLI)") from exc
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """``torch.fx.passes.shape_prop.ShapeProp`` without its ``traceback.print_exc()``: a node
+    that fails raises (with fx's "While executing" note) and prints nothing."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        found = False
+
+        def extract(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
+def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
+    """Run ``gm`` on ``inputs`` in eval mode, without grad, writing ``node.meta["tensor_meta"]``
+    (as ``ShapeProp`` does) on every tensor-valued node.
+
+    Raises:
+        ExampleInputError: ``gm`` cannot run on ``inputs``; the only output is the exception.
+    """
+    inputs = tuple(inputs)
+    with eval_mode(gm), torch.no_grad(), example_run(gm.__class__.__name__, inputs):
+        _ShapeRecorder(gm).run(*inputs)
+
+
+def require_finite(what: str, model: nn.Module, inputs: Sequence[Any]) -> None:
+    """Name NaN/inf in the example ``inputs`` or the weights of ``model`` before a run whose outputs
+    are compared (NaN never equals itself, so such a run would look like a tracing error).
+
+    Parameters are checked for NaN and inf, buffers for NaN only: ``-inf`` is a legitimate
+    value of attention-mask buffers.
+
+    Raises:
+        ExampleInputError: an input holds NaN or inf (names which, with counts).
+        InvalidArgumentError: a parameter or buffer holds them (state-dict names, with counts).
+    """
+    leaves = [t for t in torch.utils._pytree.tree_leaves(tuple(inputs)) if isinstance(t, torch.Tensor)]
+    bad = non_finite((f"input {i} of shape {tuple(t.shape)}", t) for i, t in enumerate(leaves))
+    if bad:
+        raise ExampleInputError(f"the example inputs of {what} hold NaN or inf: {short_list(bad)}; pass finite "
+                                f"inputs (the trace is checked by comparing outputs on them)")
+    bad = non_finite(model.named_parameters()) + non_finite(model.named_buffers(), nan_only=True)
+    if bad:
+        raise InvalidArgumentError(f"{what} has NaN or inf in {len(bad)} parameter/buffer tensor(s): "
+                                   f"{short_list(bad)}; load finite weights (a diverged training run or a "
+                                   f"corrupt checkpoint?)")
+
+
+def outputs_match(ref: Any, out: Any) -> bool:
+    """Whether two outputs hold the same tensors, NaN matching NaN (``torch.equal`` says no)."""
+    ref_t = [t for t in torch.utils._pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
+    out_t = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if len(ref_t) != len(out_t):
+        return False
+    for r, o in zip(ref_t, out_t):
+        if r.shape != o.shape:
+            return False
+        if r.dtype == o.dtype and (r.is_floating_point() or r.is_complex()):
+            if not bool(torch.isclose(r, o, rtol=0.0, atol=0.0, equal_nan=True).all()):
+                return False
+        elif not torch.equal(r, o):
+            return False
+    return True
+
+
+def overflow_error(what: str, model: nn.Module, ref: Any, out: Any) -> ExampleInputError | None:
+    """The error for outputs that differ where they hold NaN/inf (``require_finite`` passed, so the
+    run itself produced them), or None when both are finite."""
+    def count(x: Any) -> int:
+        return sum(int((~torch.isfinite(t)).sum()) for t in torch.utils._pytree.tree_leaves(x)
+                   if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()))
+
+    bad_ref, bad_out = count(ref), count(out)
+    if not (bad_ref or bad_out):
+        return None
+    inf_buffers = non_finite(model.named_buffers())
+    buffers = f", buffers holding inf: {short_list(inf_buffers)}" if inf_buffers else ""
+    return ExampleInputError(f"{what} gives NaN or inf on the example inputs ({bad_ref} value(s) in the eager "
+                             f"outputs, {bad_out} in the traced ones), so the trace cannot be checked against "
+                             f"it; inputs and parameters are finite{buffers}: the model overflows on these "
+                             f"inputs; pass inputs of the scale and dtype it expects")

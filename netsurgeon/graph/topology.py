@@ -22,7 +22,7 @@ import torch.nn as nn
 from ..errors import MissingAnalysisError, UnknownNodeError
 from ..ops import OpInfo, OpKind, classify, unknown_hint
 from .blocks import MergeBlock, find_merge_blocks
-from .running import eval_mode, example_run
+from .running import propagate_shapes
 from .tracer import META_KEY, trace
 
 __all__ = ["Topology", "UnknownOp", "topology", "op_info"]
@@ -252,11 +252,7 @@ class Topology:
 
 
 def _propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | torch.Tensor) -> None:
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    with eval_mode(gm), torch.no_grad(), example_run(gm.__class__.__name__, inputs):
-        ShapeProp(gm).propagate(*inputs)
+    propagate_shapes(gm, (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs))
 
 
 def topology(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None) -> Topology:

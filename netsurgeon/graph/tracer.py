@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import TraceError
-from .running import eval_mode, example_run
+from .running import eval_mode, example_run, outputs_match, overflow_error, require_finite
 from ..ops import module_rule
 
 __all__ = ["trace", "NetsurgeonTracer", "TraceInfo", "META_KEY"]
@@ -251,6 +251,9 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
 
     Raises:
         TraceError: naming the module path, the Python line and a remedy.
+        ExampleInputError: NaN or inf in ``example_inputs`` (or outputs that overflow on them).
+        InvalidArgumentError: NaN or inf in the parameters (NaN in the buffers) when
+            ``example_inputs`` are given: the check against the eager model cannot work.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"netsurgeon.trace expects an nn.Module, got {type(model).__name__}")
@@ -267,6 +270,8 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
 
     info = TraceInfo(model_class=type(model).__name__, user_leaves=user_leaves,
                      input_shape=default_input_shape(model))
+    if example_inputs is not None:  # they decide control flow and check the result: NaN would mislead both
+        require_finite(info.model_class, model, _as_tuple(example_inputs))
     shadow = _as_tuple(example_inputs) if example_inputs is not None else (
         (torch.randn(info.input_shape, generator=torch.Generator().manual_seed(0)),) if info.input_shape else None)
     try:
@@ -334,10 +339,12 @@ def _check_against_eager(model: nn.Module, gm: fx.GraphModule, example_inputs: A
     inputs = _as_tuple(example_inputs)
     with eval_mode(model), eval_mode(gm), torch.no_grad(), example_run(type(model).__name__, inputs):
         ref, out = model(*inputs), gm(*inputs)
-    ref_t = [t for t in torch.utils._pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
-    out_t = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-    if len(ref_t) != len(out_t) or any(not torch.equal(r, o) for r, o in zip(ref_t, out_t)):
-        raise TraceError(f"traced {type(model).__name__} does not reproduce the eager model's outputs on the "
-                         f"example inputs; the model has input-dependent control flow that tracing froze")
+    if outputs_match(ref, out):
+        return
+    overflow = overflow_error(type(model).__name__, model, ref, out)
+    if overflow is not None:
+        raise overflow
+    raise TraceError(f"traced {type(model).__name__} does not reproduce the eager model's outputs on the "
+                     f"example inputs; the model has input-dependent control flow that tracing froze")
 
 

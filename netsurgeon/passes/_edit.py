@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..graph.running import eval_mode, example_run
+from ..graph.running import propagate_shapes
 
 if TYPE_CHECKING:
     from ..report import PassRecord
@@ -65,10 +65,7 @@ def shapes_from(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | N
     """Output shape of every tensor-valued node, from one eval-mode run (empty without inputs)."""
     if example_inputs is None:
         return {}
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    with eval_mode(gm), torch.no_grad(), example_run(gm.__class__.__name__, example_inputs):
-        ShapeProp(gm).propagate(*example_inputs)
+    propagate_shapes(gm, example_inputs)
     return {n.name: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
             if hasattr(n.meta.get("tensor_meta"), "shape")}
 

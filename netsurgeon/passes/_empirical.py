@@ -49,7 +49,8 @@ def measure_product_maps(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor,
     try:
         a = analyze(gm, example_inputs, empirical_batch=8)
     except UnsupportedNodeError as exc:
-        raise UnsupportedNodeError(f"products='empirical' measures the products on example inputs: {exc}") from None
+        raise UnsupportedNodeError(f"products='empirical' measures the products on example inputs: {exc}",
+                                   nodes=exc.nodes, details=exc.details) from None
     grid = np.asarray(a.grid)
     out = {}
     for name in names:
@@ -64,7 +65,7 @@ def measure_product_maps(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor,
         q_ratio = a.q(name) / a.q(first) if a.q(first) > 0 else 1.0
         if not (math.isfinite(q_ratio) and q_ratio > 0 and math.isfinite(slope)):
             raise UnsupportedNodeError(f"products='empirical': product {name} measured q ratio {q_ratio:.3g} and "
-                                       f"slope {slope:.3g}; no usable map")
+                                       f"slope {slope:.3g}; no usable map", nodes=[name])
         out[name] = ProductMap(float(q_ratio), float(slope), tuple(map(float, c_first[order])),
                                tuple(map(float, c_prod[order])))
     return out

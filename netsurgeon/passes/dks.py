@@ -94,10 +94,10 @@ def _sites(gm: fx.GraphModule, topo: Topology, ideal: IdealGraph) -> list[_Site]
             continue
         if spec.transform is not None:
             raise UnsupportedNodeError(f"activation {name} is already reshaped ({spec}); apply dks/tat once, to the "
-                                       f"original model")
+                                       f"original model", nodes=[name])
         if any(isinstance(v, tuple) for _, v in spec.params):
             raise UnsupportedNodeError(f"activation {name} ({spec.name}) has per-channel parameters; no single "
-                                       f"kernel map exists")
+                                       f"kernel map exists", nodes=[name])
         out.append(_Site(_node(gm, name), spec))
     return out
 
@@ -114,7 +114,7 @@ def _base_module(gm: fx.GraphModule, site: _Site) -> nn.Module:
     name = "leaky_relu" if site.spec.name == "prelu" else site.spec.name
     if name not in _MODULES:
         raise UnsupportedNodeError(f"activation {node.name} ({site.spec}): netsurgeon has no module for "
-                                   f"{site.spec.name} to reshape it")
+                                   f"{site.spec.name} to reshape it", nodes=[node.name])
     return _MODULES[name](**dict(site.spec.params))
 
 
@@ -269,6 +269,11 @@ class TAT(_Shaping):
         constants: dict[ActivationSpec, Transform] = {}
         derivation: dict[str, Any] = {"eta": float(self.eta), "tau": float(self.tau)}
         smooth = [s for s in sites if s.spec.name not in _LEAKY]
+        leaky = [s for s in sites if s.spec.name in _LEAKY]
+        if not smooth:
+            record.note(f"tau = {self.tau} unused: no smooth activation to shape (the leaky-ReLU family uses eta)")
+        if not leaky:
+            record.note(f"eta = {self.eta} unused: no activation of the leaky-ReLU family (smooth ones use tau)")
         if smooth:
             count, where = ideal.max_curvature_count()
             kappa = float(self.tau) / count
@@ -278,7 +283,6 @@ class TAT(_Shaping):
             derivation.update(kappa=kappa, curvature_argmax=where)
             record.note(f"tau = {self.tau}: local C''(1) target kappa = {kappa:.10g} (tau / {count:g}, reached by "
                         f"{where})")
-        leaky = [s for s in sites if s.spec.name in _LEAKY]
         if leaky:
             c_maps = {s.node.name: LocalMaps(transformed(_activation(s.spec), *constants[s.spec])).c_map
                       for s in smooth}
@@ -305,7 +309,8 @@ def _solve(site: _Site, solver: Callable[[Any], Transform], what: str) -> Transf
     try:
         return solver(_activation(site.spec))
     except (TransformError, ValueError) as exc:
-        raise UnsupportedNodeError(f"{what}: activation {site.node.name} ({site.spec}): {exc}") from None
+        raise UnsupportedNodeError(f"{what}: activation {site.node.name} ({site.spec}): {exc}",
+                                   nodes=[site.node.name]) from None
 
 
 def _solve_trelu(ideal: IdealGraph, leaky: set[str], c_maps: dict[str, Callable[[float], float]],

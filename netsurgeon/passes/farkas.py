@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .._validate import short_list
 from ..errors import UnsupportedNodeError
 from ..graph import META_KEY, Topology
 from ..graph.running import eval_mode
@@ -299,9 +300,10 @@ class _BlockMode:
             info = self.topo.graph.nodes[act.name]["info"] if not isinstance(act, str) else None
             if info is None or info.activation is None or info.activation.name not in _ONE_SIDED:
                 raise UnsupportedNodeError(f"farkas mode='block': block {b.merge}'s sum is not followed by a one-sided "
-                                           f"activation; use mode='layer'")
+                                           f"activation; use mode='layer'", nodes=[b.merge])
             if len(b.operands) != 2:
-                raise UnsupportedNodeError(f"farkas mode='block': block {b.merge} sums {len(b.operands)} terms")
+                raise UnsupportedNodeError(f"farkas mode='block': block {b.merge} sums {len(b.operands)} terms",
+                                           nodes=[b.merge])
             plans.append((b, add, act, self._branch_chain(b)))
         return plans
 
@@ -319,7 +321,7 @@ class _BlockMode:
                 or (node.op == "call_module" and type(self.gm.get_submodule(node.target)) is nn.Identity)
             if not ok or len(node.all_input_nodes) != 1:
                 raise UnsupportedNodeError(f"farkas mode='block': block {b.merge}'s branch does not end in a "
-                                           f"Linear/Conv (+ batch norm); found {node.name}")
+                                           f"Linear/Conv (+ batch norm); found {node.name}", nodes=[b.merge, node.name])
             node = node.all_input_nodes[0]
 
     def apply(self) -> None:
@@ -365,11 +367,12 @@ class _BlockMode:
                 elif kind is OpKind.RESHAPE and _is_flatten(user):
                     shape = self.topo.graph.nodes[node.name].get("shape")
                     if shape is None:
-                        raise UnsupportedNodeError(f"farkas: {user.name} flattens; pass example_inputs")
+                        raise UnsupportedNodeError(f"farkas: {user.name} flattens; pass example_inputs",
+                                                   nodes=[user.name])
                     stack.append((user, cols * math.prod(shape[2:])))
                 else:
                     raise UnsupportedNodeError(f"farkas mode='block': {act.name}'s output reaches {user.name}, "
-                                               f"which cannot take the extra channels")
+                                               f"which cannot take the extra channels", nodes=[user.name])
         for user, cols in out:
             m = self.gm.get_submodule(user.target)
             set_submodule(self.gm, user.target, _wrap_like(m, _widen_input(copy.deepcopy(m), cols, self.zero)))
@@ -395,8 +398,9 @@ def _check_runs(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...] | None, lay
         with eval_mode(gm), torch.no_grad():
             gm(*inputs)
     except Exception as exc:
-        raise UnsupportedNodeError(f"farkas: the model no longer runs after widening {', '.join(layers[:8])}"
-                                   f"{' ...' if len(layers) > 8 else ''}: {type(exc).__name__}: {exc}") from exc
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UnsupportedNodeError(f"farkas: the model no longer runs after widening {len(layers)} layer(s) "
+                                   f"({short_list(layers)}): {type(exc).__name__}: {first}", nodes=layers) from exc
 
 
 def _default_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...] | None:

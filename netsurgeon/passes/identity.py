@@ -28,6 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from .._validate import short_list
 from ..errors import UnsupportedNodeError
 from ..graph import Topology
 from ..kernels import get_activation
@@ -111,8 +112,8 @@ class IdentityResidual(Pass):
             bns = _batch_norms(topo)
             if bns:
                 raise UnsupportedNodeError(f"identity_residual mode={self.mode!r} needs a network without batch norm; "
-                                           f"run strip_bn (mode=remove) first. Batch norms: {', '.join(bns[:8])}"
-                                           f"{' ...' if len(bns) > 8 else ''}")
+                                           f"run strip_bn (mode=remove) first. {len(bns)} batch norm(s): "
+                                           f"{short_list(bns)}", nodes=bns)
         gen = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
         blocks = [b for b in topo.blocks if b.kind == "residual"]
         for b in topo.blocks:

@@ -98,7 +98,8 @@ def _layout(m: nn.Module, conv: str = "delta") -> tuple[str, int, int] | str:
     if (tuple(m.stride) == tuple(m.kernel_size) and no_pad and all(d == 1 for d in m.dilation)
             and type(m).__name__ != "Conv2dSame"):
         return "patch-orthogonal", rows, cols * math.prod(m.kernel_size)
-    return f"kernel {tuple(m.kernel_size)} has even sides and overlapping windows: no centre tap"
+    return (f"kernel {tuple(m.kernel_size)} has even sides and overlapping windows: no centre tap for "
+            f"conv='delta' (conv='full' initializes it)")
 
 
 def _fill(w: torch.Tensor, bias: torch.Tensor | None, groups: int, scheme: str, rows: int, cols: int,

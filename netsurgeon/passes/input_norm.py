@@ -10,7 +10,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..graph import Topology
+from ..errors import PassOptionError
+from ..graph import META_KEY, Topology
 from ..layers import LocationNorm
 from ..report import PassRecord, Preservation
 from .base import Pass, register_pass
@@ -28,7 +29,9 @@ class InputNorm(Pass):
     an RMS norm without gain, which the analysis maps to ``q = 1``, ``c`` unchanged.
 
     Args:
-        dim: the channel dimension of the inputs; ``-1`` for channels-last. Default: 1.
+        dim: the channel dimension of the inputs; ``-1`` for channels-last. An input that has
+            no such dimension (in its example, or the model's default input shape) is an error,
+            not a skip. Default: 1.
         eps: added to the per-location mean square; positive, so that an all-zero
             location gives 0 rather than 0/0. Default: 1e-6.
     """
@@ -53,6 +56,7 @@ class InputNorm(Pass):
             example = example_inputs[i] if example_inputs is not None and i < len(example_inputs) else None
             why = self._obstacle(node, topo, example)
             if why is None:
+                self._check_dim(gm, node, i, example, example_inputs is not None)
                 targets.append(node)
             else:
                 record.skip(node.name, why)
@@ -76,9 +80,22 @@ class InputNorm(Pass):
             return "already followed by a LocationNorm"
         if example is not None and not example.is_floating_point():
             return f"example input has dtype {example.dtype} (indices, not features)"
-        if example is not None and not -example.dim() <= self.dim < example.dim():
-            return f"example input of shape {tuple(example.shape)} has no dim {self.dim}"
         return None
+
+    def _check_dim(self, gm: fx.GraphModule, node: fx.Node, index: int, example: torch.Tensor | None,
+                   given: bool) -> None:
+        """Raise :class:`PassOptionError` when the input has no dimension ``dim``: the option cannot
+        apply, which skipping would hide (the norm would be missing, or fail at the first call)."""
+        if example is not None:
+            shape, source = tuple(example.shape), "example input"
+        else:
+            info = gm.meta.get(META_KEY, {}).get("trace")
+            shape = getattr(info, "input_shape", None) if index == 0 and not given else None
+            source = "default input shape"
+        if shape is not None and not -len(shape) <= self.dim < len(shape):
+            raise PassOptionError(f"{self.name}.dim={self.dim!r} does not apply to input {node.name!r}: its "
+                                  f"{source} {shape} has {len(shape)} dims, so dim must lie in "
+                                  f"[{-len(shape)}, {len(shape) - 1}]")
 
 
 def _free_attr(gm: nn.Module, name: str) -> str:
