@@ -163,3 +163,15 @@ def test_the_cli_entry_point_prints_no_traceback(tmp_path):
                            "--seed", str(1 << 80), "--out", str(tmp_path / "o")], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_a_long_refusal_is_one_line_and_verbose_lists_every_node(tmp_path, capsys):
+    args = ["convert", "resnet10t", "--passes", "tat,strip_bn", "--input-shape", SHAPE, "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    err = _one_line(capsys)
+    assert "more" in err and err.count("bn") < 12
+    assert main([*args, "--out", str(tmp_path / "o"), "--verbose"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    detail = [ln for ln in lines[1:] if ln.startswith("  ")]
+    assert lines[0] == err.strip() and len(detail) > 10  # one line a node: the full list
+    assert not (tmp_path / "o").exists()
