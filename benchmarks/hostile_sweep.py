@@ -33,6 +33,10 @@ SHAPE = "1,3,32,32"
 PY = sys.executable
 
 
+class Opaque:
+    """Any pickled object in a checkpoint."""
+
+
 @dataclass
 class Outcome:
     group: str
@@ -64,7 +68,7 @@ def one_line(p: subprocess.CompletedProcess, rc: int = 2) -> tuple[bool, str]:
     ok = (p.returncode == rc and len(lines) == 1 and "Traceback" not in p.stderr + p.stdout
           and "\x1b[" not in p.stderr)
     shown = lines[0] if len(lines) == 1 else f"{len(lines)} lines: {' | '.join(lines[:2])}"
-    return ok, f"exit {p.returncode}; {shown[:160]}"
+    return ok, f"exit {p.returncode}; {shown}"
 
 
 def hidden(d: Path) -> list[str]:
@@ -169,9 +173,9 @@ def clobber_cases(work: Path) -> list[Outcome]:
     race = work / "race"
     args = [PY, "-m", "netsurgeon", "convert", "resnet10t", "--passes", "strip_bn", "--input-shape", SHAPE,
             "--out", str(race), "--quiet"]
-    first = subprocess.Popen([*args, "--seed", "1"], stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen([*args, "--seed", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(0.2)
-    second = subprocess.Popen([*args, "--seed", "2"], stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen([*args, "--seed", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     codes = [first.wait(), second.wait()]
     errs = [first.stderr.read(), second.stderr.read()]
     seed = json.loads((race / "recipe.json").read_text())["seed"] if (race / "recipe.json").exists() else None
@@ -294,9 +298,6 @@ def error_cases(work: Path) -> list[Outcome]:
     torch.manual_seed(0)
     sd = timm.create_model("resnet10t").state_dict()
 
-    class Opaque:
-        pass
-
     torch.save({"state_dict": sd, "obj": Opaque()}, work / "pickled.pt")
     save_file({k: (v.round().long() if k == "conv1.0.weight" else v) for k, v in sd.items()}, work / "int.safetensors")
     save_file({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, work / "half.safetensors")
@@ -339,6 +340,11 @@ def error_cases(work: Path) -> list[Outcome]:
     return out
 
 
+def _cell(text: str, limit: int = 200) -> str:
+    text = text.replace("|", "/").replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="resnet50 for the kills, three moments")
@@ -358,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                 outcomes.append(o)
                 print(f"[{'held' if o.held else 'FAILED'}] {o.group}: {o.case}: {o.observed}", flush=True)
     rows = ["| group | case | expected | observed | held |", "|---|---|---|---|---|"]
-    rows += [f"| {o.group} | {o.case} | {o.expected} | {o.observed.replace('|', '/')} | {'yes' if o.held else '**no**'} |"
+    rows += [f"| {o.group} | {o.case} | {o.expected} | {_cell(o.observed)} | {'yes' if o.held else '**no**'} |"
              for o in outcomes]
     table = "\n".join(rows) + "\n"
     held = sum(o.held for o in outcomes)

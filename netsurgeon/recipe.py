@@ -153,9 +153,11 @@ def _check_model(model: Any, trust_code: bool) -> str:
         raise RecipeError(f"recipe field 'model' must be a non-empty string; got {model!r}")
     if ":" in model:
         if not trust_code:
-            raise UntrustedCodeError(f"recipe names the factory {model!r}: loading it would import and call code; "
-                                     f"refused (pass trust_code=True, CLI --trust-code, only if you trust where the "
-                                     f"recipe came from)")
+            what = ("the factory" if re.fullmatch(r"[A-Za-z_][\w.]*:[\w.]+", model) else
+                    "the model source")  # hf-hub:, local-dir: make timm download or read files
+            raise UntrustedCodeError(f"recipe names {what} {model!r}: loading it would import and call code or read "
+                                     f"files or the network; refused (pass trust_code=True, CLI --trust-code, only if "
+                                     f"you trust where the recipe came from)")
         return model
     if not _TIMM_NAME.fullmatch(model):
         raise RecipeError(f"recipe field 'model' must be a timm model name (letters, digits, '_', '.', '-') or, "
