@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 
 import netsurgeon
+from harness import publish
 
 WIDTH, DEPTH, BIAS_STD, C_IN = 512, 20, 0.1, 0.5
 MLP_ACTS: dict[str, Callable[[], nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
@@ -191,12 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.mlp_seeds = args.conv_seeds = 4
     report = run(args.mlp_seeds, args.conv_seeds)
-    print(report)
-    if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(report)
-        os.replace(tmp, args.out)
+    publish(report, args.out)
     return 0
 
 

@@ -8,7 +8,7 @@ Table 1, timm models (random weights) and a 1000-layer MLP:
 * ``measure``  -- the part of ``analyze`` spent measuring nodes without a kernel map
   (max pooling: locally on Gaussian fields; attention products: by running the network),
   timed by wrapping ``engine._measure_locally`` and ``engine._measure_nodes``;
-* ``propagate`` -- analyze minus measure (the rules of MATH.md §3).
+* ``propagate`` -- analyze minus measure (the rules of docs/theory.md §3).
 
 Table 2, MLPs ``Linear(256, 256) + act`` at depths 250, 500, 1000, 2000: analysis time
 per node, for tanh (2-D Gauss–Hermite kernel maps), ReLU (closed form) and GELU.
@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 
 import netsurgeon
+from harness import publish
 from netsurgeon.analysis import engine
 from netsurgeon.kernels import LocalMaps
 
@@ -226,12 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.repeats, args.models, args.depths = 1, ["resnet50"], [50, 100]
     report = run_c_maps(args.repeats) if args.cmap_only else run(args.models, args.depths, args.repeats)
-    print(report)
-    if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(report)
-        os.replace(tmp, args.out)
+    publish(report, args.out)
     return 0
 
 

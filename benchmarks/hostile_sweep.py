@@ -218,10 +218,27 @@ def _wait_for_writing(proc: subprocess.Popen) -> float:
     raise RuntimeError("the conversion ended before writing")
 
 
-def kill_cases(work: Path, model: str, moments: list[float]) -> list[Outcome]:
-    """SIGKILL at ``moments`` seconds after the write of ``model`` starts, plain and with --force."""
+def write_seconds(work: Path, model: str, shape: str) -> float:
+    """How long an unkilled conversion of ``model`` takes from its "writing" line to its exit."""
+    d = work / "timing"
+    d.mkdir()
+    proc = subprocess.Popen([PY, "-m", "netsurgeon", "convert", model, "--passes", "strip_bn", "--input-shape", shape,
+                             "--out", str(d / "out")], cwd=d, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True)
+    start = _wait_for_writing(proc)
+    proc.wait()
+    return time.monotonic() - start
+
+
+def kill_cases(work: Path, model: str, fractions: list[float]) -> list[Outcome]:
+    """SIGKILL at ``fractions`` of the measured write time of ``model`` after its write starts, plain
+    and while --force replaces an earlier output."""
     out = []
     shape = "1,3,224,224"
+    span = write_seconds(work, model, shape)
+    print(f"writing {model} takes {span:.2f} s here; kills at {', '.join(f'{f:.0%}' for f in fractions)} of it",
+          flush=True)
+    moments = [round(f * span, 2) for f in fractions]
     for force in (False, True):
         for t in moments:
             d = work / f"kill-{'force' if force else 'new'}-{t}"
@@ -258,7 +275,7 @@ def kill_cases(work: Path, model: str, moments: list[float]) -> list[Outcome]:
             held = whole and old_back and clean and rerun.returncode in (0, 2) and (rerun.returncode == 0 or force
                                                                                     or verdict.startswith("whole"))
             which = ("old" if old_sha and old_sha in verdict else "new" if verdict.startswith("whole") else verdict)
-            out.append(Outcome("kill", f"SIGKILL {t:.1f} s into writing {model}{' over an old output (--force)' if force else ''}",
+            out.append(Outcome("kill", f"SIGKILL {t:.2f} s into writing {model}{' over an old output (--force)' if force else ''}",
                                "output absent or whole; next run recovers, says so, leaves no temporary",
                                f"after kill: {after_kill} ({which}), {leftovers} hidden; next run exit "
                                f"{rerun.returncode}, {len(notes)} note(s): {'; '.join(n[18:70] for n in notes)}",
@@ -281,7 +298,7 @@ def error_cases(work: Path) -> list[Outcome]:
                                              "1,3,100000,100000", "--out", "o2"], "elements"),
         ("--out name of 300 bytes", ["convert", "resnet10t", "--passes", "strip_bn", "--out", "n" * 300], "bytes long"),
         ("inspect --input-shape 1,3,32", ["inspect", "resnet10t", "--input-shape", "1,3,32", "--quiet"], ""),
-        ("--passes tat,strip_bn (22 blocking nodes)", ["convert", "resnet10t", "--passes", "tat,strip_bn",
+        ("--passes tat,strip_bn (15 blocking nodes)", ["convert", "resnet10t", "--passes", "tat,strip_bn",
                                                        "--input-shape", SHAPE, "--out", "o3", "--quiet"], "more"),
         ("--set input_norm.dim=7 on a 4-D input", ["convert", "resnet10t", "--passes", "input_norm", "--set",
                                                    "input_norm.dim=7", "--input-shape", SHAPE, "--out", "o4",
@@ -348,18 +365,20 @@ def _cell(text: str, limit: int = 200) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="resnet50 for the kills, three moments")
+    parser.add_argument("--only-kills", action="store_true", help="run the kill cases alone")
     parser.add_argument("--json", help="write the outcomes here")
     parser.add_argument("--markdown", help="write the table here")
     args = parser.parse_args(argv)
-    model, moments = ("resnet50", [0.0, 0.2, 0.5]) if args.quick else (
-        "vit_large_patch16_224", [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0])
+    model, fractions = ("resnet50", [0.0, 0.5, 0.9]) if args.quick else (
+        "vit_large_patch16_224", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="ns-sweep-") as tmp:
         work = Path(tmp)
         base = work / "base"
         assert convert(work, str(base)).returncode == 0
-        for group in (lambda: trust_cases(work, base), lambda: recipe_cases(work, base), lambda: clobber_cases(work),
-                      lambda: error_cases(work), lambda: kill_cases(work, model, moments)):
+        groups = [lambda: trust_cases(work, base), lambda: recipe_cases(work, base), lambda: clobber_cases(work),
+                  lambda: error_cases(work)]
+        for group in ([] if args.only_kills else groups) + [lambda: kill_cases(work, model, fractions)]:
             for o in group():
                 outcomes.append(o)
                 print(f"[{'held' if o.held else 'FAILED'}] {o.group}: {o.case}: {o.observed}", flush=True)
@@ -373,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.markdown).write_text(table)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"model": model, "moments": moments, "held": held,
+        Path(args.json).write_text(json.dumps({"model": model, "fractions": fractions, "held": held,
                                                "cases": [asdict(o) for o in outcomes]}, indent=2) + "\n")
     return 0 if held == len(outcomes) else 1
 

@@ -1,7 +1,7 @@
 """Layer-wise second-order training, modulus units and TAT on Fashion-MNIST (issue 7 §3).
 
 Implements the benchmark of "On the importance of consistency in training deep neural
-networks" (Ye et al. 2017, arXiv:1708.00631; MATH.md §8) for ``netsurgeon.optim.LayerwiseLM``:
+networks" (Ye et al. 2017, arXiv:1708.00631; docs/theory.md §8) for ``netsurgeon.optim.LayerwiseLM``:
 every Linear/Conv weight steps along ``G (A + λ·tr(A)/n·I)^(-1)``, ``A`` a moving average of
 the layer input's second moments.
 
@@ -31,7 +31,7 @@ images evaluated after the last step. Constant learning rate, cross-entropy. Eve
 learning rate of the grid runs with every seed. The target training loss is fixed per part
 (``DEFAULT_PARTS``, placed by a pilot on seed 0 to be reachable by the best first-order run
 within the budget) and the same for every configuration and optimizer; "steps to target"
-is ``bench.steps_to_loss`` (first step whose smoothed loss, EMA 0.9 bias-corrected, is at or
+is ``harness.steps_to_loss`` (first step whose smoothed loss, EMA 0.9 bias-corrected, is at or
 below the target). The selected lr of a (configuration, optimizer) is the one where the
 most seeds reach the target, then the fewest mean steps (a seed that misses counts as the
 budget + 1), then the lowest final loss. A mean number of steps is reported only when every
@@ -61,10 +61,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import importlib.util
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,9 +74,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import netsurgeon
-from netsurgeon.bench import (RunResult, environment, plot_curves,
-                              save_json, steps_to_loss, torch_threads, train_run, write_table_md)
-from netsurgeon.data import load_splits
+import train_deep
+from harness import (RunResult, add_output_args, command_line, environment, log, lr_grid_text, machine_text,
+                     new_parser, output_paths, plot_curves, run_record, save_json, steps_to_loss, torch_threads,
+                     train_run, write_table_md)
+from harness.data import load_splits
+from harness.optimizers import LM_OPTIONS, optimizer_spec
+from harness.stats import mean_sd
+from harness.sweeps import seeds_cell
 from netsurgeon.optim import LayerwiseLM
 
 __all__ = ["PARTS", "Part", "DEFAULT_PARTS", "QUICK_PARTS", "LM_OPTIONS", "COST_LM", "build_mlp", "make_model_fn",
@@ -89,19 +92,6 @@ FIRST_ORDER = ("sgd", "adam")
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "figures" / "train_consistency"
 
 
-def _train_deep() -> Any:
-    """``benchmarks/train_deep.py`` as a module (part c uses its network builder; every part
-    its ``LM_OPTIONS`` and ``optimizer_spec``)."""
-    if "train_deep" in sys.modules:
-        return sys.modules["train_deep"]
-    spec = importlib.util.spec_from_file_location("train_deep", Path(__file__).with_name("train_deep.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_deep"] = module  # its dataclasses need it
-    spec.loader.exec_module(module)
-    return module
-
-
-LM_OPTIONS: dict[str, Any] = _train_deep().LM_OPTIONS  # one definition, in train_deep.py
 COST_LM: dict[str, Any] = dict(LM_OPTIONS, chunk_size=128, subsample=0.25)
 COST_GOAL = 1.5  # LayerwiseLM step / SGD step on resnet18
 
@@ -161,9 +151,10 @@ def build_mlp(depth: int, width: int, act: Callable[[], nn.Module] = nn.ReLU) ->
 
 
 def make_model_fn(part: str, config: str) -> Callable[[int], nn.Module]:
-    """``seed -> model`` for ``bench.train_run`` (called under the seeded RNG)."""
+    """``seed -> model`` for ``harness.train_run`` (called under the seeded RNG); part c's is
+    ``train_deep.make_model_fn`` of the MLP family."""
     if part == "c":
-        return _train_deep().make_model_fn("mlp", config)
+        return train_deep.make_model_fn("mlp", config)
     depth, width = (20, 256) if part == "a" else (50, 32)
 
     def build(seed: int) -> nn.Module:
@@ -193,7 +184,7 @@ def run_part(part: Part, seeds: Sequence[int], log: Callable[[str], None] = prin
             out[config][opt] = {}
             for lr in part.lrs[opt][config]:
                 start = time.perf_counter()
-                runs = [train_run(fn, data, optimizer=_train_deep().optimizer_spec(opt), lr=lr, steps=part.steps,
+                runs = [train_run(fn, data, optimizer=optimizer_spec(opt), lr=lr, steps=part.steps,
                                   batch_size=part.batch_size, seed=s, eval_every=None) for s in seeds]
                 out[config][opt][lr] = runs
                 reach = [steps_to_loss(r, part.target) for r in runs]
@@ -216,13 +207,6 @@ def select_lr(by_lr: dict[float, list[RunResult]], part: Part) -> float:
     return min(by_lr, key=lambda lr: _lr_key(by_lr[lr], part))
 
 
-def _mean_sd(values: Sequence[float | None], fmt: str) -> str:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return "–"
-    return f"{np.mean(vals):{fmt}}" + (f" ± {np.std(vals, ddof=1):{fmt}}" if len(vals) > 1 else "")
-
-
 def part_rows(part: Part, results: dict[str, dict[str, dict[float, list[RunResult]]]]) -> list[dict[str, Any]]:
     """One row per (configuration, optimizer) at its selected lr; keys starting with _ are data."""
     rows = []
@@ -234,15 +218,14 @@ def part_rows(part: Part, results: dict[str, dict[str, dict[float, list[RunResul
             all_in = all(n is not None for n in reach)
             times = [sum(r.step_time_s[:n]) for r, n in zip(runs, reach) if n is not None]
             edge = len(by_lr) > 1 and lr in (min(by_lr), max(by_lr))
-            div = sum(r.diverged for r in runs)
             rows.append({
                 "configuration": config, "optimizer": opt, "lr": f"{lr:g}" + (" (edge)" if edge else ""),
-                "seeds": f"{len(runs)}" + (f" ({div} diverged)" if div else ""),
+                "seeds": seeds_cell(runs),
                 "steps to target (per seed)": ", ".join("–" if n is None else str(n) for n in reach),
                 "mean steps": f"{np.mean(reach):.0f}" if all_in else f"not reached ({len(times)}/{len(runs)})",
                 "time to target (s)": f"{np.mean(times):.1f}" if all_in else "–",
-                f"train loss @{part.steps}": _mean_sd([r.final_train_loss for r in runs], ".4f"),
-                "test acc": _mean_sd([r.final_test_acc for r in runs], ".4f"),
+                f"train loss @{part.steps}": mean_sd([r.final_train_loss for r in runs], ".4f"),
+                "test acc": mean_sd([r.final_test_acc for r in runs], ".4f"),
                 "ms/step": f"{1e3 * np.median([r.median_step_time_s for r in runs]):.1f}",
                 "_lr": lr, "_reach": reach, "_mean_steps": float(np.mean(reach)) if all_in else None,
                 "_time_to_target": float(np.mean(times)) if all_in else None,
@@ -262,7 +245,7 @@ def grid_rows(part: Part, results: dict[str, dict[str, dict[float, list[RunResul
                 rows.append({"configuration": config, "optimizer": opt, "lr": lr,
                              "reached": f"{sum(n is not None for n in reach)}/{len(runs)}",
                              "steps (per seed)": ", ".join("–" if n is None else str(n) for n in reach),
-                             "final train loss": _mean_sd([r.final_train_loss for r in ok], ".4f"),
+                             "final train loss": mean_sd([r.final_train_loss for r in ok], ".4f"),
                              "diverged": len(runs) - len(ok), "selected": lr == best})
     return rows
 
@@ -375,30 +358,20 @@ def goal_check(rows: dict[str, list[dict[str, Any]]], cost: dict[str, Any] | Non
 
 # ====================================================================== records
 def _run_dict(r: RunResult, target: float) -> dict[str, Any]:
-    """A compact record of one run (the loss curve rounded to 5 significant digits)."""
-    return {"lr": r.lr, "seed": r.seed, "steps_done": r.steps_done, "diverged": r.diverged,
-            "diverged_at": r.diverged_at, "steps_to_target": steps_to_loss(r, target),
-            "final_train_loss": r.final_train_loss, "final_test_acc": r.final_test_acc,
-            "median_step_time_s": r.median_step_time_s, "wall_time_s": r.wall_time_s, "num_params": r.num_params,
-            "train_loss": [float(f"{v:.5g}") for v in r.train_loss]}
+    """A compact record of one run (:func:`harness.run_record`, no evaluations) with its steps to ``target``."""
+    return run_record(r, {"steps_to_target": steps_to_loss(r, target)}, evals=False)
 
 
 def _grid_text(part: Part) -> str:
-    texts = []
-    for opt, by_c in part.lrs.items():
-        grids = {c: "[" + ", ".join(f"{v:g}" for v in g) + "]" for c, g in by_c.items()}
-        texts.append(f"{opt} " + (next(iter(grids.values())) if len(set(grids.values())) == 1 else
-                                  ", ".join(f"{c} {g}" for c, g in grids.items())))
-    return "; ".join(texts)
+    return "; ".join(f"{opt} {lr_grid_text(by_c)}" for opt, by_c in part.lrs.items())
 
 
 def _markdown(parts: dict[str, Part], rows: dict[str, list[dict[str, Any]]], grids: dict[str, list[dict[str, Any]]],
               cost: dict[str, Any] | None, checks: list[dict[str, Any]], args: argparse.Namespace,
               env: dict[str, Any], figures: dict[str, Path], md_dir: Path, wall: dict[str, float]) -> str:
     lines = [f"Command: `{args.command}`  ",
-             f"Machine: {env['cpu']}, {env['cpu_count']} CPU cores, torch {env['torch']} with {env['torch_threads']} "
-             f"thread(s), nice {env['nice']}. Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in wall.items())
-             + ".  ", "LayerwiseLM (parts a-c): " + ", ".join(f"{k}={v}" for k, v in LM_OPTIONS.items()) + ".", ""]
+             f"{machine_text(env)}. Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in wall.items()) + ".  ",
+             "LayerwiseLM (parts a-c): " + ", ".join(f"{k}={v}" for k, v in LM_OPTIONS.items()) + ".", ""]
     for key, part_rows_ in rows.items():
         p = parts[key]
         n_train = "all 60000" if p.train_subset is None else f"{p.train_subset}"
@@ -430,8 +403,7 @@ def _markdown(parts: dict[str, Part], rows: dict[str, list[dict[str, Any]]], gri
 
 # ====================================================================== CLI
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = new_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="smoke run: 5 steps of batch 16 on 256 images, 1 seed, "
                    "1 lr per optimizer, a tiny cost measurement")
     p.add_argument("--parts", nargs="+", choices=PARTS + ("cost",), default=list(PARTS) + ["cost"])
@@ -445,9 +417,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cost-size", type=int, help="resnet18 input size for the cost (default 224, ResNet-18's "
                    "training size; --quick 32)")
     p.add_argument("--cost-rounds", type=int, help="timed blocks per optimizer (default 3; --quick 1)")
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
-    p.add_argument("--md-out", type=Path, help="Markdown file (default OUT_DIR/train_consistency.md)")
+    add_output_args(p, DEFAULT_OUT, "train_consistency.md")
     args = p.parse_args(argv)
     args.seeds = args.seeds or (1 if args.quick else 3)
     if args.seeds < 1 or args.threads < 1:
@@ -466,8 +436,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args.cost_size = args.cost_size or (32 if args.quick else 224)
     args.cost_batch = args.cost_batch or (4 if args.quick else 16)
     args.cost_rounds = args.cost_rounds or (1 if args.quick else 3)
-    args.command = "python benchmarks/train_consistency.py" + ("" if argv is None and len(sys.argv) < 2 else
-                                                               " " + " ".join(sys.argv[1:] if argv is None else argv))
+    args.command = command_line("train_consistency.py", argv)
     return args
 
 
@@ -484,9 +453,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:
-    out_dir: Path = args.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md_path: Path = args.md_out or out_dir / "train_consistency.md"
+    out_dir, md_path = output_paths(args, "train_consistency.md")
     md_path.parent.mkdir(parents=True, exist_ok=True)
     env = environment(args.threads)
     seeds = list(range(args.seeds))
@@ -498,7 +465,6 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     record: dict[str, Any] = {"command": args.command, "environment": env, "seeds": seeds, "lm_options": LM_OPTIONS,
                               "parts": {}, "cost": None, "goal_check": [], "partial": True}
     cost = None
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     json_path = out_dir / "train_consistency.json"
 
     def write() -> str:

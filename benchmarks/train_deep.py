@@ -8,12 +8,12 @@ Four configurations of one deep network are trained with the same step budget:
   PyTorch's default init, ReLU;
 * ``vanilla+dks`` -- the vanilla chain with tanh, then
   ``netsurgeon.transform(net, ["input_norm", "orthogonal_init", ("dks", {"zeta": 1.5})])``
-  (Deep Kernel Shaping, Martens et al. 2021, arXiv:2110.01765; MATH.md §4). DKS is run on
-  tanh because it works poorly with ReLU (MATH.md §4: ReLU's map stays degenerate);
+  (Deep Kernel Shaping, Martens et al. 2021, arXiv:2110.01765; docs/theory.md §4). DKS is run on
+  tanh because it works poorly with ReLU (docs/theory.md §4.2: ReLU's map stays degenerate);
 * ``vanilla+tat`` -- the vanilla ReLU chain, then
   ``transform(net, ["input_norm", "orthogonal_init", ("tat", {"eta": 0.9})])``, which
   turns every ReLU into TAT's tailored leaky ReLU "TReLU" (Zhang et al. 2022,
-  arXiv:2203.08120; MATH.md §5).
+  arXiv:2203.08120; docs/theory.md §5).
 
 Two network families: ``mlp``, a 50-layer MLP of width 256 on Fashion-MNIST (flattened to
 784 features; 784->256, 48 x 256->256, 256->10), and ``conv``, a 21-conv-layer CNN on the
@@ -35,7 +35,7 @@ grid for all) with the first ``--select-seeds`` seeds (default 1) and chosen by 
 training loss over the last 5% of the first ``S`` steps among the learning rates whose
 runs did not diverge; the remaining seeds then run at that learning rate only. Goal
 check: the target is the reference's mean (over seeds) smoothed training loss at step
-``S``; ``bench.steps_to_loss`` on the mean smoothed curve gives the first step each
+``S``; ``harness.steps_to_loss`` on the mean smoothed curve gives the first step each
 configuration reaches it, and the ratio to the reference's own step count is reported
 (goal: <= 1.5).
 
@@ -61,7 +61,6 @@ import argparse
 import dataclasses
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,10 +71,13 @@ import torch
 import torch.nn as nn
 
 import netsurgeon
-from netsurgeon.bench import (ModelOptimizer, RunResult, environment, lr_sweep, plot_curves,
-                              save_json, steps_to_loss, torch_threads, train_run, write_table_md)
-from netsurgeon.data import load_splits
-from netsurgeon.optim import LayerwiseLM
+from harness import (RunResult, add_output_args, command_line, environment, log, lr_grid_text, lr_sweep, machine_text,
+                     new_parser, output_paths, plot_curves, run_record, save_json, steps_to_loss, subset_text,
+                     torch_threads, train_run, write_table_md)
+from harness.data import load_splits
+from harness.optimizers import LM_OPTIONS, optimizer_spec
+from harness.stats import mean_sd
+from harness.sweeps import lr_cell, seeds_cell, selected_curves
 
 __all__ = ["CONFIGS", "FAMILIES", "LM_OPTIONS", "optimizer_spec", "FamilyBudget", "Shaping", "ConfigResult", "build_network", "make_model_fn",
            "run_family", "goal_rows", "summary_rows", "main"]
@@ -83,10 +85,7 @@ __all__ = ["CONFIGS", "FAMILIES", "LM_OPTIONS", "optimizer_spec", "FamilyBudget"
 CONFIGS = ("reference", "vanilla", "vanilla+dks", "vanilla+tat")
 FAMILIES = ("mlp", "conv")
 OPTIMIZERS = ("sgd", "adam")          # the default; "lm" (LayerwiseLM) is opt-in
-OPTIMIZER_CHOICES = OPTIMIZERS + ("lm",)
-# LayerwiseLM's options (netsurgeon.optim, issue 7); train_consistency.py uses these too.
-LM_OPTIONS: dict[str, Any] = dict(momentum=0.9, damping=0.1, ema=0.95, update_every=10, subsample=1.0,
-                                  chunk_size=None)
+OPTIMIZER_CHOICES = OPTIMIZERS + ("lm",)  # lm: LayerwiseLM with harness.optimizers.LM_OPTIONS (issue 7)
 ACTIVATION = {"reference": "relu", "vanilla": "relu", "vanilla+dks": "tanh", "vanilla+tat": "relu"}
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "figures" / "train_deep"
 
@@ -94,7 +93,7 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "figures" / "train_
 @dataclass(frozen=True)
 class Shaping:
     """The options of the transformed configurations: ``dks``'s zeta, ``tat``'s eta (their
-    defaults, MATH.md §4-§5) and ``orthogonal_init``'s conv scheme ("delta" or "full")."""
+    defaults, docs/theory.md §4-§5) and ``orthogonal_init``'s conv scheme ("delta" or "full")."""
 
     zeta: float = 1.5
     eta: float = 0.9
@@ -230,7 +229,7 @@ def _passes(config: str, seed: int, shaping: Shaping = Shaping()) -> list[Any]:
 
 def make_model_fn(family: str, config: str, shaping: Shaping = Shaping(),
                   conv_widths: Sequence[int] = CONV_WIDTHS) -> Callable[[int], nn.Module]:
-    """``seed -> model`` for ``bench.train_run`` (called under the seeded RNG)."""
+    """``seed -> model`` for ``harness.train_run`` (called under the seeded RNG)."""
     input_shape = (784,) if family == "mlp" else (3, 32, 32)
 
     def build(seed: int) -> nn.Module:
@@ -298,14 +297,6 @@ def _select(sweep_runs: dict[float, list[RunResult]], steps: int) -> tuple[dict[
     return scores, (min(eligible, key=lambda lr: scores[lr]) if eligible else None)
 
 
-def optimizer_spec(name: str) -> str | ModelOptimizer:
-    """What ``bench.train_run`` takes for ``name``: "sgd" and "adam" as they are, "lm" as
-    :class:`~netsurgeon.optim.LayerwiseLM` with ``LM_OPTIONS``."""
-    if name == "lm":
-        return ModelOptimizer(lambda model, lr: LayerwiseLM(model, lr=lr, **LM_OPTIONS), "lm")
-    return name
-
-
 def run_config(family: str, config: str, optimizer: str, data: tuple[torch.Tensor, ...], budget: FamilyBudget,
                seeds: Sequence[int], select_seeds: int, goal_factor: float,
                shaping: Shaping = Shaping(), conv_widths: Sequence[int] = CONV_WIDTHS) -> ConfigResult:
@@ -351,20 +342,12 @@ def run_family(family: str, budget: FamilyBudget, configs: Sequence[str], seeds:
 
 
 # ====================================================================== summaries
-def _mean_sd(values: Sequence[float | None], fmt: str) -> str:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return "–"
-    sd = f" ± {np.std(vals, ddof=1):{fmt}}" if len(vals) > 1 else ""
-    return f"{np.mean(vals):{fmt}}{sd}"
-
-
 def goal_rows(results: dict[str, ConfigResult], goal_factor: float) -> dict[str, dict[str, Any]]:
     """Steps to the reference's final smoothed loss, per configuration of one optimizer.
 
     The target is the reference's mean smoothed training loss at its last step ``S``;
     ``ratio`` is a configuration's first step at or below it (mean smoothed curve,
-    ``bench.steps_to_loss``) divided by the reference's own first step there.
+    ``harness.steps_to_loss``) divided by the reference's own first step there.
     """
     ref = results.get("reference")
     ref_curve = mean_curve(ref.runs) if ref is not None else None
@@ -389,17 +372,15 @@ def summary_rows(results: dict[str, dict[str, ConfigResult]], goal_factor: float
         goals = goal_rows(by_config, goal_factor)
         for config, res in by_config.items():
             g = goals[config]
-            diverged = sum(r.diverged for r in res.runs)
-            lr = "all diverged" if res.best_lr is None else f"{res.best_lr:g}" + (" (edge)" if res.best_at_edge else "")
             if g["steps_to_target"] is not None:
                 reach = f"{g['steps_to_target']} ({g['ratio']:.2f}x)"
             else:
                 reach = f"not in {res.total_steps}" if res.runs else "–"
             rows.append({
-                "optimizer": opt, "configuration": config, "activation": ACTIVATION[config], "lr": lr,
-                "seeds": f"{len(res.runs)}" + (f" ({diverged} diverged)" if diverged else ""),
-                f"train loss @{res.steps}": _mean_sd([loss_at(r, res.steps) for r in res.runs], ".4f"),
-                f"test acc @{res.steps}": _mean_sd([acc_at(r, res.steps) for r in res.runs], ".4f"),
+                "optimizer": opt, "configuration": config, "activation": ACTIVATION[config],
+                "lr": lr_cell(res.best_lr, res.best_at_edge), "seeds": seeds_cell(res.runs),
+                f"train loss @{res.steps}": mean_sd([loss_at(r, res.steps) for r in res.runs], ".4f"),
+                f"test acc @{res.steps}": mean_sd([acc_at(r, res.steps) for r in res.runs], ".4f"),
                 "steps to ref. loss (ratio)": reach,
                 f"≤ {goal_factor:g}x": {None: "–", True: "yes", False: "no"}[g["goal_met"]],
                 "_goal": g, "_losses": [loss_at(r, res.steps) for r in res.runs],
@@ -408,45 +389,31 @@ def summary_rows(results: dict[str, dict[str, ConfigResult]], goal_factor: float
 
 
 def _run_dict(r: RunResult, steps: int) -> dict[str, Any]:
-    """A compact record of one run (the curve rounded to 5 significant digits)."""
-    return {"lr": r.lr, "seed": r.seed, "steps_done": r.steps_done, "diverged": r.diverged,
-            "diverged_at": r.diverged_at, "loss_at_S": loss_at(r, steps), "test_acc_at_S": acc_at(r, steps),
-            "final_train_loss": r.final_train_loss, "final_test_acc": r.final_test_acc,
-            "eval_steps": r.eval_steps, "test_acc": r.test_acc, "test_loss": r.test_loss,
-            "median_step_time_s": r.median_step_time_s, "wall_time_s": r.wall_time_s, "num_params": r.num_params,
-            "train_loss": [float(f"{v:.5g}") for v in r.train_loss]}
+    """A compact record of one run (:func:`harness.run_record`) with its loss and accuracy at ``steps``."""
+    return run_record(r, {"loss_at_S": loss_at(r, steps), "test_acc_at_S": acc_at(r, steps)})
 
 
 def _environment(threads: int) -> dict[str, Any]:
     return {**environment(threads), "passes": netsurgeon.list_passes()}
 
 
-def _grid_text(grids: dict[str, tuple[float, ...]]) -> str:
-    """``[a, b, c] (all)`` or ``config [a, b, c], ...``."""
-    text = {c: "[" + ", ".join(f"{v:g}" for v in g) + "]" for c, g in grids.items()}
-    return f"{text[next(iter(text))]} (all)" if len(set(text.values())) == 1 else ", ".join(
-        f"{c} {t}" for c, t in text.items())
-
-
 def _markdown(all_rows: dict[str, list[dict[str, Any]]], budgets: dict[str, FamilyBudget], args: argparse.Namespace,
               env: dict[str, Any], figures: dict[str, list[Path]], md_dir: Path, wall: dict[str, float]) -> str:
     seeds = args.seeds
     lines = [f"Command: `{args.command}`  ",
-             f"Machine: {env['cpu']}, {env['cpu_count']} CPU cores, torch {env['torch']} with "
-             f"{env['torch_threads']} thread(s), nice {env['nice']}. Wall time: "
-             + ", ".join(f"{f} {wall[f] / 60:.1f} min" for f in wall) + ".", ""]
+             f"{machine_text(env)}. Wall time: " + ", ".join(f"{f} {wall[f] / 60:.1f} min" for f in wall) + ".", ""]
     for family, rows in all_rows.items():
         b = budgets[family]
         data = ("Fashion-MNIST, flattened to 784 features" if family == "mlp"
                 else "CIFAR-10 subset (32x32x3)")
         net = (f"{MLP_DEPTH}-layer MLP of width {MLP_WIDTH}" if family == "mlp" else
                f"{1 + 2 * sum(CONV_BLOCKS)}-conv CNN, widths {'/'.join(map(str, args.conv_widths))}")
-        n_train = "all" if b.train_subset is None else f"a fixed random subset of {b.train_subset}"
-        n_test = "all" if b.test_subset is None else f"a fixed random subset of {b.test_subset}"
+        n_train, n_test = subset_text(b.train_subset), subset_text(b.test_subset)
         lines += [f"### {family}: {net} on {data}", "",
                   f"S = {b.steps} steps for the reference, {math.ceil(args.goal_factor * b.steps)} for the others; "
                   f"batch {b.batch_size}; training images: {n_train}; test images: {n_test}. "
-                  "lr grids: " + "; ".join(f"{_OPT_NAMES[o]} {_grid_text(b.lrs[o])}" for o in args.optimizers)
+                  "lr grids: "
+                  + "; ".join(f"{_OPT_NAMES[o]} {lr_grid_text(b.lrs[o], ' (all)')}" for o in args.optimizers)
                   + "; swept on "
                   f"{args.select_seeds} seed(s), selected by training loss at S; "
                   f"{seeds} seed(s) at the selected lr; dks zeta {args.zeta:g}, tat eta {args.eta:g}, "
@@ -466,8 +433,7 @@ def _markdown(all_rows: dict[str, list[dict[str, Any]]], budgets: dict[str, Fami
 
 # ====================================================================== CLI
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = new_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="smoke run: 4 steps, batch 16, 256 train / 128 test images, 1 seed, 1 lr")
     p.add_argument("--only", choices=FAMILIES, help="run one family only")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="configurations to run")
@@ -493,9 +459,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--train-subset", type=int, help="use a fixed random subset of the training images")
     p.add_argument("--test-subset", type=int, help="use a fixed random subset of the test images")
     p.add_argument("--goal-factor", type=float, default=1.5, help="others train this many times S (default 1.5)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
-    p.add_argument("--md-out", type=Path, help="Markdown file (default OUT_DIR/train_deep.md)")
+    add_output_args(p, DEFAULT_OUT, "train_deep.md", threads=2)
     args = p.parse_args(argv)
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.select_seeds = min(args.select_seeds, args.seeds)
@@ -505,8 +469,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"need --zeta > 1 and 0 < --eta < 1 (got --zeta {args.zeta:g}, --eta {args.eta:g})")
     if min(args.conv_widths) < 1:
         p.error(f"--conv-widths must be positive, got {args.conv_widths}")
-    args.command = "python benchmarks/train_deep.py" + ("" if argv is None and len(sys.argv) < 2 else
-                                                         " " + " ".join(sys.argv[1:] if argv is None else argv))
+    args.command = command_line("train_deep.py", argv)
     return args
 
 
@@ -531,9 +494,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:
-    out_dir: Path = args.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md_path: Path = args.md_out or out_dir / "train_deep.md"
+    out_dir, md_path = output_paths(args, "train_deep.md")
     env = _environment(args.threads)
     seeds = list(range(args.seeds))
     families = [args.only] if args.only else list(FAMILIES)
@@ -542,15 +503,13 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     for family in families:
         start = time.perf_counter()
         results = run_family(family, budgets[family], args.configs, seeds, args.select_seeds, args.goal_factor,
-                             log=lambda s: print(s, file=sys.stderr, flush=True), optimizers=args.optimizers,
+                             log=log, optimizers=args.optimizers,
                              shaping=Shaping(args.zeta, args.eta, args.conv_init), conv_widths=args.conv_widths)
         wall[family] = time.perf_counter() - start
         all_rows[family] = summary_rows(results, args.goal_factor)
         figures[family] = []
         for opt, by_config in results.items():
-            label = {c: f"{c}, lr {r.best_lr:g}" for c, r in by_config.items() if r.best_lr is not None}
-            path = plot_curves({label[c]: r.runs for c, r in by_config.items() if c in label},
-                               out_dir / f"{family}_{opt}.png",
+            path = plot_curves(selected_curves(by_config), out_dir / f"{family}_{opt}.png",
                                f"{family} / {opt}: reference {budgets[family].steps} steps, others "
                                f"{math.ceil(args.goal_factor * budgets[family].steps)}")
             figures[family].append(path)

@@ -1,7 +1,7 @@
 """Farkas rows on a small ResNet-18-style network on the CIFAR-10 subset (issue 5 §3).
 
 Farkas layers (Pooladian, Finlay & Oberman, "Farkas layers: don't shift the data, fix the
-geometry", arXiv:1910.02840; MATH.md §6) append to a layer one computed unit
+geometry", arXiv:1910.02840; docs/theory.md §6) append to a layer one computed unit
 ``z_F = -mean(z) + b_F`` so that a ReLU layer is never entirely dead. The paper reports
 that they help most when batch norm is removed. Four configurations, same budget and
 learning-rate grid:
@@ -46,9 +46,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,9 +58,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import netsurgeon
-from netsurgeon.bench import (RunResult, add_sweep_args, environment, finish_sweep_args, lr_sweep, plot_accuracy,
-                              plot_curves, run_record, save_json, torch_threads, train_run, write_table_md)
-from netsurgeon.data import load_splits
+from harness import (add_output_args, add_sweep_args, environment, finish_sweep_args, log, machine_text, new_parser,
+                     output_paths, plot_accuracy, plot_curves, save_json, save_text, subset_text, torch_threads,
+                     write_table_md)
+from harness.data import load_splits
+from harness.models import BasicBlock, SmallResNet
+from harness.stats import finite, mean_sd, sd
+from harness.sweeps import ConfigResult as SweptConfig
+from harness.sweeps import SweepBudget, lr_cell, seeds_cell, selected_curves, sweep_config, sweep_rows
 from netsurgeon.layers import FarkasLayer, FarkasSum
 
 __all__ = ["CONFIGS", "BasicBlock", "Budget", "SmallResNet", "build_model", "conv_macs", "dead_stats",
@@ -75,15 +78,9 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "figures" / "train_
 
 
 @dataclass(frozen=True)
-class Budget:
-    """Data, step and timing budget."""
+class Budget(SweepBudget):
+    """Data, step and timing budget (training split: 10000 images, test split: 1000)."""
 
-    steps: int
-    batch_size: int
-    lrs: tuple[float, ...]
-    eval_every: int
-    train_subset: int | None   # None: the whole training split (10000)
-    test_subset: int | None    # None: the whole test split (1000)
     time_steps: int            # timed steps per model in the overhead measurement
     time_warmup: int
 
@@ -93,65 +90,10 @@ QUICK_BUDGET = Budget(4, 16, (0.03,), 2, 128, 64, 3, 1)
 
 
 # ====================================================================== network
-class BasicBlock(nn.Module):
-    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; without norm the BNs are identities
-    and the convs have biases. ``extra`` widens conv1 (and bn1, conv2's input) by that many channels."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int, norm: bool, extra: int = 0) -> None:
-        super().__init__()
-        mid = c_out + extra
-        self.conv1 = nn.Conv2d(c_in, mid, 3, stride, 1, bias=not norm)
-        self.bn1 = nn.BatchNorm2d(mid) if norm else nn.Identity()
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(mid, c_out, 3, 1, 1, bias=not norm)
-        self.bn2 = nn.BatchNorm2d(c_out) if norm else nn.Identity()
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=not norm),
-                                          nn.BatchNorm2d(c_out) if norm else nn.Identity())
-        self.relu2 = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))) + self.shortcut(x))
-
-
-class SmallResNet(nn.Module):
-    """ResNet-18 layout for 32x32 inputs, narrow: 3x3 stem, 4 stages of 2 BasicBlocks
-    (widths 16/32/64/128, stride 2 at each stage change), global average pooling, linear head.
-
-    Args:
-        norm: BatchNorm after every conv (convs without bias), or no norm (convs with bias).
-        extra: extra output channels of every block's conv1 (for the overhead reference). Default: 0.
-        num_classes: outputs of the head. Default: 10.
-    """
-
-    def __init__(self, norm: bool, extra: int = 0, num_classes: int = 10) -> None:
-        super().__init__()
-        c = WIDTHS[0]
-        self.stem = nn.Conv2d(3, c, 3, 1, 1, bias=not norm)
-        self.bn = nn.BatchNorm2d(c) if norm else nn.Identity()
-        self.relu = nn.ReLU()
-        stages = []
-        for i, (width, blocks) in enumerate(zip(WIDTHS, BLOCKS)):
-            stage = []
-            for b in range(blocks):
-                stage.append(BasicBlock(c, width, 2 if i > 0 and b == 0 else 1, norm, extra))
-                c = width
-            stages.append(nn.Sequential(*stage))
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(c, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn(self.stem(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
-
-
 def build_model(config: str, extra: int = 0, mode: str = "layer") -> nn.Module:
     """The network of ``config`` (one of :data:`CONFIGS`) at PyTorch's default init; ``mode`` is
     the ``farkas`` pass's mode ("layer", the default, or "block": FarkasNet's block sums too)."""
-    net = SmallResNet(norm=config.startswith("bn"), extra=extra)
+    net = SmallResNet(norm=config.startswith("bn"), widths=WIDTHS, blocks=BLOCKS, extra=extra)
     if config.endswith("+farkas"):
         passes = ["farkas"] if mode == "layer" else [("farkas", {"mode": mode})]
         net = netsurgeon.transform(net, passes=passes, example_inputs=torch.randn(1, *INPUT_SHAPE))
@@ -222,20 +164,10 @@ def dead_stats(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
 
 # ====================================================================== training
 @dataclass
-class ConfigResult:
-    """The lr sweep and the runs at the selected lr of one configuration."""
+class ConfigResult(SweptConfig):
+    """The lr sweep, the runs at the selected lr and the trained models' dead ReLUs of one configuration."""
 
-    config: str
-    scores: dict[float, float | None]          # mean final train loss per lr on the select seeds
-    best_lr: float | None
-    sweep_runs: dict[float, list[RunResult]]
-    runs: list[RunResult] = field(default_factory=list)  # every seed at best_lr
-    wall_time_s: float = 0.0
     dead: dict[tuple[float, int], dict[str, float]] = field(default_factory=dict)  # (lr, seed) -> dead_stats
-
-    @property
-    def best_at_edge(self) -> bool:
-        return len(self.scores) > 1 and self.best_lr in (min(self.scores), max(self.scores))
 
 
 def run_config(config: str, data: tuple[torch.Tensor, ...], budget: Budget, seeds: Sequence[int],
@@ -248,21 +180,12 @@ def run_config(config: str, data: tuple[torch.Tensor, ...], budget: Budget, seed
         built.append(build_model(config, mode=mode))
         return built[-1]
 
-    kw: dict[str, Any] = {"optimizer": "sgd", "steps": budget.steps, "batch_size": budget.batch_size,
-                          "eval_every": budget.eval_every}
-    sweep = lr_sweep(fn, data, lrs=budget.lrs, seeds=list(seeds[:select_seeds]), **kw)
-    runs = list(sweep.best_runs)
-    if sweep.best_lr is not None:
-        runs += [train_run(fn, data, lr=sweep.best_lr, seed=s, **kw) for s in seeds[select_seeds:]]
-    order = [r for lr in sweep.runs for r in sweep.runs[lr]] + runs[len(sweep.best_runs):]
+    res = sweep_config(config, fn, data, budget, seeds, select_seeds)
+    swept = [r for runs in res.sweep_runs.values() for r in runs]
+    order = swept + res.runs[len(res.sweep_runs[res.best_lr]) if res.best_lr is not None else 0:]
     probe = data[2][:256]
     dead = {(r.lr, r.seed): dead_stats(m, probe) for r, m in zip(order, built, strict=True)}
-    return ConfigResult(config, sweep.scores, sweep.best_lr, sweep.runs, runs, time.perf_counter() - start, dead)
-
-
-def load_data(budget: Budget) -> tuple[torch.Tensor, ...]:
-    """(x_train, y_train, x_test, y_test) of the CIFAR-10 subset, with the budget's subsets."""
-    return load_splits("cifar10", budget.train_subset, budget.test_subset)
+    return ConfigResult(**{**vars(res), "wall_time_s": time.perf_counter() - start}, dead=dead)
 
 
 # ====================================================================== overhead
@@ -341,42 +264,19 @@ def measure_overhead_timm(names: Sequence[str], size: int, batch: int, steps: in
 
 
 # ====================================================================== summaries
-def _mean_sd(values: Sequence[float | None], fmt: str) -> str:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return "–"
-    return f"{np.mean(vals):{fmt}}" + (f" ± {np.std(vals, ddof=1):{fmt}}" if len(vals) > 1 else "")
-
-
 def summary_rows(results: dict[str, ConfigResult], records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per configuration at its selected lr."""
     rows = []
     for config, res in results.items():
-        diverged = sum(r.diverged for r in res.runs)
         rows.append({
             "configuration": config, "BN": "yes" if config.startswith("bn") else "no",
             "Farkas layers": records[config]["farkas_layers"] if config in records else 0,
             "params": res.runs[0].num_params if res.runs else None,
-            "lr": "all diverged" if res.best_lr is None else f"{res.best_lr:g}" + (" (edge)" if res.best_at_edge else ""),
-            "seeds": f"{len(res.runs)}" + (f" ({diverged} diverged)" if diverged else ""),
-            "final train loss": _mean_sd([r.final_train_loss for r in res.runs], ".4f"),
-            "test acc": _mean_sd([r.final_test_acc for r in res.runs], ".4f"),
-            "step ms (median)": _mean_sd([1e3 * r.median_step_time_s for r in res.runs], ".0f"),
+            "lr": lr_cell(res.best_lr, res.best_at_edge), "seeds": seeds_cell(res.runs),
+            "final train loss": mean_sd([r.final_train_loss for r in res.runs], ".4f"),
+            "test acc": mean_sd([r.final_test_acc for r in res.runs], ".4f"),
+            "step ms (median)": mean_sd([1e3 * r.median_step_time_s for r in res.runs], ".0f"),
             "_losses": [r.final_train_loss for r in res.runs], "_accs": [r.final_test_acc for r in res.runs]})
-    return rows
-
-
-def sweep_rows(results: dict[str, ConfigResult]) -> list[dict[str, Any]]:
-    """Final train loss / test accuracy per lr on the select seeds (mean), per configuration."""
-    rows = []
-    for config, res in results.items():
-        row: dict[str, Any] = {"configuration": config}
-        for lr, runs in res.sweep_runs.items():
-            ok = [r for r in runs if not r.diverged]
-            row[f"lr {lr:g}"] = (f"{np.mean([r.final_train_loss for r in ok]):.3f} / "
-                                 f"{np.mean([r.final_test_acc for r in ok]):.3f}") if len(ok) == len(runs) \
-                else f"diverged ({len(runs) - len(ok)}/{len(runs)})"
-        rows.append(row)
     return rows
 
 
@@ -396,10 +296,6 @@ def dead_rows(results: dict[str, ConfigResult], init: dict[str, dict[str, float]
     return rows
 
 
-def _sd(values: Sequence[float]) -> float:
-    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
 def reading(rows: list[dict[str, Any]]) -> list[str]:
     """Farkas minus plain, with and without BN, against the seed spread (mechanical, no judgement)."""
     by = {r["configuration"]: r for r in rows}
@@ -408,16 +304,16 @@ def reading(rows: list[dict[str, Any]]) -> list[str]:
         a, b = by.get(norm), by.get(norm + "+farkas")
         if a is None or b is None:
             continue
-        la, lb = [v for v in a["_losses"] if math.isfinite(v)], [v for v in b["_losses"] if math.isfinite(v)]
-        aa, ab = [v for v in a["_accs"] if v is not None], [v for v in b["_accs"] if v is not None]
+        la, lb = finite(a["_losses"]), finite(b["_losses"])
+        aa, ab = finite(a["_accs"]), finite(b["_accs"])
         if not (la and lb and aa and ab):
             out.append(f"- {label}: no comparison (a configuration has no finished run).")
             continue
         dl, da = np.mean(lb) - np.mean(la), np.mean(ab) - np.mean(aa)
-        out.append(f"- {label}: Farkas changes the final training loss by {dl:+.4f} (seed sd {_sd(la):.4f} "
-                   f"plain, {_sd(lb):.4f} Farkas) and test accuracy by {100 * da:+.2f} points (seed sd "
-                   f"{100 * _sd(aa):.2f} / {100 * _sd(ab):.2f}); |difference| "
-                   + ("exceeds" if abs(da) > _sd(aa) + _sd(ab) else "is within")
+        out.append(f"- {label}: Farkas changes the final training loss by {dl:+.4f} (seed sd {sd(la):.4f} "
+                   f"plain, {sd(lb):.4f} Farkas) and test accuracy by {100 * da:+.2f} points (seed sd "
+                   f"{100 * sd(aa):.2f} / {100 * sd(ab):.2f}); |difference| "
+                   + ("exceeds" if abs(da) > sd(aa) + sd(ab) else "is within")
                    + " the sum of the two accuracy sds.")
     return out
 
@@ -426,13 +322,11 @@ def _markdown(rows: list[dict[str, Any]], sweep: list[dict[str, Any]], dead: lis
               records: dict[str, dict[str, Any]], budget: Budget, args: argparse.Namespace, env: dict[str, Any],
               figures: list[Path], md_dir: Path, wall: float) -> str:
     b = budget
-    n_train = "all 10000" if b.train_subset is None else f"a fixed random subset of {b.train_subset}"
-    n_test = "all 1000" if b.test_subset is None else f"a fixed random subset of {b.test_subset}"
+    n_train, n_test = subset_text(b.train_subset, 10000), subset_text(b.test_subset, 1000)
     rec = records.get("nobn+farkas") or records.get("bn+farkas") or {}
     lines = [
         f"Command: `{args.command}`  ",
-        (f"Machine: {env['cpu']}, {env['cpu_count']} CPU cores (shared with other jobs), torch {env['torch']} "
-         f"with {env['torch_threads']} thread(s), nice {env['nice']}. Wall time {wall / 60:.1f} min."), "",
+        f"{machine_text(env, shared=True)}. Wall time {wall / 60:.1f} min.", "",
         (f"Budget: {b.steps} SGD steps (momentum 0.9, constant lr) of batch {b.batch_size}; training images: "
          f"{n_train}; test images: {n_test}, evaluated every {b.eval_every} steps. lr grid {list(b.lrs)} for "
          f"every configuration, swept on {args.select_seeds} seed(s), selected by the lowest final training "
@@ -463,8 +357,7 @@ def _markdown(rows: list[dict[str, Any]], sweep: list[dict[str, Any]], dead: lis
 
 # ====================================================================== CLI
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = new_parser(__doc__)
     add_sweep_args(p, CONFIGS, steps=300, lrs=(0.01, 0.03, 0.1))
     p.add_argument("--time-steps", type=int, help="timed steps per model for the overhead (default 30)")
     p.add_argument("--overhead-only", action="store_true",
@@ -474,10 +367,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--overhead-size", type=int, default=32, help="input size for the timm overhead (default 32)")
     p.add_argument("--farkas-mode", choices=("layer", "block"), default="layer",
                    help="the farkas pass's mode (default layer: units on every block's conv1 only)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch.set_num_threads (default 1: on a shared 2-core machine 2 threads stall)")
-    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
-    p.add_argument("--md-out", type=Path, help="Markdown file (default OUT_DIR/train_farkas.md)")
+    add_output_args(p, DEFAULT_OUT, "train_farkas.md", why=": on a shared 2-core machine 2 threads stall")
     args = p.parse_args(argv)
     return finish_sweep_args(p, args, argv, "train_farkas.py", QUICK_BUDGET if args.quick else DEFAULT_BUDGET,
                              time_steps=args.time_steps)
@@ -495,17 +385,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:
-    def log(s: str) -> None:
-        print(s, file=sys.stderr, flush=True)
-
-    out_dir: Path = args.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md_path: Path = args.md_out or out_dir / "train_farkas.md"
+    out_dir, md_path = output_paths(args, "train_farkas.md")
     budget, env, seeds = args.budget, environment(args.threads), list(range(args.seeds))
     start = time.perf_counter()
-    data = load_data(budget)
+    data = load_splits("cifar10", budget.train_subset, budget.test_subset)
     if args.overhead_only:
-        return _overhead_only(args, data, env, out_dir, start, log)
+        return _overhead_only(args, data, env, out_dir, start)
     records = {c: farkas_record(c, args.farkas_mode) for c in args.configs if c.endswith("+farkas")}
     results: dict[str, ConfigResult] = {}
     for config in args.configs:
@@ -526,22 +411,18 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
             torch.manual_seed(0)
             init_dead[config] = dead_stats(build_model(config, mode=args.farkas_mode), data[2][:256])
     dead = dead_rows(results, init_dead)
-    label = {c: f"{c}, lr {r.best_lr:g}" for c, r in results.items() if r.best_lr is not None}
     title = f"small ResNet-18 on CIFAR-10 subset, {budget.steps} steps, batch {budget.batch_size}"
-    figures = [plot_curves({label[c]: r.runs for c, r in results.items() if c in label}, out_dir / "train_loss.png",
-                           title),
-               plot_accuracy({label[c]: r.runs for c, r in results.items() if c in label}, out_dir / "test_acc.png",
-                             title)]
+    curves = selected_curves(results)
+    figures = [plot_curves(curves, out_dir / "train_loss.png", title),
+               plot_accuracy(curves, out_dir / "test_acc.png", title)]
     md = _markdown(rows, sweep, dead, overhead, records, budget, args, env, figures, md_path.parent.resolve(), wall)
     json_path = save_json({
         "command": args.command, "environment": env, "budget": asdict(budget), "seeds": seeds,
         "select_seeds": args.select_seeds, "wall_time_s": wall, "farkas_pass": records, "overhead": overhead,
         "dead": dead,
         "rows": [{k: v for k, v in r.items()} for r in rows],
-        "configs": {c: {"best_lr": r.best_lr, "scores": r.scores, "wall_time_s": r.wall_time_s,
-                        "dead_end": {f"lr {lr:g} seed {sd}": d for (lr, sd), d in r.dead.items()},
-                        "sweep_runs": {repr(lr): [run_record(x) for x in rs] for lr, rs in r.sweep_runs.items()},
-                        "extra_seed_runs": [run_record(x) for x in r.runs[args.select_seeds:]]}
+        "configs": {c: r.record(args.select_seeds,
+                                dead_end={f"lr {lr:g} seed {seed}": d for (lr, seed), d in r.dead.items()})
                     for c, r in results.items()}}, out_dir / "train_farkas.json")
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(md)
@@ -551,7 +432,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _overhead_only(args: argparse.Namespace, data: tuple[torch.Tensor, ...], env: dict[str, Any], out_dir: Path,
-                   start: float, log: Callable[[str], None]) -> dict[str, Any]:
+                   start: float) -> dict[str, Any]:
     budget, n = args.budget, args.budget.batch_size
     rows = measure_overhead(data[0][:n], data[1][:n], budget, args.farkas_mode)
     rows += measure_overhead_timm(args.overhead_models, args.overhead_size, n, budget.time_steps,
@@ -561,9 +442,8 @@ def _overhead_only(args: argparse.Namespace, data: tuple[torch.Tensor, ...], env
     wall = time.perf_counter() - start
     md = "\n".join([
         f"Command: `{args.command}`  ",
-        (f"Machine: {env['cpu']}, {env['cpu_count']} CPU cores, torch {env['torch']} with {env['torch_threads']} "
-         f"thread(s), nice {env['nice']}, load average at the end {os.getloadavg()[0]:.2f}. Wall time "
-         f"{wall / 60:.1f} min."), "",
+        (f"{machine_text(env)}, load average at the end {os.getloadavg()[0]:.2f}. Wall time {wall / 60:.1f} min."),
+        "",
         (f"Training-step time (forward + backward + SGD step), median of {budget.time_steps} interleaved steps "
          f"after {budget.time_warmup} warm-up, Farkas pass mode `{args.farkas_mode}`. The small network's rows "
          "use CIFAR-10 images of batch " f"{n}; the timm rows use random inputs."), "",
@@ -571,9 +451,7 @@ def _overhead_only(args: argparse.Namespace, data: tuple[torch.Tensor, ...], env
     md_path = args.md_out or out_dir / "overhead.md"
     json_path = save_json({"command": args.command, "environment": env, "budget": asdict(budget),
                            "wall_time_s": wall, "overhead": rows}, out_dir / "overhead.json")
-    tmp = md_path.with_suffix(".md.tmp")
-    tmp.write_text(md)
-    os.replace(tmp, md_path)
+    save_text(md, md_path)
     print(md)
     return {"overhead": rows, "markdown": md, "files": [md_path], "json": json_path}
 

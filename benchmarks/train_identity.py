@@ -4,9 +4,9 @@ Claim tested: a residual network *without* batch norm whose residual blocks are 
 at initialization trains as well as the same network *with* batch norm (Hardt & Ma, "Identity
 matters in deep learning", arXiv:1611.04231; Zhang, Dauphin & Ma, "Fixup initialization",
 arXiv:1901.09321; De & Smith, "Batch normalization biases residual blocks towards the identity
-function" (SkipInit), arXiv:2002.10444; Bachlechner et al., ReZero, arXiv:2003.04887; MATH.md §7).
+function" (SkipInit), arXiv:2002.10444; Bachlechner et al., ReZero, arXiv:2003.04887; docs/theory.md §7).
 
-The network (defined here): post-activation BasicBlocks ``relu(F(x) + shortcut(x))`` with
+The network (``harness.models.SmallResNet``): post-activation BasicBlocks ``relu(F(x) + shortcut(x))`` with
 ``F = conv3x3 -> [BN] -> relu -> conv3x3 -> [BN]`` (He et al. 2016, arXiv:1512.03385), a 3x3
 stem, 3 stages of 2 blocks with widths 16/32/64 (stride 2 and a 1x1 projection shortcut at each
 stage change), global average pooling and a linear head. Six configurations:
@@ -45,11 +45,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -58,9 +56,13 @@ import torch
 import torch.nn as nn
 
 import netsurgeon
-from netsurgeon.bench import (RunResult, add_sweep_args, environment, finish_sweep_args, lr_sweep, plot_accuracy,
-                              plot_curves, run_record, save_json, steps_to_loss, torch_threads, train_run, write_table_md)
-from netsurgeon.data import load_splits
+from harness import (add_output_args, add_sweep_args, environment, finish_sweep_args, log, machine_text, new_parser,
+                     output_paths, plot_accuracy, plot_curves, save_json, steps_to_loss, subset_text, torch_threads,
+                     write_table_md)
+from harness.data import load_splits
+from harness.models import BasicBlock, SmallResNet
+from harness.stats import finite, mean_sd, sd
+from harness.sweeps import ConfigResult, SweepBudget, lr_cell, seeds_cell, selected_curves, sweep_config, sweep_rows
 
 __all__ = ["CONFIGS", "Budget", "BasicBlock", "SmallResNet", "build_model", "pass_record", "branch_share", "run_config", "main"]
 
@@ -72,15 +74,9 @@ DEFAULT_OUT = ROOT / "docs" / "figures" / "train_identity"
 
 
 @dataclass(frozen=True)
-class Budget:
-    """Data and step budget."""
+class Budget(SweepBudget):
+    """Data and step budget (training split: 10000 images, test split: 1000)."""
 
-    steps: int
-    batch_size: int
-    lrs: tuple[float, ...]
-    eval_every: int
-    train_subset: int | None   # None: the whole training split (10000)
-    test_subset: int | None    # None: the whole test split (1000)
     target_loss: float         # for "steps to loss" (smoothed training loss)
 
 
@@ -89,64 +85,12 @@ QUICK_BUDGET = Budget(4, 16, (0.03,), 2, 128, 64, 2.2)
 
 
 # ====================================================================== network
-class BasicBlock(nn.Module):
-    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; without norm the BNs are
-    identities and the convs have biases."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int, norm: bool) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=not norm)
-        self.bn1 = nn.BatchNorm2d(c_out) if norm else nn.Identity()
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=not norm)
-        self.bn2 = nn.BatchNorm2d(c_out) if norm else nn.Identity()
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=not norm),
-                                          nn.BatchNorm2d(c_out) if norm else nn.Identity())
-        self.relu2 = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))) + self.shortcut(x))
-
-
-class SmallResNet(nn.Module):
-    """A small CIFAR ResNet: 3x3 stem, 3 stages of 2 BasicBlocks (widths 16/32/64, stride 2 at
-    each stage change), global average pooling, linear head.
-
-    Args:
-        norm: BatchNorm after every conv (convs without bias), or no norm (convs with bias).
-        num_classes: outputs of the head. Default: 10.
-    """
-
-    def __init__(self, norm: bool, num_classes: int = 10) -> None:
-        super().__init__()
-        c = WIDTHS[0]
-        self.stem = nn.Conv2d(3, c, 3, 1, 1, bias=not norm)
-        self.bn = nn.BatchNorm2d(c) if norm else nn.Identity()
-        self.relu = nn.ReLU()
-        stages = []
-        for i, (width, blocks) in enumerate(zip(WIDTHS, BLOCKS)):
-            stage = []
-            for b in range(blocks):
-                stage.append(BasicBlock(c, width, 2 if i > 0 and b == 0 else 1, norm))
-                c = width
-            stages.append(nn.Sequential(*stage))
-        self.layer1, self.layer2, self.layer3 = stages
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(c, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer3(self.layer2(self.layer1(self.relu(self.bn(self.stem(x))))))
-        return self.fc(torch.flatten(self.pool(x), 1))
-
-
 def build_model(config: str, seed: int | None = 0) -> nn.Module:
     """The network of ``config`` (one of :data:`CONFIGS`): default init, then the
     ``identity_residual`` pass (seeded with ``seed``) for the ``nobn+<mode>`` configurations."""
     if config not in CONFIGS:
         raise ValueError(f"config={config!r}; valid: {CONFIGS}")
-    net = SmallResNet(norm=config == "bn")
+    net = SmallResNet(norm=config == "bn", widths=WIDTHS, blocks=BLOCKS)
     if "+" in config:
         mode = config.split("+", 1)[1]
         net = netsurgeon.transform(net, passes=[("identity_residual", {"mode": mode, "seed": seed})],
@@ -187,86 +131,31 @@ def branch_share(model: nn.Module, x: torch.Tensor) -> float:
 
 
 # ====================================================================== training
-@dataclass
-class ConfigResult:
-    """The lr sweep and the runs at the selected lr of one configuration."""
-
-    config: str
-    scores: dict[float, float | None]          # mean final train loss per lr on the select seeds
-    best_lr: float | None
-    sweep_runs: dict[float, list[RunResult]]
-    runs: list[RunResult] = field(default_factory=list)  # every seed at best_lr
-    wall_time_s: float = 0.0
-
-    @property
-    def best_at_edge(self) -> bool:
-        return len(self.scores) > 1 and self.best_lr in (min(self.scores), max(self.scores))
-
-
 def run_config(config: str, data: tuple[torch.Tensor, ...], budget: Budget, seeds: Sequence[int],
                select_seeds: int) -> ConfigResult:
     """Sweep the lr grid on the first ``select_seeds`` seeds, then run the others at the best lr."""
-    start = time.perf_counter()
-    kw = {"optimizer": "sgd", "steps": budget.steps, "batch_size": budget.batch_size, "eval_every": budget.eval_every}
-    fn = lambda seed: build_model(config, seed)  # train_run calls it under its seeded RNG
-    sweep = lr_sweep(fn, data, lrs=budget.lrs, seeds=list(seeds[:select_seeds]), **kw)
-    runs = list(sweep.best_runs)
-    if sweep.best_lr is not None:
-        runs += [train_run(fn, data, lr=sweep.best_lr, seed=s, **kw) for s in seeds[select_seeds:]]
-    return ConfigResult(config, sweep.scores, sweep.best_lr, sweep.runs, runs, time.perf_counter() - start)
-
-
-def load_data(budget: Budget) -> tuple[torch.Tensor, ...]:
-    """(x_train, y_train, x_test, y_test) of the CIFAR-10 subset, with the budget's subsets."""
-    return load_splits("cifar10", budget.train_subset, budget.test_subset)
+    return sweep_config(config, lambda seed: build_model(config, seed), data, budget, seeds, select_seeds)
 
 
 # ====================================================================== summaries
-def _vals(values: Sequence[float | None]) -> list[float]:
-    return [float(v) for v in values if v is not None and math.isfinite(v)]
-
-
-def _mean_sd(values: Sequence[float | None], fmt: str) -> str:
-    vals = _vals(values)
-    if not vals:
-        return "–"
-    return f"{np.mean(vals):{fmt}}" + (f" ± {np.std(vals, ddof=1):{fmt}}" if len(vals) > 1 else "")
-
-
 def summary_rows(results: dict[str, ConfigResult], shares: dict[str, float], target: float) -> list[dict[str, Any]]:
     """One row per configuration at its selected lr."""
     rows = []
     for config, res in results.items():
-        diverged = sum(r.diverged for r in res.runs)
         reached = [steps_to_loss(r, target) for r in res.runs if not r.diverged]
         hit = [s for s in reached if s is not None]
         rows.append({
             "configuration": config, "BN": "yes" if config == "bn" else "no",
             "branch share at init": shares.get(config),
             "trainable params": res.runs[0].num_params if res.runs else None,
-            "lr": "all diverged" if res.best_lr is None else f"{res.best_lr:g}" + (" (edge)" if res.best_at_edge else ""),
-            "seeds": f"{len(res.runs)}" + (f" ({diverged} diverged)" if diverged else ""),
-            "loss at step 1": _mean_sd([r.train_loss[0] for r in res.runs if r.train_loss], ".3f"),
-            "final train loss": _mean_sd([r.final_train_loss for r in res.runs], ".4f"),
-            "test acc": _mean_sd([r.final_test_acc for r in res.runs], ".4f"),
-            f"steps to loss {target:g}": (_mean_sd(hit, ".0f") + ("" if len(hit) == len(reached) else
+            "lr": lr_cell(res.best_lr, res.best_at_edge), "seeds": seeds_cell(res.runs),
+            "loss at step 1": mean_sd([r.train_loss[0] for r in res.runs if r.train_loss], ".3f"),
+            "final train loss": mean_sd([r.final_train_loss for r in res.runs], ".4f"),
+            "test acc": mean_sd([r.final_test_acc for r in res.runs], ".4f"),
+            f"steps to loss {target:g}": (mean_sd(hit, ".0f") + ("" if len(hit) == len(reached) else
                                           f" ({len(reached) - len(hit)} not reached)")) if hit else "not reached",
-            "step ms (median)": _mean_sd([1e3 * r.median_step_time_s for r in res.runs], ".0f"),
+            "step ms (median)": mean_sd([1e3 * r.median_step_time_s for r in res.runs], ".0f"),
             "_losses": [r.final_train_loss for r in res.runs], "_accs": [r.final_test_acc for r in res.runs]})
-    return rows
-
-
-def sweep_rows(results: dict[str, ConfigResult]) -> list[dict[str, Any]]:
-    """Final train loss / test accuracy per lr on the select seeds (mean), per configuration."""
-    rows = []
-    for config, res in results.items():
-        row: dict[str, Any] = {"configuration": config}
-        for lr, runs in res.sweep_runs.items():
-            ok = [r for r in runs if not r.diverged]
-            row[f"lr {lr:g}"] = (f"{np.mean([r.final_train_loss for r in ok]):.3f} / "
-                                 f"{np.mean([r.final_test_acc for r in ok]):.3f}") if len(ok) == len(runs) \
-                else f"diverged ({len(runs) - len(ok)}/{len(runs)}, at step {min(r.diverged_at for r in runs if r.diverged)})"
-        rows.append(row)
     return rows
 
 
@@ -274,15 +163,14 @@ def reading(rows: list[dict[str, Any]]) -> list[str]:
     """Each BN-free configuration minus the BN reference, against the seed spread (mechanical)."""
     by = {r["configuration"]: r for r in rows}
     ref = by.get("bn")
-    if ref is None or not _vals(ref["_losses"]):
+    if ref is None or not finite(ref["_losses"]):
         return ["- No comparison: the bn reference has no finished run."]
-    sd = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
-    lb, ab = _vals(ref["_losses"]), _vals(ref["_accs"])
+    lb, ab = finite(ref["_losses"]), finite(ref["_accs"])
     out = []
     for config, r in by.items():
         if config == "bn":
             continue
-        lc, ac = _vals(r["_losses"]), _vals(r["_accs"])
+        lc, ac = finite(r["_losses"]), finite(r["_accs"])
         if not (lc and ac):
             out.append(f"- {config}: no finished run.")
             continue
@@ -299,14 +187,12 @@ def _markdown(rows: list[dict[str, Any]], sweep: list[dict[str, Any]], records: 
               args: argparse.Namespace, env: dict[str, Any], figures: list[Path], link_dir: Path, wall: float,
               done: int) -> str:
     b = args.budget
-    n_train = "all 10000" if b.train_subset is None else f"a fixed random subset of {b.train_subset}"
-    n_test = "all 1000" if b.test_subset is None else f"a fixed random subset of {b.test_subset}"
+    n_train, n_test = subset_text(b.train_subset, 10000), subset_text(b.test_subset, 1000)
     partial = [] if done == len(args.configs) else \
         [f"**Partial:** {done} of {len(args.configs)} configurations finished.", ""]
     lines = partial + [
         f"Command: `{args.command}`  ",
-        (f"Machine: {env['cpu']}, {env['cpu_count']} CPU cores (shared with other jobs), torch {env['torch']} "
-         f"with {env['torch_threads']} thread(s), nice {env['nice']}. Wall time {wall / 60:.1f} min."), "",
+        f"{machine_text(env, shared=True)}. Wall time {wall / 60:.1f} min.", "",
         (f"Budget: {b.steps} SGD steps (momentum 0.9, constant lr, no weight decay, no augmentation) of batch "
         f"{b.batch_size}; training images: {n_train} of the 10000-image CIFAR-10 subset; test images: {n_test}, "
         f"evaluated every {b.eval_every} steps. lr grid {list(b.lrs)} for every configuration, swept on "
@@ -329,13 +215,10 @@ def _markdown(rows: list[dict[str, Any]], sweep: list[dict[str, Any]], records: 
 
 # ====================================================================== CLI
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = new_parser(__doc__)
     add_sweep_args(p, CONFIGS, steps=250, lrs=(0.03, 0.1), train_subset="5000", test_subset="all 1000")
     p.add_argument("--target-loss", type=float, help="smoothed training loss for 'steps to loss' (default 1.8)")
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: the machine is shared)")
-    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
-    p.add_argument("--md-out", type=Path, help="Markdown file (default OUT_DIR/train_identity.md)")
+    add_output_args(p, DEFAULT_OUT, "train_identity.md", why=": the machine is shared")
     p.add_argument("--link-dir", type=Path, default=ROOT / "docs",
                    help="figure links in the Markdown are relative to this directory (default docs/, where the "
                         "section goes into benchmarks.md)")
@@ -356,13 +239,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:
-    log = lambda s: print(s, file=sys.stderr, flush=True)
-    out_dir: Path = args.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md_path: Path = args.md_out or out_dir / "train_identity.md"
+    out_dir, md_path = output_paths(args, "train_identity.md")
     budget, env, seeds = args.budget, environment(args.threads), list(range(args.seeds))
     start = time.perf_counter()
-    data = load_data(budget)
+    data = load_splits("cifar10", budget.train_subset, budget.test_subset)
     records = {c: pass_record(c) for c in args.configs}
     shares = {}
     for config in args.configs:
@@ -385,10 +265,9 @@ def _write(results: dict[str, ConfigResult], records: dict[str, dict[str, Any]],
            args: argparse.Namespace, env: dict[str, Any], out_dir: Path, md_path: Path, wall: float) -> dict[str, Any]:
     """Write the figures, JSON and Markdown for the configurations finished so far."""
     budget = args.budget
-    rows, sweep = summary_rows(results, shares, budget.target_loss), sweep_rows(results)
-    label = {c: f"{c}, lr {r.best_lr:g}" for c, r in results.items() if r.best_lr is not None}
+    rows, sweep = summary_rows(results, shares, budget.target_loss), sweep_rows(results, diverged_at=True)
     title = f"small ResNet on CIFAR-10 subset, {budget.steps} steps, batch {budget.batch_size}"
-    curves = {label[c]: r.runs for c, r in results.items() if c in label}
+    curves = selected_curves(results)
     figures = [plot_curves(curves, out_dir / "train_loss.png", title),
                plot_accuracy(curves, out_dir / "test_acc.png", title)]
     md = _markdown(rows, sweep, records, args, env, figures, args.link_dir, wall, len(results))
@@ -397,10 +276,7 @@ def _write(results: dict[str, ConfigResult], records: dict[str, dict[str, Any]],
         "select_seeds": args.select_seeds, "wall_time_s": wall, "finished": list(results),
         "partial": len(results) < len(args.configs), "identity_residual": records, "branch_share_at_init": shares,
         "rows": rows,
-        "configs": {c: {"best_lr": r.best_lr, "scores": r.scores, "wall_time_s": r.wall_time_s,
-                        "sweep_runs": {repr(lr): [run_record(x) for x in rs] for lr, rs in r.sweep_runs.items()},
-                        "extra_seed_runs": [run_record(x) for x in r.runs[args.select_seeds:]]}
-                    for c, r in results.items()}}, out_dir / "train_identity.json")
+        "configs": {c: r.record(args.select_seeds) for c, r in results.items()}}, out_dir / "train_identity.json")
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(md)
     return {"rows": rows, "sweep": sweep, "records": records, "shares": shares, "markdown": md,

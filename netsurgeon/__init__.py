@@ -9,17 +9,33 @@ Example:
     >>> print(netsurgeon.report(gm).preservation.value)
     exact_eval
 """
-from .analysis import Analysis, analyze, measure
+from ._version import __version__
+from .analysis import Analysis, KernelContext, NodeKernel, analyze, measure, register_module_op
 from .checkpoint import convert, load
-from .errors import (CheckpointError, ExampleInputError, ModelSpecError, NetsurgeonError, OutputExistsError,
-                     PassError, PassOptionError, RecipeError, TraceError, UnknownPassError, UnsupportedNodeError,
-                     UntrustedCodeError)
+from .errors import (CheckpointError, ExampleInputError, InvalidArgumentError, MissingAnalysisError, ModelSpecError,
+                     NetsurgeonError, OutputExistsError, PassError, PassOptionError, RecipeError, TraceError,
+                     TransformError, UnknownNodeError, UnknownPassError, UnsupportedNodeError, UntrustedCodeError)
 from .graph import Topology, op_info, topology, trace
-from .passes import list_passes
+from .graph.state import derivation
+from .ops import OpKind, register_activation
+from .models import create_model, default_input_shape, example_inputs
+from .passes import Pass, coerce_option, get_pass, list_passes, register_pass
 from .pipeline import report, transform
+from .recipe import read_recipe
 
-__version__ = "0.1.0"
-
-__all__ = ["Analysis", "analyze", "measure", "CheckpointError", "ExampleInputError", "ModelSpecError", "NetsurgeonError", "OutputExistsError", "PassError",
-           "PassOptionError", "RecipeError", "TraceError", "UnknownPassError", "UnsupportedNodeError", "UntrustedCodeError", "Topology",
-           "__version__", "convert", "list_passes", "load", "op_info", "report", "topology", "trace", "transform"]
+__all__ = [
+    # the pipeline
+    "trace", "topology", "transform", "report", "op_info", "derivation", "Topology",
+    # analysis
+    "analyze", "measure", "Analysis",
+    # conversion directories and models
+    "convert", "load", "read_recipe", "create_model", "default_input_shape", "example_inputs",
+    # passes and extension points
+    "Pass", "register_pass", "get_pass", "list_passes", "coerce_option",
+    "register_activation", "register_module_op", "OpKind", "KernelContext", "NodeKernel",
+    # errors
+    "NetsurgeonError", "CheckpointError", "ExampleInputError", "InvalidArgumentError", "MissingAnalysisError",
+    "ModelSpecError", "OutputExistsError", "PassError", "PassOptionError", "RecipeError", "TraceError",
+    "TransformError", "UnknownNodeError", "UnknownPassError", "UnsupportedNodeError", "UntrustedCodeError",
+    "__version__",
+]

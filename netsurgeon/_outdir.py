@@ -88,9 +88,15 @@ def _owner_gone(directory: Path) -> bool:
         os.close(fd)
 
 
-def _only_conversion_files(directory: Path) -> bool:
-    return all(n in FILES and (directory / n).is_file() and not (directory / n).is_symlink()
-               for n in os.listdir(directory))
+def _only_conversion_files(directory: Path, staging: bool = False) -> bool:
+    """Whether ``directory`` holds nothing but a conversion's files (and, in a staging directory,
+    the ``.tmp*`` file safetensors writes before renaming it to ``model.safetensors``)."""
+    def ours(name: str) -> bool:
+        path = directory / name
+        return ((name in FILES or (staging and name.startswith(".tmp"))) and path.is_file()
+                and not path.is_symlink())
+
+    return all(ours(n) for n in os.listdir(directory))
 
 
 def not_netsurgeon_output(directory: Path) -> str | None:
@@ -150,9 +156,14 @@ def _recover(target: Path, notice: Callable[[str], None]) -> None:
         if not path.is_dir() or path.is_symlink():
             continue
         if entry.startswith(f".{short}.tmp-"):
-            if _owner_gone(path) and _only_conversion_files(path):
+            if not _owner_gone(path):
+                continue  # a live run's staging directory
+            if _only_conversion_files(path, staging=True):
                 shutil.rmtree(path)
                 notice(f"removed {entry}: a partial output of {target.name} left by an interrupted run")
+            else:
+                notice(f"left {entry} alone: an interrupted run's staging directory that holds files netsurgeon "
+                       f"did not write; remove it yourself")
         elif entry.startswith(f".{short}.old-"):
             olds.append(path)
     for old in sorted(olds, key=lambda p: p.stat().st_mtime, reverse=True):

@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from . import _outdir
 from ._fileio import umask as current_umask
+from ._version import __version__
 from ._validate import non_finite, require_bool, short_list
 from .errors import CheckpointError, InvalidArgumentError, ModelSpecError, NetsurgeonError, RecipeError
 from .models import create_model, default_input_shape
@@ -141,8 +142,6 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str 
 
 def _versions() -> dict[str, str]:
     import timm
-
-    from . import __version__
 
     return {"netsurgeon": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "python": sys.version.split()[0]}

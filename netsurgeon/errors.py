@@ -17,6 +17,7 @@ __all__ = [
     "ModelSpecError",
     "CheckpointError",
     "RecipeError",
+    "TransformError",
     "UntrustedCodeError",
     "OutputExistsError",
     "MissingAnalysisError",
@@ -89,6 +90,11 @@ class RecipeError(CheckpointError, ValueError):
 class UntrustedCodeError(CheckpointError):
     """Loading would import a module, call a factory or read a file named by data; refused unless the
     caller opts in with ``trust_code=True`` (CLI ``--trust-code``)."""
+
+
+class TransformError(NetsurgeonError, ValueError):
+    """No activation-transform constants (DKS/TAT) satisfy the conditions for this activation; the
+    message says which condition, and that the target may be unachievable for this architecture."""
 
 
 class OutputExistsError(NetsurgeonError, FileExistsError):

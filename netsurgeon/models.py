@@ -11,15 +11,16 @@ from __future__ import annotations
 import difflib
 import importlib
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import ModelSpecError
+from .errors import InvalidArgumentError, ModelSpecError
+from .recipe import check_input_shape, check_seed
 
-__all__ = ["create_model", "default_input_shape", "AllocationGuard"]
+__all__ = ["create_model", "default_input_shape", "example_inputs", "AllocationGuard"]
 
 _FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.randint,
               torch.empty_strided, torch.eye}
@@ -149,3 +150,17 @@ def default_input_shape(model: nn.Module) -> tuple[int, ...] | None:
     if isinstance(cfg, dict) and cfg.get("input_size"):
         return (1, *cfg["input_size"])
     return None
+
+
+def example_inputs(shape: Sequence[int], seed: int = 0) -> tuple[torch.Tensor]:
+    """One standard-normal example input of ``shape``, from a generator seeded ``seed`` (the global
+    RNG is untouched); the shape is checked against :data:`netsurgeon.recipe.MAX_INPUT_ELEMENTS`
+    before anything is allocated.
+
+    Example:
+        >>> example_inputs((1, 3, 8, 8))[0].shape
+        torch.Size([1, 3, 8, 8])
+    """
+    shape = check_input_shape(list(shape), "input shape", InvalidArgumentError)
+    seed = check_seed(seed, "seed", InvalidArgumentError)
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)),)

@@ -1,4 +1,4 @@
-"""``LayerwiseLM``: the consistency paper's layer-wise second-order optimizer (MATH.md §8).
+"""``LayerwiseLM``: the consistency paper's layer-wise second-order optimizer (docs/theory.md §8.1–§8.2).
 
 For every ``nn.Linear`` and ``nn.Conv{1,2,3}d`` weight the update direction is
 ``G (A + λI)^(-1)``, with ``A`` a moving average of the layer input's second-moment

@@ -9,8 +9,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import operator
-import time
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -18,84 +16,14 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ._validate import require_bool
-from .errors import InvalidArgumentError, NetsurgeonError, PassError, PassOptionError
-from .graph import META_KEY, Topology, trace
-from .passes.base import Pass, PassSpec, get_report, make_pass
-from .report import PassRecord, Report
+from .errors import InvalidArgumentError
+from .graph import trace
+from .graph.state import get_report, has_report, set_report, trace_info
+from .passes.base import Pass, PassSpec, make_pass
+from .passes.runner import apply_pass, as_inputs, cleanup
+from .report import Report
 
 __all__ = ["transform", "apply_pass", "report", "cleanup"]
-
-_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem,
-                      operator.ior, operator.iand}
-
-
-def _is_impure(node: fx.Node) -> bool:
-    """DCE guard: fx treats ``x.add_(y)`` with an unused result as dead; it is not."""
-    if node.op == "call_method" and isinstance(node.target, str):
-        t = node.target
-        if t.endswith("_") and not t.endswith("__"):
-            return True
-    if node.op == "call_function":
-        if node.target in _INPLACE_FUNCTIONS:
-            return True
-        name = getattr(node.target, "__name__", "")
-        if name.endswith("_") and not name.endswith("__"):
-            return True
-    return node.is_impure()
-
-
-def cleanup(gm: fx.GraphModule) -> fx.GraphModule:
-    """Lint, eliminate dead code (keeping in-place ops), drop unused submodules, recompile,
-    and classify every node again (a pass may have swapped the module behind a node)."""
-    gm.graph.lint()
-    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    Topology(gm)  # refreshes op_info(node) on every node
-    return gm
-
-
-def _inputs(example_inputs: Sequence[torch.Tensor] | torch.Tensor | None) -> tuple[torch.Tensor, ...] | None:
-    if example_inputs is None:
-        return None
-    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-
-
-def apply_pass(gm: fx.GraphModule, p: Pass, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
-               *, previous: Sequence[str] = ()) -> fx.GraphModule:
-    """Run one pass on a netsurgeon GraphModule, record it in the report, clean up.
-
-    Raises:
-        PassOptionError: an option value the model or its inputs rule out (``input_norm.dim`` beyond
-            the input's dims), as the pass raised it.
-        PassError: any other failure; names the pass and ``previous``, chains the original error
-            (``__cause__``) and copies its ``nodes`` and ``details`` when it has them.
-    """
-    rep = get_report(gm, create_for=gm.meta.get(META_KEY, {}).get("trace").model_class
-                     if gm.meta.get(META_KEY, {}).get("trace") else type(gm).__name__)
-    record = PassRecord(p.name, p.options(), p.preservation())
-    start = time.perf_counter()
-    try:
-        out = p.run(gm, record, _inputs(example_inputs))
-        if not isinstance(out, fx.GraphModule):
-            raise PassError(f"pass {p.name} returned {type(out).__name__}, not a GraphModule")
-        out = cleanup(out)
-    except PassOptionError:
-        raise  # the message names the pass, the option and its value already
-    except Exception as exc:
-        before = ", ".join(previous) if previous else "none"
-        ours = isinstance(exc, NetsurgeonError)
-        msg = str(exc) if ours else f"{type(exc).__name__}: {exc}"
-        raise PassError(f"pass {p.name!r} failed (passes run before it: {before}): {msg}",
-                        nodes=getattr(exc, "nodes", ()) if ours else (),
-                        details=getattr(exc, "details", ()) if ours else ()) from exc
-    record.seconds = time.perf_counter() - start
-    rep.passes.append(record)
-    out.meta.setdefault(META_KEY, {})["report"] = rep
-    if out is not gm:
-        for k, v in gm.meta.get(META_KEY, {}).items():
-            out.meta[META_KEY].setdefault(k, v)
-    return out
 
 
 def transform(model: nn.Module, passes: Sequence[PassSpec] = (), example_inputs: Sequence[torch.Tensor]
@@ -135,10 +63,9 @@ def transform(model: nn.Module, passes: Sequence[PassSpec] = (), example_inputs:
     instances = [make_pass(s) for s in passes]  # validate every spec before any work
     if not inplace:
         model = copy.deepcopy(model)
-    gm = trace(model, _inputs(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args)
-    info = gm.meta[META_KEY]["trace"]
-    rep = gm.meta[META_KEY].get("report")
-    if rep is None:
+    gm = trace(model, as_inputs(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args)
+    info = trace_info(gm)
+    if not has_report(gm):
         rep = Report(model=info.model_class)
         if info.auto_leaves:
             rep.trace_notes.append("kept as leaves (their code reads self.training): " + ", ".join(info.auto_leaves))
@@ -147,7 +74,8 @@ def transform(model: nn.Module, passes: Sequence[PassSpec] = (), example_inputs:
                                    "inputs that take the same branches): " + "; ".join(info.specialized))
         if info.mode_dropouts:
             rep.trace_notes.append("functional dropout made mode-aware: " + ", ".join(info.mode_dropouts))
-        gm.meta[META_KEY]["report"] = rep
+        set_report(gm, rep)
+    rep = get_report(gm)
     done = [p.name for p in rep.passes]
     for p in instances:
         gm = apply_pass(gm, p, example_inputs, previous=done)

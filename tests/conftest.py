@@ -1,8 +1,15 @@
-"""Shared test helpers."""
+"""Shared test helpers.
+
+The benchmark scripts and their harness live in ``benchmarks/`` (``benchmarks/harness``), not in
+the ``netsurgeon`` package; ``pythonpath = ["benchmarks"]`` in ``pyproject.toml`` puts that folder
+on ``sys.path``, so tests import them as the scripts do: ``harness``, ``harness.data``, ``train_deep``.
+"""
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -51,7 +58,7 @@ def _one_torch_thread():
 
 
 # ---------------------------------------------------------------- datasets
-# One policy for every test that reads shared/data (netsurgeon.data), in require_data():
+# One policy for every test that reads shared/data (harness.data), in require_data():
 # the ``needs_data`` marker (checked before the test's fixtures run) and direct calls
 # (fixtures that return the data root; tests that need the data only for their second
 # half) both go through it. Without the datasets the test is SKIPPED with a reason that
@@ -78,7 +85,7 @@ def data_required() -> bool:
 
 def expected_data_files() -> list[str]:
     """The files under the data root that the tests read, relative to it."""
-    from netsurgeon.data import _CIFAR_FILE, _IDX_PREFIX, DATASETS
+    from harness.data import _CIFAR_FILE, _IDX_PREFIX, DATASETS
 
     files = ["SHA256SUMS"]
     for name, spec in sorted(DATASETS.items()):
@@ -93,7 +100,7 @@ def expected_data_files() -> list[str]:
 def missing_data_reason() -> str | None:
     """None when every dataset file the tests read is present, else a one-line reason that
     says where the files were looked for and how to point the tests at them."""
-    import netsurgeon.data as nd
+    import harness.data as nd
     from netsurgeon.errors import DataNotFoundError
 
     env = os.environ.get(nd.ENV_VAR) or None
@@ -114,7 +121,7 @@ def missing_data_reason() -> str | None:
 def require_data() -> Path:
     """The data root. When the datasets are missing: skip with the reason, or fail with it
     when NETSURGEON_REQUIRE_DATA=1 (so that CI cannot pass by skipping)."""
-    from netsurgeon.data import data_root
+    from harness.data import data_root
 
     reason = missing_data_reason()
     if reason is None:
@@ -124,19 +131,13 @@ def require_data() -> Path:
     pytest.skip(f"{reason} ({REQUIRE_DATA_ENV}=1 makes this a failure)")
 
 
-def load_benchmark(name: str):
-    """Import ``benchmarks/<name>.py`` as a module (registered in sys.modules: dataclasses need it)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[spec.name]
-        raise
+
+def load_benchmark(name: str) -> ModuleType:
+    """The script ``benchmarks/<name>.py``, imported as the module ``name`` (as the scripts import
+    each other); fails if that name resolves to a module outside ``benchmarks/``."""
+    module = importlib.import_module(name)
+    where = Path(module.__file__ or "").resolve()
+    assert where == BENCHMARKS / f"{name}.py", f"import {name} found {where}, not the script in {BENCHMARKS}"
     return module

@@ -1,4 +1,4 @@
-"""netsurgeon.bench: training runs, divergence, lr sweeps, and the result writers.
+"""harness (benchmarks/harness): training runs, divergence, lr sweeps, and the result writers.
 
 The Fashion-MNIST test (marker ``needs_data``) reads the datasets: without them it is
 skipped with the reason, or fails when NETSURGEON_REQUIRE_DATA=1 (tests/conftest.py).
@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from netsurgeon.bench import (ModelOptimizer, RunResult, lr_sweep, plot_accuracy, plot_curves, run_record, save_json,
-                              smooth, steps_to_loss, train_run, write_table_md)
-from netsurgeon.data import load_dataset
+from harness import (ModelOptimizer, RunResult, lr_sweep, plot_accuracy, plot_curves, run_record, save_json, smooth,
+                     steps_to_loss, train_run, write_table_md)
+from harness.data import load_dataset
 from netsurgeon.errors import InvalidArgumentError
 from netsurgeon.optim import LayerwiseLM
 

@@ -1,4 +1,4 @@
-"""netsurgeon.data: the offline datasets, root resolution and clear errors.
+"""harness.data (benchmarks/harness/data.py): the offline datasets, root resolution and clear errors.
 
 The data tests (marker ``needs_data``) read ``shared/data`` beside the checkout, or
 $NETSURGEON_DATA. Without it they are SKIPPED with a reason naming NETSURGEON_DATA; with
@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import REQUIRE_DATA_ENV, expected_data_files, require_data
 
-import netsurgeon.data
-from netsurgeon.data import DATASETS, channel_stats, data_root, load_dataset, load_splits, verify_checksums
+import harness.data
+from harness.data import DATASETS, channel_stats, data_root, load_dataset, load_splits, verify_checksums
 from netsurgeon.errors import DataFormatError, DataNotFoundError, InvalidArgumentError, NetsurgeonError
 
 
@@ -88,8 +88,8 @@ def test_missing_root_gives_a_helpful_error(tmp_path, monkeypatch):
 
 def test_repository_default_is_shared_data_next_to_the_checkout(monkeypatch):
     monkeypatch.delenv("NETSURGEON_DATA", raising=False)
-    import netsurgeon.data
-    assert netsurgeon.data._REPO_DEFAULT == Path(netsurgeon.data.__file__).resolve().parents[2] / "shared" / "data"
+    import harness.data
+    assert harness.data._REPO_DEFAULT == Path(harness.data.__file__).resolve().parents[3] / "shared" / "data"
 
 
 def _mnist_test_copy(root: Path, dest: Path) -> Path:
@@ -171,7 +171,7 @@ def test_missing_data_skips_with_a_reason_unless_required(tmp_path, monkeypatch)
         require_data()
     # no NETSURGEON_DATA and no shared/data beside the checkout (a fresh clone on its own)
     monkeypatch.delenv("NETSURGEON_DATA")
-    monkeypatch.setattr(netsurgeon.data, "_REPO_DEFAULT", tmp_path / "clone-parent" / "shared" / "data")
+    monkeypatch.setattr(harness.data, "_REPO_DEFAULT", tmp_path / "clone-parent" / "shared" / "data")
     with pytest.raises(pytest.skip.Exception,
                        match=r"clone-parent.*\$NETSURGEON_DATA is not set\); set NETSURGEON_DATA"):
         require_data()

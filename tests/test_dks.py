@@ -25,7 +25,7 @@ def chain(n: int, act: type[nn.Module], width: int = 32) -> nn.Sequential:
 
 
 class PreActBlock(nn.Module):
-    """x <- sqrt(0.8) x + sqrt(0.2) B(x), B = act, linear, act, linear (MATH.md §4)."""
+    """x <- sqrt(0.8) x + sqrt(0.2) B(x), B = act, linear, act, linear (docs/theory.md §4.6)."""
 
     def __init__(self, width: int, act: type[nn.Module]) -> None:
         super().__init__()
@@ -55,7 +55,7 @@ def slope_over_subnetworks(gm: torch.fx.GraphModule) -> float:
     return IdealGraph(Topology(gm)).max_over_subnetworks(lambda n, v: slopes[n] * v, 1.0)[0]
 
 
-# ---------------------------------------------------------------- reference numbers (MATH.md §4–§5)
+# ---------------------------------------------------------------- reference numbers (docs/theory.md §4.6, §5.4)
 def test_chain_of_50_activations_gives_zeta_to_the_one_fiftieth():
     gm = netsurgeon.transform(chain(50, nn.Tanh), passes=["orthogonal_init", ("dks", {"zeta": 1.5})])
     xi = gm.meta["netsurgeon"]["dks"]["xi"]

@@ -1,6 +1,6 @@
 """Local Q/C maps of activations (netsurgeon.kernels) against independent references.
 
-References: the closed forms of MATH.md §2, adaptive scipy quadrature (quad with the
+References: the closed forms of docs/theory.md §2.2, adaptive scipy quadrature (quad with the
 kinks given as breakpoints, tight tolerances), Monte Carlo with a standard-error
 tolerance, and identities the maps must satisfy (C(1) = 1, Price's theorem, symmetry,
 positive homogeneity, kernel_map(q, q, q) = Q(q)).
@@ -72,7 +72,7 @@ def scipy_kernel(f, g, kinks: tuple[float, ...], q1: float, q2: float, k: float)
     return _quad(lambda x: _scalar(f, s1 * x) * _pdf(x) * inner(x), pts)
 
 
-# ----------------------------------------------------------------- closed forms (MATH.md §2)
+# ----------------------------------------------------------------- closed forms (docs/theory.md §2.2)
 def test_relu_closed_form_and_hand_numbers() -> None:
     maps = LocalMaps("relu")
     c = np.linspace(-1, 1, 41)

@@ -164,3 +164,17 @@ def test_a_checkpoint_inside_the_output_being_replaced_is_refused(tmp_path, caps
     assert _convert(out, "--checkpoint", str(out / "model.safetensors"), "--force") == 2
     assert "lies inside the output" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == before and _hidden(tmp_path) == []
+
+
+def test_a_dead_runs_staging_directory_with_safetensors_temp_file_is_removed(tmp_path, capsys):
+    """safetensors writes ``.tmpXXXX`` and renames it: a kill mid-write leaves that file behind."""
+    dead = tmp_path / ".o.tmp-dead5678"
+    dead.mkdir()
+    (dead / ".tmpAbC123").write_bytes(b"half of the weights")
+    foreign = tmp_path / ".o.tmp-deadbeef"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert _convert(tmp_path / "o") == 0
+    err = capsys.readouterr().err
+    assert not dead.exists() and "removed .o.tmp-dead5678" in err
+    assert (foreign / "notes.txt").read_text() == "mine" and "left .o.tmp-deadbeef alone" in err

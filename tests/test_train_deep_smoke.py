@@ -112,8 +112,8 @@ def test_conv_widths_option_builds_that_network_and_is_recorded(tmp_path: Path) 
 
 def test_lm_optimizer_option_trains_with_layerwise_lm(tmp_path: Path) -> None:
     """--optimizers lm runs the configurations with netsurgeon's LayerwiseLM (LM_OPTIONS);
-    sgd/adam stay the default and are passed to bench.train_run by name."""
-    from netsurgeon.bench import ModelOptimizer
+    sgd/adam stay the default and are passed to harness.train_run by name."""
+    from harness import ModelOptimizer
     from netsurgeon.optim import LayerwiseLM
 
     td = _load_script()

@@ -116,7 +116,7 @@ def test_model_kwargs_that_read_files_or_the_network_need_trust(copy, monkeypatc
     ("../../resnet18", RecipeError),
 ])
 def test_a_recipe_model_is_a_timm_registry_name(copy, model, error):
-    with pytest.raises(error, match="'model'|factory"):
+    with pytest.raises(error, match="'model'|factory|model source"):
         netsurgeon.load(copy(model=model))
 
 

@@ -9,6 +9,7 @@ import numpy as np
 from ..kernels import LocalMaps, get_activation
 from ..kernels.transforms import transformed
 from ..kernels.quadrature import FAST, Piecewise, gauss_expectation
+from ..kernels.registry import version as registry_version
 from ..ops import ActivationSpec
 
 __all__ = ["ActivationMaps", "maps_for"]
@@ -18,9 +19,7 @@ class ActivationMaps:
     """Q map, kernel map and ``dK/dk`` at ``c = 1`` of one activation."""
 
     def __init__(self, spec: ActivationSpec) -> None:
-        params = {k: v for k, v in spec.params}
-        name = "leaky_relu" if spec.name == "prelu" else spec.name
-        act = get_activation(name, **params)
+        act = get_activation(spec.name, **dict(spec.params))  # an alias (prelu) builds its target
         self.local = LocalMaps(act if spec.transform is None else transformed(act, *spec.transform))
 
     def q_map(self, q: np.ndarray) -> np.ndarray:
@@ -41,7 +40,8 @@ class ActivationMaps:
 
 
 @functools.lru_cache(maxsize=256)
-def _cached(spec: ActivationSpec) -> ActivationMaps | None:
+def _cached(spec: ActivationSpec, version: int) -> ActivationMaps | None:
+    """``version``: the activation registry's, so a re-registered name is never served stale."""
     if any(isinstance(v, tuple) for _, v in spec.params):  # per-channel PReLU slopes
         return None
     try:
@@ -52,4 +52,4 @@ def _cached(spec: ActivationSpec) -> ActivationMaps | None:
 
 def maps_for(spec: ActivationSpec) -> ActivationMaps | None:
     """The maps of ``spec``, or None when netsurgeon has no local map for it."""
-    return _cached(spec)
+    return _cached(spec, registry_version())

@@ -1,4 +1,4 @@
-"""Contractivity: operator-norm bounds per layer and for the network (MATH.md §8), and a
+"""Contractivity: operator-norm bounds per layer and for the network (docs/theory.md §8.5), and a
 gradient-energy diagnostic.
 
 :func:`operator_norm_bound` computes, for every linear node (Linear, Conv with its stride,
@@ -8,7 +8,9 @@ for normalizations in eval mode the Lipschitz factor of their fixed affine map
 (batch norm: ``max |γ| / sqrt(var + eps)``; minimal RMS norm: ``1 / running_rms``); for
 activations their Lipschitz constant. A Lipschitz bound is then propagated through the
 graph: products along chains, ``Σ |w_i| L_i`` over sums, ``sqrt(Σ L_i²)`` over
-concatenations. A network bound below 1 means the network is contractive.
+concatenations. A network bound below 1 means the network is contractive. Each kind's
+factor is a ``@bound_rule``; activations take the ``lipschitz`` of their registry entry,
+module ops the ``lipschitz`` given to ``netsurgeon.register_module_op``.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -32,11 +34,11 @@ import torch.nn.functional as F
 from ..graph import Topology, trace
 from ..graph.running import eval_mode
 from ..kernels import get_activation
-from ..ops import OpKind
+from ..kernels.registry import resolve
+from ..ops import OpInfo, OpKind, pool_type
+from .rules import BOUND_RULES, Bound, bound_rule
 
 __all__ = ["OperatorNormBound", "operator_norm_bound", "GradientEnergy"]
-
-_ONE_LIPSCHITZ = {"relu", "leaky_relu", "abs", "tanh", "identity", "relu6", "hardtanh", "softsign", "prelu"}
 
 
 @dataclass
@@ -86,15 +88,28 @@ def _power_iteration(op: Any, shape: tuple[int, ...], iters: int, seed: int, dty
 
 
 def _activation_lipschitz(spec: Any) -> float:
-    if spec.name in _ONE_LIPSCHITZ and spec.transform is None:
-        return 1.0
-    act = get_activation("leaky_relu" if spec.name == "prelu" else spec.name, **dict(spec.params))
+    """The registered Lipschitz constant of an untransformed activation (the largest over
+    per-channel parameters), else ``max |φ'|`` on a grid over [-20, 20], times ``|α γ|``."""
+    if spec.transform is None:
+        entry, _ = resolve(spec.name, {})
+        known = [entry.lipschitz_constant(resolve(spec.name, p)[1]) for p in _per_channel(dict(spec.params))]
+        if all(k is not None for k in known):
+            return max(known)
+    act = get_activation(spec.name, **dict(spec.params))
     x = np.linspace(-20, 20, 400001)
     lip = float(np.max(np.abs(act.dphi(x))))
     if spec.transform is not None:
         a, _, g, _ = spec.transform
         lip *= abs(a * g)
     return lip
+
+
+def _per_channel(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """``params`` with per-channel values (PReLU's slopes) split into one dict per channel."""
+    n = max((len(v) for v in params.values() if isinstance(v, tuple)), default=0)
+    if n == 0:
+        return [params]
+    return [{k: (v[i] if isinstance(v, tuple) else v) for k, v in params.items()} for i in range(n)]
 
 
 def _layer_op(m: nn.Module) -> Any:
@@ -122,6 +137,24 @@ def operator_norm_bound(model: nn.Module, example_inputs: Sequence[torch.Tensor]
         return _bound(gm, topo, iters, seed)
 
 
+@dataclass
+class BoundContext:
+    """What a bound rule may read: the node, the graph, and the power-iteration settings."""
+
+    gm: fx.GraphModule
+    topo: Topology
+    node: fx.Node
+    info: OpInfo
+    iters: int
+    seed: int
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        """The shape of the node's first input (one example)."""
+        args = self.node.all_input_nodes
+        return self.topo.graph.nodes[args[0].name].get("shape") if args else None
+
+
 def _bound(gm: fx.GraphModule, topo: Topology, iters: int, seed: int) -> OperatorNormBound:
     res = OperatorNormBound()
     g = topo.graph
@@ -134,70 +167,111 @@ def _bound(gm: fx.GraphModule, topo: Topology, iters: int, seed: int) -> Operato
         if kind is OpKind.INPUT:
             res.cumulative[node.name] = 1.0
             continue
-        factor, what, reason = _factor(gm, topo, node, kind, info, iters, seed)
-        if reason is not None:
-            res.unbounded[node.name] = reason
+        rule = BOUND_RULES.find(info, gm.get_submodule(node.target) if node.op == "call_module" else None)
+        b = rule(BoundContext(gm, topo, node, info, iters, seed)) if rule is not None else \
+            Bound(unbounded=f"{info.describe()}: no bound")
+        if b.unbounded is not None:
+            res.unbounded[node.name] = b.unbounded
             res.cumulative[node.name] = float("inf")
             continue
-        if factor is not None:
-            res.factors[node.name], res.kinds[node.name] = factor, what
+        if b.factor is not None:
+            res.factors[node.name], res.kinds[node.name] = b.factor, b.what
         if any(math.isinf(c) for c in ins):
             res.cumulative[node.name] = float("inf")
-        elif kind is OpKind.ADD:  # a term written c·h carries |c| in its own bound already
-            weights = info.attrs.get("weights") or [1.0] * len(ins)
-            terms = []
-            for w, a, c in zip(weights, d["signal_operands"], ins):
-                ai = g.nodes[a]["info"]
-                f = float(ai.attrs["factor"]) if ai.kind is OpKind.AFFINE and "factor" in ai.attrs else 1.0
-                terms.append(abs(float(w) / f) * c if w is not None and f != 0 else float("inf"))
-            res.cumulative[node.name] = sum(terms)
-        elif kind is OpKind.CONCAT:
-            res.cumulative[node.name] = math.sqrt(sum(c * c for c in ins))
+        elif b.combine is not None:
+            res.cumulative[node.name] = b.combine(ins)
         else:
-            res.cumulative[node.name] = (factor if factor is not None else 1.0) * (ins[0] if ins else 1.0)
+            res.cumulative[node.name] = (b.factor if b.factor is not None else 1.0) * (ins[0] if ins else 1.0)
     outs = [res.cumulative[a] for n, d in g.nodes(data=True) if d["kind"] is OpKind.OUTPUT
             for a in d["signal_operands"] if a in res.cumulative]
     res.network = max(outs) if outs else float("nan")
     return res
 
 
-def _factor(gm: fx.GraphModule, topo: Topology, node: fx.Node, kind: OpKind, info: Any, iters: int,
-            seed: int) -> tuple[float | None, str, str | None]:
-    """(factor, kind, None), (None, "", None) for factor-free nodes, or (None, "", reason)."""
-    shape = topo.graph.nodes[node.all_input_nodes[0].name].get("shape") if node.all_input_nodes else None
-    if kind in (OpKind.LINEAR, OpKind.CONV):
-        if node.op != "call_module" or not hasattr(gm.get_submodule(node.target), "weight"):
-            return None, "", "functional linear op: no module to read"
-        m = gm.get_submodule(node.target)
-        inner = getattr(m, "layer", m)  # FarkasLayer wraps its layer
-        if getattr(inner, "transposed", False) or shape is None:
-            return None, "", "transposed conv or unknown input shape"
-        return _power_iteration(_layer_op(inner), tuple(shape), iters, seed, inner.weight.dtype), "linear", None
-    if kind is OpKind.POOL:
-        if info.attrs.get("pool_type") in ("avg", "adaptive_avg", "mean") and shape is not None:
-            mod = gm.get_submodule(node.target) if node.op == "call_module" else None
-            op = mod if mod is not None else (lambda v, n=node: n.target(v, *n.args[1:], **n.kwargs))
-            return _power_iteration(op, tuple(shape), iters, seed, torch.float32), "pool", None
-        return None, "", f"{info.attrs.get('pool_type', 'unknown')} pooling: no linear operator"
-    if kind is OpKind.NORM:
-        m = gm.get_submodule(node.target) if node.op == "call_module" else None
-        spec = info.norm
-        if m is not None and spec is not None and spec.family == "batch" and m.running_var is not None:
-            w = m.weight.detach() if m.weight is not None else torch.ones_like(m.running_var)
-            factor = float((w.abs() / torch.sqrt(m.running_var + m.eps)).max())
-            if spec.activation is not None:
-                factor *= _activation_lipschitz(spec.activation)
-            return factor, "norm", None
-        if m is not None and hasattr(m, "running_rms"):
-            return 1.0 / float(m.running_rms), "norm", None
-        return None, "", f"{info.describe()}: data-dependent normalization"
-    if kind is OpKind.ACTIVATION and info.activation is not None:
-        return _activation_lipschitz(info.activation), "activation", None
-    if kind is OpKind.AFFINE and "factor" in info.attrs:
-        return abs(float(info.attrs["factor"])), "scale", None
-    if kind in (OpKind.IDENTITY, OpKind.RESHAPE, OpKind.OUTPUT, OpKind.ADD, OpKind.CONCAT):
-        return None, "", None
-    return None, "", f"{info.describe()}: no bound"
+# ---------------------------------------------------------------- bound rules per kind
+@bound_rule(OpKind.LINEAR, OpKind.CONV)
+def _layer(ctx: BoundContext) -> Bound:
+    """The largest singular value of the bias-free layer at its input shape."""
+    node, gm, shape = ctx.node, ctx.gm, ctx.shape
+    if node.op != "call_module" or not hasattr(gm.get_submodule(node.target), "weight"):
+        return Bound(unbounded="functional linear op: no module to read")
+    m = gm.get_submodule(node.target)
+    inner = getattr(m, "layer", m)  # FarkasLayer wraps its layer
+    if getattr(inner, "transposed", False) or shape is None:
+        return Bound(unbounded="transposed conv or unknown input shape")
+    return Bound(_power_iteration(_layer_op(inner), tuple(shape), ctx.iters, ctx.seed, inner.weight.dtype), "linear")
+
+
+@bound_rule(OpKind.POOL)
+def _pool(ctx: BoundContext) -> Bound:
+    """Average pooling: the operator's largest singular value; other pools: unbounded."""
+    node, shape, kind = ctx.node, ctx.shape, pool_type(ctx.info)
+    if kind is not None and kind.averages and shape is not None:
+        mod = ctx.gm.get_submodule(node.target) if node.op == "call_module" else None
+        op = mod if mod is not None else (lambda v, n=node: n.target(v, *n.args[1:], **n.kwargs))
+        return Bound(_power_iteration(op, tuple(shape), ctx.iters, ctx.seed, torch.float32), "pool")
+    return Bound(unbounded=f"{ctx.info.attrs.get('pool_type', 'unknown')} pooling: no linear operator")
+
+
+@bound_rule(OpKind.NORM)
+def _norm(ctx: BoundContext) -> Bound:
+    """Eval batch norm: ``max |γ| / sqrt(var + eps)`` (times a composite's activation); minimal
+    RMS norm: ``1 / running_rms``; other norms depend on the data."""
+    node, info = ctx.node, ctx.info
+    m = ctx.gm.get_submodule(node.target) if node.op == "call_module" else None
+    spec = info.norm
+    if m is not None and spec is not None and spec.family == "batch" and m.running_var is not None:
+        w = m.weight.detach() if m.weight is not None else torch.ones_like(m.running_var)
+        factor = float((w.abs() / torch.sqrt(m.running_var + m.eps)).max())
+        if spec.activation is not None:
+            factor *= _activation_lipschitz(spec.activation)
+        return Bound(factor, "norm")
+    if m is not None and hasattr(m, "running_rms"):
+        return Bound(1.0 / float(m.running_rms), "norm")
+    return Bound(unbounded=f"{info.describe()}: data-dependent normalization")
+
+
+@bound_rule(OpKind.ACTIVATION)
+def _activation(ctx: BoundContext) -> Bound:
+    if ctx.info.activation is None:
+        return Bound(unbounded=f"{ctx.info.describe()}: no bound")
+    return Bound(_activation_lipschitz(ctx.info.activation), "activation")
+
+
+@bound_rule(OpKind.AFFINE)
+def _affine(ctx: BoundContext) -> Bound:
+    factor = ctx.info.constant_factor
+    if factor is None:
+        return Bound(unbounded=f"{ctx.info.describe()}: no bound")
+    return Bound(abs(factor), "scale")
+
+
+@bound_rule(*(kind for kind in OpKind if kind.traits.unchanged))
+def _unchanged(ctx: BoundContext) -> Bound:
+    return Bound()
+
+
+@bound_rule(OpKind.ADD)
+def _add(ctx: BoundContext) -> Bound:
+    """``Σ |w_i| L_i``; a term written ``c·h`` carries ``|c|`` in its own bound already."""
+    g = ctx.topo.graph
+    operands = g.nodes[ctx.node.name]["signal_operands"]
+    weights = ctx.info.attrs.get("weights") or [1.0] * len(operands)
+
+    def combine(ins: list[float]) -> float:
+        terms = []
+        for w, a, c in zip(weights, operands, ins):
+            f = g.nodes[a]["info"].constant_factor
+            f = 1.0 if f is None else f
+            terms.append(abs(float(w) / f) * c if w is not None and f != 0 else float("inf"))
+        return sum(terms)
+    return Bound(combine=combine)
+
+
+@bound_rule(OpKind.CONCAT)
+def _concat(ctx: BoundContext) -> Bound:
+    """``sqrt(Σ L_i²)``."""
+    return Bound(combine=lambda ins: math.sqrt(sum(c * c for c in ins)))
 
 
 class GradientEnergy:

@@ -10,7 +10,9 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -18,9 +20,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .._fileio import write_atomic
 from .._validate import require_bool, short_list
 from ..errors import InvalidArgumentError, UnknownNodeError, UnsupportedNodeError
-from ..graph import META_KEY, Topology, op_info, trace
+from ..graph import Topology, op_info, trace
+from ..graph.state import default_inputs
 from ..graph.running import eval_mode, example_run
 from ..ops import OpKind
 from .activation_maps import maps_for
@@ -30,8 +34,6 @@ from .measure import NodeStats, kernel_stats
 from .propagate import EXACT, UNSUPPORTED, NodeKernel, propagate_node
 
 __all__ = ["Analysis", "analyze"]
-
-_SKIP = (OpKind.CONSTANT, OpKind.META)
 
 
 @dataclass
@@ -89,7 +91,7 @@ class Analysis:
         def c_map(c_in: Any) -> np.ndarray:
             x = np.asarray(c_in, dtype=float)
             if np.any((x < -1 - 1e-12) | (x > 1 + 1e-12)):
-                raise ValueError("c_in must lie in [-1, 1]")
+                raise InvalidArgumentError(f"c_in must lie in [-1, 1]; got values from {x.min():g} to {x.max():g}")
             return np.interp(x, grid, c)
 
         return c_map
@@ -114,6 +116,17 @@ class Analysis:
         from .plots import plot_cmaps
 
         return plot_cmaps(self, nodes)
+
+    def save_cmaps(self, path: str | os.PathLike, nodes: Sequence[str] | None = None, dpi: int = 120) -> Path:
+        """Save :meth:`plot_cmaps` to ``path`` atomically; the format comes from the extension."""
+        import matplotlib.pyplot as plt
+
+        path, figure = Path(path), self.plot_cmaps(nodes)
+        try:
+            write_atomic(path, lambda tmp: figure.savefig(tmp, dpi=dpi))
+        finally:
+            plt.close(figure)
+        return path
 
     def plot_q(self) -> Any:
         """q along depth (returned matplotlib figure)."""
@@ -235,7 +248,7 @@ def _propagate(gm: fx.GraphModule, topo: Topology, grid: np.ndarray, q_in: float
     pending: list[str] = []
     for node in gm.graph.nodes:
         info = op_info(node)
-        if info.kind in _SKIP or not topo.graph.nodes[node.name]["signal"] and info.kind is not OpKind.OUTPUT:
+        if not info.kind.traits.signal or not topo.graph.nodes[node.name]["signal"] and info.kind is not OpKind.OUTPUT:
             continue
         dims = _dims(node)
         if info.kind is OpKind.INPUT:
@@ -275,17 +288,10 @@ def _propagate(gm: fx.GraphModule, topo: Topology, grid: np.ndarray, q_in: float
     return kernels, pending
 
 
-def _default_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...] | None:
-    """A random batch of the traced model's known input size (timm ``pretrained_cfg``), else None."""
-    info = gm.meta.get(META_KEY, {}).get("trace")
-    shape = getattr(info, "input_shape", None)
-    return None if shape is None else (torch.randn(shape, generator=torch.Generator().manual_seed(0)),)
-
-
 def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None, *,
             q_in: float = 1.0, c_in: float = 0.0, grid_size: int = 201, empirical_points: int = 21,
             empirical_batch: int | None = None, seed: int = 0, local_measure: bool = True) -> Analysis:
-    """Predict q, q', k, c and the cumulative ``C'(1)`` at every node (MATH.md §3).
+    """Predict q, q', k, c and the cumulative ``C'(1)`` at every node (docs/theory.md §3).
 
     Nodes without a kernel map (max pooling, products of signals, train-mode batch
     norm) take measured values at ``empirical_points`` cosines: locally when they follow
@@ -325,7 +331,7 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
         example_inputs = (example_inputs,)
     given = example_inputs is not None
     if example_inputs is None:
-        example_inputs = _default_inputs(gm)
+        example_inputs = default_inputs(gm)
     with eval_mode(gm):
         topo = Topology(gm)
         if given or (example_inputs is not None and topo.kind_counts().get("concat")):  # dims weight concats

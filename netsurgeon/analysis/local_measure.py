@@ -21,6 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..graph import Topology
+from ..graph.state import nodes_by_name
 from ..ops import OpKind
 from .measure import NodeStats, kernel_stats
 
@@ -35,7 +36,7 @@ def local_chain(topo: Topology, name: str) -> list[fx.Node] | None:
     """``[L, n1, ..., P]`` when P's signal comes from L through single-input elementwise or
     per-channel nodes (``L`` a linear/conv node or a tensor input); else None."""
     g = topo.graph
-    by_name = {n.name: n for n in topo.gm.graph.nodes}
+    by_name = nodes_by_name(topo.gm)
     chain = [by_name[name]]
     while len(chain) <= _MAX_CHAIN + 1:
         d = g.nodes[chain[-1].name]

@@ -1,4 +1,4 @@
-"""Empirical kernel quantities at every node (MATH.md §1).
+"""Empirical kernel quantities at every node (docs/theory.md §1).
 
 For a pair of inputs ``x``, ``x2`` the traced module is run on both; at every node with
 a tensor output ``h`` (batch first) the per-example
@@ -14,7 +14,7 @@ Example:
     >>> m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh())
     >>> stats = netsurgeon.measure(m, torch.randn(4, 64), torch.randn(4, 64))
     >>> sorted(stats.nodes)[:2]
-    ['0', '1']
+    ['_0', '_1']
 """
 from __future__ import annotations
 

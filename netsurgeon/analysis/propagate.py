@@ -1,4 +1,4 @@
-"""Per-node kernel propagation (MATH.md §3): predicted q, q', k, c at every node.
+"""Per-node kernel propagation (docs/theory.md §3): predicted q, q', k, c at every node.
 
 The input pair has mean squares ``q_in`` and cosine ``c``; a whole grid of input
 cosines is propagated in one vectorized pass, so the C map from the input to any node
@@ -10,7 +10,7 @@ Rules (σw² = fan_in · mean(W²), σb² = mean(b²) from the actual parameters
 
 * linear / conv: ``q ← σw² q + σb²``, ``k ← σw² k + σb²``; exact for linear, 1×1 and
   delta (centre-tap-only) convs, approximate otherwise (spatial mixing);
-* activation: the local maps of MATH.md §2 (``netsurgeon.kernels``);
+* activation: the local maps of docs/theory.md §2 (``netsurgeon.kernels``);
 * weighted sum of uncorrelated terms: ``q = Σ w² q_i``, ``k = Σ w² k_i`` (sums of correlated
   terms are found by :mod:`.sums` and measured by the engine instead);
 * concatenation: dimension-weighted average; pooling, reshapes, dropout: unchanged;
@@ -19,12 +19,13 @@ Rules (σw² = fan_in · mean(W²), σb² = mean(b²) from the actual parameters
 
 Ops without an exact map (max pooling, products of signals, train-mode batch norm,
 unknown ops) are tagged unsupported and take measured values when inputs are known.
+
+Each kind's rule is registered with ``@kernel_rule`` (:mod:`.rules`); a module type
+registered with ``netsurgeon.register_module_op`` brings its own, which comes first.
 """
 from __future__ import annotations
 
 import operator
-
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -32,48 +33,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..ops import OpInfo, OpKind
+from ..ops import OpInfo, OpKind, batch_norm_affine, pool_type
+from .rules import (APPROX, EXACT, KERNEL_RULES, UNSUPPORTED, KernelContext, NodeKernel, kernel_rule, reasons,
+                    worse)
 
-__all__ = ["NodeKernel", "EXACT", "APPROX", "UNSUPPORTED", "propagate_node"]
+__all__ = ["NodeKernel", "EXACT", "APPROX", "UNSUPPORTED", "affine_moments", "propagate_node", "weight_stats"]
 
-EXACT, APPROX, UNSUPPORTED = "exact", "approximate", "unsupported"
-
-
-@dataclass
-class NodeKernel:
-    """Predicted kernel quantities at one node, over the grid of input cosines.
-
-    Attributes:
-        q: mean square of the first input's features (scalar).
-        q2: mean square of the second input's features (scalar).
-        k: cross term, one value per grid point.
-        dk: ``dk_node / dk_in`` at input ``c = 1``.
-        status: ``"exact"``, ``"approximate"`` or ``"unsupported"``.
-        reason: why approximate or unsupported.
-        dims: feature count per example (for concatenation weights), when known.
-    """
-
-    q: float
-    q2: float
-    k: np.ndarray
-    dk: float
-    status: str = EXACT
-    reason: str = ""
-    dims: int | None = None
-
-    @property
-    def c(self) -> np.ndarray:
-        return self.k / np.sqrt(max(self.q * self.q2, 1e-300))
-
-
-def _worse(*statuses: str) -> str:
-    order = [EXACT, APPROX, UNSUPPORTED]
-    return max(statuses, key=order.index)
-
-
-def _reasons(*parts: str) -> str:
-    """The distinct reasons of ``parts`` (each a "; "-joined list), in first-seen order."""
-    return "; ".join(dict.fromkeys(r for p in parts if p for r in p.split("; ")))
+_worse, _reasons = worse, reasons  # the names earlier code and tests import
 
 
 def weight_stats(weight: torch.Tensor, bias: torch.Tensor | None, groups: int = 1, transposed: bool = False
@@ -148,84 +114,114 @@ def _layer_stats(m: nn.Module, cache: dict[int, tuple[float, float, bool]] | Non
     return stats
 
 
-def _linear(inp: NodeKernel, sw: float, sb: float, status: str, reason: str) -> NodeKernel:
-    return NodeKernel(sw * inp.q + sb, sw * inp.q2 + sb, sw * inp.k + sb, sw * inp.dk,
-                      _worse(inp.status, status), _reasons(inp.reason, reason))
-
-
 def propagate_node(node: fx.Node, info: OpInfo, gm: fx.GraphModule, inputs: list[NodeKernel],
                    activation_maps: Callable[[Any], Any], dims: int | None,
                    cache: dict[int, tuple[float, float, bool]] | None = None) -> NodeKernel | None:
-    """Apply the rule of ``info.kind`` to the kernels of the node's signal inputs.
+    """Apply the node's kernel rule (its module type's, else its kind's) to the kernels of its
+    signal inputs.
 
     ``cache``: per-analysis store of layer weight statistics (see ``_layer_stats``).
 
     Returns None when the node has no rule (the caller then uses measured values).
     """
-    kind = info.kind
-    if kind in (OpKind.IDENTITY, OpKind.RESHAPE, OpKind.OUTPUT):
-        k = inputs[0]
-        return NodeKernel(k.q, k.q2, k.k, k.dk, k.status, k.reason, dims)
-    if kind is OpKind.POOL:
-        k = inputs[0]
-        if info.attrs.get("pool_type") in ("avg", "adaptive_avg", "mean"):
-            return NodeKernel(k.q, k.q2, k.k, k.dk, _worse(k.status, APPROX),
-                              _reasons(k.reason, "average pooling: locations assumed alike"), dims)
-        return None
-    if kind in (OpKind.LINEAR, OpKind.CONV) and node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        sw, sb, delta = _layer_stats(m, cache)
-        if kind is OpKind.CONV and not delta:
-            status, reason = APPROX, "conv spatial mixing: locations assumed alike"
-        else:
-            status, reason = EXACT, ""
-        out = _linear(inputs[0], sw, sb, status, reason)
+    ctx = KernelContext(node, info, gm, dims, activation_maps, cache)
+    rule = KERNEL_RULES.find(info, ctx.module)
+    out = rule(ctx, inputs) if rule is not None else None
+    if out is not None:
         out.dims = dims
-        return out
-    if kind is OpKind.ACTIVATION and info.activation is not None:
-        return _activation(activation_maps(info.activation), inputs[0], dims)
-    if kind is OpKind.ADD:
-        weights = info.attrs.get("weights")
-        if weights is None or len(weights) != len(inputs) or any(w is None for w in weights):
-            return None
-        # A term written ``c * h`` carries c in its own (AFFINE) kernel already: keep only the sign/alpha.
-        from ..graph import op_info
+    return out
 
-        factors = []
-        for a in node.all_input_nodes:
-            ai = op_info(a)
-            factors.append(float(ai.attrs["factor"]) if ai.kind is OpKind.AFFINE and "factor" in ai.attrs else 1.0)
-        if len(factors) != len(weights) or any(f == 0 for f in factors):
-            return None
-        w2 = [(float(w) / f) ** 2 for w, f in zip(weights, factors)]
-        return NodeKernel(sum(w * i.q for w, i in zip(w2, inputs)), sum(w * i.q2 for w, i in zip(w2, inputs)),
-                          sum(w * i.k for w, i in zip(w2, inputs)), sum(w * i.dk for w, i in zip(w2, inputs)),
-                          _worse(*(i.status for i in inputs)), _reasons(*(i.reason for i in inputs)), dims)
-    if kind is OpKind.AFFINE and "factor" in info.attrs and len(inputs) == 1:
-        f2 = float(info.attrs["factor"]) ** 2
-        k = inputs[0]
-        return NodeKernel(f2 * k.q, f2 * k.q2, f2 * k.k, f2 * k.dk, k.status, k.reason, dims)
-    if kind is OpKind.AFFINE and len(inputs) == 1:
-        from ..graph import op_info
 
-        moments = affine_moments(gm, node, lambda a: op_info(a).kind not in (OpKind.CONSTANT, OpKind.META)
-                                 and a.op != "get_attr")
-        if moments is not None:
-            out = _linear(inputs[0], *moments, APPROX, "per-channel scale: channels assumed alike")
-            out.dims = dims
-            return out
-    if kind is OpKind.CONCAT:
-        if any(i.dims is None for i in inputs):
-            return None
-        total = sum(i.dims for i in inputs)
-        a = [i.dims / total for i in inputs]
-        return NodeKernel(sum(w * i.q for w, i in zip(a, inputs)), sum(w * i.q2 for w, i in zip(a, inputs)),
-                          sum(w * i.k for w, i in zip(a, inputs)),
-                          sum(w * i.dk * 1.0 for w, i in zip(a, inputs)),
-                          _worse(*(i.status for i in inputs)), _reasons(*(i.reason for i in inputs)), dims)
-    if kind is OpKind.NORM and node.op == "call_module" and info.norm is not None:
-        return _norm(gm.get_submodule(node.target), info, inputs[0], activation_maps, dims)
-    return None
+@kernel_rule(*(kind for kind in OpKind if kind.traits.unchanged))
+def _unchanged(ctx: KernelContext, inputs: list[NodeKernel]) -> NodeKernel:
+    """Reshapes, dropout, the output: q and k pass through."""
+    k = inputs[0]
+    return NodeKernel(k.q, k.q2, k.k, k.dk, k.status, k.reason)
+
+
+@kernel_rule(OpKind.POOL)
+def _pool(ctx: KernelContext, inputs: list[NodeKernel]) -> NodeKernel | None:
+    """Average pooling: unchanged, with locations assumed alike; other pools have no map."""
+    kind = pool_type(ctx.info)
+    if kind is None or not kind.averages:
+        return None
+    k = inputs[0]
+    return NodeKernel(k.q, k.q2, k.k, k.dk, worse(k.status, APPROX),
+                      reasons(k.reason, "average pooling: locations assumed alike"))
+
+
+@kernel_rule(OpKind.LINEAR, OpKind.CONV)
+def _layer(ctx: KernelContext, inputs: list[NodeKernel]) -> NodeKernel | None:
+    """``q ← σw² q + σb²`` from the module's own weights; functional layers have no map."""
+    m = ctx.module
+    if m is None:
+        return None
+    sw, sb, delta = _layer_stats(m, ctx.cache)
+    if ctx.info.kind is OpKind.CONV and not delta:
+        return inputs[0].linear(sw, sb, APPROX, "conv spatial mixing: locations assumed alike")
+    return inputs[0].linear(sw, sb, EXACT, "")
+
+
+@kernel_rule(OpKind.ACTIVATION)
+def _activation_rule(ctx: KernelContext, inputs: list[NodeKernel]) -> NodeKernel | None:
+    if ctx.info.activation is None:
+        return None
+    return _activation(ctx.activation_maps(ctx.info.activation), inputs[0], ctx.dims)
+
+
+@kernel_rule(OpKind.ADD)
+def _add(ctx: KernelContext, inputs: list[NodeKernel]) -> NodeKernel | None:
+    """Weighted sum of uncorrelated terms: ``q = Σ w² q_i``, ``k = Σ w² k_i``."""
+    weights = ctx.info.attrs.get("weights")
+    if weights is None or len(weights) != len(inputs) or any(w is None for w in weights):
+        return None
+    # A term written ``c * h`` carries c in its own (AFFINE) kernel already: keep only the sign/alpha.
+    from ..graph import op_info
+
+    factors = [1.0 if op_info(a).constant_factor is None else op_info(a).constant_factor
+               for a in ctx.node.all_input_nodes]
+    if len(factors) != len(weights) or any(f == 0 for f in factors):
+        return None
+    w2 = [(float(w) / f) ** 2 for w, f in zip(weights, factors)]
+    return NodeKernel(sum(w * i.q for w, i in zip(w2, inputs)), sum(w * i.q2 for w, i in zip(w2, inputs)),
+                      sum(w * i.k for w, i in zip(w2, inputs)), sum(w * i.dk for w, i in zip(w2, inputs)),
+                      worse(*(i.status for i in inputs)), reasons(*(i.reason for i in inputs)))
+
+
+@kernel_rule(OpKind.AFFINE)
+def _affine(ctx: KernelContext, inputs: list[NodeKernel]) -> NodeKernel | None:
+    """``c · h``: q and k times c²; a per-channel constant scale and shift: its mean squares."""
+    if len(inputs) != 1:
+        return None
+    k = inputs[0]
+    factor = ctx.info.constant_factor
+    if factor is not None:
+        f2 = factor ** 2
+        return NodeKernel(f2 * k.q, f2 * k.q2, f2 * k.k, f2 * k.dk, k.status, k.reason)
+    from ..graph import op_info
+
+    moments = affine_moments(ctx.gm, ctx.node, lambda a: op_info(a).kind.traits.signal and a.op != "get_attr")
+    return None if moments is None else k.linear(*moments, APPROX, "per-channel scale: channels assumed alike")
+
+
+@kernel_rule(OpKind.CONCAT)
+def _concat(ctx: KernelContext, inputs: list[NodeKernel]) -> NodeKernel | None:
+    """Dimension-weighted average of the parts."""
+    if any(i.dims is None for i in inputs):
+        return None
+    total = sum(i.dims for i in inputs)
+    a = [i.dims / total for i in inputs]
+    return NodeKernel(sum(w * i.q for w, i in zip(a, inputs)), sum(w * i.q2 for w, i in zip(a, inputs)),
+                      sum(w * i.k for w, i in zip(a, inputs)), sum(w * i.dk * 1.0 for w, i in zip(a, inputs)),
+                      worse(*(i.status for i in inputs)), reasons(*(i.reason for i in inputs)))
+
+
+@kernel_rule(OpKind.NORM)
+def _norm_rule(ctx: KernelContext, inputs: list[NodeKernel]) -> NodeKernel | None:
+    m = ctx.module
+    if m is None or ctx.info.norm is None:
+        return None
+    return _norm(m, ctx.info, inputs[0], ctx.activation_maps, ctx.dims)
 
 
 def _norm(m: nn.Module, info: OpInfo, k: NodeKernel, activation_maps: Callable[[Any], Any],
@@ -234,13 +230,8 @@ def _norm(m: nn.Module, info: OpInfo, k: NodeKernel, activation_maps: Callable[[
     if spec.family == "batch":
         if m.training or getattr(m, "running_var", None) is None:
             return None  # batch statistics: no exact map
-        var, mean = m.running_var.detach().double(), m.running_mean.detach().double()
-        w = m.weight.detach().double() if getattr(m, "weight", None) is not None else torch.ones_like(var)
-        b = m.bias.detach().double() if getattr(m, "bias", None) is not None else torch.zeros_like(var)
-        s = w / torch.sqrt(var + m.eps)
-        t = b - mean * s
-        out = _linear(k, float((s * s).mean()), float((t * t).mean()), APPROX,
-                      "eval batch norm: channels assumed alike")
+        s, t = batch_norm_affine(m)
+        out = k.linear(float((s * s).mean()), float((t * t).mean()), APPROX, "eval batch norm: channels assumed alike")
     elif spec.family in ("layer", "group", "rms"):
         w = getattr(m, "weight", None)
         b = getattr(m, "bias", None)
@@ -248,12 +239,12 @@ def _norm(m: nn.Module, info: OpInfo, k: NodeKernel, activation_maps: Callable[[
         b2 = float((b.detach().double() ** 2).mean()) if b is not None else 0.0
         c = k.k / np.sqrt(k.q * k.q2)
         dk = k.dk * g2 / k.q
-        status = _worse(k.status, APPROX) if b2 > 0 or spec.family != "rms" else k.status
-        reason = _reasons(k.reason, "per-example norm: centering neglected" if spec.family != "rms" else "")
+        status = worse(k.status, APPROX) if b2 > 0 or spec.family != "rms" else k.status
+        reason = reasons(k.reason, "per-example norm: centering neglected" if spec.family != "rms" else "")
         out = NodeKernel(g2 + b2, g2 + b2, g2 * c + b2, dk, status, reason)
     elif spec.family == "minimal_rms" and not m.training:  # x / running_rms: a constant scale
         r2 = float(m.running_rms.detach().double()) ** 2
-        out = _linear(k, 1.0 / r2, 0.0, EXACT, "")
+        out = k.linear(1.0 / r2, 0.0, EXACT, "")
     else:
         return None
     out.dims = dims
@@ -263,7 +254,7 @@ def _norm(m: nn.Module, info: OpInfo, k: NodeKernel, activation_maps: Callable[[
 
 
 def _activation(maps: Any, k: NodeKernel, dims: int | None) -> NodeKernel | None:
-    """The local maps of MATH.md §2 applied to ``k``; None when the activation has no maps."""
+    """The local maps of docs/theory.md §2 applied to ``k``; None when the activation has no maps."""
     if maps is None:
         return None
     q1, q2 = float(maps.q_map(np.array([k.q]))[0]), float(maps.q_map(np.array([k.q2]))[0])

@@ -1,4 +1,4 @@
-"""Which sums have correlated terms (MATH.md §3, weighted sums).
+"""Which sums have correlated terms (docs/theory.md §3.3, weighted sums).
 
 ``q_y = Σ w_i² q_i`` holds when the terms are uncorrelated at init, which is the case when
 two terms differ by at least one independent zero-mean random layer. Two terms ``a`` and
@@ -26,12 +26,10 @@ import networkx as nx
 import torch.fx as fx
 
 from ..graph import Topology
+from ..graph.state import nodes_by_name
 from ..ops import OpKind
 
 __all__ = ["correlated_sums"]
-
-_WEIGHTED = (OpKind.LINEAR, OpKind.CONV)
-
 
 def _weight_key(topo: Topology, name: str) -> str:
     """What identifies the weight of a Linear/Conv node: its module, else its parameter nodes."""
@@ -45,7 +43,7 @@ def _weight_key(topo: Topology, name: str) -> str:
 def correlated_sums(topo: Topology) -> dict[str, str]:
     """``{sum node: reason}`` for every signal sum with a pair of correlated terms."""
     g = topo.graph
-    fx_nodes = {n.name: n for n in topo.gm.graph.nodes}
+    fx_nodes = nodes_by_name(topo.gm)
     out: dict[str, str] = {}
     for name, d in g.nodes(data=True):
         if d["kind"] is not OpKind.ADD or not d["signal"]:
@@ -60,7 +58,7 @@ def correlated_sums(topo: Topology) -> dict[str, str]:
         for i, a in enumerate(terms):
             b = next((b for b in terms[i + 1:] if _correlated(topo, anc[a], anc[b])), None)
             if b is not None:
-                only = sorted({_weight_key(topo, n) for n in anc[a] - anc[b] if g.nodes[n]["kind"] in _WEIGHTED})
+                only = sorted({_weight_key(topo, n) for n in anc[a] - anc[b] if g.nodes[n]["kind"].traits.weighted})
                 shared = f" (the same weights on both: {', '.join(only)})" if only else ""
                 out[name] = (f"sum of correlated terms {a} and {b}: no independent Linear/Conv weight separates "
                              f"them{shared}, so q is not the weighted sum of the terms' q")
@@ -77,6 +75,6 @@ def _node_args(node: fx.Node) -> list[fx.Node]:
 
 def _correlated(topo: Topology, anc_a: set[str], anc_b: set[str]) -> bool:
     g = topo.graph
-    only_a = {_weight_key(topo, n) for n in anc_a - anc_b if g.nodes[n]["kind"] in _WEIGHTED}
-    only_b = {_weight_key(topo, n) for n in anc_b - anc_a if g.nodes[n]["kind"] in _WEIGHTED}
+    only_a = {_weight_key(topo, n) for n in anc_a - anc_b if g.nodes[n]["kind"].traits.weighted}
+    only_b = {_weight_key(topo, n) for n in anc_b - anc_a if g.nodes[n]["kind"].traits.weighted}
     return not only_a ^ only_b

@@ -1,4 +1,4 @@
-"""Architecture-dependent DKS/TAT targets, derived from the traced graph (MATH.md §4–§5).
+"""Architecture-dependent DKS/TAT targets, derived from the traced graph (docs/theory.md §4.4–§4.5, §5).
 
 DKS assumes unit q at every activation input, C-preserving linear layers (scaled
 orthogonal weights, zero biases) and normalized sums. Under those assumptions a
@@ -11,7 +11,12 @@ input cosine. :class:`IdealGraph` propagates such a scalar through the graph:
 * per-example norms (layer/RMS/group, ``LocationNorm``): q becomes 1, value unchanged;
 * constant scaling ``f·h``: q times f²;
 * sums ``Σ w_i h_i``: ``q = Σ w_i² q_i``, value ``Σ w_i² q_i v_i / q``;
-* concatenations: the same with the feature counts as weights.
+* concatenations: the same with the feature counts as weights;
+* a module registered with ``netsurgeon.register_module_op``: the q of its kernel rule
+  (which must keep c), value unchanged.
+
+Each kind's rule (and the check that names a node the assumptions do not cover) is
+registered with ``@ideal_rule`` (:mod:`.ideal_rules`); a kind without one is reported as a problem.
 
 The subnetworks are the whole network (every output) and every lone residual branch
 (from the block's entry to the branch's term in the sum). The maximal slope function
@@ -26,7 +31,6 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import networkx as nx
 import numpy as np
@@ -34,18 +38,14 @@ import torch.fx as fx
 
 from .._validate import problem_list
 from ..errors import UnsupportedNodeError
-from ..graph import Topology
+from ..graph import BlockKind, Topology
 from ..ops import OpKind
+from .ideal_rules import NO_RULE, ActRule, IdealRule, from_kernel_rule, ideal_rule
 from .propagate import affine_moments
+from .rules import IDEAL_RULES, KERNEL_RULES
 from .sums import correlated_sums
 
-__all__ = ["IdealGraph", "ProductMap", "Subnetwork", "gate_nodes"]
-
-_PASS_THROUGH = {OpKind.LINEAR, OpKind.CONV, OpKind.IDENTITY, OpKind.RESHAPE, OpKind.OUTPUT}
-_AVG_POOLS = {"avg", "adaptive_avg", "mean"}
-_Q_TOL = 1e-3  # an activation input's idealized q must be 1 within this (norm eps moves it ~1e-5)
-
-ActRule = Callable[[str, float], float]  # (activation node, value in) -> value out
+__all__ = ["ActRule", "IdealGraph", "IdealRule", "ProductMap", "Subnetwork", "gate_nodes", "ideal_rule"]
 
 
 @dataclass(frozen=True)
@@ -117,39 +117,28 @@ class IdealGraph:
         self.problems: list[tuple[str, str]] = []
         self.correlated = correlated_sums(topo)
         self.activations = [n.name for n in self.order if topo.graph.nodes[n.name]["kind"] is OpKind.ACTIVATION]
+        self.rules = {n.name: self._rule_for(n) for n in self.order}
         self._check()
 
     # ------------------------------------------------------------------ structure
+    def _rule_for(self, node: fx.Node) -> "IdealRule":
+        """The node's rule: its module type's (an ideal rule, or one derived from its kernel
+        rule), else its kind's."""
+        module = self.topo.gm.get_submodule(node.target) if node.op == "call_module" else None
+        rule = IDEAL_RULES.for_module(module)
+        if rule is None and KERNEL_RULES.for_module(module) is not None:
+            rule = from_kernel_rule(KERNEL_RULES.for_module(module))
+        if rule is None:
+            rule = IDEAL_RULES.for_kind(self.topo.graph.nodes[node.name]["kind"])
+        return rule if rule is not None else NO_RULE
+
     def _check(self) -> None:
         """Collect the nodes that break the assumptions (with the remedy in the reason)."""
         for node in self.order:
-            d = self.topo.graph.nodes[node.name]
-            kind, info = d["kind"], d["info"]
-            if kind is OpKind.NORM and info.norm is not None and info.norm.family == "batch":
-                self.problems.append((node.name, "batch norm: run strip_bn first (fold or remove)"))
-            elif kind is OpKind.NORM and info.norm is not None and info.norm.activation is not None:
-                self.problems.append((node.name, "norm+activation composite: its activation cannot be reshaped"))
-            elif kind is OpKind.POOL and info.attrs.get("pool_type") not in _AVG_POOLS:
-                self.problems.append((node.name, f"{info.attrs.get('pool_type', 'unknown')} pooling has no exact "
-                                                 "kernel map: run maxpool_to_avgpool first"))
-            elif kind is OpKind.MULTIPLY and self.products == "refuse":
-                self.problems.append((node.name, "product of signals (attention, squeeze-excite): no kernel map; "
-                                                 "pass products='empirical' (measured maps) or 'neutral' "
-                                                 "(a pass-through)"))
-            elif kind is OpKind.ADD and (info.attrs.get("weights") is None
-                                         or any(w is None for w in info.attrs["weights"])):
-                self.problems.append((node.name, "sum with non-constant weights"))
-            elif kind is OpKind.ADD and node.name in self.correlated:
-                self.problems.append((node.name, self.correlated[node.name]))
-            elif kind is OpKind.CONCAT and any("shape" not in self.topo.graph.nodes[a]
-                                               for a in d["signal_operands"]):
-                self.problems.append((node.name, "concatenation without shapes: pass example_inputs"))
-            elif kind is OpKind.AFFINE and "factor" not in info.attrs and self._affine_moments(node) is None:
-                self.problems.append((node.name, "affine op with no constant scale netsurgeon can read"))
-            elif kind in (OpKind.OTHER,) or (kind is OpKind.NORM and info.norm is None):
-                self.problems.append((node.name, f"{info.describe()}: no kernel rule"))
-            elif kind is OpKind.ACTIVATION and info.activation is None:
-                self.problems.append((node.name, f"activation {info.name} not identified"))
+            rule = self.rules[node.name]
+            reason = None if rule.check is None else rule.check(self, node, self.topo.graph.nodes[node.name])
+            if reason is not None:
+                self.problems.append((node.name, reason))
 
     def raise_problems(self, what: str) -> None:
         """Raise :class:`UnsupportedNodeError` if there are problem nodes: one line naming the first
@@ -167,7 +156,7 @@ class IdealGraph:
         outputs = tuple(a for n, d in g.nodes(data=True) if d["kind"] is OpKind.OUTPUT for a in d["signal_operands"])
         subs = [Subnetwork("network", inputs, outputs)]
         for b in self.topo.blocks:
-            if b.kind == "residual" and b.entry is not None:
+            if b.kind is BlockKind.RESIDUAL and b.entry is not None:
                 subs.append(Subnetwork(f"residual branch of {b.merge}", (b.entry,), tuple(b.operands[1:])))
         return subs
 
@@ -199,54 +188,11 @@ class IdealGraph:
                 q[name] = q[first]  # the pass rescales the product by 1 / sqrt(q_ratio)
                 v[name] = product(name, v[first]) if product is not None else v[first]
                 continue
-            q[name], v[name] = self._rule(name, d, ins, q, v, act)
+            q[name], v[name] = self.rules[name].apply(self, node, d, ins, q, v, act)
         return {s: v[s] for s in sub.sinks if s in v}
 
-    def _rule(self, name: str, d: dict, ins: list[str], q: dict[str, float], v: dict[str, float],
-              act: ActRule) -> tuple[float, float]:
-        kind, info = d["kind"], d["info"]
-        first = ins[0]
-        if kind is OpKind.ACTIVATION:
-            if info.activation is not None and info.activation.name == "identity":
-                return q[first], v[first]
-            if abs(q[first] - 1.0) > _Q_TOL:
-                raise UnsupportedNodeError(
-                    f"activation {name} receives q = {q[first]:.6g} under the DKS assumptions, not 1: a sum "
-                    f"upstream is not normalized (run normalize_sums) or a scaling changes q (a layer scale, a "
-                    f"norm whose eps dominates)", nodes=[name])
-            return 1.0, act(name, v[first])
-        if kind is OpKind.NORM:  # per-example norms rescale to q = 1, unless q is far below their eps
-            node = _node_named(self.topo.gm, name)
-            eps = float(getattr(self.topo.gm.get_submodule(node.target), "eps", 0.0)) if node.op == "call_module" \
-                else 0.0
-            return q[first] / (q[first] + eps), v[first]
-        if kind is OpKind.AFFINE and "factor" in info.attrs:
-            return float(info.attrs["factor"]) ** 2 * q[first], v[first]
-        if kind is OpKind.AFFINE:  # per-channel scale (layer scale, ChannelAffine): channels assumed alike
-            s2, t2 = self._affine_moments(_node_named(self.topo.gm, name))
-            q_out = s2 * q[first] + t2
-            return q_out, (s2 * q[first] * v[first] + t2) / q_out if q_out > 0 else 0.0
-        if kind is OpKind.ADD:
-            return self._sum(d, q, v)
-        if kind is OpKind.CONCAT:
-            dims = [_features(self.topo.graph.nodes[a].get("shape")) for a in d["signal_operands"]]
-            total = sum(dims)
-            return _weighted([(n / total, a) for n, a in zip(dims, d["signal_operands"]) if a in q], q, v)
-        return q[first], v[first]  # pass-through kinds, pools, neutral products
-
-    def _sum(self, d: dict, q: dict[str, float], v: dict[str, float]) -> tuple[float, float]:
-        """``Σ w_i h_i`` where a term written ``c·h`` carries c in its own q already."""
-        g = self.topo.graph
-        terms = []
-        for w, a in zip(d["info"].attrs["weights"], d["signal_operands"]):
-            if a not in q:
-                continue
-            ai = g.nodes[a]["info"]
-            factor = float(ai.attrs["factor"]) if ai.kind is OpKind.AFFINE and "factor" in ai.attrs else 1.0
-            terms.append(((float(w) / factor) ** 2, a))
-        return _weighted(terms, q, v)
-
-    def _affine_moments(self, node: fx.Node) -> tuple[float, float] | None:
+    def affine_moments(self, node: fx.Node) -> tuple[float, float] | None:
+        """``(E s², E t²)`` of a per-channel constant scale and shift (see ``propagate.affine_moments``)."""
         return affine_moments(self.topo.gm, node, lambda a: self.topo.graph.nodes[a.name]["signal"])
 
     # ------------------------------------------------------------------ DKS/TAT targets
@@ -302,19 +248,3 @@ class IdealGraph:
         """The whole network's ``C_f(0)`` (largest over its outputs) with each activation's C map."""
         values = self.propagate(self.subnetworks()[0], c_map, 0.0, lambda n, c: self.product_maps[n].c_map(c))
         return max(values.values()) if values else 0.0
-
-
-def _node_named(gm: fx.GraphModule, name: str) -> fx.Node:
-    return next(n for n in gm.graph.nodes if n.name == name)
-
-
-def _weighted(terms: list[tuple[float, str]], q: dict[str, float], v: dict[str, float]) -> tuple[float, float]:
-    q_out = sum(w * q[a] for w, a in terms)
-    if q_out <= 0:
-        return 0.0, 0.0
-    return q_out, sum(w * q[a] * v[a] for w, a in terms) / q_out
-
-
-def _features(shape: tuple[int, ...] | None) -> int:
-    """Channels of a ``[B, C, ...]`` shape (a concatenation's weight per location)."""
-    return int(shape[1]) if shape is not None and len(shape) > 1 else 1

@@ -1,7 +1,9 @@
 """Tracing and the topology view."""
-from .blocks import MergeBlock, find_merge_blocks
+from . import state
+from .blocks import BlockKind, MergeBlock, find_merge_blocks
 from .topology import Topology, UnknownOp, op_info, topology
-from .tracer import META_KEY, NetsurgeonTracer, TraceInfo, trace
+from .state import META_KEY
+from .tracer import NetsurgeonTracer, TraceInfo, trace
 
-__all__ = ["META_KEY", "MergeBlock", "NetsurgeonTracer", "Topology", "TraceInfo", "UnknownOp",
-           "find_merge_blocks", "op_info", "topology", "trace"]
+__all__ = ["META_KEY", "BlockKind", "MergeBlock", "NetsurgeonTracer", "Topology", "TraceInfo", "UnknownOp",
+           "find_merge_blocks", "op_info", "state", "topology", "trace"]

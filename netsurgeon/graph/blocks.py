@@ -10,17 +10,40 @@ identity or projection shortcut) and some branch has a weight layer.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import networkx as nx
 
 from ..ops import OpKind
 
-__all__ = ["MergeBlock", "find_merge_blocks"]
+__all__ = ["BlockKind", "MergeBlock", "find_merge_blocks", "is_residual", "path_cost"]
 
-_WEIGHT_KINDS = {OpKind.LINEAR, OpKind.CONV}
-_COUNTED_KINDS = _WEIGHT_KINDS | {OpKind.ACTIVATION, OpKind.NORM, OpKind.MULTIPLY, OpKind.OTHER}
+
+class BlockKind(str, enum.Enum):
+    """What a merge is (compares equal to its string value: ``BlockKind.RESIDUAL == "residual"``)."""
+
+    RESIDUAL = "residual"  # identity or projection shortcut plus a branch with a weight layer
+    CONCAT = "concat"
+    BRANCH_MERGE = "branch_merge"  # a sum of non-trivial paths
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def path_cost(kinds: Iterable[OpKind]) -> tuple[int, int, int]:
+    """``(substantial ops, weight layers, activations)`` on a path (see ``OpKind.traits``);
+    a merge's shortcut is its operand with the smallest cost."""
+    kinds = list(kinds)
+    return (sum(k.traits.substantial for k in kinds), sum(k.traits.weighted for k in kinds),
+            sum(k is OpKind.ACTIVATION for k in kinds))
+
+
+def is_residual(shortcut: tuple[int, int, int], branches: Iterable[tuple[int, int, int]]) -> bool:
+    """A sum is a residual block when its shortcut (by :func:`path_cost`) has no activation and
+    at most one weight layer (an identity or projection shortcut) and some branch has a weight layer."""
+    return shortcut[2] == 0 and shortcut[1] <= 1 and any(b[1] for b in branches)
 
 
 @dataclass
@@ -29,7 +52,7 @@ class MergeBlock:
 
     Attributes:
         merge: name of the ADD/CONCAT node.
-        kind: ``"residual"``, ``"concat"`` or ``"branch_merge"`` (a sum of non-trivial paths).
+        kind: a :class:`BlockKind` (equal to ``"residual"``, ``"concat"`` or ``"branch_merge"``).
         entry: the node where the paths fork.
         shortcut: nodes of the shortcut path in order (empty: the entry itself).
         shortcut_kind: ``"identity"`` or ``"projection"`` (a weight layer on the shortcut).
@@ -83,9 +106,7 @@ def _path_between(g: nx.DiGraph, entry: str | None, operand: str, order: dict[st
 
 
 def _weight(g: nx.DiGraph, path: list[str]) -> tuple[int, int, int]:
-    kinds = [g.nodes[n]["kind"] for n in path]
-    return (sum(k in _COUNTED_KINDS for k in kinds), sum(k in _WEIGHT_KINDS for k in kinds),
-            sum(k is OpKind.ACTIVATION for k in kinds))
+    return path_cost(g.nodes[n]["kind"] for n in path)
 
 
 def find_merge_blocks(g: nx.DiGraph) -> list[MergeBlock]:
@@ -107,7 +128,7 @@ def find_merge_blocks(g: nx.DiGraph) -> list[MergeBlock]:
     blocks: list[MergeBlock] = []
     for n in sorted(signal_nodes, key=order.__getitem__):
         d = g.nodes[n]
-        if d["kind"] not in (OpKind.ADD, OpKind.CONCAT):
+        if not d["kind"].traits.merge:
             continue
         operands = list(dict.fromkeys(d.get("signal_operands", [])))
         if len(operands) < 2:
@@ -115,17 +136,18 @@ def find_merge_blocks(g: nx.DiGraph) -> list[MergeBlock]:
         entry = idom.get(n)
         entry = None if entry in (source, None) else entry
         paths = {o: ([] if o == entry else _path_between(g, entry, o, order)) for o in operands}
-        ranked = sorted(operands, key=lambda o: (_weight(g, paths[o]), operands.index(o)))
+        costs = {o: _weight(g, paths[o]) for o in operands}
+        ranked = sorted(operands, key=lambda o: (costs[o], operands.index(o)))
         sc = ranked[0]
-        counted, weights, acts = _weight(g, paths[sc])
+        weights = costs[sc][1]
         branches = [paths[o] for o in ranked[1:]]
-        branch_layers = [[x for x in p if g.nodes[x]["kind"] in _WEIGHT_KINDS] for p in branches]
+        branch_layers = [[x for x in p if g.nodes[x]["kind"].traits.weighted] for p in branches]
         if d["kind"] is OpKind.CONCAT:
-            kind = "concat"
-        elif acts == 0 and weights <= 1 and any(branch_layers):
-            kind = "residual"
+            kind = BlockKind.CONCAT
+        elif is_residual(costs[sc], (costs[o] for o in ranked[1:])):
+            kind = BlockKind.RESIDUAL
         else:
-            kind = "branch_merge"
+            kind = BlockKind.BRANCH_MERGE
         w = d.get("attrs", {}).get("weights")
         sum_weights = None
         if w is not None and len(w) == len(d.get("signal_operands", [])):

@@ -19,13 +19,15 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .._fileio import write_atomic
 from ..errors import MissingAnalysisError, UnknownNodeError
 from ..ops import OpInfo, OpKind, classify, unknown_hint
-from .blocks import MergeBlock, find_merge_blocks
+from .blocks import BlockKind, MergeBlock, find_merge_blocks
 from .running import propagate_shapes
-from .tracer import META_KEY, trace
+from .state import META_KEY
+from .tracer import trace
 
-__all__ = ["Topology", "UnknownOp", "topology", "op_info"]
+__all__ = ["Topology", "UnknownOp", "topology", "op_info", "classify_nodes"]
 
 _NODE_KEY = "op"
 
@@ -64,6 +66,22 @@ class _Context:
         return self.infos[node]
 
 
+def classify_nodes(gm: fx.GraphModule) -> _Context:
+    """Classify every node of ``gm`` (read back with :func:`op_info`) and mark which carry signal;
+    what a pass runs after editing the graph, without building the networkx view."""
+    ctx = _Context(gm)
+    for node in gm.graph.nodes:
+        info = classify(node, ctx)
+        ctx.infos[node] = info
+        if info.kind is OpKind.INPUT:  # optional inputs defaulting to None/flags carry no signal
+            ctx.signal[node] = not node.args or isinstance(node.args[0], torch.Tensor)
+        else:
+            ctx.signal[node] = info.kind.traits.signal and any(
+                ctx.signal.get(a, False) for a in node.all_input_nodes)
+        node.meta.setdefault(META_KEY, {})[_NODE_KEY] = info
+    return ctx
+
+
 class Topology:
     """A networkx view of a traced ``GraphModule``.
 
@@ -80,19 +98,12 @@ class Topology:
         self.gm = gm
         if example_inputs is not None:
             _propagate_shapes(gm, example_inputs)
-        ctx = _Context(gm)
+        ctx = classify_nodes(gm)
         g = nx.DiGraph()
         self.unknown: list[UnknownOp] = []
         for i, node in enumerate(gm.graph.nodes):
-            info = classify(node, ctx)
-            ctx.infos[node] = info
+            info = ctx.infos[node]
             inputs = node.all_input_nodes
-            if info.kind is OpKind.INPUT:  # optional inputs defaulting to None/flags carry no signal
-                ctx.signal[node] = not node.args or isinstance(node.args[0], torch.Tensor)
-            else:
-                ctx.signal[node] = info.kind not in (OpKind.META, OpKind.CONSTANT) and any(
-                    ctx.signal.get(a, False) for a in inputs)
-            node.meta.setdefault(META_KEY, {})[_NODE_KEY] = info
             if not info.known:
                 self.unknown.append(UnknownOp(node.name, node.format_node(), unknown_hint(node)))
             attrs: dict[str, Any] = {
@@ -131,7 +142,7 @@ class Topology:
 
     def residual_blocks(self) -> list[MergeBlock]:
         """Merges that are residual blocks (identity or projection shortcut + branch)."""
-        return [b for b in self.blocks if b.kind == "residual"]
+        return [b for b in self.blocks if b.kind is BlockKind.RESIDUAL]
 
     def activations(self) -> Counter:
         """Activation functions in use (including those inside norm+act composites)."""
@@ -158,7 +169,7 @@ class Topology:
         best: dict[str, int] = {}
         for n in nx.topological_sort(self.graph):
             d = self.graph.nodes[n]
-            here = 1 if d["kind"] in (OpKind.LINEAR, OpKind.CONV) else 0
+            here = 1 if d["kind"].traits.weighted else 0
             best[n] = here + max((best[p] for p in self.graph.predecessors(n)), default=0)
         return max(best.values(), default=0)
 
@@ -222,9 +233,10 @@ class Topology:
         return out
 
     def to_graphml(self, path: str | os.PathLike) -> Path:
-        """Write the view as GraphML (attributes as strings/ints/bools)."""
+        """Write the view as GraphML (attributes as strings/ints/bools), atomically."""
         path = Path(path)
-        nx.write_graphml(self._export_graph(), path)
+        graph = self._export_graph()
+        write_atomic(path, lambda tmp: nx.write_graphml(graph, tmp))
         return path
 
     def to_dot(self) -> str:
@@ -241,8 +253,10 @@ class Topology:
         return "\n".join(lines) + "\n"
 
     def write_dot(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_dot` to ``path`` atomically (the file appears whole or not at all)."""
         path = Path(path)
-        path.write_text(self.to_dot())
+        text = self.to_dot()
+        write_atomic(path, lambda tmp: tmp.write_text(text))
         return path
 
     def to_dict(self) -> dict[str, Any]:

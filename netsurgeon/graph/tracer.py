@@ -31,12 +31,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import TraceError
-from .running import eval_mode, example_run, outputs_match, overflow_error, require_finite
+from ..models import default_input_shape
 from ..ops import module_rule
+from .running import eval_mode, example_run, outputs_match, overflow_error, require_finite
+from .state import has_trace, random_batch, set_trace_info
 
-__all__ = ["trace", "NetsurgeonTracer", "TraceInfo", "META_KEY"]
+__all__ = ["trace", "NetsurgeonTracer", "TraceInfo"]
 
-META_KEY = "netsurgeon"  # the one key under which netsurgeon keeps data in gm.meta
 
 _DROPOUT_MODULES: dict[Any, type[nn.Module]] = {
     F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d, F.dropout3d: nn.Dropout3d,
@@ -246,7 +247,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
         concrete_args: passed to ``fx.Tracer.trace`` for arguments that drive control flow.
 
     Returns:
-        The traced ``torch.fx.GraphModule``; ``gm.meta["netsurgeon"]["trace"]`` holds a
+        The traced ``torch.fx.GraphModule``; ``netsurgeon.graph.state.trace_info(gm)`` gives a
         :class:`TraceInfo`.
 
     Raises:
@@ -257,7 +258,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"netsurgeon.trace expects an nn.Module, got {type(model).__name__}")
-    if isinstance(model, fx.GraphModule) and META_KEY in model.meta:
+    if isinstance(model, fx.GraphModule) and has_trace(model):
         return model  # already traced by netsurgeon
     modes = {name: m.training for name, m in model.named_modules()}
     user_leaves = list(leaf_modules)
@@ -266,14 +267,12 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
         if path not in known:
             raise TraceError(f"leaf module {path!r} is not a submodule of {type(model).__name__}")
     leaves = set(user_leaves)
-    from ..models import default_input_shape
-
     info = TraceInfo(model_class=type(model).__name__, user_leaves=user_leaves,
                      input_shape=default_input_shape(model))
     if example_inputs is not None:  # they decide control flow and check the result: NaN would mislead both
         require_finite(info.model_class, model, _as_tuple(example_inputs))
     shadow = _as_tuple(example_inputs) if example_inputs is not None else (
-        (torch.randn(info.input_shape, generator=torch.Generator().manual_seed(0)),) if info.input_shape else None)
+        (random_batch(info.input_shape),) if info.input_shape else None)
     try:
         for attempt in range(_MAX_RETRACES):
             _set_modes(model, True)
@@ -325,7 +324,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     # the shared submodules keep their own flags (``modes``, restored above); new containers copy the model's
     for name, m in gm.named_modules():
         m.training = modes.get(name, model.training)
-    gm.meta[META_KEY] = {"trace": info}
+    set_trace_info(gm, info)
     if example_inputs is not None:
         _check_against_eager(model, gm, example_inputs)
     return gm

@@ -12,6 +12,7 @@ Example:
 from .activations import Activation, get_activation, list_activations
 from .local_maps import LocalMaps, relu_kernel
 from .quadrature import Piecewise, bivariate_expectation, gauss_expectation
+from .registry import ActivationEntry, activation_entry
 
-__all__ = ["Activation", "LocalMaps", "Piecewise", "bivariate_expectation", "gauss_expectation", "get_activation",
-           "list_activations", "relu_kernel"]
+__all__ = ["Activation", "ActivationEntry", "LocalMaps", "Piecewise", "activation_entry", "bivariate_expectation",
+           "gauss_expectation", "get_activation", "list_activations", "relu_kernel"]

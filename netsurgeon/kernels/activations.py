@@ -2,7 +2,7 @@
 
 The names and parameters are those of :class:`netsurgeon.ops.kinds.ActivationSpec`
 (PyTorch's and timm's functions). A kink is a point where φ, φ' or φ'' is not smooth;
-the local maps (MATH.md §2) split their integrals there.
+the local maps (docs/theory.md §2.3) split their integrals there.
 
 Example:
     >>> act = get_activation("leaky_relu", negative_slope=0.2)
@@ -11,7 +11,6 @@ Example:
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -19,7 +18,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ..errors import InvalidArgumentError
-from .builtin_activations import REGISTRY, require
+from . import builtin_activations as _builtins  # noqa: F401  (registers the built-ins)
+from .registry import list_names, require, resolve
 
 __all__ = ["Activation", "get_activation", "list_activations"]
 
@@ -90,29 +90,20 @@ def _jump(fn: ArrayFn, t: float) -> float:
 
 
 def list_activations() -> list[str]:
-    """The canonical names :func:`get_activation` accepts."""
-    return sorted(REGISTRY)
+    """The names :func:`get_activation` accepts (canonical names and aliases such as ``prelu``)."""
+    return list_names()
 
 
 def _from_name(name: str, params: dict[str, Any]) -> Activation:
-    """Build a registered activation; unknown names and parameters raise ValueError."""
-    if name not in REGISTRY:
-        close = difflib.get_close_matches(name, REGISTRY, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise InvalidArgumentError(f"unknown activation {name!r}.{hint} Valid names: {', '.join(list_activations())}; "
-                         "or pass a numpy callable with its kinks=[...].")
-    builder, defaults = REGISTRY[name]
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        valid = ", ".join(defaults) or "none"
-        raise InvalidArgumentError(f"activation {name!r} has no parameter {', '.join(unknown)}; valid parameters: {valid}")
-    values = {k: float(params.get(k, v)) for k, v in defaults.items()}
+    """Build a registered activation (an alias builds its target); unknown names and parameters
+    raise ValueError."""
+    entry, values = resolve(name, params)
     for k, v in values.items():
         require(bool(np.isfinite(v)), name, k, v, "a finite number")
-    parts = builder(**values)
+    parts = entry.builder(**values)
     kinks = tuple(sorted(float(t) for t in parts.kinks))
     centers = parts.centers if parts.centers is not None else (kinks or (0.0,))
-    return Activation(name, parts.phi, parts.dphi, parts.d2phi, kinks, tuple(values.items()), parts.scale,
+    return Activation(entry.name, parts.phi, parts.dphi, parts.d2phi, kinks, tuple(values.items()), parts.scale,
                       tuple(centers), parts.leaky_slope)
 
 

@@ -5,46 +5,25 @@ Names and parameters follow :class:`netsurgeon.ops.kinds.ActivationSpec` (PyTorc
 A ``scale`` is the width over which the smooth pieces vary, calibrated so that
 Gauss–Hermite with 200 nodes stays below 1e-11 for inputs of standard deviation up to
 1.5 scale (tanh: singularities at ±iπ/2 give 0.75); ``None`` marks polynomial pieces.
-Adding an activation is one ``@register`` here.
+Each ``register`` also states the traits passes read (:mod:`.registry`); the torch
+modules and functions that compute each activation are in :mod:`netsurgeon.ops.activations`.
+Users add activations with ``netsurgeon.register_activation`` (docs/architecture.md).
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 from scipy.special import expit, ndtr
 
-from ..errors import InvalidArgumentError
+from .registry import Parts, add_alias, register, require
 
-__all__ = ["Parts", "REGISTRY", "register", "require"]
+__all__: list[str] = []
 
 ArrayFn = Callable[[np.ndarray], np.ndarray]
 _INV_SQRT_2PI = 1.0 / np.sqrt(2.0 * np.pi)
 _SELU_ALPHA = 1.6732632423543772848170429916717
 _SELU_SCALE = 1.0507009873554804934193349852946
-
-
-class Parts(NamedTuple):
-    """φ, φ', φ'', kinks, scale, leaky slope and centers of one activation (see ``Activation``)."""
-
-    phi: ArrayFn
-    dphi: ArrayFn
-    d2phi: ArrayFn
-    kinks: tuple[float, ...] = ()
-    scale: float | None = 1.0
-    leaky_slope: float | None = None
-    centers: tuple[float, ...] | None = None
-
-
-REGISTRY: dict[str, tuple[Callable[..., Parts], dict[str, float]]] = {}
-
-
-def register(name: str, **defaults: float) -> Callable[[Callable[..., Parts]], Callable[..., Parts]]:
-    """Register a builder of ``Parts`` under ``name`` with its parameter defaults."""
-    def deco(builder: Callable[..., Parts]) -> Callable[..., Parts]:
-        REGISTRY[name] = (builder, defaults)
-        return builder
-    return deco
 
 
 def _zero(x: np.ndarray) -> np.ndarray:
@@ -58,17 +37,12 @@ def _leaky(a: float) -> Parts:
                  (0.0,) if a != 1.0 else (), None, float(a))
 
 
-def require(ok: bool, name: str, param: str, value: float, valid: str) -> None:
-    """Raise ValueError naming the activation, the parameter and its valid range unless ``ok``."""
-    if not ok:
-        raise InvalidArgumentError(f"activation {name}: parameter {param}={value!r} is out of range; valid: {valid}")
-
-
-register("relu")(lambda: _leaky(0.0))
-register("leaky_relu", negative_slope=0.01)(lambda negative_slope: _leaky(negative_slope))
-register("prelu", negative_slope=0.25)(lambda negative_slope: _leaky(negative_slope))
-register("abs")(lambda: _leaky(-1.0))
-register("identity")(lambda: _leaky(1.0))
+register("relu", one_sided=True, relu_family=True, leaky_slope=0.0, lipschitz=1.0)(lambda: _leaky(0.0))
+register("leaky_relu", params={"negative_slope": 0.01}, relu_family=True, leaky_slope="negative_slope",
+         lipschitz=lambda negative_slope: max(1.0, abs(negative_slope)))(lambda negative_slope: _leaky(negative_slope))
+add_alias("prelu", "leaky_relu", negative_slope=0.25)  # nn.PReLU's default init
+register("abs", lipschitz=1.0)(lambda: _leaky(-1.0))
+register("identity", lipschitz=1.0)(lambda: _leaky(1.0))
 
 
 def _elu_parts(alpha: float, gain: float) -> Parts:
@@ -81,11 +55,11 @@ def _elu_parts(alpha: float, gain: float) -> Parts:
                  lambda x: gain * np.where(x > 0, 0.0, alpha * neg(x)), (0.0,), 1.0)
 
 
-register("elu", alpha=1.0)(lambda alpha: _elu_parts(alpha, 1.0))
-register("selu")(lambda: _elu_parts(_SELU_ALPHA, _SELU_SCALE))
+register("elu", params={"alpha": 1.0}, one_sided=True)(lambda alpha: _elu_parts(alpha, 1.0))
+register("selu", one_sided=True)(lambda: _elu_parts(_SELU_ALPHA, _SELU_SCALE))
 
 
-@register("celu", alpha=1.0)
+@register("celu", params={"alpha": 1.0}, one_sided=True)
 def _celu(alpha: float) -> Parts:
     """CELU: x for x > 0, alpha (e^{x/alpha} - 1) otherwise; varies on a width alpha."""
     require(alpha > 0, "celu", "alpha", alpha, "alpha > 0")
@@ -101,11 +75,11 @@ def _normal_pdf(x: np.ndarray) -> np.ndarray:
     return _INV_SQRT_2PI * np.exp(-0.5 * x * x)
 
 
-register("gelu")(lambda: Parts(lambda x: x * ndtr(x), lambda x: ndtr(x) + x * _normal_pdf(x),
+register("gelu", one_sided=True)(lambda: Parts(lambda x: x * ndtr(x), lambda x: ndtr(x) + x * _normal_pdf(x),
                                lambda x: (2.0 - x * x) * _normal_pdf(x), (), 1.6))
 
 
-@register("gelu_tanh")
+@register("gelu_tanh", one_sided=True)
 def _gelu_tanh() -> Parts:
     """GELU, tanh approximation: x (1 + tanh(sqrt(2/π) (x + 0.044715 x³))) / 2."""
     k, c = np.sqrt(2.0 / np.pi), 0.044715
@@ -136,11 +110,11 @@ def _scaled_silu(b: float) -> Parts:
     return Parts(lambda x: x * expit(b * x), d1, d2, (), 1.5 / b)
 
 
-register("silu")(lambda: _scaled_silu(1.0))
+register("silu", one_sided=True)(lambda: _scaled_silu(1.0))
 register("quick_gelu")(lambda: _scaled_silu(1.702))
 
 
-@register("mish")
+@register("mish", one_sided=True)
 def _mish() -> Parts:
     """Mish: x tanh(softplus(x))."""
     def d1(x: np.ndarray) -> np.ndarray:
@@ -153,7 +127,7 @@ def _mish() -> Parts:
     return Parts(lambda x: x * np.tanh(np.logaddexp(0.0, x)), d1, d2, (), 1.1)
 
 
-@register("softplus", beta=1.0, threshold=20.0)
+@register("softplus", params={"beta": 1.0, "threshold": 20.0}, one_sided=True)
 def _softplus(beta: float, threshold: float) -> Parts:
     """PyTorch's softplus: log(1 + e^{βx})/β, and x where βx > threshold."""
     require(beta > 0, "softplus", "beta", beta, "beta > 0")
@@ -166,7 +140,7 @@ def _softplus(beta: float, threshold: float) -> Parts:
                  centers=(0.0,) + kinks)
 
 
-register("tanh")(lambda: Parts(np.tanh, lambda x: 1.0 - np.tanh(x) ** 2,
+register("tanh", lipschitz=1.0)(lambda: Parts(np.tanh, lambda x: 1.0 - np.tanh(x) ** 2,
                                lambda x: -2.0 * np.tanh(x) * (1.0 - np.tanh(x) ** 2), (), 0.75))
 register("sigmoid")(lambda: Parts(expit, lambda x: expit(x) * expit(-x),
                                   lambda x: expit(x) * expit(-x) * (1.0 - 2.0 * expit(x)), (), 1.5))
@@ -174,8 +148,9 @@ register("tanhshrink")(lambda: Parts(lambda x: x - np.tanh(x), lambda x: np.tanh
                                      lambda x: 2.0 * np.tanh(x) * (1.0 - np.tanh(x) ** 2), (), 0.75))
 register("logsigmoid")(lambda: Parts(lambda x: -np.logaddexp(0.0, -x), lambda x: expit(-x),
                                      lambda x: -expit(x) * expit(-x), (), 1.5))
-register("softsign")(lambda: Parts(lambda x: x / (1.0 + np.abs(x)), lambda x: 1.0 / (1.0 + np.abs(x)) ** 2,
-                                   lambda x: -2.0 * np.sign(x) / (1.0 + np.abs(x)) ** 3, (0.0,), 0.5))
+register("softsign", lipschitz=1.0)(lambda: Parts(lambda x: x / (1.0 + np.abs(x)),
+                                                  lambda x: 1.0 / (1.0 + np.abs(x)) ** 2,
+                                                  lambda x: -2.0 * np.sign(x) / (1.0 + np.abs(x)) ** 3, (0.0,), 0.5))
 
 
 def _clip_parts(lo: float, hi: float, scale: float = 1.0, shift: float = 0.0) -> Parts:
@@ -185,16 +160,16 @@ def _clip_parts(lo: float, hi: float, scale: float = 1.0, shift: float = 0.0) ->
                  (lo - shift, hi - shift), None)
 
 
-@register("hardtanh", min_val=-1.0, max_val=1.0)
+@register("hardtanh", params={"min_val": -1.0, "max_val": 1.0}, lipschitz=1.0)
 def _hardtanh(min_val: float, max_val: float) -> Parts:
     """Hardtanh: clip(x, min_val, max_val)."""
     require(max_val > min_val, "hardtanh", "max_val", max_val, f"max_val > min_val = {min_val}")
     return _clip_parts(min_val, max_val)
 
 
-register("relu6")(lambda: _clip_parts(0.0, 6.0))
+register("relu6", one_sided=True, relu_family=True, lipschitz=1.0)(lambda: _clip_parts(0.0, 6.0))
 register("hardsigmoid")(lambda: _clip_parts(0.0, 6.0, 1.0 / 6.0, 3.0))
-register("hardswish")(lambda: Parts(
+register("hardswish", one_sided=True)(lambda: Parts(
     lambda x: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0,
     lambda x: np.where(x >= 3.0, 1.0, np.where(x > -3.0, (2.0 * x + 3.0) / 6.0, 0.0)),
     lambda x: np.where((x > -3.0) & (x < 3.0), 1.0 / 3.0, 0.0), (-3.0, 3.0), None))
@@ -204,7 +179,7 @@ register("hard_mish")(lambda: Parts(
     lambda x: np.where((x > -2.0) & (x < 0.0), 1.0, 0.0), (-2.0, 0.0), None))
 
 
-@register("softshrink", lambd=0.5)
+@register("softshrink", params={"lambd": 0.5})
 def _softshrink(lambd: float) -> Parts:
     """Softshrink: x - λ sign(x) for |x| > λ, 0 otherwise."""
     require(lambd >= 0, "softshrink", "lambd", lambd, "lambd >= 0")
@@ -212,7 +187,7 @@ def _softshrink(lambd: float) -> Parts:
                  lambda x: np.where(np.abs(x) > lambd, 1.0, 0.0), _zero, (-lambd, lambd), None)
 
 
-@register("hardshrink", lambd=0.5)
+@register("hardshrink", params={"lambd": 0.5})
 def _hardshrink(lambd: float) -> Parts:
     """Hardshrink: x for |x| > λ, 0 otherwise (φ jumps by λ at ±λ)."""
     require(lambd >= 0, "hardshrink", "lambd", lambd, "lambd >= 0")

@@ -1,4 +1,4 @@
-"""Local Q and C maps of an elementwise activation (MATH.md §2).
+"""Local Q and C maps of an elementwise activation (docs/theory.md §2).
 
 With z ~ N(0, 1) and (u, v) standard bivariate normal with correlation c:
 ``Q(q) = E[φ(√q z)²]``, ``C(c) = E[φ(u)φ(v)] / Q(1)``, ``C'(c) = E[φ'(u)φ'(v)] / Q(1)``
@@ -39,7 +39,7 @@ _TOL = 1e-8  # how far outside its range an input may be (rounding) before it is
 
 
 def relu_kernel(rho: ArrayLike) -> np.ndarray:
-    """E[relu(u) relu(v)] for unit variances and correlation ρ (MATH.md §2 closed form).
+    """E[relu(u) relu(v)] for unit variances and correlation ρ (docs/theory.md §2.2).
 
     ``(sqrt(1 - ρ²) + (π - arccos ρ) ρ) / (2π)``: the degree-1 arc-cosine kernel
     (Cho & Saul, "Kernel Methods for Deep Learning", NeurIPS 2009, §2.1).
@@ -102,7 +102,7 @@ class LocalMaps:
         return gauss_expectation(self._piecewise(fn), 0.0, np.sqrt(q))
 
     def q_map(self, q: ArrayLike) -> np.ndarray | float:
-        """Q(q) = E[φ(√q z)²], the output q value for input q value ``q`` (MATH.md §2)."""
+        """Q(q) = E[φ(√q z)²], the output q value for input q value ``q`` (docs/theory.md §2.1)."""
         q_arr = _checked_variance(q, "q")
         if self._a is not None:
             return _as_output(q_arr * self._g2 * (1.0 + self._a ** 2) / 2.0)
@@ -149,7 +149,7 @@ class LocalMaps:
 
     # ------------------------------------------------------------------ 2-D maps
     def kernel_map(self, q1: ArrayLike, q2: ArrayLike, k: ArrayLike, rule: Rule = ACCURATE) -> np.ndarray | float:
-        """k_out = E[φ(u)φ(v)] for (u, v) ~ N(0, [[q1, k], [k, q2]]), broadcasting (MATH.md §2).
+        """k_out = E[φ(u)φ(v)] for (u, v) ~ N(0, [[q1, k], [k, q2]]), broadcasting (docs/theory.md §2.1).
 
         Requires ``q1, q2 >= 0`` and ``|k| <= sqrt(q1 q2)`` (up to rounding). ``rule``: the
         quadrature's node counts (``quadrature.FAST`` trades accuracy, about 2e-6 of Q(q), for speed).
@@ -169,7 +169,7 @@ class LocalMaps:
         return _as_output(bivariate_expectation(phi, phi, q1_arr, q2_arr, k_arr, rule))
 
     def c_map(self, c: ArrayLike) -> np.ndarray | float:
-        """C(c) = E[φ(u)φ(v)] / Q(1), assuming input q value 1 (MATH.md §2).
+        """C(c) = E[φ(u)φ(v)] / Q(1), assuming input q value 1 (docs/theory.md §2.1).
 
         For the leaky family, the normalized closed form
         ``[(1 - a)² (sqrt(1 - c²) + (π - arccos c) c) / π + 2 a c] / (1 + a²)``.

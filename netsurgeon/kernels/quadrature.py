@@ -1,13 +1,13 @@
 """Gaussian expectations of piecewise-smooth functions, vectorized over parameters.
 
-The numerics of MATH.md §2, in standardized coordinates (z ~ N(0, 1)):
+The numerics of docs/theory.md §2.3, in standardized coordinates (z ~ N(0, 1)):
 
 - smooth integrands whose structure is resolved (``std <= 1.5 scale``): Gauss–Hermite
   (probabilists' weight, 200 nodes, nodes of weight below 1e-18 pruned);
 - otherwise Gauss–Legendre panels (12 nodes each) on [-10, 10], split at -4, 0, 4, at
   every kink, and, when a smooth piece varies faster than the Gaussian
   (``std > 1.5 scale``), at points graded geometrically around the function's centers
-  (``center ± scale·3^k``). MATH.md quotes the range [-14, 14]; beyond ±10 the Gaussian
+  (``center ± scale·3^k``). A wider range such as [-14, 14] gains nothing: beyond ±10 the Gaussian
   mass is 1.5e-23, negligible for polynomially bounded functions.
 
 Bivariate expectations condition on ``u`` and write ``v = ρ u + sqrt(1 - ρ²) w``: the
@@ -239,7 +239,7 @@ def bivariate_expectation(f: Piecewise, g: Piecewise, q1: ArrayLike, q2: ArrayLi
     """E[f(u) g(v)] for (u, v) ~ N(0, [[q1, k], [k, q2]]), elementwise over broadcast inputs.
 
     Assumes ``q1, q2 >= 0`` and ``|k| <= sqrt(q1 q2)`` (the correlation is clipped to [-1, 1]).
-    Written as ``u = sqrt(q1) x``, ``v = sqrt(q2) (ρ x + sqrt(1 - ρ²) w)`` (MATH.md §2).
+    Written as ``u = sqrt(q1) x``, ``v = sqrt(q2) (ρ x + sqrt(1 - ρ²) w)`` (docs/theory.md §2.3).
     """
     q1_b, q2_b, k_b = np.broadcast_arrays(*(np.asarray(a, dtype=float) for a in (q1, q2, k)))
     sd1, sd2 = np.sqrt(q1_b.ravel()), np.sqrt(q2_b.ravel())

@@ -1,4 +1,4 @@
-"""Activation transforms of DKS and TAT (MATH.md §4–§5): ``ψ(x) = γ (φ(α x + β) + δ)``.
+"""Activation transforms of DKS and TAT (docs/theory.md §4–§5): ``ψ(x) = γ (φ(α x + β) + δ)``.
 
 Pure math: the transformed :class:`Activation`, and the solvers for its constants.
 
@@ -25,17 +25,13 @@ from typing import NamedTuple
 import numpy as np
 from scipy.optimize import brentq, root
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, TransformError
 from .activations import Activation
 from .quadrature import Piecewise, gauss_expectation
 
 __all__ = ["Transform", "transformed", "solve_dks", "solve_tat", "trelu_gain", "trelu_c_map", "TransformError"]
 
 _SOLVE_TOL = 1e-11  # residual accepted from the root finder
-
-
-class TransformError(ValueError):
-    """No constants satisfy the conditions for this activation (the message says which)."""
 
 
 class _Degenerate(Exception):
@@ -106,7 +102,7 @@ def _best(solutions: list[np.ndarray]) -> np.ndarray:
 
 
 def solve_dks(act: Activation, xi: float) -> Transform:
-    """DKS constants for local slope target ``ξ`` (MATH.md §4).
+    """DKS constants for local slope target ``ξ`` (docs/theory.md §4.2).
 
     Raises:
         TransformError: ``ξ <= 1``, φ jumps, or no ``(α, β)`` found from any starting point.
@@ -144,7 +140,7 @@ def solve_dks(act: Activation, xi: float) -> Transform:
 def _solve_dks_homogeneous(act: Activation, xi: float) -> Transform:
     """The leaky-ReLU family: α only rescales β (φ is positively homogeneous), so only the shift
     is solved, for ``C'(1) = ξ``; ``Q'(1) = 1`` is then out of reach (DKS works poorly with ReLU:
-    MATH.md §4) and the caller reports the achieved value."""
+    docs/theory.md §4.2) and the caller reports the achieved value."""
     def slope(beta: float) -> float:
         return _moments(act, 1.0, beta, None)["c_slope"] - xi
 
@@ -157,7 +153,7 @@ def _solve_dks_homogeneous(act: Activation, xi: float) -> Transform:
 
 
 def solve_tat(act: Activation, kappa: float) -> Transform:
-    """TAT constants for smooth activations (MATH.md §5): ``Q(1) = 1``, ``Q'(1) = 1``,
+    """TAT constants for smooth activations (docs/theory.md §5.3): ``Q(1) = 1``, ``Q'(1) = 1``,
     ``C'(1) = 1``, ``C''(1) = κ``.
 
     Raises:
@@ -200,7 +196,7 @@ def trelu_gain(a: float) -> float:
 
 
 def trelu_c_map(a: float, c: np.ndarray | float) -> np.ndarray:
-    """C map of the (normalized) leaky ReLU with negative slope ``a`` (MATH.md §2)."""
+    """C map of the (normalized) leaky ReLU with negative slope ``a`` (docs/theory.md §2.2)."""
     c = np.clip(np.asarray(c, dtype=float), -1.0, 1.0)
     relu = (np.sqrt(1.0 - c * c) + (np.pi - np.arccos(c)) * c) / np.pi
     return ((1.0 - a) ** 2 * relu + 2.0 * a * c) / (1.0 + a * a)

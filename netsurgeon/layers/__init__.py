@@ -1,5 +1,5 @@
 """Modules that passes insert into graphs."""
-from .activation import ShapedActivation
+from .activation import FunctionActivation, ShapedActivation
 from .affine import ChannelAffine
 from .consistency import MinimalRMSNorm, Modulus
 from .dks_layers import ExclusiveAvgPool2dSame, LocationNorm
@@ -7,4 +7,5 @@ from .farkas import FarkasLayer, FarkasSum
 from .identity import AddIdentity, FixedLinear, ScalarBias, ScalarGate
 
 __all__ = ["AddIdentity", "ChannelAffine", "ExclusiveAvgPool2dSame", "FarkasLayer", "FarkasSum", "FixedLinear",
-           "LocationNorm", "MinimalRMSNorm", "Modulus", "ScalarBias", "ScalarGate", "ShapedActivation"]
+           "FunctionActivation", "LocationNorm", "MinimalRMSNorm", "Modulus", "ScalarBias", "ScalarGate",
+           "ShapedActivation"]

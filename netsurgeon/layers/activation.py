@@ -1,10 +1,40 @@
-"""``ShapedActivation``: an activation with the DKS/TAT constants, ``γ (φ(α x + β) + δ)``."""
+"""``ShapedActivation``: an activation with the DKS/TAT constants, ``γ (φ(α x + β) + δ)``;
+``FunctionActivation``: any elementwise function with its parameters, as a module."""
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-__all__ = ["ShapedActivation"]
+__all__ = ["FunctionActivation", "ShapedActivation"]
+
+
+class FunctionActivation(nn.Module):
+    """``fn(x, **params)`` as a module: the base a reshaped functional call site gets when its
+    activation has no module of its own (``torch.abs``, ``F.logsigmoid``, a user function).
+
+    Args:
+        name: the activation's registered name (``netsurgeon.register_activation``).
+        fn: the elementwise torch function.
+        params: its parameters, passed by keyword.
+
+    Example:
+        >>> m = FunctionActivation("abs", torch.abs, {})
+        >>> m(torch.tensor([-2.0, 3.0])).tolist()
+        [2.0, 3.0]
+    """
+
+    def __init__(self, name: str, fn: Callable[..., torch.Tensor], params: dict[str, Any]) -> None:
+        super().__init__()
+        self.name, self.fn, self.params = str(name), fn, dict(params)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, **self.params)
+
+    def extra_repr(self) -> str:
+        inner = ", ".join(f"{k}={v:g}" for k, v in self.params.items())
+        return f"{self.name}({inner})" if inner else self.name
 
 
 class ShapedActivation(nn.Module):
@@ -16,7 +46,7 @@ class ShapedActivation(nn.Module):
 
     Args:
         base: the elementwise activation module φ (kept as a submodule).
-        alpha, beta, gamma, delta: the constants (MATH.md §4–§5).
+        alpha, beta, gamma, delta: the constants (docs/theory.md §4.1, §5).
 
     Example:
         >>> m = ShapedActivation(nn.Tanh(), 0.5, 0.25, 2.0, -0.125)

@@ -1,4 +1,4 @@
-"""Modules of the consistency toolkit (MATH.md §8): minimal RMS normalization, modulus unit."""
+"""Modules of the consistency toolkit (docs/theory.md §8.3–§8.4): minimal RMS normalization, modulus unit."""
 from __future__ import annotations
 
 import torch

@@ -1,7 +1,7 @@
 """Parameter-free modules the Deep Kernel Shaping passes insert.
 
 Deep Kernel Shaping (Martens et al., 2021, arXiv:2110.01765) wants network inputs with
-``q = 1`` at every location (MATH.md §4) and average instead of max pooling.
+``q = 1`` at every location (docs/theory.md §4.7) and average instead of max pooling.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``FarkasLayer``: a linear/conv layer plus one computed Farkas unit (MATH.md §6).
+"""``FarkasLayer``: a linear/conv layer plus one computed Farkas unit (docs/theory.md §6).
 
 The layer's ``m`` outputs ``z`` get one more channel ``z_F = -agg(z - b) + b_F`` (per
 location), with ``agg`` the mean or the sum over channels and ``b`` the layer's bias.
@@ -94,7 +94,7 @@ class FarkasLayer(nn.Module):
 
 class FarkasSum(nn.Module):
     """``cat([s, b_F - agg(s)], dim)``: the Farkas unit of a residual block's sum ``s``
-    (FarkasNet's block construction; MATH.md §6). If every channel of ``s`` is ``<= t`` the
+    (FarkasNet's block construction; docs/theory.md §6.6). If every channel of ``s`` is ``<= t`` the
     unit is ``>= b_F - t`` (mean), so with ``b_F > 2t`` some channel exceeds ``t``.
 
     Args:

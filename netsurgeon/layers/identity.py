@@ -1,4 +1,4 @@
-"""Small modules the identity-at-initialization passes insert (MATH.md §7)."""
+"""Small modules the identity-at-initialization passes insert (docs/theory.md §7)."""
 from __future__ import annotations
 
 import torch

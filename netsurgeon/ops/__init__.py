@@ -6,12 +6,17 @@ Example:
     >>> module_rule(nn.ReLU()) is not None
     True
 """
-from .kinds import ActivationSpec, NormSpec, OpInfo, OpKind
+from .kinds import KIND_TRAITS, ActivationSpec, KindTraits, NormSpec, OpInfo, OpKind, PoolType, pool_type
 from .registry import (ClassifyContext, classify, module_rule, register_function, register_method,
                        register_module, registered_module_types, unknown_hint)
 from . import torch_ops as _torch_ops  # noqa: F401  (registers the rules)
+from .activations import TorchForms, activation_module, register_activation, torch_forms
+from .modules import PLAIN_LAYER_TYPES, batch_norm_affine, layer_forward, pads_same, plain_layer
 from . import timm_ops as _timm_ops  # noqa: F401
 from . import layers_ops as _layers_ops  # noqa: F401
 
-__all__ = ["ActivationSpec", "NormSpec", "OpInfo", "OpKind", "ClassifyContext", "classify", "module_rule",
-           "register_function", "register_method", "register_module", "registered_module_types", "unknown_hint"]
+__all__ = ["ActivationSpec", "KIND_TRAITS", "KindTraits", "NormSpec", "OpInfo", "OpKind", "PLAIN_LAYER_TYPES",
+           "PoolType", "ClassifyContext", "TorchForms", "activation_module", "batch_norm_affine", "classify",
+           "layer_forward", "module_rule", "pads_same", "plain_layer", "pool_type", "register_activation",
+           "register_function", "register_method", "register_module", "registered_module_types", "torch_forms",
+           "unknown_hint"]

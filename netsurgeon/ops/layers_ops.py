@@ -7,8 +7,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..layers import (ChannelAffine, ExclusiveAvgPool2dSame, FarkasLayer, FarkasSum, FixedLinear, LocationNorm,
-                      MinimalRMSNorm, Modulus, ScalarBias, ScalarGate, ShapedActivation)
-from .kinds import ActivationSpec, NormSpec, OpInfo, OpKind
+                      MinimalRMSNorm, ScalarBias, ScalarGate, ShapedActivation)
+from .kinds import NormSpec, OpInfo, OpKind, PoolType
 from .registry import ClassifyContext, module_rule, register_module
 
 __all__: list[str] = []
@@ -21,14 +21,14 @@ def _channel_affine(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo
 
 @register_module(LocationNorm)
 def _location_norm(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
-    # An RMS norm without gain over the channels of each location: q = 1, c unchanged (MATH.md §3).
+    # An RMS norm without gain over the channels of each location: q = 1, c unchanged (docs/theory.md §3.6).
     return OpInfo(OpKind.NORM, "location_norm", norm=NormSpec("rms", False),
                   attrs={"module": "LocationNorm", "dim": m.dim, "eps": m.eps, "per_location": True})
 
 
 @register_module(ExclusiveAvgPool2dSame)
 def _exclusive_avg_pool(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
-    return OpInfo(OpKind.POOL, "avg_pool", attrs={"pool_type": "avg", "kernel_size": m.kernel_size,
+    return OpInfo(OpKind.POOL, "avg_pool", attrs={"pool_type": PoolType.AVG, "kernel_size": m.kernel_size,
                                                   "stride": m.stride, "same_padding": True,
                                                   "count_include_pad": False})
 
@@ -81,7 +81,3 @@ def _minimal_rms_norm(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpIn
     return OpInfo(OpKind.NORM, "minimal_rms_norm", norm=NormSpec("minimal_rms", True),
                   attrs={"momentum": m.momentum, "eps": m.eps})
 
-
-@register_module(Modulus)
-def _modulus(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
-    return OpInfo(OpKind.ACTIVATION, "abs", activation=ActivationSpec("abs"))

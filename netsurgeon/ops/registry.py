@@ -11,11 +11,11 @@ Example:
     >>> class Swap(nn.Module):
     ...     def forward(self, x):
     ...         return x.flip(1)
-    >>> register_module(Swap)(lambda m, node, ctx: OpInfo(OpKind.RESHAPE, "flip"))
+    >>> rule = register_module(Swap)(lambda m, node, ctx: OpInfo(OpKind.RESHAPE, "flip"))
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, TypeVar
 
 import torch.fx as fx
 import torch.nn as nn
@@ -31,6 +31,10 @@ __all__ = [
     "register_method",
     "module_rule",
     "registered_module_types",
+    "add_module_rule",
+    "add_function_rule",
+    "add_method_rule",
+    "lookup_type",
     "classify",
     "unknown_hint",
 ]
@@ -55,13 +59,44 @@ _MODULE_RULES: dict[type, ModuleRule] = {}
 _FUNCTION_RULES: dict[Any, NodeRule] = {}
 _METHOD_RULES: dict[str, NodeRule] = {}
 
+T = TypeVar("T")
+_MISSING = object()
+
+
+def _put(table: dict, key: Any, value: Any) -> Callable[[], None]:
+    """Set ``table[key]``; return the undo step that restores the previous state."""
+    old = table.get(key, _MISSING)
+    table[key] = value
+
+    def undo() -> None:
+        if old is _MISSING:
+            table.pop(key, None)
+        else:
+            table[key] = old
+    return undo
+
+
+def add_module_rule(module_type: type, rule: ModuleRule) -> Callable[[], None]:
+    """Register ``rule`` for ``module_type`` (also a leaf when tracing); returns the undo step."""
+    return _put(_MODULE_RULES, module_type, rule)
+
+
+def add_function_rule(fn: Any, rule: NodeRule) -> Callable[[], None]:
+    """Register ``rule`` for the ``call_function`` target ``fn``; returns the undo step."""
+    return _put(_FUNCTION_RULES, fn, rule)
+
+
+def add_method_rule(name: str, rule: NodeRule) -> Callable[[], None]:
+    """Register ``rule`` for the ``call_method`` target ``name``; returns the undo step."""
+    return _put(_METHOD_RULES, name, rule)
+
 
 def register_module(*types: type) -> Callable[[ModuleRule], ModuleRule]:
     """Register a rule for module types (also makes them leaves when tracing)."""
 
     def deco(rule: ModuleRule) -> ModuleRule:
         for t in types:
-            _MODULE_RULES[t] = rule
+            add_module_rule(t, rule)
         return rule
 
     return deco
@@ -72,7 +107,7 @@ def register_function(*fns: Any) -> Callable[[NodeRule], NodeRule]:
 
     def deco(rule: NodeRule) -> NodeRule:
         for f in fns:
-            _FUNCTION_RULES[f] = rule
+            add_function_rule(f, rule)
         return rule
 
     return deco
@@ -83,24 +118,30 @@ def register_method(*names: str) -> Callable[[NodeRule], NodeRule]:
 
     def deco(rule: NodeRule) -> NodeRule:
         for n in names:
-            _METHOD_RULES[n] = rule
+            add_method_rule(n, rule)
         return rule
 
     return deco
 
 
+def lookup_type(table: dict[type, T], module: Any) -> T | None:
+    """``table``'s value for ``module``: its exact type, or a registered base class whose
+    ``forward`` the subclass does not override (a subclass with its own forward may compute
+    anything, so it is not assumed to be its base)."""
+    cls = type(module)
+    value = table.get(cls)
+    if value is not None:
+        return value
+    for base in cls.__mro__[1:]:
+        if base in table:
+            return table[base] if getattr(cls, "forward", None) is getattr(base, "forward", None) else None
+    return None
+
+
 def module_rule(module: nn.Module) -> ModuleRule | None:
     """The rule for a module: its exact type, or a registered base class whose
-    ``forward`` the subclass does not override (a subclass with its own forward
-    may compute anything, so it is not assumed to be its base)."""
-    cls = type(module)
-    rule = _MODULE_RULES.get(cls)
-    if rule is not None:
-        return rule
-    for base in cls.__mro__[1:]:
-        if base in _MODULE_RULES:
-            return _MODULE_RULES[base] if cls.forward is base.forward else None
-    return None
+    ``forward`` the subclass does not override (see :func:`lookup_type`)."""
+    return lookup_type(_MODULE_RULES, module)
 
 
 def registered_module_types() -> tuple[type, ...]:
@@ -140,8 +181,9 @@ def classify(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
 def unknown_hint(node: fx.Node) -> str:
     """How to teach netsurgeon an op it did not recognise."""
     if node.op == "call_module":
-        return ("register its module type with netsurgeon.ops.register_module(YourType)"
-                "(rule), where rule returns an OpInfo")
+        return ("register its module type with netsurgeon.register_module_op(YourType, kind=..., kernel_rule=...), "
+                "or netsurgeon.register_activation(name, fn, torch_modules=[YourType]) for an elementwise activation")
     if node.op == "call_function":
-        return "register the function with netsurgeon.ops.register_function(fn)(rule)"
+        return ("register the function with netsurgeon.ops.register_function(fn)(rule), or "
+                "netsurgeon.register_activation(name, fn) for an elementwise activation")
     return f"register the method with netsurgeon.ops.register_method({node.target!r})(rule)"

@@ -6,7 +6,9 @@ from typing import Any, Callable
 import torch.fx as fx
 import torch.nn as nn
 
-from .kinds import ActivationSpec, NormSpec, OpInfo, OpKind
+from .activations import register_activation
+from .kinds import ActivationSpec, NormSpec, OpInfo, OpKind, PoolType
+from .modules import layer_forward, register_layer_forward
 from .registry import ClassifyContext, module_rule, register_module
 from .torch_ops import conv_attrs
 
@@ -20,11 +22,6 @@ try:
     import timm.layers.norm_act as tna
 except ImportError:  # pragma: no cover - timm is a base dependency
     tl = None
-
-
-def _act(name: str, **params: float) -> Callable[..., OpInfo]:
-    spec = ActivationSpec(name, tuple(params.items()))
-    return lambda m, node, ctx: OpInfo(OpKind.ACTIVATION, name, activation=spec)
 
 
 def _composite_activation(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> ActivationSpec | None:
@@ -60,16 +57,19 @@ def _tracks(m: nn.Module) -> bool:
 
 
 if tl is not None:
-    register_module(ta.Swish, tme.SwishMe)(_act("silu"))
-    register_module(ta.Mish, tme.MishMe)(_act("mish"))
-    register_module(ta.Sigmoid)(_act("sigmoid"))
-    register_module(ta.Tanh)(_act("tanh"))
-    register_module(ta.HardSwish, tme.HardSwishMe)(_act("hardswish"))
-    register_module(ta.HardSigmoid, tme.HardSigmoidMe)(_act("hardsigmoid"))
-    register_module(ta.HardMish, tme.HardMishMe)(_act("hard_mish"))
-    register_module(ta.GELU)(_act("gelu"))
-    register_module(ta.GELUTanh)(_act("gelu_tanh"))
-    register_module(ta.QuickGELU)(_act("quick_gelu"))
+    for _name, _types in (("silu", (ta.Swish, tme.SwishMe)), ("mish", (ta.Mish, tme.MishMe)),
+                          ("sigmoid", (ta.Sigmoid,)), ("tanh", (ta.Tanh,)),
+                          ("hardswish", (ta.HardSwish, tme.HardSwishMe)),
+                          ("hardsigmoid", (ta.HardSigmoid, tme.HardSigmoidMe)),
+                          ("hard_mish", (ta.HardMish, tme.HardMishMe)), ("gelu", (ta.GELU,)),
+                          ("gelu_tanh", (ta.GELUTanh,)), ("quick_gelu", (ta.QuickGELU,))):
+        register_activation(_name, torch_modules=_types)
+
+    # how timm's Linear/Conv subclasses use their weight (netsurgeon.ops.modules)
+    register_layer_forward(tl.Linear)
+    register_layer_forward(tl.Conv2dSame, same_padding=True)
+    register_layer_forward(tl.StdConv2d, tl.ScaledStdConv2d, standardizes_weight=True)
+    register_layer_forward(tl.StdConv2dSame, tl.ScaledStdConv2dSame, same_padding=True, standardizes_weight=True)
 
     @register_module(ta.PReLU)
     def _timm_prelu(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
@@ -101,8 +101,9 @@ if tl is not None:
     def _timm_conv(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
         attrs = conv_attrs(m)
         attrs["module"] = type(m).__name__
-        attrs["weight_standardized"] = "Std" in type(m).__name__
-        attrs["same_padding"] = "Same" in type(m).__name__
+        fwd = layer_forward(m)
+        attrs["weight_standardized"] = fwd is not None and fwd.standardizes_weight
+        attrs["same_padding"] = fwd is not None and fwd.same_padding
         return OpInfo(OpKind.CONV, "conv2d", attrs=attrs)
 
     @register_module(tl.DropPath, tl.DropBlock2d)
@@ -112,8 +113,10 @@ if tl is not None:
 
     from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
 
-    register_module(AvgPool2dSame)(lambda m, node, ctx: OpInfo(OpKind.POOL, "avg_pool", attrs={"pool_type": "avg"}))
-    register_module(MaxPool2dSame)(lambda m, node, ctx: OpInfo(OpKind.POOL, "max_pool", attrs={"pool_type": "max"}))
+    register_module(AvgPool2dSame)(
+        lambda m, node, ctx: OpInfo(OpKind.POOL, "avg_pool", attrs={"pool_type": PoolType.AVG}))
+    register_module(MaxPool2dSame)(
+        lambda m, node, ctx: OpInfo(OpKind.POOL, "max_pool", attrs={"pool_type": PoolType.MAX}))
 
 try:
     from torchvision.ops.misc import FrozenBatchNorm2d as _TvFrozenBN

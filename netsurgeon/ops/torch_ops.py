@@ -1,4 +1,4 @@
-"""Op-kind rules for PyTorch's own modules, functions and tensor methods."""
+"""Op-kind rules for PyTorch's own modules, functions and tensor methods (activations: :mod:`.activations`)."""
 from __future__ import annotations
 
 import operator
@@ -9,7 +9,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kinds import ActivationSpec, NormSpec, OpInfo, OpKind
+from .kinds import NormSpec, OpInfo, OpKind, PoolType
 from .registry import ClassifyContext, register_function, register_method, register_module
 
 __all__ = ["arg", "conv_attrs"]
@@ -20,108 +20,6 @@ def arg(node: fx.Node, pos: int, name: str, default: Any = None) -> Any:
     if name in node.kwargs:
         return node.kwargs[name]
     return node.args[pos] if len(node.args) > pos else default
-
-
-# ---------------------------------------------------------------- activations
-# name -> (module types, functions, methods, [(param, position, default), ...])
-_ACTIVATIONS: dict[str, tuple[tuple[type, ...], tuple[Any, ...], tuple[str, ...], tuple[tuple[str, int, Any], ...]]] = {
-    "relu": ((nn.ReLU,), (F.relu, torch.relu, F.relu_, torch.relu_), ("relu", "relu_"), ()),
-    "leaky_relu": ((nn.LeakyReLU,), (F.leaky_relu, F.leaky_relu_), (), (("negative_slope", 1, 0.01),)),
-    "elu": ((nn.ELU,), (F.elu, F.elu_), (), (("alpha", 1, 1.0),)),
-    "celu": ((nn.CELU,), (F.celu, F.celu_), (), (("alpha", 1, 1.0),)),
-    "selu": ((nn.SELU,), (F.selu, torch.selu, F.selu_), (), ()),
-    "silu": ((nn.SiLU,), (F.silu,), (), ()),
-    "mish": ((nn.Mish,), (F.mish,), (), ()),
-    "softplus": ((nn.Softplus,), (F.softplus,), (), (("beta", 1, 1.0), ("threshold", 2, 20.0))),
-    "tanh": ((nn.Tanh,), (torch.tanh, F.tanh), ("tanh", "tanh_"), ()),
-    "sigmoid": ((nn.Sigmoid,), (torch.sigmoid, F.sigmoid), ("sigmoid", "sigmoid_"), ()),
-    "hardtanh": ((nn.Hardtanh,), (F.hardtanh, F.hardtanh_), (), (("min_val", 1, -1.0), ("max_val", 2, 1.0))),
-    "relu6": ((nn.ReLU6,), (F.relu6,), (), ()),
-    "hardswish": ((nn.Hardswish,), (F.hardswish,), (), ()),
-    "hardsigmoid": ((nn.Hardsigmoid,), (F.hardsigmoid,), (), ()),
-    "softsign": ((nn.Softsign,), (F.softsign,), (), ()),
-    "abs": ((), (torch.abs, torch.absolute), ("abs", "abs_"), ()),
-    "tanhshrink": ((nn.Tanhshrink,), (F.tanhshrink,), (), ()),
-    "softshrink": ((nn.Softshrink,), (F.softshrink,), (), (("lambd", 1, 0.5),)),
-    "hardshrink": ((nn.Hardshrink,), (F.hardshrink,), (), (("lambd", 1, 0.5),)),
-    "logsigmoid": ((nn.LogSigmoid,), (F.logsigmoid,), (), ()),
-}
-
-_MODULE_PARAM_ATTRS = {"min_val": "min_val", "max_val": "max_val", "lambd": "lambd",
-                       "negative_slope": "negative_slope", "alpha": "alpha", "beta": "beta",
-                       "threshold": "threshold"}
-
-
-def _module_activation_rule(name: str, params: tuple[tuple[str, int, Any], ...]) -> Callable[..., OpInfo]:
-    def rule(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
-        values = tuple((p, float(getattr(m, _MODULE_PARAM_ATTRS[p]))) for p, _, _ in params)
-        return OpInfo(OpKind.ACTIVATION, name, activation=ActivationSpec(name, values))
-
-    return rule
-
-
-def _node_activation_rule(name: str, params: tuple[tuple[str, int, Any], ...]) -> Callable[..., OpInfo]:
-    def rule(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
-        values = []
-        for p, pos, default in params:
-            v = arg(node, pos, p, default)
-            if isinstance(v, fx.Node):
-                return OpInfo(OpKind.OTHER, name, known=False,
-                              attrs={"reason": f"parameter {p} is computed at run time"})
-            values.append((p, float(v)))
-        return OpInfo(OpKind.ACTIVATION, name, activation=ActivationSpec(name, tuple(values)))
-
-    return rule
-
-
-for _name, (_mods, _fns, _methods, _params) in _ACTIVATIONS.items():
-    if _mods:
-        register_module(*_mods)(_module_activation_rule(_name, _params))
-    if _fns:
-        register_function(*_fns)(_node_activation_rule(_name, _params))
-    if _methods:
-        register_method(*_methods)(_node_activation_rule(_name, _params))
-
-
-@register_module(nn.GELU)
-def _gelu_module(m: nn.GELU, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
-    name = "gelu_tanh" if m.approximate == "tanh" else "gelu"
-    return OpInfo(OpKind.ACTIVATION, name, activation=ActivationSpec(name))
-
-
-@register_function(F.gelu)
-def _gelu_fn(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
-    name = "gelu_tanh" if arg(node, 1, "approximate", "none") == "tanh" else "gelu"
-    return OpInfo(OpKind.ACTIVATION, name, activation=ActivationSpec(name))
-
-
-@register_module(nn.PReLU)
-def _prelu_module(m: nn.PReLU, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
-    w = m.weight.detach().flatten().tolist()
-    slope: Any = float(w[0]) if len(w) == 1 else tuple(float(v) for v in w)
-    return OpInfo(OpKind.ACTIVATION, "prelu", activation=ActivationSpec("prelu", (("negative_slope", slope),)),
-                  attrs={"per_channel": len(w) > 1})
-
-
-@register_module(nn.RReLU)
-def _rrelu_module(m: nn.RReLU, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
-    # Random slope in train mode; eval uses the mean slope.
-    slope = (m.lower + m.upper) / 2
-    return OpInfo(OpKind.ACTIVATION, "leaky_relu", activation=ActivationSpec("leaky_relu", (("negative_slope", slope),)),
-                  attrs={"train_dependent": True, "module": "RReLU"})
-
-
-@register_method("clamp", "clamp_", "clip")
-@register_function(torch.clamp, torch.clip)
-def _clamp(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
-    lo, hi = arg(node, 1, "min"), arg(node, 2, "max")
-    if isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
-        return OpInfo(OpKind.OTHER, "clamp", known=False, attrs={"reason": "bounds computed at run time"})
-    if lo == 0 and hi is None:
-        return OpInfo(OpKind.ACTIVATION, "relu", activation=ActivationSpec("relu"))
-    lo = float("-inf") if lo is None else float(lo)
-    hi = float("inf") if hi is None else float(hi)
-    return OpInfo(OpKind.ACTIVATION, "hardtanh", activation=ActivationSpec("hardtanh", (("min_val", lo), ("max_val", hi))))
 
 
 # ---------------------------------------------------------------- linear and conv
@@ -214,7 +112,7 @@ def _batch_norm_fn(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
 
 
 # ---------------------------------------------------------------- pooling
-def _pool_module_rule(pool_type: str) -> Callable[..., OpInfo]:
+def _pool_module_rule(pool_type: PoolType) -> Callable[..., OpInfo]:
     def rule(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
         attrs: dict[str, Any] = {"pool_type": pool_type}
         for a in ("kernel_size", "stride", "padding", "output_size"):
@@ -225,17 +123,20 @@ def _pool_module_rule(pool_type: str) -> Callable[..., OpInfo]:
     return rule
 
 
-register_module(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)(_pool_module_rule("avg"))
-register_module(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)(_pool_module_rule("max"))
-register_module(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)(_pool_module_rule("adaptive_avg"))
-register_module(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)(_pool_module_rule("adaptive_max"))
-register_module(nn.LPPool1d, nn.LPPool2d)(_pool_module_rule("lp"))
+register_module(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)(_pool_module_rule(PoolType.AVG))
+register_module(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)(_pool_module_rule(PoolType.MAX))
+register_module(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)(
+    _pool_module_rule(PoolType.ADAPTIVE_AVG))
+register_module(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)(
+    _pool_module_rule(PoolType.ADAPTIVE_MAX))
+register_module(nn.LPPool1d, nn.LPPool2d)(_pool_module_rule(PoolType.LP))
 
-_POOL_FNS = {F.avg_pool1d: "avg", F.avg_pool2d: "avg", F.avg_pool3d: "avg", torch.avg_pool1d: "avg",
-             F.max_pool1d: "max", F.max_pool2d: "max", F.max_pool3d: "max",
-             F.adaptive_avg_pool1d: "adaptive_avg", F.adaptive_avg_pool2d: "adaptive_avg",
-             F.adaptive_avg_pool3d: "adaptive_avg", F.adaptive_max_pool1d: "adaptive_max",
-             F.adaptive_max_pool2d: "adaptive_max", F.adaptive_max_pool3d: "adaptive_max"}
+_POOL_FNS = {F.avg_pool1d: PoolType.AVG, F.avg_pool2d: PoolType.AVG, F.avg_pool3d: PoolType.AVG,
+             torch.avg_pool1d: PoolType.AVG, F.max_pool1d: PoolType.MAX, F.max_pool2d: PoolType.MAX,
+             F.max_pool3d: PoolType.MAX, F.adaptive_avg_pool1d: PoolType.ADAPTIVE_AVG,
+             F.adaptive_avg_pool2d: PoolType.ADAPTIVE_AVG, F.adaptive_avg_pool3d: PoolType.ADAPTIVE_AVG,
+             F.adaptive_max_pool1d: PoolType.ADAPTIVE_MAX, F.adaptive_max_pool2d: PoolType.ADAPTIVE_MAX,
+             F.adaptive_max_pool3d: PoolType.ADAPTIVE_MAX}
 
 
 @register_function(*_POOL_FNS)
@@ -247,7 +148,7 @@ def _pool_fn(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
 @register_method("mean")
 @register_function(torch.mean)
 def _mean(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
-    return OpInfo(OpKind.POOL, "mean", attrs={"pool_type": "mean", "dim": arg(node, 1, "dim")})
+    return OpInfo(OpKind.POOL, "mean", attrs={"pool_type": PoolType.MEAN, "dim": arg(node, 1, "dim")})
 
 
 @register_method("amax", "max")
@@ -255,7 +156,7 @@ def _mean(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
 def _amax(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
     if len([a for a in node.all_input_nodes if ctx.is_signal(a)]) > 1:
         return OpInfo(OpKind.OTHER, "maximum", attrs={"reason": "elementwise maximum of two signals"})
-    return OpInfo(OpKind.POOL, "max", attrs={"pool_type": "max_reduce", "dim": arg(node, 1, "dim")})
+    return OpInfo(OpKind.POOL, "max", attrs={"pool_type": PoolType.MAX_REDUCE, "dim": arg(node, 1, "dim")})
 
 
 # ---------------------------------------------------------------- identity-like
@@ -424,7 +325,7 @@ register_module(nn.Upsample)(lambda m, node, ctx: OpInfo(OpKind.OTHER, "upsample
 @register_method("sum")
 @register_function(torch.sum)
 def _sum(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
-    return OpInfo(OpKind.POOL, "sum", attrs={"pool_type": "sum", "dim": arg(node, 1, "dim")})
+    return OpInfo(OpKind.POOL, "sum", attrs={"pool_type": PoolType.SUM, "dim": arg(node, 1, "dim")})
 
 
 @register_function(torch.addcmul)

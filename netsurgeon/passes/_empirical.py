@@ -28,6 +28,7 @@ import torch.fx as fx
 from ..analysis.targets import ProductMap
 from ..errors import UnsupportedNodeError
 from ..graph import Topology
+from ..graph.state import nodes_by_name
 from ..ops import OpKind
 from ..report import PassRecord, Preservation
 
@@ -78,7 +79,7 @@ def insert_rescales(gm: fx.GraphModule, maps: dict[str, ProductMap], record: Pas
     it depends on the weights it was measured with, so it must travel with the ``state_dict``
     (a fresh transform of the same recipe, then ``load_state_dict``, reproduces the model).
     """
-    nodes = {n.name: n for n in gm.graph.nodes}
+    nodes = nodes_by_name(gm)
     for name, pm in maps.items():
         node = nodes.get(name)
         if node is None:

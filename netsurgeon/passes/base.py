@@ -22,12 +22,11 @@ from typing import Any, ClassVar, Mapping, Sequence, Union
 import torch
 import torch.fx as fx
 
-from ..errors import PassOptionError, UnknownPassError
-from ..graph import META_KEY
-from ..report import PassRecord, Preservation, Report
+from ..errors import InvalidArgumentError, PassOptionError, UnknownPassError
+from ..report import PassRecord, Preservation
+from .runner import apply_pass
 
-__all__ = ["Pass", "PassSpec", "register_pass", "get_pass", "list_passes", "make_pass", "coerce_option",
-           "get_report"]
+__all__ = ["Pass", "PassSpec", "register_pass", "get_pass", "list_passes", "make_pass", "coerce_option"]
 
 _REGISTRY: dict[str, type["Pass"]] = {}
 _TYPE_WORDS = {type(None): "None", bool: "a bool (True or False)", int: "an int", float: "a float (or an int)",
@@ -80,8 +79,6 @@ class Pass:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | None = None) -> fx.GraphModule:
         """Apply the pass on its own (outside :func:`netsurgeon.transform`), in place."""
-        from ..pipeline import apply_pass
-
         return apply_pass(gm, self, example_inputs)
 
 
@@ -91,9 +88,9 @@ PassSpec = Union[str, tuple, Pass]
 def register_pass(cls: type[Pass]) -> type[Pass]:
     """Class decorator adding a pass to the registry under ``cls.name``."""
     if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a non-empty class attribute 'name'")
+        raise InvalidArgumentError(f"{cls.__name__} needs a non-empty class attribute 'name'")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"a pass named {cls.name!r} is registered already ({_REGISTRY[cls.name].__name__})")
+        raise InvalidArgumentError(f"a pass named {cls.name!r} is registered already ({_REGISTRY[cls.name].__name__})")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -233,18 +230,3 @@ def coerce_option(cls: type[Pass], key: str, text: str) -> Any:
         except ValueError:
             continue
     raise PassOptionError(f"bad value {text!r} for {cls.name}.{key}: expected {_expected(alternatives, typed=False)}")
-
-
-def get_report(gm: fx.GraphModule, create_for: str | None = None) -> Report:
-    """The report stored on ``gm``; creates an empty one when ``create_for`` is given."""
-    store = gm.meta.setdefault(META_KEY, {})
-    if "report" not in store:
-        if create_for is None:
-            from ..errors import MissingAnalysisError
-
-            raise MissingAnalysisError(f"{type(gm).__name__} has no netsurgeon report: it was not produced by "
-                                       f"netsurgeon.transform (or a pass), or it went through torch.save/torch.load, "
-                                       f"which drops GraphModule.meta; to keep the report, save with "
-                                       f"netsurgeon.convert (report.md, recipe.json) and rebuild with netsurgeon.load")
-        store["report"] = Report(model=create_for)
-    return store["report"]

@@ -1,5 +1,5 @@
 """``rms_norm`` and ``modulus``: the consistency paper's minimal normalization and modulus
-units (MATH.md §8)."""
+units (docs/theory.md §8.3–§8.4)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +8,8 @@ import torch
 import torch.fx as fx
 
 from ..graph import Topology
+from ..graph.state import nodes_by_name
+from ..kernels import activation_entry
 from ..layers import MinimalRMSNorm, Modulus
 from ..ops import OpKind
 from ..report import PassRecord, Preservation
@@ -16,7 +18,12 @@ from .base import Pass, register_pass
 
 __all__ = ["RMSNormPass", "ModulusPass"]
 
-_RELU_FAMILY = ("relu", "leaky_relu", "prelu", "relu6")
+
+def _relu_family(name: str) -> bool:
+    """A rectifier the modulus unit replaces (ReLU, leaky ReLU, PReLU, ReLU6): the activation
+    registry's ``relu_family`` trait."""
+    entry = activation_entry(name)
+    return entry is not None and entry.relu_family
 
 
 @register_pass
@@ -43,7 +50,7 @@ class RMSNormPass(Pass):
     def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
             ) -> fx.GraphModule:
         topo = Topology(gm)
-        nodes = {n.name: n for n in gm.graph.nodes}
+        nodes = nodes_by_name(gm)
         done: set[str] = set()
         for name in topo.nodes_of(OpKind.NORM):
             spec = topo.info(name).norm
@@ -82,11 +89,11 @@ class ModulusPass(Pass):
     def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
             ) -> fx.GraphModule:
         topo = Topology(gm)
-        nodes = {n.name: n for n in gm.graph.nodes}
+        nodes = nodes_by_name(gm)
         count = 0
         for name in topo.nodes_of(OpKind.ACTIVATION):
             spec = topo.info(name).activation
-            if spec is None or spec.name not in _RELU_FAMILY:
+            if spec is None or not _relu_family(spec.name):
                 continue
             node = nodes[name]
             path = f"ns_modulus_{count}"
@@ -99,7 +106,7 @@ class ModulusPass(Pass):
             count += 1
         for name in topo.nodes_of(OpKind.NORM):
             act = topo.info(name).norm.activation if topo.info(name).norm is not None else None
-            if act is not None and act.name in _RELU_FAMILY:
+            if act is not None and _relu_family(act.name):
                 record.skip(name, f"{act.name} inside the norm+act composite; run strip_bn or rms_norm first")
         if not count:
             record.note("no ReLU-family activation")

@@ -1,14 +1,15 @@
 """``dks`` and ``tat``: activation transforms with targets derived from the graph.
 
 Every activation node becomes a :class:`~netsurgeon.layers.ShapedActivation`
-``γ (φ(α x + β) + δ)`` (MATH.md §4–§5). The architecture enters only through
+``γ (φ(α x + β) + δ)`` (docs/theory.md §4–§5). The architecture enters only through
 :class:`~netsurgeon.analysis.targets.IdealGraph`:
 
 * ``dks``: the local ``C'(1)`` target ``ξ`` solves ``max over subnetworks C'_f(1) = ζ``;
   each activation type then gets ``(α, β, γ, δ)`` with ``Q(1) = 1``, ``Q'(1) = 1``,
   ``C(0) = 0``, ``C'(1) = ξ``.
-* ``tat``: ReLU/leaky ReLU become ``sqrt(2/(1+a²)) · leaky_relu(x, a)`` with ``a`` chosen so
-  the network's ``C_f(0) = η``; smooth activations get ``Q(1) = Q'(1) = C'(1) = 1`` and
+* ``tat``: the leaky-ReLU family (ReLU, leaky ReLU, PReLU: the activation registry's
+  ``leaky_slope`` trait) become ``sqrt(2/(1+a²)) · leaky_relu(x, a)`` with ``a`` chosen so
+  the network's ``C_f(0) = η``; other activations get ``Q(1) = Q'(1) = C'(1) = 1`` and
   ``C''(1) = κ`` with ``κ = τ / max over subnetworks of the activation count``
   (curvature adds along chains, sums weight it by ``w_i²``).
 
@@ -19,8 +20,11 @@ un-normalized sums (run ``normalize_sums``). The transforms assume the other DKS
 conditions too (``input_norm``, ``orthogonal_init``); ``netsurgeon.analyze`` checks
 them on the result.
 
-The derivation (ζ, ξ, the maximizing subnetwork, the constants) is kept in
-``gm.meta["netsurgeon"]["dks"]`` and written to the report.
+A functional call site (``F.gelu(x)``, ``torch.abs(x)``) is rebuilt as the module the
+activation registry names (``netsurgeon.ops.activation_module``).
+
+The derivation (ζ, ξ, the maximizing subnetwork, the constants) is kept on the module
+(read it with ``netsurgeon.derivation(gm, "dks")``) and written to the report.
 """
 from __future__ import annotations
 
@@ -35,32 +39,19 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..analysis.targets import IdealGraph, ProductMap, gate_nodes
-from ..errors import UnsupportedNodeError
-from ..graph import META_KEY, Topology
-from ..kernels import LocalMaps, get_activation
+from ..errors import InvalidArgumentError, UnsupportedNodeError
+from ..graph import Topology
+from ..graph.state import default_inputs, derivation, nodes_by_name, set_derivation
+from ..kernels import LocalMaps, activation_entry, get_activation
 from ..kernels.transforms import Transform, TransformError, solve_dks, solve_tat, transformed, trelu_c_map, trelu_gain
 from ..layers import ShapedActivation
-from ..ops import ActivationSpec, OpKind
+from ..ops import ActivationSpec, OpKind, activation_module
 from ..report import PassRecord, Preservation
 from ._edit import set_submodule
 from ._empirical import ITERATIONS, insert_rescales, iterate_product_maps
 from .base import Pass, register_pass
 
 __all__ = ["DKS", "TAT"]
-
-_LEAKY = ("relu", "leaky_relu", "prelu")
-
-# Modules that compute an activation given by its spec, for functional call sites (F.gelu, torch.tanh...).
-_MODULES: dict[str, Callable[..., nn.Module]] = {
-    "relu": lambda: nn.ReLU(), "leaky_relu": lambda negative_slope=0.01: nn.LeakyReLU(negative_slope),
-    "elu": lambda alpha=1.0: nn.ELU(alpha), "celu": lambda alpha=1.0: nn.CELU(alpha), "selu": lambda: nn.SELU(),
-    "gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": lambda: nn.SiLU(),
-    "mish": lambda: nn.Mish(), "softplus": lambda beta=1.0, threshold=20.0: nn.Softplus(beta, threshold),
-    "tanh": lambda: nn.Tanh(), "sigmoid": lambda: nn.Sigmoid(), "softsign": lambda: nn.Softsign(),
-    "hardtanh": lambda min_val=-1.0, max_val=1.0: nn.Hardtanh(min_val, max_val), "relu6": lambda: nn.ReLU6(),
-    "hardswish": lambda: nn.Hardswish(), "hardsigmoid": lambda: nn.Hardsigmoid(),
-}
-
 
 @dataclasses.dataclass
 class _Site:
@@ -75,10 +66,7 @@ def _topology(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | Non
     """The view, with shapes when the graph concatenates (they weight the sums)."""
     topo = Topology(gm)
     if topo.kind_counts().get("concat"):
-        if example_inputs is None:
-            info = gm.meta.get(META_KEY, {}).get("trace")
-            shape = getattr(info, "input_shape", None)
-            example_inputs = (torch.zeros(shape),) if shape is not None else None
+        example_inputs = example_inputs if example_inputs is not None else default_inputs(gm)
         if example_inputs is not None:
             topo = Topology(gm, example_inputs)
     return topo
@@ -111,11 +99,11 @@ def _base_module(gm: fx.GraphModule, site: _Site) -> nn.Module:
     node = site.node
     if node.op == "call_module" and not site.rebuild:
         return copy.deepcopy(gm.get_submodule(node.target))
-    name = "leaky_relu" if site.spec.name == "prelu" else site.spec.name
-    if name not in _MODULES:
+    try:
+        return activation_module(site.spec)
+    except InvalidArgumentError as exc:
         raise UnsupportedNodeError(f"activation {node.name} ({site.spec}): netsurgeon has no module for "
-                                   f"{site.spec.name} to reshape it", nodes=[node.name])
-    return _MODULES[name](**dict(site.spec.params))
+                                   f"{site.spec.name} to reshape it ({exc})", nodes=[node.name]) from None
 
 
 def _install(gm: fx.GraphModule, sites: list[_Site], constants: dict[ActivationSpec, Transform],
@@ -161,10 +149,6 @@ def _prepare(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | None
     return ideal, sites
 
 
-def _store(gm: fx.GraphModule, key: str, derivation: dict[str, Any]) -> None:
-    gm.meta.setdefault(META_KEY, {})[key] = derivation
-
-
 class _Shaping(Pass):
     """What dks and tat share: ``products="empirical"`` iterates measured product maps."""
 
@@ -177,11 +161,11 @@ class _Shaping(Pass):
             return gm
         maps = iterate_product_maps(gm, example_inputs, lambda g, r, m: self._shape(g, r, example_inputs, m))
         self._shape(gm, record, example_inputs, maps)
-        gates = sorted(gate_nodes(Topology(gm)) & {n.name for n in gm.graph.nodes})
+        gates = sorted(gate_nodes(Topology(gm)) & set(nodes_by_name(gm)))
         record.note(f"products='empirical': {len(maps)} product map(s) measured on the shaped network "
                     f"({ITERATIONS} rounds); activations on gate paths left as they are: "
                     f"{', '.join(gates[:8]) or 'none'}{' ...' if len(gates) > 8 else ''}")
-        gm.meta.setdefault(META_KEY, {}).setdefault(self.name, {})["product_maps"] = {
+        derivation(gm, self.name)["product_maps"] = {
             k: {"q_ratio": v.q_ratio, "slope": v.slope} for k, v in maps.items()}
         return gm
 
@@ -193,7 +177,7 @@ class _Shaping(Pass):
 @register_pass
 @dataclasses.dataclass
 class DKS(_Shaping):
-    """Deep Kernel Shaping (MATH.md §4) with the maximal slope function derived from the graph.
+    """Deep Kernel Shaping (docs/theory.md §4) with the maximal slope function derived from the graph.
 
     Options:
         zeta: the global target ``max over subnetworks C'_f(1)``. Default: 1.5.
@@ -222,10 +206,10 @@ class DKS(_Shaping):
         for site in sites:
             if site.spec not in constants:
                 constants[site.spec] = _solve(site, lambda act: solve_dks(act, xi), "dks")
-        leaky = sorted({str(s.spec) for s in sites if s.spec.name in _LEAKY})
+        leaky = sorted({str(s.spec) for s in sites if _leaky(s.spec)})
         if leaky:
             q_slopes = {str(s): LocalMaps(transformed(_activation(s), *constants[s])).q_slope_1()
-                        for s in constants if s.name in _LEAKY}
+                        for s in constants if _leaky(s)}
             msg = (f"dks on {', '.join(leaky)}: the ReLU family cannot reach Q'(1) = 1 (achieved "
                    + ", ".join(f"{k}: {v:.4f}" for k, v in q_slopes.items())
                    + ") and its C map stays degenerate; prefer the tat pass (TReLU) or a smooth activation")
@@ -234,7 +218,7 @@ class DKS(_Shaping):
         _install(gm, sites, constants, record)
         record.note(f"zeta = {self.zeta}: local C'(1) target xi = {xi:.10f}, reached by {where}; "
                     f"{len(ideal.subnetworks())} subnetworks considered")
-        _store(gm, "dks", {"zeta": float(self.zeta), "xi": xi, "argmax": where,
+        set_derivation(gm, "dks", {"zeta": float(self.zeta), "xi": xi, "argmax": where,
                            "constants": {str(k): v._asdict() for k, v in constants.items()}})
         self._finish(gm, record, maps)
 
@@ -242,7 +226,7 @@ class DKS(_Shaping):
 @register_pass
 @dataclasses.dataclass
 class TAT(_Shaping):
-    """Tailored Activation Transformation (MATH.md §5).
+    """Tailored Activation Transformation (docs/theory.md §5).
 
     Options:
         eta: target network ``C_f(0)`` for the leaky-ReLU family (TReLU). Default: 0.9.
@@ -268,8 +252,8 @@ class TAT(_Shaping):
         ideal, sites = _prepare(gm, example_inputs, self.products, "tat", maps)
         constants: dict[ActivationSpec, Transform] = {}
         derivation: dict[str, Any] = {"eta": float(self.eta), "tau": float(self.tau)}
-        smooth = [s for s in sites if s.spec.name not in _LEAKY]
-        leaky = [s for s in sites if s.spec.name in _LEAKY]
+        smooth = [s for s in sites if not _leaky(s.spec)]
+        leaky = [s for s in sites if _leaky(s.spec)]
         if not smooth:
             record.note(f"tau = {self.tau} unused: no smooth activation to shape (the leaky-ReLU family uses eta)")
         if not leaky:
@@ -296,13 +280,18 @@ class TAT(_Shaping):
             record.note(f"eta = {self.eta}: TReLU negative slope a = {a:.10f} gives the network C_f(0) = {self.eta}")
         _install(gm, sites, constants, record)
         derivation["constants"] = {str(k): v._asdict() for k, v in constants.items()}
-        _store(gm, "tat", derivation)
+        set_derivation(gm, "tat", derivation)
         self._finish(gm, record, maps)
 
 
 def _activation(spec: ActivationSpec) -> Any:
-    name = "leaky_relu" if spec.name == "prelu" else spec.name
-    return get_activation(name, **dict(spec.params))
+    return get_activation(spec.name, **dict(spec.params))  # an alias (prelu) builds its target
+
+
+def _leaky(spec: ActivationSpec) -> bool:
+    """Of the leaky-ReLU family (its registry entry has a ``leaky_slope``): TAT makes it a TReLU."""
+    entry = activation_entry(spec.name)
+    return entry is not None and entry.leaky_slope is not None
 
 
 def _solve(site: _Site, solver: Callable[[Any], Transform], what: str) -> Transform:

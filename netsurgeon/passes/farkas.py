@@ -1,4 +1,4 @@
-"""``farkas``: append a computed Farkas unit to every eligible layer (MATH.md §6).
+"""``farkas``: append a computed Farkas unit to every eligible layer (docs/theory.md §6).
 
 An eligible layer is a Linear/Conv module (groups 1, called once) whose output goes,
 alone, into a one-sided activation (ReLU family, ELU, GELU, SiLU, ...), possibly through
@@ -29,19 +29,18 @@ import torch.nn as nn
 
 from .._validate import short_list
 from ..errors import UnsupportedNodeError
-from ..graph import META_KEY, Topology
+from ..graph import BlockKind, Topology
+from ..graph.state import default_inputs, nodes_by_name
 from ..graph.running import eval_mode
 from ..layers import FarkasLayer, FarkasSum
-from ..ops import OpKind
+from ..kernels import activation_entry
+from ..ops import PLAIN_LAYER_TYPES, OpInfo, OpKind, plain_layer, pool_type
 from ..report import PassRecord, Preservation
 from ._edit import call_sites, set_submodule
 from .base import Pass, register_pass
 
 __all__ = ["Farkas"]
 
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_ONE_SIDED = {"relu", "relu6", "elu", "celu", "selu", "gelu", "gelu_tanh", "silu", "mish", "softplus",
-              "hardswish"}
 _TRANSPARENT = {OpKind.IDENTITY, OpKind.POOL}  # dropout, channel-wise pooling
 
 
@@ -54,8 +53,13 @@ class _Plan:
 
 
 def _plain_layer(m: nn.Module) -> bool:
-    return isinstance(m, _LAYERS) and any(type(m).forward is t.forward for t in _LAYERS) \
-        and getattr(m, "groups", 1) == 1 and not getattr(m, "transposed", False)
+    return plain_layer(m) and getattr(m, "groups", 1) == 1 and not getattr(m, "transposed", False)
+
+
+def _one_sided(name: str) -> bool:
+    """One-sided by the activation registry (ReLU family, ELU, GELU, SiLU, ...)."""
+    entry = activation_entry(name)
+    return entry is not None and entry.one_sided
 
 
 class _Planner:
@@ -104,7 +108,7 @@ class _Planner:
                 return node
 
     def _after_activation(self, node: fx.Node, norm: fx.Node | None, act: fx.Node, act_name: str) -> _Plan | str:
-        if act_name not in _ONE_SIDED:
+        if not _one_sided(act_name):
             return f"activation {act.name} ({act_name}) is not one-sided"
         consumers: list[tuple[fx.Node, int]] = []
         reason = self._consumers(act, 1, consumers, self.kind(node) is OpKind.LINEAR)
@@ -120,19 +124,18 @@ class _Planner:
             kind = self.kind(user)
             if kind is OpKind.META:  # reads the shape (x.shape[-2] in timm's VGG head); checked by the run below
                 continue
-            if kind in (OpKind.LINEAR, OpKind.CONV):
+            if kind.traits.weighted:
                 if user.op != "call_module" or not _plain_layer(self.gm.get_submodule(user.target)) \
                         or self.sites[user.target] != 1:
                     return f"consumer {user.name} is not a plain Linear/Conv module called once"
                 out.append((user, columns))
             elif kind in _TRANSPARENT and len(user.all_input_nodes) == 1:
-                if kind is OpKind.POOL and self.g.nodes[user.name]["attrs"].get("pool_type") not in \
-                        ("avg", "max", "adaptive_avg", "adaptive_max", "mean"):
+                if kind is OpKind.POOL and not _per_channel(self.g.nodes[user.name]["info"]):
                     return f"consumer {user.name} is a pooling that mixes channels"
                 reason = self._consumers(user, columns, out, features_last)
                 if reason:
                     return reason
-            elif kind is OpKind.RESHAPE and _is_flatten(user):
+            elif _is_flatten(self.g.nodes[user.name]["info"]):
                 shape = self.g.nodes[node.name].get("shape")
                 if shape is None:
                     return f"{user.name} flattens; the spatial size needs example_inputs"
@@ -148,10 +151,14 @@ class _Planner:
         return None
 
 
-def _is_flatten(node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return type(node.graph.owning_module.get_submodule(node.target)).__name__ == "Flatten"
-    return getattr(node.target, "__name__", node.target) == "flatten"
+def _is_flatten(info: OpInfo) -> bool:
+    """``nn.Flatten``, ``torch.flatten`` or ``Tensor.flatten``."""
+    return info.kind is OpKind.RESHAPE and info.name == "flatten"
+
+
+def _per_channel(info: OpInfo) -> bool:
+    kind = pool_type(info)
+    return kind is not None and kind.per_channel
 
 
 def _widen_input(m: nn.Module, columns: int, zero: bool) -> nn.Module:
@@ -188,7 +195,7 @@ def _widen_norm(m: nn.Module) -> None:
 @register_pass
 @dataclasses.dataclass
 class Farkas(Pass):
-    """Farkas rows: a computed unit ``z_F = -agg(z) + b_F`` per eligible layer (MATH.md §6).
+    """Farkas rows: a computed unit ``z_F = -agg(z) + b_F`` per eligible layer (docs/theory.md §6.1).
 
     Options:
         agg: ``"mean"`` (default) or ``"sum"`` over the layer's channels.
@@ -224,7 +231,7 @@ class Farkas(Pass):
 
     def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
             ) -> fx.GraphModule:
-        inputs = example_inputs if example_inputs is not None else _default_inputs(gm)
+        inputs = example_inputs if example_inputs is not None else default_inputs(gm)
         topo = Topology(gm, inputs)
         if self.mode == "block":
             _BlockMode(gm, topo, self, record).apply()
@@ -233,7 +240,7 @@ class Farkas(Pass):
         planner = _Planner(gm, topo)
         plans = []
         for node in gm.graph.nodes:
-            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _LAYERS):
+            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), PLAIN_LAYER_TYPES):
                 plan = planner.plan(node)
                 if isinstance(plan, str):
                     record.skip(node.name, plan)
@@ -256,7 +263,7 @@ class Farkas(Pass):
                           f"activation {plan.act.name}; consumers widened: {widened}")
         if not plans:
             record.note("no eligible layer (see the skipped list for the reasons)")
-        _check_runs(gm, example_inputs if example_inputs is not None else _default_inputs(gm),
+        _check_runs(gm, inputs,
                     [p.layer.name for p in plans])
         return gm
 
@@ -284,12 +291,12 @@ class _BlockMode:
 
     def __init__(self, gm: fx.GraphModule, topo: Topology, opts: "Farkas", record: PassRecord) -> None:
         self.gm, self.topo, self.opts, self.record = gm, topo, opts, record
-        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.nodes = nodes_by_name(gm)
         self.planner = _Planner(gm, topo)
         self.zero = opts.consumer_init == "zero"
 
     def _plan(self) -> list[tuple[Any, fx.Node, fx.Node, list[fx.Node]]]:
-        blocks = sorted((b for b in self.topo.blocks if b.kind == "residual"),
+        blocks = sorted((b for b in self.topo.blocks if b.kind is BlockKind.RESIDUAL),
                         key=lambda b: self.topo.graph.nodes[b.merge]["index"])
         if not blocks:
             raise UnsupportedNodeError("farkas mode='block': the model has no residual block")
@@ -298,7 +305,7 @@ class _BlockMode:
             add = self.nodes[b.merge]
             act = self.planner._next(add)
             info = self.topo.graph.nodes[act.name]["info"] if not isinstance(act, str) else None
-            if info is None or info.activation is None or info.activation.name not in _ONE_SIDED:
+            if info is None or info.activation is None or not _one_sided(info.activation.name):
                 raise UnsupportedNodeError(f"farkas mode='block': block {b.merge}'s sum is not followed by a one-sided "
                                            f"activation; use mode='layer'", nodes=[b.merge])
             if len(b.operands) != 2:
@@ -313,7 +320,7 @@ class _BlockMode:
         while True:
             chain.append(node)
             kind = self.topo.graph.nodes[node.name]["kind"]
-            if kind in (OpKind.CONV, OpKind.LINEAR) and node.op == "call_module" \
+            if kind.traits.weighted and node.op == "call_module" \
                     and _plain_layer(self.gm.get_submodule(node.target)):
                 return chain[::-1]
             norm = self.topo.graph.nodes[node.name]["info"].norm
@@ -357,14 +364,14 @@ class _BlockMode:
             node, cols = stack.pop()
             for user in node.users:
                 kind = self.topo.graph.nodes[user.name]["kind"] if user.name in self.topo.graph else None
-                if kind in (OpKind.LINEAR, OpKind.CONV):
+                if kind is not None and kind.traits.weighted:
                     out.append((user, cols))
                 elif kind is OpKind.ADD or kind is OpKind.META or (user.op == "call_module" and isinstance(
                         self.gm.get_submodule(user.target), FarkasSum)):
                     continue  # the next block's identity shortcut: handled with that block
                 elif kind in _TRANSPARENT and len(user.all_input_nodes) == 1:
                     stack.append((user, cols))
-                elif kind is OpKind.RESHAPE and _is_flatten(user):
+                elif kind is OpKind.RESHAPE and _is_flatten(self.topo.graph.nodes[user.name]["info"]):
                     shape = self.topo.graph.nodes[node.name].get("shape")
                     if shape is None:
                         raise UnsupportedNodeError(f"farkas: {user.name} flattens; pass example_inputs",
@@ -402,8 +409,3 @@ def _check_runs(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...] | None, lay
         raise UnsupportedNodeError(f"farkas: the model no longer runs after widening {len(layers)} layer(s) "
                                    f"({short_list(layers)}): {type(exc).__name__}: {first}", nodes=layers) from exc
 
-
-def _default_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...] | None:
-    info = gm.meta.get(META_KEY, {}).get("trace")
-    shape = getattr(info, "input_shape", None)
-    return None if shape is None else (torch.zeros(shape),)

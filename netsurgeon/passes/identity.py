@@ -1,4 +1,4 @@
-"""``identity_residual`` and ``identity_reparam``: identity at initialization (MATH.md §7).
+"""``identity_residual`` and ``identity_reparam``: identity at initialization (docs/theory.md §7).
 
 ``identity_residual`` works on the residual blocks of the topology view:
 
@@ -30,17 +30,18 @@ from torch.nn.utils import parametrize
 
 from .._validate import short_list
 from ..errors import UnsupportedNodeError
-from ..graph import Topology
+from ..graph import BlockKind, Topology
+from ..graph.state import nodes_by_name
 from ..kernels import get_activation
 from ..layers.identity import AddIdentity, FixedLinear, ScalarBias, ScalarGate
-from ..ops import OpKind
+from ..ops import PLAIN_LAYER_TYPES, OpKind, plain_layer, pool_type
 from ..report import PassRecord, Preservation
 from ._edit import set_submodule
 from .base import Pass, register_pass
 
 __all__ = ["IdentityResidual", "IdentityReparam"]
 
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LAYERS = PLAIN_LAYER_TYPES
 
 
 def _zero_preserving(topo: Topology, name: str) -> bool:
@@ -50,7 +51,8 @@ def _zero_preserving(topo: Topology, name: str) -> bool:
     if kind in (OpKind.IDENTITY, OpKind.RESHAPE):
         return True
     if kind is OpKind.POOL:
-        return info.attrs.get("pool_type") in ("avg", "adaptive_avg", "mean", "max", "adaptive_max")
+        kind = pool_type(info)
+        return kind is not None and kind.per_channel
     if kind is OpKind.AFFINE:
         return "factor" in info.attrs or info.attrs.get("op") == "mul"
     if kind is OpKind.ACTIVATION and info.activation is not None:
@@ -115,13 +117,13 @@ class IdentityResidual(Pass):
                                            f"run strip_bn (mode=remove) first. {len(bns)} batch norm(s): "
                                            f"{short_list(bns)}", nodes=bns)
         gen = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
-        blocks = [b for b in topo.blocks if b.kind == "residual"]
+        blocks = [b for b in topo.blocks if b.kind is BlockKind.RESIDUAL]
         for b in topo.blocks:
-            if b.kind != "residual":
+            if b.kind is not BlockKind.RESIDUAL:
                 record.skip(b.merge, f"{b.kind} merge, not a residual block")
         if not blocks:
             record.note("no residual block")
-        nodes = {n.name: n for n in gm.graph.nodes}
+        nodes = nodes_by_name(gm)
         for i, b in enumerate(blocks):
             add = nodes[b.merge]
             for j, (branch, layers) in enumerate(zip(b.branches, b.branch_layers)):
@@ -183,7 +185,7 @@ class IdentityResidual(Pass):
                     mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * math.sqrt(2.0 / fan_in) * scale)
                 if mod.bias is not None:
                     mod.bias.zero_()
-        nodes = {n.name: n for n in gm.graph.nodes}
+        nodes = nodes_by_name(gm)
         for k, name in enumerate(n for n in branch if topo.graph.nodes[n]["kind"] in
                                  (OpKind.LINEAR, OpKind.CONV, OpKind.ACTIVATION)):
             node = nodes[name]
@@ -197,7 +199,7 @@ class IdentityResidual(Pass):
 
     def _hardt_ma(self, gm: fx.GraphModule, merge: str, layers: list[str], gen: torch.Generator | None,
                   record: PassRecord) -> None:
-        topo_nodes = {n.name: n for n in gm.graph.nodes}
+        topo_nodes = nodes_by_name(gm)
         done = []
         for name in layers:
             node = topo_nodes[name]
@@ -278,7 +280,7 @@ class IdentityReparam(Pass):
                 continue
             seen.add(d["target"])
             m = gm.get_submodule(d["target"])
-            if not isinstance(m, _LAYERS) or type(m).forward not in {t.forward for t in _LAYERS}:
+            if not plain_layer(m):
                 record.skip(name, f"{type(m).__name__} is not a plain Linear/Conv")
                 continue
             eye = _identity_like(m)

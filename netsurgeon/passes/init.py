@@ -1,4 +1,4 @@
-"""``orthogonal_init``: scaled uniform orthogonal weights (DKS, arXiv:2110.01765; MATH.md §4).
+"""``orthogonal_init``: scaled uniform orthogonal weights (DKS, arXiv:2110.01765; docs/theory.md §4.7).
 
 Every linear layer gets ``W = g · O``: ``O`` a Haar-random ``[out, in]`` matrix (PyTorch's
 layout) with orthonormal rows when ``out ≤ in`` and orthonormal columns when
@@ -14,7 +14,7 @@ Why that ``g`` (``q = ||h||² / dim``, per location for convs):
 * ``out ≤ in``: orthonormal rows give ``E ||W x||² = ||W||_F² q_in = out · q_in`` for
   isotropic ``x``, so ``q_out = q_in`` in expectation with ``g = 1``.
 
-Either way ``σw² = fan_in · mean(W²) = 1`` (MATH.md §3). A conv whose stride equals its
+Either way ``σw² = fan_in · mean(W²) = 1`` (docs/theory.md §3.1). A conv whose stride equals its
 kernel and that does not pad (a patchify stem, a ViT patch embedding) applies a linear
 map to disjoint patches; it gets an orthogonal ``[out/groups, in/groups · prod(kernel)]``
 matrix instead (the rule above with ``in`` the patch size). Other even kernels have no
@@ -46,15 +46,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..graph import Topology, op_info
-from ..ops import OpKind
+from ..ops import layer_forward, pads_same, plain_layer
 from ..ops.torch_ops import arg
 from ..report import PassRecord, Preservation
 from .base import Pass, register_pass
 
 __all__ = ["OrthogonalInit", "orthogonal_blocks"]
-
-_PLAIN_FORWARDS = (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
-_TIMM_PLAIN = ("Conv2dSame", "Linear")  # timm layers whose forward uses the weight as it is
 
 
 def orthogonal_blocks(groups: int, rows: int, cols: int, gain: float, generator: torch.Generator | None = None
@@ -76,11 +73,11 @@ def _obstacle(m: nn.Module) -> str | None:
         return "lazy module whose weight is not materialized yet"
     if getattr(m, "transposed", False):
         return "transposed conv: a centre-tap kernel would leave the strided gaps of its output empty"
-    if "StdConv" in type(m).__name__:
+    fwd = layer_forward(m)
+    if fwd is not None and fwd.standardizes_weight:
         return (f"{type(m).__name__} standardizes its weight in forward, which would undo the orthogonal init; "
                 f"replace it by a plain conv first")
-    timm_plain = type(m).__module__.startswith("timm.") and type(m).__name__ in _TIMM_PLAIN
-    if type(m).forward not in _PLAIN_FORWARDS and not timm_plain:
+    if not plain_layer(m, as_is=True):
         return f"{type(m).__name__} overrides forward, so its weight may not be used as it is"
     return None
 
@@ -96,7 +93,7 @@ def _layout(m: nn.Module, conv: str = "delta") -> tuple[str, int, int] | str:
         return "delta-orthogonal", rows, cols
     no_pad = m.padding == "valid" or (not isinstance(m.padding, str) and all(p == 0 for p in m.padding))
     if (tuple(m.stride) == tuple(m.kernel_size) and no_pad and all(d == 1 for d in m.dilation)
-            and type(m).__name__ != "Conv2dSame"):
+            and not pads_same(m)):
         return "patch-orthogonal", rows, cols * math.prod(m.kernel_size)
     return (f"kernel {tuple(m.kernel_size)} has even sides and overlapping windows: no centre tap for "
             f"conv='delta' (conv='full' initializes it)")
@@ -195,7 +192,7 @@ class OrthogonalInit(Pass):
         """``F.linear`` nodes with a parameter weight are initialized; other functional layers are named."""
         for node in gm.graph.nodes:
             info = op_info(node)
-            if info.kind not in (OpKind.LINEAR, OpKind.CONV) or node.op == "call_module":
+            if not info.kind.traits.weighted or node.op == "call_module":
                 continue
             w = _graph_parameter(gm, arg(node, 1, "weight"))
             if w is not None and id(w) in done:

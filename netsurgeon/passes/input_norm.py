@@ -1,5 +1,5 @@
 """``input_norm``: a :class:`~netsurgeon.layers.LocationNorm` after every tensor input, so that
-``q = 1`` at every input location (Deep Kernel Shaping's input normalization, MATH.md §4).
+``q = 1`` at every input location (Deep Kernel Shaping's input normalization, docs/theory.md §4.7).
 """
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import PassOptionError
-from ..graph import META_KEY, Topology
+from ..graph import Topology
+from ..graph.state import has_trace, trace_info
 from ..layers import LocationNorm
 from ..report import PassRecord, Preservation
 from .base import Pass, register_pass
@@ -25,7 +26,7 @@ class InputNorm(Pass):
     """Insert a :class:`~netsurgeon.layers.LocationNorm` right after every tensor input.
 
     Each location's channel vector is scaled to norm ``sqrt(channels)``, so ``q = 1`` at
-    every input location (DKS, MATH.md §4). The op registry classifies the module as
+    every input location (DKS, docs/theory.md §4.7). The op registry classifies the module as
     an RMS norm without gain, which the analysis maps to ``q = 1``, ``c`` unchanged.
 
     Args:
@@ -89,8 +90,7 @@ class InputNorm(Pass):
         if example is not None:
             shape, source = tuple(example.shape), "example input"
         else:
-            info = gm.meta.get(META_KEY, {}).get("trace")
-            shape = getattr(info, "input_shape", None) if index == 0 and not given else None
+            shape = trace_info(gm).input_shape if has_trace(gm) and index == 0 and not given else None
             source = "default input shape"
         if shape is not None and not -len(shape) <= self.dim < len(shape):
             raise PassOptionError(f"{self.name}.dim={self.dim!r} does not apply to input {node.name!r}: its "

@@ -1,4 +1,4 @@
-"""``maxpool_to_avgpool``: max pooling has no kernel map (MATH.md §3), so Deep Kernel Shaping
+"""``maxpool_to_avgpool``: max pooling has no kernel map (docs/theory.md §3.7), so Deep Kernel Shaping
 swaps it for average pooling (modules, functions and timm's "same"-padded variant).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from timm.layers.pool2d_same import MaxPool2dSame
 
 from ..graph import Topology, op_info
 from ..layers import ExclusiveAvgPool2dSame
-from ..ops import OpKind
+from ..ops import OpKind, pool_type
 from ..ops.torch_ops import arg
 from ..report import PassRecord, Preservation
 from ._edit import report_hidden, set_submodule
@@ -30,7 +30,6 @@ _ADAPTIVE_MODULE_SWAP: dict[type, type] = {nn.AdaptiveMaxPool1d: nn.AdaptiveAvgP
 _FN_SWAP = {F.max_pool1d: F.avg_pool1d, F.max_pool2d: F.avg_pool2d, F.max_pool3d: F.avg_pool3d}
 _ADAPTIVE_FN_SWAP = {F.adaptive_max_pool1d: F.adaptive_avg_pool1d, F.adaptive_max_pool2d: F.adaptive_avg_pool2d,
                      F.adaptive_max_pool3d: F.adaptive_avg_pool3d}
-_MAX_POOL_TYPES = ("max", "adaptive_max", "max_reduce")
 _WHY_EXCLUSIVE = ("count_include_pad=False: max pooling pads with -inf, so padding never counts; the average "
                   "likewise runs over the in-bounds elements only")
 
@@ -119,7 +118,7 @@ class MaxPoolToAvgPool(Pass):
         swapped: dict[str, str] = {}
         for node in list(gm.graph.nodes):
             info = op_info(node)
-            if info.kind is OpKind.POOL and info.attrs.get("pool_type") in _MAX_POOL_TYPES:
+            if info.kind is OpKind.POOL and pool_type(info) is not None and pool_type(info).takes_max:
                 self._convert(gm, node, record, swapped)
             elif info.kind is OpKind.OTHER and "maxpool" in info.name.lower().replace("_", ""):
                 record.skip(node.name, f"unrecognised max-pooling op {node.format_node()}: not rewritten")

@@ -1,7 +1,7 @@
 """``strip_bn``: fold batch norms into neighbouring linear ops, or remove them.
 
 Fold (default) is exact in eval mode: a batch norm computes the per-channel affine
-``y = x * s + t`` with ``s = γ / sqrt(var + eps)``, ``t = β - mean * s`` (MATH.md §3,
+``y = x * s + t`` with ``s = γ / sqrt(var + eps)``, ``t = β - mean * s`` (docs/theory.md §3.6,
 "BatchNorm in eval mode"). It is folded
 
 1. backwards into the conv/linear producing its input: ``W[o] *= s[o]``,
@@ -26,39 +26,19 @@ import torch.nn as nn
 
 from ..graph import Topology, op_info
 from ..layers import ChannelAffine
-from ..ops import OpKind
+from ..ops import OpKind, batch_norm_affine, pads_same, plain_layer
 from ..report import PassRecord, Preservation
 from ._edit import bypass, call_sites, replace_with_parts, report_hidden, shapes_from
 from .base import Pass, register_pass
 
 __all__ = ["StripBN"]
 
-_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_bn_scale_shift = batch_norm_affine  # per-channel (s, t) of an eval-mode batch norm, float64
 
 
 def _foldable_layer(m: nn.Module) -> bool:
-    """Plain conv/linear whose forward is linear in its weight (timm's *Same too)."""
-    if type(m) in _FOLDABLE:
-        return True
-    name = type(m).__name__
-    if name in ("Conv2dSame", "Linear") and isinstance(m, _FOLDABLE):
-        return True
-    return isinstance(m, _FOLDABLE) and any(type(m).forward is t.forward for t in _FOLDABLE)
-
-
-def _bn_scale_shift(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``(s, t)`` of an eval-mode batch norm, in float64."""
-    mean, var = getattr(m, "running_mean", None), getattr(m, "running_var", None)
-    if mean is None or var is None:
-        raise ValueError("it has no running statistics (track_running_stats=False), so even in eval mode it "
-                         "normalizes with batch statistics; no fixed affine map exists")
-    mean, var = mean.detach().double(), var.detach().double()
-    w = getattr(m, "weight", None)
-    b = getattr(m, "bias", None)
-    w = torch.ones_like(mean) if w is None else w.detach().double()
-    b = torch.zeros_like(mean) if b is None else b.detach().double()
-    s = w / torch.sqrt(var + float(m.eps))
-    return s, b - mean * s
+    """Plain conv/linear whose forward is linear in its stored weight (timm's ``Conv2dSame`` too)."""
+    return plain_layer(m, as_is=True)
 
 
 def _composite_parts(m: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -124,7 +104,8 @@ class StripBN(Pass):
     def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
             ) -> fx.GraphModule:
         Topology(gm)
-        norms = [n for n in gm.graph.nodes if op_info(n).kind is OpKind.NORM and op_info(n).norm.family == "batch"]
+        norms = [n for n in gm.graph.nodes if op_info(n).kind is OpKind.NORM and op_info(n).norm is not None
+                 and op_info(n).norm.family == "batch"]
         report_hidden(gm, record, (nn.modules.batchnorm._BatchNorm,), "not folded or removed")
         if not norms:
             record.note("no batch norm in the model")
@@ -231,7 +212,7 @@ class StripBN(Pass):
                 return "the following linear layer's input rank is not known to be 2"
         else:
             pad = layer.padding
-            if type(layer).__name__ == "Conv2dSame" or (pad != "valid" and any(p != 0 for p in pad)):
+            if pads_same(layer) or (pad != "valid" and any(p != 0 for p in pad)):
                 return f"{user.target} pads its input, and padded zeros would see the norm's shift"
         return None
 

@@ -1,5 +1,5 @@
 """``normalize_sums`` and ``remove_skips``: the sum structure that Deep Kernel Shaping needs
-(Martens et al., 2021, arXiv:2110.01765; MATH.md §4).
+(Martens et al., 2021, arXiv:2110.01765; docs/theory.md §4.7).
 
 * ``normalize_sums``: every sum ``Σ w_i h_i`` gets ``Σ w_i² = 1``; residual sums give the
   shortcut ``w_s² = shortcut_weight2`` (0.8, the DKS paper's choice) and share the rest.
@@ -25,7 +25,8 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from ..graph import MergeBlock, Topology, op_info
+from ..graph import BlockKind, MergeBlock, Topology, op_info
+from ..graph.blocks import is_residual, path_cost
 from ..ops import OpKind
 from ..ops.torch_ops import arg
 from ..report import PassRecord, Preservation
@@ -33,8 +34,6 @@ from .base import Pass, register_pass
 
 __all__ = ["NormalizeSums", "RemoveSkips"]
 
-_WEIGHT_KINDS = (OpKind.LINEAR, OpKind.CONV)
-_COUNTED_KINDS = _WEIGHT_KINDS + (OpKind.ACTIVATION, OpKind.NORM, OpKind.MULTIPLY, OpKind.OTHER)
 _INPLACE_FNS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
 
 
@@ -55,7 +54,7 @@ class _Sum:
     root: fx.Node
     adds: list[fx.Node]
     terms: list[_Term]  # shortcut first when kind == "residual"
-    kind: str = "branch_merge"
+    kind: BlockKind = BlockKind.BRANCH_MERGE
     shortcut_kind: str = ""
 
 
@@ -87,9 +86,9 @@ def _strip(operand: fx.Node, coef: float, topo: Topology) -> _Term:
     while True:
         info = op_info(base)
         signals = [a for a in base.all_input_nodes if topo.graph.nodes[a.name]["signal"]]
-        if info.kind is not OpKind.AFFINE or "factor" not in info.attrs or _inplace(base) or len(signals) != 1:
+        if info.constant_factor is None or _inplace(base) or len(signals) != 1:
             return _Term(operand, base, coef)
-        coef *= float(info.attrs["factor"])
+        coef *= info.constant_factor
         base = signals[0]
 
 
@@ -110,9 +109,7 @@ def _cost(g: nx.DiGraph, entry: str | None, operand: str) -> tuple[int, int, int
     path = nx.ancestors(g, operand) | {operand}
     if entry is not None:
         path &= nx.descendants(g, entry)
-    kinds = [g.nodes[n]["kind"] for n in path if g.nodes[n]["signal"]]
-    return (sum(k in _COUNTED_KINDS for k in kinds), sum(k in _WEIGHT_KINDS for k in kinds),
-            sum(k is OpKind.ACTIVATION for k in kinds))
+    return path_cost(g.nodes[n]["kind"] for n in path if g.nodes[n]["signal"])
 
 
 def _classify(found: _Sum, block: MergeBlock, topo: Topology) -> None:
@@ -124,9 +121,8 @@ def _classify(found: _Sum, block: MergeBlock, topo: Topology) -> None:
     costs = [_cost(topo.graph, block.entry, t.operand.name) for t in found.terms]
     ranked = sorted(range(len(costs)), key=lambda i: (costs[i], i))
     found.terms = [found.terms[i] for i in ranked]
-    _, weights, acts = costs[ranked[0]]
-    if acts == 0 and weights <= 1 and any(costs[i][1] for i in ranked[1:]):
-        found.kind, found.shortcut_kind = "residual", ("projection" if weights else "identity")
+    if is_residual(costs[ranked[0]], (costs[i] for i in ranked[1:])):
+        found.kind, found.shortcut_kind = BlockKind.RESIDUAL, ("projection" if costs[ranked[0]][1] else "identity")
 
 
 def _obstacle(found: _Sum, order: dict[fx.Node, int]) -> str | None:
@@ -196,7 +192,7 @@ def _rewrite(gm: fx.GraphModule, found: _Sum, terms: list[tuple[fx.Node, float]]
 @register_pass
 @dataclasses.dataclass
 class NormalizeSums(Pass):
-    """Give every sum weights with ``Σ w_i² = 1`` (DKS, MATH.md §4).
+    """Give every sum weights with ``Σ w_i² = 1`` (DKS, docs/theory.md §4.7).
 
     Residual sums: the shortcut gets ``w_s = sqrt(shortcut_weight2)``, the ``n`` branches
     ``sqrt((1 - shortcut_weight2) / n)`` each; sums without a shortcut ("branch_merge"):
@@ -222,7 +218,7 @@ class NormalizeSums(Pass):
 
     def _weights(self, found: _Sum) -> list[float]:
         n = len(found.terms)
-        if found.kind == "residual":
+        if found.kind is BlockKind.RESIDUAL:
             return [math.sqrt(self.shortcut_weight2)] + [math.sqrt((1 - self.shortcut_weight2) / (n - 1))] * (n - 1)
         return [1 / math.sqrt(n)] * n
 
@@ -242,7 +238,7 @@ class NormalizeSums(Pass):
 
     def _why(self, found: _Sum) -> str:
         parts = [f"{found.shortcut_kind} shortcut {found.terms[0].base.name}: w_s² = {self.shortcut_weight2:g}"
-                 if found.kind == "residual" else "no shortcut: equal weights"]
+                 if found.kind is BlockKind.RESIDUAL else "no shortcut: equal weights"]
         replaced = [f"{t.base.name} (was {t.coef:g})" for t in found.terms if t.coef != 1.0]
         if replaced:
             parts.append("replaced constant coefficients of " + ", ".join(replaced) + "; signs kept")
@@ -327,11 +323,11 @@ class RemoveSkips(Pass):
         for name, why in refused:
             record.skip(name, why)
         for block in topo.blocks:
-            if block.kind == "concat":
+            if block.kind is BlockKind.CONCAT:
                 record.skip(block.merge, "concatenation: its inputs all reach the consumers' channels; "
                                          "not a skip connection that can be dropped")
         for found in sums:
-            if found.kind != "residual":
+            if found.kind is not BlockKind.RESIDUAL:
                 record.skip(found.root.name, f"sum of {len(found.terms)} non-trivial paths with no identity or "
                                              f"projection shortcut: left as is")
                 continue

@@ -11,6 +11,10 @@ of the **train** split (every split uses the train statistics, so test data neve
 into preprocessing). The statistics are exact: computed from a 256-bin histogram of
 the raw uint8 pixels (see :func:`channel_stats`).
 
+Part of the benchmark harness (``benchmarks/harness``), not of the ``netsurgeon`` package: the
+benchmark scripts and the tests use it. The default data root is found from this file's place in
+the checkout (:func:`data_root`).
+
 Decoded uint8 arrays are cached in-process (``functools.lru_cache``, about 47 MB per
 MNIST-style train split), keyed by file path, mtime and size, so a replaced file is
 re-read; the train statistics are cached per (dataset, root). :func:`clear_cache`
@@ -19,7 +23,7 @@ tensors, so callers may modify them in place.
 
 Example:
     >>> x, y = load_dataset("fashion_mnist", split="test")   # doctest: +SKIP
-    >>> x.shape, x.dtype, y.dtype
+    >>> x.shape, x.dtype, y.dtype   # doctest: +SKIP
     (torch.Size([10000, 1, 28, 28]), torch.float32, torch.int64)
 """
 from __future__ import annotations
@@ -36,16 +40,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataFormatError, DataNotFoundError, InvalidArgumentError
+from netsurgeon.errors import DataFormatError, DataNotFoundError, InvalidArgumentError
 
 __all__ = ["DATASETS", "DatasetSpec", "data_root", "load_dataset", "load_splits", "channel_stats",
            "verify_checksums", "clear_cache", "ENV_VAR"]
 
 ENV_VAR = "NETSURGEON_DATA"
+
+
 def _repo_default() -> Path:
-    """``shared/data`` next to the checkout (``../shared/data`` from the repository root), or in
-    the nearest ancestor directory that has one (a clone placed deeper, e.g. by CI)."""
-    repo = Path(__file__).resolve().parents[1]
+    """``shared/data`` next to the checkout (``../shared/data`` from the repository root, which is
+    two levels above this file's folder, ``benchmarks/harness``), or in the nearest ancestor
+    directory that has one (a clone placed deeper, e.g. by CI)."""
+    repo = Path(__file__).resolve().parents[2]
     for ancestor in repo.parents:
         if (ancestor / "shared" / "data").is_dir():
             return ancestor / "shared" / "data"

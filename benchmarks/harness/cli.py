@@ -7,12 +7,13 @@ import dataclasses
 import os
 import platform
 import sys
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
-
-__all__ = ["environment", "torch_threads", "add_sweep_args", "finish_sweep_args"]
+__all__ = ["environment", "torch_threads", "log", "new_parser", "add_output_args", "output_paths", "command_line",
+           "add_sweep_args", "finish_sweep_args"]
 
 
 def environment(threads: int) -> dict[str, Any]:
@@ -46,6 +47,40 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def log(message: str) -> None:
+    """Progress line of a benchmark run, on stderr (stdout carries the Markdown)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def new_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's argument parser: its description is the first paragraph of ``doc`` (the
+    script's docstring), kept as written."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_output_args(p: argparse.ArgumentParser, out_dir: Path, md_name: str, threads: int = 1, why: str = "") -> None:
+    """``--threads`` (default ``threads``; ``why`` follows the default in the help), ``--out-dir``
+    (default ``out_dir``) and ``--md-out`` (default ``OUT_DIR/md_name``)."""
+    p.add_argument("--threads", type=int, default=threads, help=f"torch.set_num_threads (default {threads}{why})")
+    p.add_argument("--out-dir", type=Path, default=out_dir, help=f"output directory (default {out_dir})")
+    p.add_argument("--md-out", type=Path, help=f"Markdown file (default OUT_DIR/{md_name})")
+
+
+def output_paths(args: argparse.Namespace, md_name: str) -> tuple[Path, Path]:
+    """``(out_dir, md_path)`` of :func:`add_output_args`'s options; ``out_dir`` is created."""
+    out_dir: Path = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir, args.md_out or out_dir / md_name
+
+
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """The command as run, for the record: ``python benchmarks/<script>`` and the arguments
+    (``argv``, or ``sys.argv[1:]`` when None)."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    return f"python benchmarks/{script}" + (" " + " ".join(given) if given else "")
+
+
 def add_sweep_args(p: argparse.ArgumentParser, configs: Sequence[str], *, steps: int, lrs: Sequence[float],
                    batch_size: int = 64, eval_every: int = 50, train_subset: str = "all", test_subset: str = "all",
                    quick: str = "4 steps, batch 16, 128 train images, 1 seed, 1 lr") -> None:
@@ -75,8 +110,7 @@ def finish_sweep_args(p: argparse.ArgumentParser, args: argparse.Namespace, argv
     args.select_seeds = min(args.select_seeds, args.seeds)
     if args.seeds < 1 or args.select_seeds < 1:
         p.error("need --seeds >= 1 and --select-seeds >= 1")
-    given = list(sys.argv[1:] if argv is None else argv)
-    args.command = f"python benchmarks/{script}" + (" " + " ".join(given) if given else "")
+    args.command = command_line(script, argv)
     overrides = {"steps": args.steps, "batch_size": args.batch_size, "lrs": tuple(args.lrs) if args.lrs else None,
                  "eval_every": args.eval_every, "train_subset": args.train_subset, "test_subset": args.test_subset,
                  **extra}

@@ -1,4 +1,4 @@
-"""Writers for benchmark results: Markdown tables, loss and accuracy plots, atomic JSON."""
+"""Writers for benchmark results: Markdown tables and their cells, loss and accuracy plots, atomic JSON and text."""
 from __future__ import annotations
 
 import json
@@ -11,11 +11,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from netsurgeon._fileio import write_atomic
 
-from .._fileio import write_atomic
 from .train import RunResult
 
-__all__ = ["write_table_md", "plot_curves", "plot_accuracy", "run_record", "save_json"]
+__all__ = ["write_table_md", "plot_curves", "plot_accuracy", "run_record", "save_json", "save_text", "publish",
+           "machine_text", "subset_text", "lr_grid_text"]
 
 
 def _fmt(v: Any) -> str:
@@ -95,16 +96,8 @@ def plot_curves(results: dict[str, list[RunResult]], path: str | os.PathLike, ti
 
 
 def plot_accuracy(results: dict[str, list[RunResult]], path: str | os.PathLike, title: str) -> Path:
-    """Plot test accuracy vs step, mean over the non-diverged runs with a min/max band.
-
-    Args:
-        results: label -> runs (typically one per seed).
-        path: output image file (PNG by extension).
-        title: figure title.
-
-    Returns:
-        The written path.
-    """
+    """Plot test accuracy vs step, mean over the non-diverged runs with a min/max band; arguments
+    and return value as in :func:`plot_curves`."""
     fig, ax = _axes()
     for label, runs in results.items():
         ok = [r for r in runs if not r.diverged and r.test_acc]
@@ -118,14 +111,45 @@ def plot_accuracy(results: dict[str, list[RunResult]], path: str | os.PathLike, 
     return _save(fig, ax, path, "test accuracy", title, legend_size=8)
 
 
-def run_record(r: RunResult) -> dict[str, Any]:
+def run_record(r: RunResult, extra: dict[str, Any] | None = None, evals: bool = True) -> dict[str, Any]:
     """A run as a compact JSON-ready record: its settings, summary figures, evaluations and the
-    per-step training loss rounded to 5 significant digits."""
-    return {"lr": r.lr, "seed": r.seed, "steps_done": r.steps_done, "diverged": r.diverged,
-            "diverged_at": r.diverged_at, "final_train_loss": r.final_train_loss, "final_test_acc": r.final_test_acc,
-            "eval_steps": r.eval_steps, "test_acc": r.test_acc, "test_loss": r.test_loss,
-            "median_step_time_s": r.median_step_time_s, "wall_time_s": r.wall_time_s, "num_params": r.num_params,
-            "train_loss": [float(f"{v:.5g}") for v in r.train_loss]}
+    per-step training loss rounded to 5 significant digits.
+
+    Args:
+        r: the run.
+        extra: entries placed after the settings (a script's own figures of the run). Default: None.
+        evals: include the test evaluations (``eval_steps``, ``test_acc``, ``test_loss``). Default: True.
+    """
+    rec = {"lr": r.lr, "seed": r.seed, "steps_done": r.steps_done, "diverged": r.diverged,
+           "diverged_at": r.diverged_at, **(extra or {}), "final_train_loss": r.final_train_loss,
+           "final_test_acc": r.final_test_acc}
+    if evals:
+        rec.update(eval_steps=r.eval_steps, test_acc=r.test_acc, test_loss=r.test_loss)
+    return rec | {"median_step_time_s": r.median_step_time_s, "wall_time_s": r.wall_time_s,
+                  "num_params": r.num_params, "train_loss": [float(f"{v:.5g}") for v in r.train_loss]}
+
+
+def machine_text(env: dict[str, Any], shared: bool = False) -> str:
+    """``"Machine: CPU, N CPU cores, torch V with T thread(s), nice K"`` from :func:`~harness.cli.environment`
+    (``shared``: the cores are marked as shared with other jobs); the caller appends the wall time."""
+    return (f"Machine: {env['cpu']}, {env['cpu_count']} CPU cores{' (shared with other jobs)' if shared else ''}, "
+            f"torch {env['torch']} with {env['torch_threads']} thread(s), nice {env['nice']}")
+
+
+def subset_text(n: int | None, total: int | None = None) -> str:
+    """How many images of a split a run uses: ``"all"`` (``"all <total>"``) or a fixed random subset."""
+    if n is None:
+        return "all" if total is None else f"all {total}"
+    return f"a fixed random subset of {n}"
+
+
+def lr_grid_text(grids: dict[str, Sequence[float]], same: str = "") -> str:
+    """Learning-rate grids per configuration: ``"[a, b]" + same`` when every configuration has the
+    same grid, else ``"config [a, b], ..."``."""
+    text = {c: "[" + ", ".join(f"{v:g}" for v in g) + "]" for c, g in grids.items()}
+    if len(set(text.values())) == 1:
+        return text[next(iter(text))] + same
+    return ", ".join(f"{c} {t}" for c, t in text.items())
 
 
 def _jsonable(obj: Any) -> Any:
@@ -162,9 +186,19 @@ def save_json(obj: Any, path: str | os.PathLike) -> Path:
     Returns:
         The written path.
     """
+    return save_text(json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n", path)
+
+
+def save_text(text: str, path: str | os.PathLike) -> Path:
+    """Write ``text`` atomically: a temporary file in the same directory, flushed and fsynced,
+    then ``os.replace``. On any error the old file (if any) is left as it was and the temporary
+    file is removed. Parent directories are created.
+
+    Returns:
+        The written path.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n"
 
     def write(tmp: Path) -> None:
         with open(tmp, "w") as f:
@@ -174,3 +208,10 @@ def save_json(obj: Any, path: str | os.PathLike) -> Path:
 
     write_atomic(path, write)
     return path
+
+
+def publish(report: str, path: str | os.PathLike | None) -> None:
+    """Print ``report`` and, when ``path`` is given, also write it there (:func:`save_text`)."""
+    print(report)
+    if path:
+        save_text(report, path)
