@@ -39,6 +39,7 @@ import torch.fx as fx
 from .._validate import problem_list
 from ..errors import UnsupportedNodeError
 from ..graph import BlockKind, Topology
+from ..kernels.bisection import bisect
 from ..ops import OpKind
 from .ideal_rules import NO_RULE, ActRule, IdealRule, from_kernel_rule, ideal_rule
 from .propagate import affine_moments
@@ -225,16 +226,8 @@ class IdealGraph:
         if self.max_slope(1.0) > zeta:
             raise UnsupportedNodeError(f"zeta = {zeta} is unreachable: the measured products alone give "
                                        f"max C'_f(1) = {self.max_slope(1.0):.6g} with linear activations (ξ = 1)")
-        lo, hi = 1.0, zeta / min(1.0, self._min_product_slope())
-        for _ in range(200):
-            mid = 0.5 * (lo + hi)
-            if self.max_slope(mid) < zeta:
-                lo = mid
-            else:
-                hi = mid
-            if hi - lo < 1e-15:
-                break
-        return 0.5 * (lo + hi)
+        return bisect(lambda xi: self.max_slope(xi) < zeta, 1.0, zeta / min(1.0, self._min_product_slope()),
+                      tol=1e-15)
 
     def _min_product_slope(self) -> float:
         slopes = [pm.slope for pm in self.product_maps.values() if pm.slope > 0]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..errors import TraceError
 from ..models import default_input_shape
-from ..ops import module_rule
+from ..ops import module_rule, registered_python_functions
 from .running import eval_mode, example_run, outputs_match, overflow_error, require_finite
 from .state import has_trace, random_batch, set_trace_info
 
@@ -64,7 +64,7 @@ class NetsurgeonTracer(fx.Tracer):
 
     def __init__(self, leaf_paths: Iterable[str] = (), example_inputs: tuple[torch.Tensor, ...] | None = None
                  ) -> None:
-        super().__init__()
+        super().__init__(autowrap_functions=registered_python_functions())
         self.leaf_paths = set(leaf_paths)
         self.record_stack_traces = True
         self.example_inputs = example_inputs

@@ -33,7 +33,7 @@ from ..layers import FunctionActivation, Modulus
 from .kinds import ActivationSpec, OpInfo, OpKind
 from .registry import (_FUNCTION_RULES, _METHOD_RULES, _MODULE_RULES, ClassifyContext, add_function_rule,
                        add_method_rule, add_module_rule, register_function, register_method, register_module)
-from .torch_ops import arg
+from .registry import arg
 
 __all__ = ["TorchForms", "activation_module", "register_activation", "torch_forms"]
 

@@ -15,6 +15,8 @@ Example:
 """
 from __future__ import annotations
 
+import inspect
+import operator
 from typing import Any, Callable, Protocol, TypeVar
 
 import torch.fx as fx
@@ -23,6 +25,9 @@ import torch.nn as nn
 from .kinds import OpInfo, OpKind
 
 __all__ = [
+    "arg",
+    "is_inplace",
+    "registered_python_functions",
     "ClassifyContext",
     "ModuleRule",
     "NodeRule",
@@ -61,6 +66,25 @@ _METHOD_RULES: dict[str, NodeRule] = {}
 
 T = TypeVar("T")
 _MISSING = object()
+
+
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem,
+                      operator.ior, operator.iand}
+
+
+def is_inplace(node: fx.Node) -> bool:
+    """Whether ``node`` writes into its input: ``x += y``, ``x[i] = v``, ``x.add_(y)``, ``F.relu_(x)``."""
+    if node.op not in ("call_method", "call_function"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.endswith("__"))
+
+
+def arg(node: fx.Node, pos: int, name: str, default: Any = None) -> Any:
+    """The value of a call argument given by position ``pos`` or keyword ``name``."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[pos] if len(node.args) > pos else default
 
 
 def _put(table: dict, key: Any, value: Any) -> Callable[[], None]:
@@ -147,6 +171,13 @@ def module_rule(module: nn.Module) -> ModuleRule | None:
 def registered_module_types() -> tuple[type, ...]:
     """Module types with a rule: tracing keeps them as leaves."""
     return tuple(_MODULE_RULES)
+
+
+def registered_python_functions() -> tuple[Callable[..., Any], ...]:
+    """Plain Python functions with a rule (user code, not torch's): tracing records each call to
+    one as a single node instead of tracing through it, with no ``torch.fx.wrap`` needed."""
+    return tuple(f for f in _FUNCTION_RULES if inspect.isfunction(f)
+                 and not (getattr(f, "__module__", "") or "").startswith(("torch", "operator", "builtins")))
 
 
 def classify(node: fx.Node, ctx: ClassifyContext) -> OpInfo:

@@ -43,6 +43,7 @@ from ..errors import InvalidArgumentError, UnsupportedNodeError
 from ..graph import Topology
 from ..graph.state import default_inputs, derivation, nodes_by_name, set_derivation
 from ..kernels import LocalMaps, activation_entry, get_activation
+from ..kernels.bisection import bisect
 from ..kernels.transforms import Transform, TransformError, solve_dks, solve_tat, transformed, trelu_c_map, trelu_gain
 from ..layers import ShapedActivation
 from ..ops import ActivationSpec, OpKind, activation_module
@@ -321,13 +322,4 @@ def _solve_trelu(ideal: IdealGraph, leaky: set[str], c_maps: dict[str, Callable[
         raise UnsupportedNodeError(
             f"tat: eta = {eta} is unreachable: even a = 0 (ReLU) gives the network C_f(0) = {best:.6f} (too shallow or "
             f"too many shortcuts); use eta <= {math.floor(best * 1e6) / 1e6}")
-    lo, hi = 0.0, 1.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if c0(mid) > eta:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-14:
-            break
-    return 0.5 * (lo + hi)
+    return bisect(lambda a: c0(a) > eta, 0.0, 1.0, tol=1e-14)

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from ..graph import Topology, op_info
 from ..ops import layer_forward, pads_same, plain_layer
-from ..ops.torch_ops import arg
+from ..ops import arg
 from ..report import PassRecord, Preservation
 from .base import Pass, register_pass
 

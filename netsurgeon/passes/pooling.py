@@ -14,7 +14,7 @@ from timm.layers.pool2d_same import MaxPool2dSame
 from ..graph import Topology, op_info
 from ..layers import ExclusiveAvgPool2dSame
 from ..ops import OpKind, pool_type
-from ..ops.torch_ops import arg
+from ..ops import arg
 from ..report import PassRecord, Preservation
 from ._edit import report_hidden, set_submodule
 from .base import Pass, register_pass

@@ -19,7 +19,6 @@ Example:
 """
 from __future__ import annotations
 
-import operator
 import time
 from typing import Any, Protocol, Sequence
 
@@ -29,6 +28,7 @@ import torch.fx as fx
 from ..errors import NetsurgeonError, PassError, PassOptionError
 from ..graph.state import copy_state, get_report, has_trace, set_report, trace_info
 from ..graph.topology import classify_nodes
+from ..ops import is_inplace
 from ..report import PassRecord, Preservation
 
 __all__ = ["apply_pass", "cleanup", "as_inputs", "in_pass_context", "PassLike"]
@@ -46,17 +46,9 @@ class PassLike(Protocol):
             ) -> fx.GraphModule: ...
 
 
-_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem,
-                      operator.ior, operator.iand}
-
-
 def _is_impure(node: fx.Node) -> bool:
     """DCE guard: fx treats ``x.add_(y)`` with an unused result as dead; it is not."""
-    if node.op in ("call_method", "call_function"):
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        if node.target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.endswith("__")):
-            return True
-    return node.is_impure()
+    return is_inplace(node) or node.is_impure()
 
 
 def cleanup(gm: fx.GraphModule) -> fx.GraphModule:

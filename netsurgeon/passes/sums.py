@@ -28,13 +28,12 @@ import torch.fx as fx
 from ..graph import BlockKind, MergeBlock, Topology, op_info
 from ..graph.blocks import is_residual, path_cost
 from ..ops import OpKind
-from ..ops.torch_ops import arg
+from ..ops import arg, is_inplace
 from ..report import PassRecord, Preservation
 from .base import Pass, register_pass
 
 __all__ = ["NormalizeSums", "RemoveSkips"]
 
-_INPLACE_FNS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
 
 
 @dataclasses.dataclass
@@ -62,11 +61,6 @@ def _is_add(node: object) -> bool:
     return isinstance(node, fx.Node) and op_info(node).kind is OpKind.ADD
 
 
-def _inplace(node: fx.Node) -> bool:
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return node.target in _INPLACE_FNS or (name.endswith("_") and not name.endswith("__"))
-
-
 def _operands(node: fx.Node) -> tuple[fx.Node, fx.Node, float]:
     """``(a, b, s)`` for ``a + s·b``; ``s`` carries subtraction and ``torch.add``'s alpha."""
     name = node.target if isinstance(node.target, str) else node.target.__name__
@@ -86,7 +80,7 @@ def _strip(operand: fx.Node, coef: float, topo: Topology) -> _Term:
     while True:
         info = op_info(base)
         signals = [a for a in base.all_input_nodes if topo.graph.nodes[a.name]["signal"]]
-        if info.constant_factor is None or _inplace(base) or len(signals) != 1:
+        if info.constant_factor is None or is_inplace(base) or len(signals) != 1:
             return _Term(operand, base, coef)
         coef *= info.constant_factor
         base = signals[0]
@@ -132,7 +126,7 @@ def _obstacle(found: _Sum, order: dict[fx.Node, int]) -> str | None:
     if twice:
         return f"{', '.join(twice)} enter(s) the sum more than once: correlated terms, not a merge of signals"
     for node in found.adds:
-        if _inplace(node):
+        if is_inplace(node):
             later = [u.name for u in node.args[0].users if u is not node and order.get(u, math.inf) > order[node]]
             if later:
                 return (f"{node.name} works in place and {', '.join(later)} read its operand "
