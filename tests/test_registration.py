@@ -472,23 +472,25 @@ def test_every_op_kind_has_its_traits_and_rules():
     assert all(BOUND_RULES.for_kind(k) is not None for k in OpKind if k.traits.unchanged or k.traits.merge)
 
 
+def soft_step(x, floor=1.0):  # module level, as user code is; never passed to torch.fx.wrap
+    return torch.where(x > 0, x, x / (1.0 - x / floor))
+
+
+class _SoftStepNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return soft_step(self.lin(x))
+
+
 def test_a_registered_python_function_is_traced_as_one_call_without_fx_wrap():
-    def soft_step(x, floor=1.0):  # never passed to torch.fx.wrap
-        return torch.where(x > 0, x, x / (1.0 - x / floor))
-
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(8, 8)
-
-        def forward(self, x):
-            return soft_step(self.lin(x))
-
-    traced_through = [n.op for n in netsurgeon.trace(Net()).graph.nodes if n.op == "call_function"]
+    traced_through = [n.op for n in netsurgeon.trace(_SoftStepNet()).graph.nodes if n.op == "call_function"]
     assert len(traced_through) > 1  # unregistered: torch.fx records its body, op by op
     with netsurgeon.register_activation("soft_step_test", soft_step, params={"floor": 1.0}, kinks=[0.0],
                                         one_sided=True, lipschitz=1.0):
-        gm = netsurgeon.trace(Net())
+        gm = netsurgeon.trace(_SoftStepNet())
         calls = [n for n in gm.graph.nodes if n.op == "call_function"]
         assert [c.target for c in calls] == [soft_step]
         assert netsurgeon.topology(gm).activations() == {"soft_step_test(floor=1)": 1}
