@@ -161,7 +161,7 @@ import netsurgeon
 rename = os.rename
 def rename_then_die(src, dst):
     rename(src, dst)
-    if ".old-" in str(dst):
+    if "netsurgeon-old-" in str(dst):
         os.kill(os.getpid(), signal.SIGKILL)
 os.rename = rename_then_die
 netsurgeon.convert("resnet10t", ["strip_bn"], sys.argv[1], input_shape=(1, 3, 32, 32), force=True, seed=5)

@@ -3,15 +3,15 @@ clobbering, replaced only when netsurgeon wrote them, and recovered after a kill
 
 The protocol (POSIX; the locks are ``flock`` locks, released by the kernel when a process dies):
 
-* A run stages its files in ``.NAME.tmp-XXXX`` next to ``NAME`` and holds a lock on that
+* A run stages its files in ``.NAME.netsurgeon-tmp-XXXXXXXX`` next to ``NAME`` and holds a lock on that
   directory for as long as it lives. A staging directory whose lock is free belongs to a
   dead run and is removed by the next run that writes ``NAME``.
 * The final step holds a lock on the parent directory. Without ``force`` the staging
   directory is renamed onto ``NAME`` only if ``NAME`` does not exist (``renameat2`` with
   ``RENAME_NOREPLACE`` where the kernel has it), so of two runs racing for one ``NAME`` the
   second fails with :class:`OutputExistsError`. With ``force`` the old ``NAME`` is renamed
-  to ``.NAME.old-XXXX``, the new one into place, and the old one deleted.
-* A run killed between those two renames leaves ``.NAME.old-XXXX`` and no ``NAME``; the next
+  to ``.NAME.netsurgeon-old-XXXXXXXX``, the new one into place, and the old one deleted.
+* A run killed between those two renames leaves ``.NAME.netsurgeon-old-XXXXXXXX`` and no ``NAME``; the next
   run (under the same lock, so no swap is in flight) renames it back and says so. An
   ``.old`` directory next to an existing ``NAME`` is a finished swap's leftover and is removed.
 * ``force`` replaces only what netsurgeon wrote: an empty directory, or one holding only
@@ -25,6 +25,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -118,6 +119,9 @@ def not_netsurgeon_output(directory: Path) -> str | None:
         recipe = read_recipe(directory / "recipe.json", trust_code=True)  # read as data only; nothing is built
     except RecipeError as exc:
         return f"has a recipe.json that is not a netsurgeon recipe ({exc})"
+    if len(entries) != len(FILES):  # netsurgeon writes all three, and never a directory with fewer
+        return (f"holds {', '.join(entries)}, not the {len(FILES)} files a conversion writes "
+                f"({', '.join(FILES)})")
     for name in entries:
         if name == "recipe.json":
             continue
@@ -147,15 +151,23 @@ def _check_replaceable(out: Path, target: Path) -> None:
                                 f"conversion netsurgeon wrote: move it away or choose another --out")
 
 
+def _leftover(short: str, entry: str) -> str | None:
+    """``"tmp"`` or ``"old"`` when ``entry`` is exactly a name this module gives a staging or
+    set-aside directory of the output ``short`` (``mkdtemp``'s 8-character suffix), else None."""
+    m = re.fullmatch(rf"\.{re.escape(short)}\.netsurgeon-(tmp|old)-[a-z0-9_]{{8}}", entry)
+    return m.group(1) if m else None
+
+
 def _recover(target: Path, notice: Callable[[str], None]) -> None:
     """Finish what killed runs left next to ``target``; call with the parent locked."""
     parent, short = target.parent, _short(target.name)
     olds = []
     for entry in sorted(os.listdir(parent)):
         path = parent / entry
-        if not path.is_dir() or path.is_symlink():
+        kind = _leftover(short, entry)
+        if kind is None or not path.is_dir() or path.is_symlink():
             continue
-        if entry.startswith(f".{short}.tmp-"):
+        if kind == "tmp":
             if not _owner_gone(path):
                 continue  # a live run's staging directory
             if _only_conversion_files(path, staging=True):
@@ -164,11 +176,12 @@ def _recover(target: Path, notice: Callable[[str], None]) -> None:
             else:
                 notice(f"left {entry} alone: an interrupted run's staging directory that holds files netsurgeon "
                        f"did not write; remove it yourself")
-        elif entry.startswith(f".{short}.old-"):
+        else:
             olds.append(path)
     for old in sorted(olds, key=lambda p: p.stat().st_mtime, reverse=True):
-        if not _only_conversion_files(old):
-            notice(f"left {old.name} alone: it holds files netsurgeon did not write")
+        why = not_netsurgeon_output(old)
+        if why:
+            notice(f"left {old.name} alone: it {why}")
         elif not os.path.lexists(target):
             os.rename(old, target)
             notice(f"restored {target.name} from {old.name}: a --force replacement was interrupted before the new "
@@ -219,7 +232,7 @@ def staging(out: Path) -> Iterator[Path]:
     fd = -1
     try:
         with _locked(target.parent):  # so no concurrent recovery sees it before it is locked
-            tmp = Path(tempfile.mkdtemp(prefix=f".{_short(target.name)}.tmp-", dir=target.parent))
+            tmp = Path(tempfile.mkdtemp(prefix=f".{_short(target.name)}.netsurgeon-tmp-", dir=target.parent))
             if fcntl is not None:
                 fd = os.open(tmp, os.O_RDONLY)
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -258,7 +271,7 @@ def _rename_noreplace(src: Path, dst: Path, out: Path) -> None:
 def _swap(tmp: Path, target: Path) -> None:
     """Replace ``target`` by ``tmp``: the old one is renamed aside first and deleted only once the
     new one is in place; if that fails it is renamed back."""
-    old = Path(tempfile.mkdtemp(prefix=f".{_short(target.name)}.old-", dir=target.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{_short(target.name)}.netsurgeon-old-", dir=target.parent))
     try:
         os.rename(target, old)  # onto an empty directory: replaces it
     except BaseException:

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .errors import InvalidArgumentError
 
-__all__ = ["require_bool", "short_list", "problem_list", "non_finite"]
+__all__ = ["require_bool", "short_list", "printable", "problem_list", "non_finite"]
 
 
 def require_bool(where: str, name: str, value: Any) -> None:
@@ -35,9 +35,16 @@ def require_bool(where: str, name: str, value: Any) -> None:
                                    f"{type(value).__name__}")
 
 
+def printable(name: str) -> str:
+    """``name`` as is when printable, else its ``repr`` (names from files reach the terminal: an
+    escape sequence or a newline in a tensor name must not)."""
+    return name if name.isprintable() else repr(name)
+
+
 def short_list(names: Sequence[str], limit: int = 5) -> str:
-    """The first ``limit`` of ``names`` joined by commas, then ``"and N more"`` for the rest."""
-    names = list(names)
+    """The first ``limit`` of ``names`` joined by commas, then ``"and N more"`` for the rest
+    (each made :func:`printable`)."""
+    names = [printable(str(n)) for n in names]
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 

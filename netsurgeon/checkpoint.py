@@ -21,6 +21,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -38,8 +39,9 @@ from . import _outdir
 from ._fileio import umask as current_umask
 from ._version import __version__
 from ._validate import non_finite, require_bool, short_list
-from .errors import CheckpointError, InvalidArgumentError, ModelSpecError, NetsurgeonError, RecipeError
-from .models import create_model, default_input_shape
+from .errors import CheckpointError, InvalidArgumentError, ModelSpecError, NetsurgeonError, PassError, RecipeError
+from .graph.state import set_recipe
+from .models import AllocationGuard, create_model, default_input_shape
 from .passes.base import PassSpec, make_pass
 from .pipeline import report, transform
 from .recipe import (MAX_MODEL_ELEMENTS, RECIPE_VERSION, Recipe, check_input_shape, check_model_kwargs, check_seed,
@@ -148,30 +150,52 @@ def _versions() -> dict[str, str]:
 
 
 def _build(recipe: Recipe, progress: Callable[[str], None], checkpoint: str | None = None,
-           max_model_elements: int | None = MAX_MODEL_ELEMENTS) -> tuple[fx.GraphModule, Recipe]:
+           max_model_elements: int | None = MAX_MODEL_ELEMENTS, untrusted: bool = False
+           ) -> tuple[fx.GraphModule, Recipe]:
     """Build, load ``checkpoint``, trace and transform as ``recipe`` says; returns the GraphModule and
-    the recipe with its input shape filled in."""
-    shape = recipe.input_shape
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed)
-        progress(f"building model {recipe.model}")
-        model = create_model(recipe.model, max_elements=max_model_elements, **recipe.model_kwargs)
-        notes: list[str] = []
-        if checkpoint is not None:
-            progress(f"loading checkpoint {checkpoint}")
-            sd = load_state_dict_file(checkpoint)
-            notes = check_state_dict(model, sd, f"checkpoint {checkpoint!r}")
-            model.load_state_dict(sd)
-        if shape is None:
-            shape = default_input_shape(model)
-            if shape is not None:
-                shape = check_input_shape(list(shape), f"the default input shape of {recipe.model}",
-                                          InvalidArgumentError)
-        example = (torch.randn(shape),) if shape else None
-        progress(f"tracing and running passes: {', '.join(n for n, _ in recipe.passes) or '(none)'}")
-        gm = transform(model, list(recipe.passes), example_inputs=example, inplace=True)
+    the recipe with its input shape filled in. ``untrusted`` (a recipe from a file): the passes'
+    allocations count against the same cap as the build's, and a factory that fails on the
+    recipe's arguments is a :class:`RecipeError`."""
+    guard = AllocationGuard(max_model_elements, f"the model of recipe {recipe.model!r}") \
+        if max_model_elements is not None else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[]), guard:
+        gm, shape, notes = _build_guarded(recipe, progress, checkpoint, untrusted, guard)
     report(gm).trace_notes.extend(notes)
     return gm, Recipe(**{**vars(recipe), "input_shape": shape})
+
+
+def _build_guarded(recipe: Recipe, progress: Callable[[str], None], checkpoint: str | None, untrusted: bool,
+                   guard: Any) -> tuple[fx.GraphModule, tuple[int, ...] | None, list[str]]:
+    shape = recipe.input_shape
+    torch.manual_seed(recipe.seed)
+    progress(f"building model {recipe.model}")
+    try:
+        model = create_model(recipe.model, **recipe.model_kwargs)
+    except NetsurgeonError:
+        raise
+    except Exception as exc:  # a factory failing on arguments from a file: the file's fault
+        if not untrusted:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise RecipeError(f"recipe fields 'model'/'model_kwargs': building {recipe.model!r} with "
+                          f"{recipe.model_kwargs!r} failed: {type(exc).__name__}: {first}") from None
+    if not untrusted and isinstance(guard, AllocationGuard):
+        guard.max_elements = None  # your own conversion: the cap covers the build, not your checkpoint or passes
+    notes: list[str] = []
+    if checkpoint is not None:
+        progress(f"loading checkpoint {checkpoint}")
+        sd = load_state_dict_file(checkpoint)
+        notes = check_state_dict(model, sd, f"checkpoint {checkpoint!r}")
+        model.load_state_dict(sd)
+    if shape is None:
+        shape = default_input_shape(model)
+        if shape is not None:
+            shape = check_input_shape(list(shape), f"the default input shape of {recipe.model}",
+                                      InvalidArgumentError)
+    example = (torch.randn(shape),) if shape else None
+    progress(f"tracing and running passes: {', '.join(n for n, _ in recipe.passes) or '(none)'}")
+    gm = transform(model, list(recipe.passes), example_inputs=example, inplace=True)
+    return gm, shape, notes
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
@@ -307,6 +331,9 @@ def load(directory: str | os.PathLike, *, trust_code: bool = False, verify: bool
     if not d.is_dir():
         raise CheckpointError(f"{str(d)!r} is not a directory; load() takes a directory written by convert")
     for name in ("recipe.json", "model.safetensors"):
+        if (d / name).is_symlink():
+            raise CheckpointError(f"{str(d / name)!r} is a symbolic link; a conversion directory holds its own "
+                                  f"files (netsurgeon reads no file that data points to)")
         if not (d / name).is_file():
             raise CheckpointError(f"{str(d)!r} is not a netsurgeon conversion: {name} is missing")
     recipe = read_recipe(d / "recipe.json", trust_code)
@@ -325,9 +352,9 @@ def load(directory: str | os.PathLike, *, trust_code: bool = False, verify: bool
             raise CheckpointError(f"{str(weights)!r} is not the file its recipe.json records (sha256 differs): the "
                                   f"weights were replaced or damaged; pass verify=False to load them anyway")
     try:
-        gm, _ = _build(recipe, lambda msg: None, None, max_model_elements)
-    except ModelSpecError as exc:  # the recipe's model or its arguments
-        field = "model_kwargs" if recipe.model_kwargs else "model"
+        gm, _ = _build(recipe, lambda msg: None, None, max_model_elements, untrusted=True)
+    except ModelSpecError as exc:  # the recipe's model, its arguments, or passes that grow it past the cap
+        field = "passes" if isinstance(exc, PassError) else "model_kwargs" if recipe.model_kwargs else "model"
         raise RecipeError(f"recipe field {field!r}: {exc}") from None
     from safetensors.torch import load_file
 
@@ -337,5 +364,5 @@ def load(directory: str | os.PathLike, *, trust_code: bool = False, verify: bool
         raise CheckpointError(f"cannot read {str(weights)!r}: {type(exc).__name__}: {exc}") from None
     check_state_dict(gm, sd, f"{str(weights)!r}")
     gm.load_state_dict(sd)
-    gm.meta.setdefault("netsurgeon", {})["recipe"] = recipe
+    set_recipe(gm, recipe)
     return gm

@@ -51,8 +51,10 @@ class AllocationGuard(TorchFunctionMode):
     """Refuse, before allocating, tensor factory calls that would bring the total above ``max_elements``.
 
     Counts every ``torch.empty/zeros/ones/full/rand*/eye`` and ``Tensor.new_*`` call made while
-    active (temporaries included), so a model factory asked for ``num_classes=10**7`` fails with
-    a :class:`ModelSpecError` instead of exhausting the machine.
+    active, freed or not, so a model factory asked for ``num_classes=10**7`` fails with a
+    :class:`ModelSpecError` instead of exhausting the machine. Tensors that other ops return
+    (``x * y``, ``torch.cat``) are not counted: the cap bounds parameters and buffers, not every
+    temporary a factory computes. ``max_elements=None`` counts nothing.
 
     Example:
         >>> with AllocationGuard(1000):
@@ -64,9 +66,9 @@ class AllocationGuard(TorchFunctionMode):
         netsurgeon.errors.ModelSpecError: building the model would allocate more than 1,000 tensor elements ...
     """
 
-    def __init__(self, max_elements: int, what: str = "the model") -> None:
+    def __init__(self, max_elements: int | None, what: str = "the model") -> None:
         super().__init__()
-        self.max_elements, self.what, self.total = int(max_elements), what, 0
+        self.max_elements, self.what, self.total = max_elements, what, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -75,7 +77,7 @@ class AllocationGuard(TorchFunctionMode):
             n = _size_of(args, kwargs)
         elif getattr(func, "__name__", "") in _METHOD_FACTORIES:
             n = _size_of(args[1:], kwargs)
-        if n:
+        if n and self.max_elements is not None:
             self.total += n
             if self.total > self.max_elements:
                 raise ModelSpecError(f"building {self.what} would allocate more than {self.max_elements:,} tensor "

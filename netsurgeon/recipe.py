@@ -39,11 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ._validate import printable
 from .errors import RecipeError, UntrustedCodeError
 
 __all__ = ["Recipe", "parse_recipe", "read_recipe", "check_input_shape", "check_seed", "check_model_kwargs",
            "RECIPE_VERSION", "READABLE_VERSIONS", "MAX_INPUT_ELEMENTS", "MAX_MODEL_ELEMENTS",
-           "MAX_RECIPE_BYTES", "UNTRUSTED_KWARG_PATTERNS", "MAX_SEED"]
+           "MAX_RECIPE_BYTES", "MAX_PASSES", "UNTRUSTED_KWARG_PATTERNS", "MAX_SEED"]
 
 RECIPE_VERSION = 2
 """The format this netsurgeon writes. 2 added ``files`` (sha256 of the weights and report)."""
@@ -53,6 +54,8 @@ MAX_INPUT_ELEMENTS = 1 << 26
 MAX_MODEL_ELEMENTS = 1 << 31
 """Largest total of tensor elements a model build may allocate (about 2.1e9: 8 GiB in float32)."""
 MAX_RECIPE_BYTES = 1 << 20
+MAX_PASSES = 32
+"""Most passes a recipe may list (each may grow the model; their allocations share the build cap)."""
 MAX_SEED = (1 << 64) - 1
 UNTRUSTED_KWARG_PATTERNS = ("pretrained", "pretrained_cfg*", "checkpoint*", "*file*", "*path*", "*url*", "*dir*",
                             "*cache*", "*hub*", "*download*")
@@ -142,7 +145,7 @@ def check_model_kwargs(kwargs: Any, trust_code: bool, where: str = "model_kwargs
         raise RecipeError(f"{where} must be an object with string keys; got {type(kwargs).__name__}")
     denied = _denied_keys(kwargs)
     if denied and not trust_code:
-        raise UntrustedCodeError(f"{where} sets {', '.join(denied)}, which would make the model factory read files "
+        raise UntrustedCodeError(f"{where} sets {', '.join(map(printable, denied))}, which would make the model factory read files "
                                  f"or the network; refused for an untrusted recipe (pass trust_code=True, CLI "
                                  f"--trust-code, only if you trust where it came from)")
     return kwargs
@@ -169,6 +172,8 @@ def _check_passes(passes: Any) -> tuple[tuple[str, dict[str, Any]], ...]:
     if not isinstance(passes, list):
         raise RecipeError(f"recipe field 'passes' must be a list of {{\"name\", \"options\"}} objects; "
                           f"got {type(passes).__name__}")
+    if len(passes) > MAX_PASSES:
+        raise RecipeError(f"recipe field 'passes' lists {len(passes)} passes; a recipe holds at most {MAX_PASSES}")
     out = []
     for i, p in enumerate(passes):
         where = f"passes[{i}]"
@@ -261,4 +266,6 @@ def read_recipe(path: str | os.PathLike, trust_code: bool = False) -> Recipe:
         raise RecipeError(f"{str(path)!r} is not valid JSON: {exc}") from None
     except RecursionError:
         raise RecipeError(f"{str(path)!r} nests too deeply to be a recipe") from None
+    except ValueError as exc:  # e.g. an integer longer than Python converts
+        raise RecipeError(f"{str(path)!r} holds a value JSON cannot give here: {exc}") from None
     return parse_recipe(data, trust_code)

@@ -134,8 +134,9 @@ def test_no_module_reads_the_meta_dict_but_the_state_module():
         if path.name in ("state.py", "topology.py"):
             continue
         text = path.read_text()
-        if 'meta["netsurgeon"]' in text or "meta[META_KEY]" in text or "meta.get(META_KEY" in text \
-                or "meta.setdefault(META_KEY" in text:
+        if any(raw in text for raw in ('meta["netsurgeon"]', "meta['netsurgeon']", 'meta.get("netsurgeon"',
+                                       'meta.setdefault("netsurgeon"', "meta[META_KEY]", "meta.get(META_KEY",
+                                       "meta.setdefault(META_KEY")):
             offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
 
@@ -154,3 +155,13 @@ def test_the_worked_examples_in_architecture_md_run(tmp_path):
 
 def docs_examples() -> int:
     return (ROOT / "docs" / "architecture.md").read_text().count(">>> netsurgeon.")
+
+
+def test_an_error_from_a_pass_pickles_with_its_types():
+    import pickle
+
+    with pytest.raises(netsurgeon.UnsupportedNodeError) as info:
+        netsurgeon.transform(nn.Linear(2, 2), ["dks"])
+    again = pickle.loads(pickle.dumps(info.value))
+    assert isinstance(again, netsurgeon.UnsupportedNodeError) and isinstance(again, netsurgeon.PassError)
+    assert str(again) == str(info.value) and again.nodes == info.value.nodes and again.pass_name == "dks"

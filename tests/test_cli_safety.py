@@ -47,7 +47,7 @@ def no_build(monkeypatch):
 
 
 def _strays(directory: Path) -> list[str]:
-    return sorted(n for n in os.listdir(directory) if ".old-" in n or ".tmp-" in n or n.endswith(".tmp"))
+    return sorted(n for n in os.listdir(directory) if "-old-" in n or "-tmp-" in n or n.endswith(".tmp"))
 
 
 # ---------------------------------------------------------------------------- convert: modes
@@ -116,7 +116,7 @@ def test_a_failed_swap_puts_the_previous_output_back_and_leaves_nothing_behind(t
     rename = os.rename
 
     def failing_rename(src, dst, *args, **kwargs):
-        if Path(src).name.startswith(".o.tmp-"):
+        if Path(src).name.startswith(".o.netsurgeon-tmp-"):
             raise OSError(errno.EXDEV, "simulated failure")
         return rename(src, dst, *args, **kwargs)
 
@@ -126,7 +126,7 @@ def test_a_failed_swap_puts_the_previous_output_back_and_leaves_nothing_behind(t
     err = capsys.readouterr().err
     assert "cannot write output" in err and "simulated failure" in err
     assert {n: (out / n).read_bytes() for n in FILES} == before
-    assert sorted(os.listdir(tmp_path)) == ["o"]  # no .o.old-* or .o.tmp-* directory
+    assert sorted(os.listdir(tmp_path)) == ["o"]  # no .o.netsurgeon-old-* or -tmp-* directory
 
 
 # ---------------------------------------------------------------------------- inspect: output files

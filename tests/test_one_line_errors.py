@@ -175,3 +175,22 @@ def test_a_long_refusal_is_one_line_and_verbose_lists_every_node(tmp_path, capsy
     detail = [ln for ln in lines[1:] if ln.startswith("  ")]
     assert lines[0] == err.strip() and len(detail) > 10  # one line a node: the full list
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["convert", "resnet10t", "--passes", "strip_bn", "--seed", "abc", "--out", "o"], "argument --seed: invalid int"),
+    (["bogus"], "invalid choice: 'bogus'"),
+    (["convert", "resnet10t"], "the following arguments are required: --passes, --out"),
+])
+def test_usage_errors_are_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and err.startswith("netsurgeon: error: ")
+
+
+def test_a_warning_is_one_line_without_source_paths(tmp_path, capsys):
+    assert _convert(tmp_path / "o", "--passes", "strip_bn,maxpool_to_avgpool,normalize_sums,dks") == 0
+    err = capsys.readouterr().err
+    assert err.startswith("netsurgeon: warning: dks on relu") and err.count("\n") == 1 and ".py:" not in err

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 import netsurgeon
@@ -232,3 +233,56 @@ def test_the_model_build_cap_is_checked_before_each_allocation():
     with pytest.raises(ModelSpecError, match="would allocate more than 1,000,000 tensor elements"):
         create_model("resnet10t", max_elements=10 ** 6)
     assert sum(p.numel() for p in create_model("resnet10t", max_elements=10 ** 8).parameters()) > 10 ** 6
+
+
+# ------------------------------------------------------------- found by review: limits and oddities
+def test_a_recipe_lists_at_most_32_passes(copy):
+    d = copy(passes=[{"name": "identity_reparam", "options": {}}] * 33)
+    with pytest.raises(RecipeError, match="lists 33 passes; a recipe holds at most 32"):
+        netsurgeon.load(d)
+
+
+def test_the_passes_allocations_share_the_build_cap(copy):
+    """orthogonal_init draws ~1.2M elements of new weights for resnet10t, whose build takes ~5.4M."""
+    d = copy(passes=[{"name": "orthogonal_init", "options": {}}], files={})
+    with pytest.raises(netsurgeon.CheckpointError, match="does not match the model"):  # past the cap: the weights
+        netsurgeon.load(d, verify=False, max_model_elements=8_000_000)             # (of a strip_bn model) differ
+    with pytest.raises(RecipeError, match="recipe field 'passes'.*would allocate more than 6,000,000"):
+        netsurgeon.load(d, verify=False, max_model_elements=6_000_000)
+
+
+def test_a_factory_failing_on_recipe_arguments_is_a_recipe_error(copy, capsys):
+    d = copy(model_kwargs={"global_pool": 5})
+    with pytest.raises(RecipeError, match="'model'/'model_kwargs'.*global_pool"):
+        netsurgeon.load(d)
+    assert main(["inspect", str(d), "--quiet"]) == 2 and "internal error" not in capsys.readouterr().err
+
+
+def test_a_huge_integer_in_a_recipe_is_a_recipe_error(copy):
+    d = copy()
+    (d / "recipe.json").write_text((d / "recipe.json").read_text().replace('"seed": 0', '"seed": ' + "9" * 5000))
+    with pytest.raises(RecipeError, match="holds a value JSON cannot give here"):
+        netsurgeon.load(d)
+
+
+@pytest.mark.parametrize("name", ["recipe.json", "model.safetensors"])
+def test_files_of_a_conversion_directory_that_are_links_are_refused(copy, tmp_path, name):
+    d = copy()
+    real = tmp_path / f"elsewhere-{name}"
+    (d / name).rename(real)
+    (d / name).symlink_to(real)
+    with pytest.raises(netsurgeon.CheckpointError, match="is a symbolic link"):
+        netsurgeon.load(d)
+
+
+def test_names_from_files_reach_the_terminal_escaped(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    sd = timm.create_model("resnet10t").state_dict()
+    sd["\x1b[2J\x1b[31mOWNED\x1b[0m\nnetsurgeon: ok"] = torch.zeros(1)
+    save_file(sd, tmp_path / "evil.safetensors")
+    assert main(["convert", "resnet10t", "--checkpoint", str(tmp_path / "evil.safetensors"), "--passes",
+                 "strip_bn", "--input-shape", "1,3,32,32", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and err.count("\n") == 1 and "unexpected keys (1)" in err

@@ -6,7 +6,7 @@ analysis it serves:
 
 * ``KERNEL_RULES`` (``@kernel_rule``, in :mod:`.propagate`): the predicted ``q, q', k`` and
   ``dk/dk_in`` at a node, for ``netsurgeon.analyze`` (docs/theory.md §3);
-* ``IDEAL_RULES`` (``@ideal_rule``, in :mod:`.targets`): ``(q, value)`` under the DKS
+* ``IDEAL_RULES`` (``@ideal_rule``, in :mod:`.ideal_rules`): ``(q, value)`` under the DKS
   assumptions, for the ``dks``/``tat`` targets (docs/theory.md §4.4–§4.5);
 * ``BOUND_RULES`` (``@bound_rule``, in :mod:`.contractivity`): Lipschitz factors, for
   ``operator_norm_bound`` (docs/theory.md §8.5).

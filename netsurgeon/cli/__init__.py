@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+import warnings
 from typing import Sequence
 
 import netsurgeon
@@ -26,8 +27,22 @@ from .convert import _parse_passes  # noqa: F401  (tests/test_pass_options.py im
 __all__ = ["main", "build_parser"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"netsurgeon: error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as one line, without the source path and code line."""
+    first = (str(message).strip().splitlines() or [""])[0]
+    print(f"netsurgeon: warning: {first}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="netsurgeon", description="Surgery on neural networks.")
+    parser = _Parser(prog="netsurgeon", description="Surgery on neural networks.")
     parser.add_argument("--version", action="version", version=f"netsurgeon {netsurgeon.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     convert.add_parser(sub)
@@ -40,6 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     verbose = getattr(args, "verbose", False)
+    with warnings.catch_warnings():
+        if not verbose:
+            warnings.showwarning = _warning_line
+        return _run(args, verbose)
+
+
+def _run(args: argparse.Namespace, verbose: bool) -> int:
     try:
         return args.func(args)
     except (NetsurgeonError, PassOptionError) as exc:

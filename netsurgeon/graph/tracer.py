@@ -170,7 +170,7 @@ def _trace_error_from_exception(model: nn.Module, exc: BaseException) -> TraceEr
     shown = repr(module_path) if module_path else "the root module"
     if module_path:
         remedy = (f"make it a leaf: netsurgeon.trace(model, leaf_modules=[{module_path!r}]) "
-                  f"(or register its type with netsurgeon.ops.register_module({cls}))")
+                  f"(or register its type once: netsurgeon.register_module_op({cls}, kind=netsurgeon.OpKind.OTHER))")
     else:
         remedy = ("fix the forward arguments that drive control flow with concrete_args={...} (netsurgeon.trace "
                   "or transform), or rewrite that line")

@@ -73,11 +73,24 @@ _CONTEXT_CLASSES: dict[type, type] = {}
 
 
 def _with_pass_error(cls: type[NetsurgeonError]) -> type:
-    """``cls`` that is also a :class:`PassError` (one class per original type, made once)."""
+    """``cls`` that is also a :class:`PassError` (one class per original type, made once; its
+    instances pickle, e.g. across multiprocessing workers, by rebuilding through this function)."""
     if cls not in _CONTEXT_CLASSES:
-        _CONTEXT_CLASSES[cls] = type(cls.__name__, (cls, PassError), {"__module__": cls.__module__,
-                                                                        "__qualname__": cls.__qualname__})
+        def reduce(self: BaseException) -> tuple:
+            return _rebuild, (cls, self.args, dict(self.__dict__))
+
+        _CONTEXT_CLASSES[cls] = type(cls.__name__, (cls, PassError), {
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__reduce__": reduce})
     return _CONTEXT_CLASSES[cls]
+
+
+def _rebuild(cls: type[NetsurgeonError], args: tuple, state: dict) -> BaseException:
+    """Unpickle an error made by :func:`in_pass_context`."""
+    combined = _with_pass_error(cls)
+    err = combined.__new__(combined)
+    err.args = args
+    err.__dict__.update(state)
+    return err
 
 
 def in_pass_context(exc: BaseException, name: str, previous: Sequence[str]) -> PassError:
