@@ -10,7 +10,8 @@ Example:
     exact_eval
 """
 from ._version import __version__
-from .analysis import Analysis, KernelContext, NodeKernel, analyze, measure, register_module_op
+from .analysis import (Analysis, KernelContext, NodeKernel, analyze, measure, register_function_op,
+                       register_module_op)
 from .checkpoint import convert, load
 from .errors import (CheckpointError, ExampleInputError, InvalidArgumentError, MissingAnalysisError, ModelSpecError,
                      NetsurgeonError, OutputExistsError, PassError, PassOptionError, RecipeError, TraceError,
@@ -32,7 +33,7 @@ __all__ = [
     "convert", "load", "read_recipe", "create_model", "default_input_shape", "example_inputs",
     # passes and extension points
     "Pass", "register_pass", "get_pass", "list_passes", "coerce_option",
-    "register_activation", "register_module_op", "OpKind", "KernelContext", "NodeKernel",
+    "register_activation", "register_module_op", "register_function_op", "OpKind", "KernelContext", "NodeKernel",
     # errors
     "NetsurgeonError", "CheckpointError", "ExampleInputError", "InvalidArgumentError", "MissingAnalysisError",
     "ModelSpecError", "OutputExistsError", "PassError", "PassOptionError", "RecipeError", "TraceError",

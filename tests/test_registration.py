@@ -494,3 +494,62 @@ def test_a_registered_python_function_is_traced_as_one_call_without_fx_wrap():
         calls = [n for n in gm.graph.nodes if n.op == "call_function"]
         assert [c.target for c in calls] == [soft_step]
         assert netsurgeon.topology(gm).activations() == {"soft_step_test(floor=1)": 1}
+
+
+# ----------------------------------------------------------- function and method ops with kernel rules
+def unit_rms(x, gain=1.0):  # module level, as user code is: traced as one call once registered
+    return gain * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class _FunctionalRMSNet(nn.Module):
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin1, self.lin2, self.gain = nn.Linear(32, 32), nn.Linear(32, 32), gain
+
+    def forward(self, x):
+        return torch.tanh(self.lin2(torch.tanh(unit_rms(self.lin1(x), self.gain))))
+
+
+def _functional_rms_rule(ctx, inputs):
+    """q = gain² (the call's second argument), c unchanged."""
+    gain = ctx.node.args[1] if len(ctx.node.args) > 1 else 1.0
+    k, g2 = inputs[0], float(gain) ** 2
+    return NodeKernel(g2, g2, g2 * k.k / np.sqrt(k.q * k.q2), k.dk * g2 / k.q, k.status, k.reason)
+
+
+def test_function_op_kernel_rule_reaches_analyze_dks_and_the_bound():
+    with pytest.raises(UnsupportedNodeError):  # unregistered: traced into products and reductions
+        netsurgeon.transform(_FunctionalRMSNet(0.5), ["orthogonal_init", "dks"])
+    with netsurgeon.register_function_op(unit_rms, kind=OpKind.OTHER, kernel_rule=_functional_rms_rule,
+                                         lipschitz=2.0):
+        model = _FunctionalRMSNet(0.5)
+        topo = netsurgeon.topology(model)
+        node = next(n for n in topo.gm.graph.nodes if n.op == "call_function" and n.target is unit_rms)
+        assert topo.info(node.name).kind is OpKind.OTHER and not topo.unknown
+        a = netsurgeon.analyze(model)
+        assert a.q(node.name) == pytest.approx(0.25, rel=1e-12) and a.status(node.name) == ("exact", "")
+        assert operator_norm_bound(model, torch.randn(1, 32)).factors[node.name] == 2.0
+        with pytest.raises(UnsupportedNodeError, match=r"receives q = 0.25"):
+            netsurgeon.transform(model, ["orthogonal_init", "dks"])
+        gm = netsurgeon.transform(_FunctionalRMSNet(1.0), ["orthogonal_init", ("dks", {"zeta": 1.5})])
+        assert netsurgeon.analyze(gm).c_slope_1(_output(netsurgeon.analyze(gm))) == pytest.approx(1.5, rel=1e-5)
+    assert unit_rms not in _FUNCTION_RULES  # taken back
+
+
+def test_method_op_kernel_rule_reaches_analyze():
+    class Halve(nn.Module):
+        def forward(self, x):
+            return x.halve_for_test()
+
+    torch.Tensor.halve_for_test = lambda self: self * 0.5
+    try:
+        model = nn.Sequential(nn.Linear(8, 8), Halve(), nn.Tanh())
+        with netsurgeon.register_function_op("halve_for_test", kind=OpKind.AFFINE,
+                                             kernel_rule=lambda ctx, ins: ins[0].linear(0.25)):
+            a = netsurgeon.analyze(model)
+            node = next(n for n in a.topology.gm.graph.nodes if n.op == "call_method")
+            assert a.q(node.name) == pytest.approx(0.25 * a.q("_0"), rel=1e-12)
+        assert "halve_for_test" not in _METHOD_RULES
+    finally:
+        del torch.Tensor.halve_for_test

@@ -3,7 +3,7 @@
 from .contractivity import GradientEnergy, OperatorNormBound, operator_norm_bound
 from .engine import Analysis, analyze
 from .measure import Measurement, NodeStats, measure
-from .rules import KernelContext, NodeKernel, register_module_op
+from .rules import KernelContext, NodeKernel, register_function_op, register_module_op
 
 __all__ = ["Analysis", "GradientEnergy", "KernelContext", "Measurement", "NodeKernel", "NodeStats", "OperatorNormBound",
-           "analyze", "measure", "operator_norm_bound", "register_module_op"]
+           "analyze", "measure", "operator_norm_bound", "register_function_op", "register_module_op"]

@@ -40,10 +40,11 @@ import torch.nn as nn
 from .._registration import Registration
 from ..errors import InvalidArgumentError
 from ..ops import OpInfo, OpKind
-from ..ops.registry import _MODULE_RULES, add_module_rule, lookup_type
+from ..ops.registry import (_FUNCTION_RULES, _METHOD_RULES, _MODULE_RULES, add_function_rule, add_method_rule,
+                            add_module_rule, lookup_type)
 
 __all__ = ["APPROX", "BOUND_RULES", "Bound", "EXACT", "IDEAL_RULES", "KERNEL_RULES", "KernelContext", "NodeKernel",
-           "RuleTable", "UNSUPPORTED", "bound_rule", "kernel_rule", "register_module_op"]
+           "RuleTable", "UNSUPPORTED", "bound_rule", "kernel_rule", "register_function_op", "register_module_op"]
 
 EXACT, APPROX, UNSUPPORTED = "exact", "approximate", "unsupported"
 R = TypeVar("R")
@@ -137,7 +138,8 @@ class Bound(NamedTuple):
 
 
 class RuleTable(Generic[R]):
-    """Rules keyed by :class:`~netsurgeon.ops.OpKind` or by module type.
+    """Rules keyed by :class:`~netsurgeon.ops.OpKind`, by module type, or by the op key a
+    registered function or method op carries in ``OpInfo.attrs["op_key"]``.
 
     Args:
         what: what the rules compute, for messages.
@@ -147,10 +149,11 @@ class RuleTable(Generic[R]):
         self.what = what
         self._kinds: dict[OpKind, R] = {}
         self._types: dict[type, R] = {}
+        self._ops: dict[str, R] = {}
 
-    def add(self, key: OpKind | type, rule: R) -> Callable[[], None]:
-        """Register ``rule`` for a kind or a module type; returns the undo step."""
-        table: dict = self._kinds if isinstance(key, OpKind) else self._types
+    def add(self, key: OpKind | type | str, rule: R) -> Callable[[], None]:
+        """Register ``rule`` for a kind, a module type or an op key; returns the undo step."""
+        table: dict = self._kinds if isinstance(key, OpKind) else self._ops if isinstance(key, str) else self._types
         missing = object()
         old = table.get(key, missing)
         table[key] = rule
@@ -177,9 +180,15 @@ class RuleTable(Generic[R]):
     def for_kind(self, kind: OpKind) -> R | None:
         return self._kinds.get(kind)
 
-    def find(self, info: OpInfo, module: nn.Module | None) -> R | None:
-        """The module type's rule, else the kind's, else None."""
+    def for_op(self, info: OpInfo, module: nn.Module | None) -> R | None:
+        """The rule of this very op: its module type's, or its registered function/method op's."""
         rule = self.for_module(module)
+        key = info.attrs.get("op_key")
+        return rule if rule is not None or not isinstance(key, str) else self._ops.get(key)
+
+    def find(self, info: OpInfo, module: nn.Module | None) -> R | None:
+        """The op's own rule (:meth:`for_op`), else the kind's, else None."""
+        rule = self.for_op(info, module)
         return rule if rule is not None else self.for_kind(info.kind)
 
 
@@ -227,11 +236,49 @@ def register_module_op(module_type: type, *, kind: OpKind, name: str | None = No
     op_name, facts = name or module_type.__name__.lower(), dict(attrs or {})
     reg = Registration(f"module op {module_type.__qualname__}")
     reg.add(add_module_rule(module_type, lambda m, node, ctx: OpInfo(kind, op_name, attrs=dict(facts))))
+    _add_rules(reg, module_type, kernel_rule, lipschitz, lambda ctx: ctx.gm.get_submodule(ctx.node.target))
+    return reg
+
+
+def _add_rules(reg: Registration, key: type | str, kernel_rule: KernelRule | None,
+               lipschitz: float | Callable[[Any], float] | None, subject: Callable[[Any], Any]) -> None:
     if kernel_rule is not None:
-        reg.add(KERNEL_RULES.add(module_type, kernel_rule))
+        reg.add(KERNEL_RULES.add(key, kernel_rule))
     if lipschitz is not None:
         def bound(ctx: Any) -> Bound:
-            m = ctx.gm.get_submodule(ctx.node.target)
-            return Bound(float(lipschitz(m) if callable(lipschitz) else lipschitz), "lipschitz")
-        reg.add(BOUND_RULES.add(module_type, bound))
+            return Bound(float(lipschitz(subject(ctx)) if callable(lipschitz) else lipschitz), "lipschitz")
+        reg.add(BOUND_RULES.add(key, bound))
+
+
+def register_function_op(target: Callable[..., Any] | str, *, kind: OpKind, name: str | None = None,
+                         kernel_rule: KernelRule | None = None,
+                         lipschitz: float | Callable[[Any], float] | None = None,
+                         attrs: dict[str, Any] | None = None, replace: bool = False) -> Registration:
+    """Teach netsurgeon a function (``call_function``) or, given a string, a tensor method
+    (``call_method``, e.g. ``"my_op"``) in one call, as :func:`register_module_op` does a module.
+
+    A plain Python function defined at module level is traced as one node without
+    ``torch.fx.wrap``. ``lipschitz`` is a number or ``fn(node)``; the other arguments are those
+    of :func:`register_module_op`.
+
+    Returns:
+        A :class:`~netsurgeon._registration.Registration` that takes it back.
+    """
+    if not isinstance(kind, OpKind):
+        raise InvalidArgumentError(f"register_function_op: kind must be an OpKind, got {kind!r}")
+    method = isinstance(target, str)
+    if not method and not callable(target):
+        raise InvalidArgumentError(f"register_function_op: target must be a function or a method name, got "
+                                   f"{target!r}")
+    label = target if method else getattr(target, "__qualname__", repr(target))
+    key = f"{'method' if method else 'function'}:{getattr(target, '__module__', '')}.{label}"
+    table = _METHOD_RULES if method else _FUNCTION_RULES
+    if target in table and not replace:
+        raise InvalidArgumentError(f"register_function_op: {label} is already recognised as an op; pass "
+                                   f"replace=True to replace its rule")
+    op_name, facts = name or (label if method else getattr(target, "__name__", str(label))), dict(attrs or {})
+    reg = Registration(f"{'method' if method else 'function'} op {label}")
+    rule = lambda node, ctx: OpInfo(kind, op_name, attrs={**facts, "op_key": key})  # noqa: E731
+    reg.add(add_method_rule(target, rule) if method else add_function_rule(target, rule))
+    _add_rules(reg, key, kernel_rule, lipschitz, lambda ctx: ctx.node)
     return reg

@@ -126,9 +126,10 @@ class IdealGraph:
         """The node's rule: its module type's (an ideal rule, or one derived from its kernel
         rule), else its kind's."""
         module = self.topo.gm.get_submodule(node.target) if node.op == "call_module" else None
-        rule = IDEAL_RULES.for_module(module)
-        if rule is None and KERNEL_RULES.for_module(module) is not None:
-            rule = from_kernel_rule(KERNEL_RULES.for_module(module))
+        info = self.topo.graph.nodes[node.name]["info"]
+        rule = IDEAL_RULES.for_op(info, module)
+        if rule is None and KERNEL_RULES.for_op(info, module) is not None:
+            rule = from_kernel_rule(KERNEL_RULES.for_op(info, module))
         if rule is None:
             rule = IDEAL_RULES.for_kind(self.topo.graph.nodes[node.name]["kind"])
         return rule if rule is not None else NO_RULE

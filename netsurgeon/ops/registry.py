@@ -215,6 +215,7 @@ def unknown_hint(node: fx.Node) -> str:
         return ("register its module type with netsurgeon.register_module_op(YourType, kind=..., kernel_rule=...), "
                 "or netsurgeon.register_activation(name, fn, torch_modules=[YourType]) for an elementwise activation")
     if node.op == "call_function":
-        return ("register the function with netsurgeon.ops.register_function(fn)(rule), or "
+        return ("register the function with netsurgeon.register_function_op(fn, kind=..., kernel_rule=...), or "
                 "netsurgeon.register_activation(name, fn) for an elementwise activation")
-    return f"register the method with netsurgeon.ops.register_method({node.target!r})(rule)"
+    return (f"register the method with netsurgeon.register_function_op({node.target!r}, kind=..., "
+            f"kernel_rule=...)")
