@@ -35,7 +35,7 @@ from ..graph import Topology, trace
 from ..graph.running import eval_mode
 from ..kernels import get_activation
 from ..kernels.registry import resolve
-from ..ops import OpInfo, OpKind, pool_type
+from ..ops import NormFamily, OpInfo, OpKind, pool_type
 from .rules import BOUND_RULES, Bound, bound_rule
 
 __all__ = ["OperatorNormBound", "operator_norm_bound", "GradientEnergy"]
@@ -220,7 +220,7 @@ def _norm(ctx: BoundContext) -> Bound:
     node, info = ctx.node, ctx.info
     m = ctx.gm.get_submodule(node.target) if node.op == "call_module" else None
     spec = info.norm
-    if m is not None and spec is not None and spec.family == "batch" and m.running_var is not None:
+    if m is not None and spec is not None and spec.family is NormFamily.BATCH and m.running_var is not None:
         w = m.weight.detach() if m.weight is not None else torch.ones_like(m.running_var)
         factor = float((w.abs() / torch.sqrt(m.running_var + m.eps)).max())
         if spec.activation is not None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch.fx as fx
 
 from ..errors import UnsupportedNodeError
-from ..ops import OpKind, pool_type
+from ..ops import NormFamily, OpKind, pool_type
 from .activation_maps import maps_for
 from .rules import IDEAL_RULES, KernelContext, KernelRule, NodeKernel
 
@@ -120,7 +120,7 @@ def _norm_check(graph: IdealGraph, node: fx.Node, d: dict) -> str | None:
     spec = d["info"].norm
     if spec is None:
         return f"{d['info'].describe()}: no kernel rule"
-    if spec.family == "batch":
+    if spec.family is NormFamily.BATCH:
         return "batch norm: run strip_bn first (fold or remove)"
     if spec.activation is not None:
         return "norm+activation composite: its activation cannot be reshaped"

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..graph import Topology
 from ..graph.state import nodes_by_name
-from ..ops import OpKind
+from ..ops import NormFamily, OpKind
 from .measure import NodeStats, kernel_stats
 
 __all__ = ["local_chain", "measure_local"]
@@ -51,7 +51,7 @@ def local_chain(topo: Topology, name: str) -> list[fx.Node] | None:
             chain.append(src)
             return chain[::-1] if all(_single_signal(n, g) for n in chain[:-1]) else None
         info = g.nodes[src.name]["info"]
-        if kind not in _CHAIN_KINDS or (kind is OpKind.NORM and (info.norm is None or info.norm.family != "batch")):
+        if kind not in _CHAIN_KINDS or (kind is OpKind.NORM and (info.norm is None or info.norm.family is not NormFamily.BATCH)):
             return None  # per-example norms mix locations' channels: not per-channel
         chain.append(src)
     return None

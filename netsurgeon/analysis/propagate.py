@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..ops import OpInfo, OpKind, batch_norm_affine, pool_type
+from ..ops import NormFamily, OpInfo, OpKind, batch_norm_affine, pool_type
 from .rules import (APPROX, EXACT, KERNEL_RULES, UNSUPPORTED, KernelContext, NodeKernel, kernel_rule, reasons,
                     worse)
 
@@ -227,22 +227,22 @@ def _norm_rule(ctx: KernelContext, inputs: list[NodeKernel]) -> NodeKernel | Non
 def _norm(m: nn.Module, info: OpInfo, k: NodeKernel, activation_maps: Callable[[Any], Any],
           dims: int | None) -> NodeKernel | None:
     spec = info.norm
-    if spec.family == "batch":
+    if spec.family is NormFamily.BATCH:
         if m.training or getattr(m, "running_var", None) is None:
             return None  # batch statistics: no exact map
         s, t = batch_norm_affine(m)
         out = k.linear(float((s * s).mean()), float((t * t).mean()), APPROX, "eval batch norm: channels assumed alike")
-    elif spec.family in ("layer", "group", "rms"):
+    elif spec.family.per_example:
         w = getattr(m, "weight", None)
         b = getattr(m, "bias", None)
         g2 = float((w.detach().double() ** 2).mean()) if w is not None else 1.0
         b2 = float((b.detach().double() ** 2).mean()) if b is not None else 0.0
         c = k.k / np.sqrt(k.q * k.q2)
         dk = k.dk * g2 / k.q
-        status = worse(k.status, APPROX) if b2 > 0 or spec.family != "rms" else k.status
-        reason = reasons(k.reason, "per-example norm: centering neglected" if spec.family != "rms" else "")
+        status = worse(k.status, APPROX) if b2 > 0 or spec.family is not NormFamily.RMS else k.status
+        reason = reasons(k.reason, "per-example norm: centering neglected" if spec.family is not NormFamily.RMS else "")
         out = NodeKernel(g2 + b2, g2 + b2, g2 * c + b2, dk, status, reason)
-    elif spec.family == "minimal_rms" and not m.training:  # x / running_rms: a constant scale
+    elif spec.family is NormFamily.MINIMAL_RMS and not m.training:  # x / running_rms: a constant scale
         r2 = float(m.running_rms.detach().double()) ** 2
         out = k.linear(1.0 / r2, 0.0, EXACT, "")
     else:

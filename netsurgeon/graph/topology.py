@@ -161,7 +161,7 @@ class Topology:
         for _, d in self.graph.nodes(data=True):
             n = d["info"].norm
             if n is not None:
-                c[n.family + (f"+{n.activation}" if n.activation else "")] += 1
+                c[str(n.family) + (f"+{n.activation}" if n.activation else "")] += 1
         return c
 
     def depth(self) -> int:

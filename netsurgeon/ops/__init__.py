@@ -6,7 +6,7 @@ Example:
     >>> module_rule(nn.ReLU()) is not None
     True
 """
-from .kinds import KIND_TRAITS, ActivationSpec, KindTraits, NormSpec, OpInfo, OpKind, PoolType, pool_type
+from .kinds import KIND_TRAITS, ActivationSpec, KindTraits, NormFamily, NormSpec, OpInfo, OpKind, PoolType, pool_type
 from .registry import (ClassifyContext, arg, classify, is_inplace, module_rule, register_function, register_method,
                        register_module, registered_module_types, registered_python_functions, unknown_hint)
 from . import torch_ops as _torch_ops  # noqa: F401  (registers the rules)
@@ -15,7 +15,7 @@ from .modules import PLAIN_LAYER_TYPES, batch_norm_affine, layer_forward, pads_s
 from . import timm_ops as _timm_ops  # noqa: F401
 from . import layers_ops as _layers_ops  # noqa: F401
 
-__all__ = ["ActivationSpec", "KIND_TRAITS", "KindTraits", "NormSpec", "OpInfo", "OpKind", "PLAIN_LAYER_TYPES",
+__all__ = ["ActivationSpec", "KIND_TRAITS", "KindTraits", "NormFamily", "NormSpec", "OpInfo", "OpKind", "PLAIN_LAYER_TYPES",
            "PoolType", "ClassifyContext", "arg", "is_inplace", "TorchForms", "activation_module", "batch_norm_affine", "classify",
            "layer_forward", "module_rule", "pads_same", "plain_layer", "pool_type", "register_activation",
            "register_function", "register_method", "register_module", "registered_module_types",

@@ -18,7 +18,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["OpKind", "KindTraits", "KIND_TRAITS", "PoolType", "OpInfo", "ActivationSpec", "NormSpec", "pool_type"]
+__all__ = ["NormFamily", "OpKind", "KindTraits", "KIND_TRAITS", "PoolType", "OpInfo", "ActivationSpec", "NormSpec", "pool_type"]
 
 
 class OpKind(str, enum.Enum):
@@ -150,23 +150,46 @@ class ActivationSpec:
         return f"{g:.4g}*({base}({a:.4g}*x{b:+.4g}){d:+.4g})"
 
 
+class NormFamily(str, enum.Enum):
+    """Which statistics a normalization layer uses (compares equal to its string value)."""
+
+    BATCH = "batch"  # per channel, over the batch (running statistics in eval mode)
+    LAYER = "layer"  # per example, over the features
+    GROUP = "group"  # per example, over groups of channels
+    INSTANCE = "instance"  # per example and channel, over locations
+    RMS = "rms"  # per example, root mean square only (no centering)
+    MINIMAL_RMS = "minimal_rms"  # the consistency paper's unit: a running root mean square (docs/theory.md §8.3)
+    OTHER = "other"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def per_example(self) -> bool:
+        """Normalizes each example over its features (layer, group, RMS): q becomes the gain's square."""
+        return self in (NormFamily.LAYER, NormFamily.GROUP, NormFamily.RMS)
+
+
 @dataclass(frozen=True)
 class NormSpec:
     """A normalization layer.
 
     Args:
-        family: ``"batch"``, ``"layer"``, ``"group"``, ``"instance"``, ``"rms"`` or ``"other"``.
+        family: a :class:`NormFamily` (a string such as ``"batch"`` is converted).
         train_dependent: True when the layer uses batch statistics in train mode.
         channels: number of normalized channels (features), when known.
         activation: the activation a norm+act composite applies after normalizing.
         composite: True for norm+act composites such as timm's ``BatchNormAct2d``.
     """
 
-    family: str
+    family: NormFamily
     train_dependent: bool
     channels: int | None = None
     activation: ActivationSpec | None = None
     composite: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "family", NormFamily(self.family))
 
 
 @dataclass

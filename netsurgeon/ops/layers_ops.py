@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from ..layers import (ChannelAffine, ExclusiveAvgPool2dSame, FarkasLayer, FarkasSum, FixedLinear, LocationNorm,
                       MinimalRMSNorm, ScalarBias, ScalarGate, ShapedActivation)
-from .kinds import NormSpec, OpInfo, OpKind, PoolType
+from .kinds import NormFamily, NormSpec, OpInfo, OpKind, PoolType
 from .registry import ClassifyContext, module_rule, register_module
 
 __all__: list[str] = []
@@ -22,7 +22,7 @@ def _channel_affine(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo
 @register_module(LocationNorm)
 def _location_norm(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
     # An RMS norm without gain over the channels of each location: q = 1, c unchanged (docs/theory.md §3.6).
-    return OpInfo(OpKind.NORM, "location_norm", norm=NormSpec("rms", False),
+    return OpInfo(OpKind.NORM, "location_norm", norm=NormSpec(NormFamily.RMS, False),
                   attrs={"module": "LocationNorm", "dim": m.dim, "eps": m.eps, "per_location": True})
 
 
@@ -78,6 +78,6 @@ def _fixed_linear(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
 @register_module(MinimalRMSNorm)
 def _minimal_rms_norm(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
     # Divides by one moving-average scalar: in eval mode a constant scale (train mode: batch-dependent).
-    return OpInfo(OpKind.NORM, "minimal_rms_norm", norm=NormSpec("minimal_rms", True),
+    return OpInfo(OpKind.NORM, "minimal_rms_norm", norm=NormSpec(NormFamily.MINIMAL_RMS, True),
                   attrs={"momentum": m.momentum, "eps": m.eps})
 

@@ -7,7 +7,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .activations import register_activation
-from .kinds import ActivationSpec, NormSpec, OpInfo, OpKind, PoolType
+from .kinds import ActivationSpec, NormFamily, NormSpec, OpInfo, OpKind, PoolType
 from .modules import layer_forward, register_layer_forward
 from .registry import ClassifyContext, module_rule, register_module
 from .torch_ops import conv_attrs
@@ -43,7 +43,7 @@ def _norm(family: str, train_dependent: Any, composite: bool = False) -> Callabl
             channels = int(m.normalized_shape[-1])
         act = _composite_activation(m, node, ctx) if composite else None
         attrs: dict[str, Any] = {"module": type(m).__name__}
-        if family == "batch":
+        if family is NormFamily.BATCH:
             attrs["track_running_stats"] = bool(getattr(m, "track_running_stats", True))
             attrs["affine"] = bool(getattr(m, "affine", True))
         return OpInfo(OpKind.NORM, f"{family}_norm", norm=NormSpec(family, dep, channels, act, composite),
@@ -78,24 +78,24 @@ if tl is not None:
         return OpInfo(OpKind.ACTIVATION, "prelu", activation=ActivationSpec("prelu", (("negative_slope", slope),)))
 
     # norm + act composites: kept as callable modules, activation visible in the spec
-    register_module(tna.BatchNormAct2d, tna.SyncBatchNormAct)(_norm("batch", _tracks, composite=True))
-    register_module(tna.FrozenBatchNormAct2d)(_norm("batch", False, composite=True))
-    register_module(tna.GroupNormAct, tna.GroupNorm1Act)(_norm("group", False, composite=True))
+    register_module(tna.BatchNormAct2d, tna.SyncBatchNormAct)(_norm(NormFamily.BATCH, _tracks, composite=True))
+    register_module(tna.FrozenBatchNormAct2d)(_norm(NormFamily.BATCH, False, composite=True))
+    register_module(tna.GroupNormAct, tna.GroupNorm1Act)(_norm(NormFamily.GROUP, False, composite=True))
     register_module(tna.LayerNormAct, tna.LayerNormAct2d, tna.LayerNormActFp32, tna.LayerNormAct2dFp32)(
-        _norm("layer", False, composite=True))
+        _norm(NormFamily.LAYER, False, composite=True))
     register_module(tna.RmsNormAct, tna.RmsNormAct2d, tna.RmsNormActFp32, tna.RmsNormAct2dFp32)(
-        _norm("rms", False, composite=True))
+        _norm(NormFamily.RMS, False, composite=True))
     # plain norms with their own forward
     register_module(tn.LayerNorm, tn.LayerNorm2d, tn.LayerNormFp32, tn.LayerNorm2dFp32, tn.LayerNormExp2d)(
-        _norm("layer", False))
-    register_module(tn.GroupNorm, tn.GroupNorm1)(_norm("group", False))
+        _norm(NormFamily.LAYER, False))
+    register_module(tn.GroupNorm, tn.GroupNorm1)(_norm(NormFamily.GROUP, False))
     register_module(tn.RmsNorm, tn.RmsNorm2d, tn.RmsNormFp32, tn.RmsNorm2dFp32,
-                    tn.SimpleNorm, tn.SimpleNorm2d, tn.SimpleNormFp32, tn.SimpleNorm2dFp32)(_norm("rms", False))
+                    tn.SimpleNorm, tn.SimpleNorm2d, tn.SimpleNormFp32, tn.SimpleNorm2dFp32)(_norm(NormFamily.RMS, False))
     register_module(tl.EvoNorm2dB0, tl.EvoNorm2dB1, tl.EvoNorm2dB2)(_norm("evonorm_batch", True))
     register_module(tl.EvoNorm2dS0, tl.EvoNorm2dS0a, tl.EvoNorm2dS1, tl.EvoNorm2dS1a, tl.EvoNorm2dS2,
                     tl.EvoNorm2dS2a, tl.FilterResponseNormAct2d, tl.FilterResponseNormTlu2d)(
         _norm("evonorm_sample", False))
-    register_module(tl.SplitBatchNorm2d)(_norm("batch", _tracks))
+    register_module(tl.SplitBatchNorm2d)(_norm(NormFamily.BATCH, _tracks))
 
     @register_module(tl.Conv2dSame, tl.StdConv2d, tl.StdConv2dSame, tl.ScaledStdConv2d, tl.ScaledStdConv2dSame)
     def _timm_conv(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
@@ -121,6 +121,6 @@ if tl is not None:
 try:
     from torchvision.ops.misc import FrozenBatchNorm2d as _TvFrozenBN
 
-    register_module(_TvFrozenBN)(_norm("batch", False))
+    register_module(_TvFrozenBN)(_norm(NormFamily.BATCH, False))
 except Exception:  # noqa: BLE001 - torchvision may be absent or fail to load its ops
     pass

@@ -12,7 +12,7 @@ from ..errors import UnsupportedNodeError
 from ..graph import BlockKind, Topology
 from ..graph.state import nodes_by_name
 from ..layers import FarkasSum
-from ..ops import OpKind
+from ..ops import NormFamily, OpKind
 from ..report import PassRecord
 from ._edit import set_submodule
 from ._farkas_units import (TRANSPARENT, Planner, farkas_layer_ok, is_flatten, one_sided, widen_input, widen_norm,
@@ -60,7 +60,7 @@ class BlockMode:
                     and farkas_layer_ok(self.gm.get_submodule(node.target)):
                 return chain[::-1]
             norm = self.topo.graph.nodes[node.name]["info"].norm
-            ok = (kind is OpKind.NORM and norm is not None and norm.family == "batch" and norm.activation is None) \
+            ok = (kind is OpKind.NORM and norm is not None and norm.family is NormFamily.BATCH and norm.activation is None) \
                 or (node.op == "call_module" and type(self.gm.get_submodule(node.target)) is nn.Identity)
             if not ok or len(node.all_input_nodes) != 1:
                 raise UnsupportedNodeError(f"farkas mode='block': block {b.merge}'s branch does not end in a "

@@ -17,7 +17,7 @@ from ..graph import Topology
 from ..graph.running import eval_mode
 from ..kernels import activation_entry
 from ..layers import FarkasLayer
-from ..ops import OpInfo, OpKind, plain_layer, pool_type
+from ..ops import NormFamily, OpInfo, OpKind, plain_layer, pool_type
 from ._edit import call_sites
 
 __all__ = ["Plan", "Planner", "TRANSPARENT", "farkas_layer_ok", "one_sided", "is_flatten", "per_channel",
@@ -65,7 +65,7 @@ class Planner:
             return nxt
         norm = None
         info = self.g.nodes[nxt.name]["info"]
-        if self.kind(nxt) is OpKind.NORM and info.norm is not None and info.norm.family == "batch" \
+        if self.kind(nxt) is OpKind.NORM and info.norm is not None and info.norm.family is NormFamily.BATCH \
                 and nxt.op == "call_module" and self.sites[nxt.target] == 1:
             norm = nxt
             if info.norm.activation is None:

@@ -11,7 +11,7 @@ from ..graph import Topology
 from ..graph.state import nodes_by_name
 from ..kernels import activation_entry
 from ..layers import MinimalRMSNorm, Modulus
-from ..ops import OpKind
+from ..ops import NormFamily, OpKind
 from ..report import PassRecord, Preservation
 from ._edit import replace_with_parts, set_submodule
 from .base import Pass, register_pass
@@ -55,7 +55,7 @@ class RMSNormPass(Pass):
         for name in topo.nodes_of(OpKind.NORM):
             spec = topo.info(name).norm
             node = nodes[name]
-            if spec is None or spec.family != "batch":
+            if spec is None or spec.family is not NormFamily.BATCH:
                 continue
             if node.op != "call_module":
                 record.skip(name, "functional batch norm: no module to replace")

@@ -34,7 +34,7 @@ from ..graph import BlockKind, Topology
 from ..graph.state import nodes_by_name
 from ..kernels import get_activation
 from ..layers.identity import AddIdentity, FixedLinear, ScalarBias, ScalarGate
-from ..ops import PLAIN_LAYER_TYPES, OpKind, plain_layer, pool_type
+from ..ops import NormFamily, OpKind, PLAIN_LAYER_TYPES, plain_layer, pool_type
 from ..report import PassRecord, Preservation
 from ._edit import set_submodule
 from .base import Pass, register_pass
@@ -81,7 +81,7 @@ def _classifier(topo: Topology) -> str | None:
 
 def _batch_norms(topo: Topology) -> list[str]:
     return [n for n in topo.nodes_of(OpKind.NORM) if topo.info(n).norm is not None
-            and topo.info(n).norm.family == "batch"]
+            and topo.info(n).norm.family is NormFamily.BATCH]
 
 
 @register_pass

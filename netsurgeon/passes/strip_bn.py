@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..graph import Topology, op_info
 from ..layers import ChannelAffine
-from ..ops import OpKind, batch_norm_affine, pads_same, plain_layer
+from ..ops import NormFamily, OpKind, batch_norm_affine, pads_same, plain_layer
 from ..report import PassRecord, Preservation
 from ._edit import bypass, call_sites, replace_with_parts, report_hidden, shapes_from
 from .base import Pass, register_pass
@@ -105,7 +105,7 @@ class StripBN(Pass):
             ) -> fx.GraphModule:
         Topology(gm)
         norms = [n for n in gm.graph.nodes if op_info(n).kind is OpKind.NORM and op_info(n).norm is not None
-                 and op_info(n).norm.family == "batch"]
+                 and op_info(n).norm.family is NormFamily.BATCH]
         report_hidden(gm, record, (nn.modules.batchnorm._BatchNorm,), "not folded or removed")
         if not norms:
             record.note("no batch norm in the model")

@@ -8,7 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kinds import NormSpec, OpInfo, OpKind
+from ..kinds import NormFamily, NormSpec, OpInfo, OpKind
 from ..registry import ClassifyContext, arg, register_function, register_module
 
 __all__ = ["conv_attrs"]
@@ -58,19 +58,19 @@ def _bilinear(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
 # ---------------------------------------------------------------- normalization
 def _norm_rule(family: str) -> Callable[..., OpInfo]:
     def rule(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
-        if family in ("batch", "instance"):
+        if family in (NormFamily.BATCH, NormFamily.INSTANCE):
             # Batch statistics in train mode; InstanceNorm by default never tracks.
-            train_dep = bool(getattr(m, "track_running_stats", False)) if family == "batch" else False
-            if family == "batch" and not getattr(m, "track_running_stats", True):
+            train_dep = bool(getattr(m, "track_running_stats", False)) if family is NormFamily.BATCH else False
+            if family is NormFamily.BATCH and not getattr(m, "track_running_stats", True):
                 train_dep = False  # always batch statistics: not a mode switch, but no eval affine
             channels = getattr(m, "num_features", None)
-        elif family == "group":
+        elif family is NormFamily.GROUP:
             train_dep, channels = False, getattr(m, "num_channels", None)
         else:
             shape = getattr(m, "normalized_shape", None)
             train_dep, channels = False, (int(shape[-1]) if shape else None)
         attrs = {"module": type(m).__name__}
-        if family == "batch":
+        if family is NormFamily.BATCH:
             attrs["track_running_stats"] = bool(getattr(m, "track_running_stats", True))
             attrs["affine"] = bool(getattr(m, "affine", True))
         return OpInfo(OpKind.NORM, f"{family}_norm", norm=NormSpec(family, train_dep, channels), attrs=attrs)
@@ -78,26 +78,26 @@ def _norm_rule(family: str) -> Callable[..., OpInfo]:
     return rule
 
 
-register_module(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)(_norm_rule("batch"))
-register_module(nn.LayerNorm)(_norm_rule("layer"))
-register_module(nn.GroupNorm)(_norm_rule("group"))
-register_module(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)(_norm_rule("instance"))
-register_module(nn.RMSNorm)(_norm_rule("rms"))
+register_module(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)(_norm_rule(NormFamily.BATCH))
+register_module(nn.LayerNorm)(_norm_rule(NormFamily.LAYER))
+register_module(nn.GroupNorm)(_norm_rule(NormFamily.GROUP))
+register_module(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)(_norm_rule(NormFamily.INSTANCE))
+register_module(nn.RMSNorm)(_norm_rule(NormFamily.RMS))
 
 
 @register_module(nn.LocalResponseNorm)
 def _lrn(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
-    return OpInfo(OpKind.NORM, "local_response_norm", norm=NormSpec("other", False))
+    return OpInfo(OpKind.NORM, "local_response_norm", norm=NormSpec(NormFamily.OTHER, False))
 
 
 @register_function(F.layer_norm, F.group_norm, F.rms_norm)
 def _norm_fn(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
-    family = {"layer_norm": "layer", "group_norm": "group", "rms_norm": "rms"}[node.target.__name__]
+    family = {"layer_norm": NormFamily.LAYER, "group_norm": NormFamily.GROUP, "rms_norm": NormFamily.RMS}[node.target.__name__]
     return OpInfo(OpKind.NORM, node.target.__name__, norm=NormSpec(family, False))
 
 
 @register_function(F.batch_norm)
 def _batch_norm_fn(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
     training = arg(node, 5, "training", False)
-    return OpInfo(OpKind.NORM, "batch_norm", norm=NormSpec("batch", bool(training)),
+    return OpInfo(OpKind.NORM, "batch_norm", norm=NormSpec(NormFamily.BATCH, bool(training)),
                   attrs={"functional": True, "training_flag": training})
