@@ -45,7 +45,7 @@ def local_chain(topo: Topology, name: str) -> list[fx.Node] | None:
             return None
         src = by_name[operands[0]]
         kind = g.nodes[src.name]["kind"]
-        if kind in (OpKind.LINEAR, OpKind.CONV, OpKind.INPUT):
+        if kind.traits.weighted or kind is OpKind.INPUT:
             if kind is not OpKind.INPUT and src.op != "call_module":
                 return None
             chain.append(src)

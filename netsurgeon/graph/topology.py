@@ -133,7 +133,7 @@ class Topology:
     def kind_counts(self) -> Counter:
         """Number of nodes per op kind (kinds as strings), inputs and outputs excluded."""
         return Counter(str(d["kind"]) for _, d in self.graph.nodes(data=True)
-                       if d["kind"] not in (OpKind.INPUT, OpKind.OUTPUT, OpKind.META, OpKind.CONSTANT))
+                       if d["kind"].traits.signal and d["kind"] not in (OpKind.INPUT, OpKind.OUTPUT))
 
     def nodes_of(self, kind: OpKind | str) -> list[str]:
         """Names of the nodes of one kind, in graph order."""

@@ -48,7 +48,7 @@ def _zero_preserving(topo: Topology, name: str) -> bool:
     """Does the node map an all-zero input to zero?"""
     d = topo.graph.nodes[name]
     kind, info = d["kind"], d["info"]
-    if kind in (OpKind.IDENTITY, OpKind.RESHAPE):
+    if kind.traits.unchanged:
         return True
     if kind is OpKind.POOL:
         kind = pool_type(info)
@@ -147,7 +147,7 @@ class IdentityResidual(Pass):
         for k in range(len(branch) - 1, -1, -1):
             name = branch[k]
             d = topo.graph.nodes[name]
-            if d["kind"] in (OpKind.LINEAR, OpKind.CONV, OpKind.NORM) and d["node_op"] == "call_module":
+            if (d["kind"].traits.weighted or d["kind"] is OpKind.NORM) and d["node_op"] == "call_module":
                 m = gm.get_submodule(d["target"])
                 if getattr(m, "weight", None) is None:
                     record.skip(merge, f"branch ends with {name} ({type(m).__name__}) without a gain to zero")
@@ -186,8 +186,8 @@ class IdentityResidual(Pass):
                 if mod.bias is not None:
                     mod.bias.zero_()
         nodes = nodes_by_name(gm)
-        for k, name in enumerate(n for n in branch if topo.graph.nodes[n]["kind"] in
-                                 (OpKind.LINEAR, OpKind.CONV, OpKind.ACTIVATION)):
+        for k, name in enumerate(n for n in branch if topo.graph.nodes[n]["kind"].traits.weighted
+                                 or topo.graph.nodes[n]["kind"] is OpKind.ACTIVATION):
             node = nodes[name]
             sig = next(a for a in node.all_input_nodes if topo.graph.nodes[a.name]["signal"])
             _insert_before(gm, node, sig, f"ns_fixup_bias_{tag}_{k}", ScalarBias())

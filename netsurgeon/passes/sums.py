@@ -252,7 +252,7 @@ def _reset_layer_scale(gm: fx.GraphModule, topo: Topology, node: fx.Node, record
 
     while True:
         kind = op_info(node).kind
-        if kind not in (OpKind.AFFINE, OpKind.IDENTITY, OpKind.RESHAPE):
+        if not (kind is OpKind.AFFINE or kind.traits.unchanged):
             return
         if kind is OpKind.AFFINE:
             for const in (a for a in node.all_input_nodes if not signal(a)):
