@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-__all__ = ["Registration"]
+__all__ = ["Registration", "put_undoable"]
 
 
 class Registration:
@@ -53,3 +53,25 @@ class Registration:
 
     def __repr__(self) -> str:
         return f"Registration({self.what}{', removed' if self.removed else ''})"
+
+
+_MISSING = object()
+
+
+def put_undoable(table: dict, key: Any, value: Any, on_change: Callable[[], None] | None = None
+                 ) -> Callable[[], None]:
+    """Set ``table[key] = value`` and return the undo step that restores the previous state;
+    ``on_change`` runs after the set and after the undo (a registry's version counter)."""
+    old = table.get(key, _MISSING)
+    table[key] = value
+    if on_change is not None:
+        on_change()
+
+    def undo() -> None:
+        if old is _MISSING:
+            table.pop(key, None)
+        else:
+            table[key] = old
+        if on_change is not None:
+            on_change()
+    return undo

@@ -37,7 +37,7 @@ import numpy as np
 import torch.fx as fx
 import torch.nn as nn
 
-from .._registration import Registration
+from .._registration import Registration, put_undoable
 from ..errors import InvalidArgumentError
 from ..ops import OpInfo, OpKind
 from ..ops.registry import (_FUNCTION_RULES, _METHOD_RULES, _MODULE_RULES, add_function_rule, add_method_rule,
@@ -154,16 +154,7 @@ class RuleTable(Generic[R]):
     def add(self, key: OpKind | type | str, rule: R) -> Callable[[], None]:
         """Register ``rule`` for a kind, a module type or an op key; returns the undo step."""
         table: dict = self._kinds if isinstance(key, OpKind) else self._ops if isinstance(key, str) else self._types
-        missing = object()
-        old = table.get(key, missing)
-        table[key] = rule
-
-        def undo() -> None:
-            if old is missing:
-                table.pop(key, None)
-            else:
-                table[key] = old
-        return undo
+        return put_undoable(table, key, rule)
 
     def register(self, *keys: OpKind | type) -> Callable[[R], R]:
         """Decorator: register the rule for each kind or module type in ``keys``."""

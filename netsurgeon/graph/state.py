@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import InvalidArgumentError, MissingAnalysisError
+from ..models import example_inputs
 from ..report import Report
 
 __all__ = ["META_KEY", "trace_info", "has_trace", "set_trace_info", "default_inputs", "random_batch", "derivation",
@@ -71,8 +72,9 @@ def default_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...] | None:
 
 
 def random_batch(shape: Sequence[int]) -> torch.Tensor:
-    """A standard-normal tensor of ``shape`` from a generator seeded 0 (the global RNG is untouched)."""
-    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_DEFAULT_INPUT_SEED))
+    """A standard-normal tensor of ``shape`` from a generator seeded 0 (the global RNG is untouched):
+    :func:`netsurgeon.example_inputs`, the one definition."""
+    return example_inputs(shape, seed=_DEFAULT_INPUT_SEED)[0]
 
 
 def derivation(gm: fx.GraphModule, name: str) -> Any:

@@ -34,6 +34,7 @@ from typing import Callable, Mapping, NamedTuple, Union
 
 import numpy as np
 
+from .._registration import put_undoable
 from ..errors import InvalidArgumentError
 
 __all__ = ["ActivationEntry", "Parts", "REGISTRY", "activation_entry", "add", "add_alias", "list_names", "register",
@@ -105,20 +106,13 @@ def version() -> int:
     return _VERSION[0]
 
 
-def _put(table: dict, key: str, value: object) -> Callable[[], None]:
-    """Set ``table[key]`` and return the undo step (restores the previous value, if any)."""
-    missing = object()
-    old = table.get(key, missing)
-    table[key] = value
+def _bump() -> None:
     _VERSION[0] += 1
 
-    def undo() -> None:
-        if old is missing:
-            table.pop(key, None)
-        else:
-            table[key] = old
-        _VERSION[0] += 1
-    return undo
+
+def _put(table: dict, key: str, value: object) -> Callable[[], None]:
+    """Set ``table[key]`` and return the undo step; either bumps :func:`version`."""
+    return put_undoable(table, key, value, _bump)
 
 
 def _pop(table: dict, key: str) -> Callable[[], None]:

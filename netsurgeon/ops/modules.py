@@ -24,7 +24,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .registry import _put, lookup_type
+from .._registration import put_undoable
+from .registry import lookup_type
 
 __all__ = ["LayerForward", "PLAIN_LAYER_TYPES", "batch_norm_affine", "layer_forward", "pads_same", "plain_layer",
            "register_layer_forward"]
@@ -53,7 +54,7 @@ _FORWARDS: dict[type, LayerForward] = {}
 def register_layer_forward(*types: type, same_padding: bool = False, standardizes_weight: bool = False
                            ) -> Callable[[], None]:
     """State how ``types``' own forward uses the weight; returns the undo step."""
-    steps = [_put(_FORWARDS, t, LayerForward(same_padding, standardizes_weight)) for t in types]
+    steps = [put_undoable(_FORWARDS, t, LayerForward(same_padding, standardizes_weight)) for t in types]
 
     def undo() -> None:
         for step in reversed(steps):

@@ -22,6 +22,7 @@ from typing import Any, Callable, Protocol, TypeVar
 import torch.fx as fx
 import torch.nn as nn
 
+from .._registration import put_undoable
 from .kinds import OpInfo, OpKind
 
 __all__ = [
@@ -65,7 +66,6 @@ _FUNCTION_RULES: dict[Any, NodeRule] = {}
 _METHOD_RULES: dict[str, NodeRule] = {}
 
 T = TypeVar("T")
-_MISSING = object()
 
 
 _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem,
@@ -87,32 +87,19 @@ def arg(node: fx.Node, pos: int, name: str, default: Any = None) -> Any:
     return node.args[pos] if len(node.args) > pos else default
 
 
-def _put(table: dict, key: Any, value: Any) -> Callable[[], None]:
-    """Set ``table[key]``; return the undo step that restores the previous state."""
-    old = table.get(key, _MISSING)
-    table[key] = value
-
-    def undo() -> None:
-        if old is _MISSING:
-            table.pop(key, None)
-        else:
-            table[key] = old
-    return undo
-
-
 def add_module_rule(module_type: type, rule: ModuleRule) -> Callable[[], None]:
     """Register ``rule`` for ``module_type`` (also a leaf when tracing); returns the undo step."""
-    return _put(_MODULE_RULES, module_type, rule)
+    return put_undoable(_MODULE_RULES, module_type, rule)
 
 
 def add_function_rule(fn: Any, rule: NodeRule) -> Callable[[], None]:
     """Register ``rule`` for the ``call_function`` target ``fn``; returns the undo step."""
-    return _put(_FUNCTION_RULES, fn, rule)
+    return put_undoable(_FUNCTION_RULES, fn, rule)
 
 
 def add_method_rule(name: str, rule: NodeRule) -> Callable[[], None]:
     """Register ``rule`` for the ``call_method`` target ``name``; returns the undo step."""
-    return _put(_METHOD_RULES, name, rule)
+    return put_undoable(_METHOD_RULES, name, rule)
 
 
 def register_module(*types: type) -> Callable[[ModuleRule], ModuleRule]:
