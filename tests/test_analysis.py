@@ -66,20 +66,47 @@ def test_weighted_residual_sum_and_cumulative_slope():
 
 
 def test_unsupported_node_needs_inputs_then_is_measured():
+    class Swish(nn.Module):  # x * sigmoid(x) written out: dependent operands, no product rule
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(32, 32)
+
+        def forward(self, x):
+            h = self.a(x)
+            return h * torch.sigmoid(h)
+
+    with pytest.raises(UnsupportedNodeError, match="mul"):
+        analyze(Swish())
+    a = analyze(Swish(), torch.randn(4, 32))
+    status, reason = a.status("mul")
+    assert status == "unsupported" and "measured" in reason and "product of dependent signals" in reason
+    assert np.isfinite(a.q("mul")) and a.q("mul") > 0
+
+
+def test_product_of_independent_signals_follows_the_rule_and_measurement():
+    """A gated unit a(x) * sigmoid(b(x)) at width 512: q = q_a q_b and c = c_a c_b (docs/theory.md §3.6),
+    with no example inputs needed, and within the sampling error of a measurement."""
+    torch.manual_seed(0)
+
     class Gate(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+            self.a, self.b = nn.Linear(512, 512), nn.Linear(512, 512)
 
         def forward(self, x):
             return self.a(x) * torch.sigmoid(self.b(x))
 
-    with pytest.raises(UnsupportedNodeError, match="mul"):
-        analyze(Gate())
-    a = analyze(Gate(), torch.randn(4, 32))
+    model = Gate()
+    a = analyze(model, c_in=0.5)
     status, reason = a.status("mul")
-    assert status == "unsupported" and "measured" in reason
-    assert np.isfinite(a.q("mul")) and a.q("mul") > 0
+    assert status == "approximate" and "operands assumed independent" in reason
+    assert a.q("mul") == pytest.approx(a.q("a") * a.q("sigmoid"), rel=1e-12)
+    assert a.c("mul") == pytest.approx(a.c("a") * a.c("sigmoid"), rel=1e-12)
+    g = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(256, 512, generator=g), torch.randn(256, 512, generator=g)
+    m = netsurgeon.measure(model, z1, 0.5 * z1 + 0.75 ** 0.5 * z2)
+    assert a.q("mul") == pytest.approx(m["mul"].q, rel=0.05)
+    assert a.c("mul") == pytest.approx(m["mul"].c, abs=0.02)
 
 
 def test_table_str_and_html():

@@ -237,8 +237,13 @@ def test_refuses_max_pooling_and_products_by_name():
             h = torch.tanh(self.l(x))
             return h * torch.sigmoid(h)
 
-    with pytest.raises(PassError, match=r"(?s)mul.*products='empirical'.*'neutral'"):
+    with pytest.raises(PassError, match=r"(?s)mul.*products='refuse'.*products='rule'"):
+        netsurgeon.transform(Gate(), passes=[("dks", {"products": "refuse"})])
+    # h * sigmoid(h): dependent operands, no independence rule; measured, which needs inputs
+    with pytest.raises(PassError, match=r"no kernel map: mul; pass example_inputs"):
         netsurgeon.transform(Gate(), passes=["dks"])
+    gm = netsurgeon.transform(Gate(), passes=["dks"], example_inputs=torch.randn(16, 8))
+    assert "measured where it does not apply" in netsurgeon.report(gm).passes[0].notes[-1]
     with pytest.warns(UserWarning, match="pass-through"):
         netsurgeon.transform(Gate(), passes=[("dks", {"products": "neutral"})])
 
@@ -352,23 +357,30 @@ def test_empirical_product_constants_travel_with_the_state_dict():
     assert torch.equal(fresh(x), gm(x))
 
 
-def test_empirical_products_on_efficientnet_keep_q_where_neutral_collapses():
+def test_product_maps_on_efficientnet_keep_q_where_neutral_collapses():
+    """Measured on the result (the truth, not the analysis that set the constants): with the product
+    maps (from the rule, or measured) q stays near 1 at every conv off the gate paths; treating the
+    squeeze-excite products as pass-throughs lets it collapse."""
     import timm
     from netsurgeon.analysis.targets import gate_nodes
 
     torch.manual_seed(0)
     model = timm.create_model("efficientnet_b0", num_classes=10)
     x = torch.randn(2, 3, 64, 64)
+    g = torch.Generator().manual_seed(5)
+    pair = torch.randn(8, 3, 64, 64, generator=g), torch.randn(8, 3, 64, 64, generator=g)
     prep = [("strip_bn", {"mode": "remove"}), "normalize_sums", "input_norm", "orthogonal_init"]
     results = {}
-    for products in ("neutral", "empirical"):
+    for products in ("neutral", "rule", "empirical"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             gm = netsurgeon.transform(model, passes=prep + [("dks", {"products": products})], example_inputs=x)
-        a = netsurgeon.analyze(gm, x)
-        gates = gate_nodes(netsurgeon.topology(gm))
-        convs = [r.q for r in a.table() if r.kind in ("conv", "linear") and r.name not in gates]
-        results[products] = (min(convs), max(convs), a.table()[-1].q)
-    lo, hi, out = results["empirical"]
-    assert 0.8 < lo and hi < 1.25 and out == pytest.approx(1.0, rel=0.15), results
-    assert results["neutral"][2] < 0.1, results  # what the pass-through assumption gives
+        topo = netsurgeon.topology(gm)
+        gates = gate_nodes(topo)
+        measured = netsurgeon.measure(gm, *pair)
+        convs = [measured[n].q for n in topo.nodes_of(OpKind.CONV) if n not in gates]
+        results[products] = (min(convs), max(convs))
+    for products in ("rule", "empirical"):
+        lo, hi = results[products]
+        assert 0.8 < lo and hi < 1.25, results
+    assert results["neutral"][0] < 0.1, results  # what the pass-through assumption gives

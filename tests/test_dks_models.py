@@ -68,8 +68,13 @@ def _check_tat(gm: torch.fx.GraphModule, eta: float) -> None:
         c0 = IdealGraph(topo).network_c0(lambda n, c: float(maps[n].c_map(c)))
         assert c0 == pytest.approx(eta, abs=1e-6)
         a = netsurgeon.analyze(gm, X)  # the engine, from the real weights (conv spatial mixing approximated)
-        out = [n for n in a.kernels if str(a.topology.graph.nodes[n]["kind"]) == "output"][0]
-        assert float(a.cmap(out)(0.0)) == pytest.approx(eta, abs=0.02)
+        # the target is the body's C_f(0): read it where the head's global pool takes the body's output
+        # (the pool itself raises c, docs/theory.md §3.5; measured 0.976-0.984 after it on resnet18)
+        pools = [n for n in topo.nodes_of(OpKind.POOL) if topo.graph.nodes[n].get("shape") is not None
+                 and len(topo.graph.nodes[n]["shape"]) in (2, 4) and all(s == 1 for s in topo.graph.nodes[n]["shape"][2:])]
+        body = topo.graph.nodes[pools[-1]]["signal_operands"][0] if pools else \
+            [n for n in a.kernels if str(a.topology.graph.nodes[n]["kind"]) == "output"][0]
+        assert float(a.cmap(body)(0.0)) == pytest.approx(eta, abs=0.02)
 
 
 # (model, middle pass, final pass) -> None when the conditions must hold, else the refusal's text

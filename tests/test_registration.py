@@ -257,8 +257,11 @@ def test_leaky_function_becomes_a_trelu_and_a_modulus():
         assert float(a.cmap(_output(a))(0.0)) == pytest.approx(0.5, abs=1e-6)  # the network's C(0) is eta
         assert a.c_slope_1(_output(a)) == pytest.approx(1.0, abs=1e-6)
 
-        with pytest.warns(UserWarning, match="ReLU family cannot reach"):
-            netsurgeon.transform(LeakyNet(), ["orthogonal_init", "dks"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # dks solves the slope parameter s too (as for leaky_relu): no warning
+            shaped = netsurgeon.transform(LeakyNet(), ["orthogonal_init", "dks"])
+        (key,) = shaped.meta["netsurgeon"]["dks"]["constants"]
+        assert key.startswith("my_leaky(s=") and key != "my_leaky(s=0.2)"
         gm = netsurgeon.transform(LeakyNet(), ["modulus"])  # relu_family: the consistency pass replaces it
         assert len(netsurgeon.report(gm).passes[0].changes) == 4
         assert all(isinstance(m, netsurgeon.layers.Modulus) for n, m in gm.named_children() if n.startswith("ns_"))

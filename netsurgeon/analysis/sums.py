@@ -29,7 +29,7 @@ from ..graph import Topology
 from ..graph.state import nodes_by_name
 from ..ops import OpKind
 
-__all__ = ["correlated_sums"]
+__all__ = ["correlated_sums", "dependent_products"]
 
 def _weight_key(topo: Topology, name: str) -> str:
     """What identifies the weight of a Linear/Conv node: its module, else its parameter nodes."""
@@ -63,6 +63,28 @@ def correlated_sums(topo: Topology) -> dict[str, str]:
                 out[name] = (f"sum of correlated terms {a} and {b}: no independent Linear/Conv weight separates "
                              f"them{shared}, so q is not the weighted sum of the terms' q")
                 break
+    return out
+
+
+def dependent_products(topo: Topology) -> dict[str, str]:
+    """``{product node: reason}`` for every elementwise product of two signals whose operands no
+    independent Linear/Conv weight separates (``x * sigmoid(x)`` written out, ``h * h``): the
+    independence rule of :mod:`.products` does not hold there, so they are measured."""
+    from .products import ELEMENTWISE_PRODUCTS
+
+    g = topo.graph
+    fx_nodes = nodes_by_name(topo.gm)
+    out: dict[str, str] = {}
+    for name, d in g.nodes(data=True):
+        if d["kind"] is not OpKind.MULTIPLY or not d["signal"] or d["info"].name not in ELEMENTWISE_PRODUCTS:
+            continue
+        args = [a.name for a in _node_args(fx_nodes[name]) if g.nodes[a.name]["signal"]]
+        if len(args) != 2:
+            continue
+        a, b = args
+        if a == b or _correlated(topo, nx.ancestors(g, a) | {a}, nx.ancestors(g, b) | {b}):
+            out[name] = (f"product of dependent signals {a} and {b}: no independent Linear/Conv weight separates "
+                         f"them, so the kernel is not the product of the operands' kernels")
     return out
 
 

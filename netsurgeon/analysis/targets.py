@@ -42,11 +42,18 @@ from ..graph import BlockKind, Topology
 from ..kernels.bisection import bisect
 from ..ops import OpKind
 from .ideal_rules import NO_RULE, ActRule, IdealRule, from_kernel_rule, ideal_rule
+from .op_rules import composite_activation
 from .propagate import affine_moments
 from .rules import IDEAL_RULES, KERNEL_RULES
 from .sums import correlated_sums
 
-__all__ = ["ActRule", "IdealGraph", "IdealRule", "ProductMap", "Subnetwork", "gate_nodes", "ideal_rule"]
+__all__ = ["ActRule", "IdealGraph", "IdealRule", "PRODUCT_MODES", "ProductMap", "Subnetwork", "gate_nodes", "mapped_merges",
+           "ideal_rule", "main_operand"]
+
+# how dks/tat treat products of signals: maps from the analysis' rule (measured where the rule does not
+# apply), measured maps, pass-throughs, or a refusal
+PRODUCT_MODES = ("rule", "empirical", "neutral", "refuse")
+PRODUCT_RESCALE_PREFIX = "ns_product_rescale"  # the buffers of the rescale dks/tat put after a product
 
 
 @dataclass(frozen=True)
@@ -60,20 +67,45 @@ class ProductMap:
     slope: float
     c_in: tuple[float, ...]
     c_out: tuple[float, ...]
+    curvature: float = 0.0  # local C''(1), from a quadratic fit of the map near c = 1
 
     def c_map(self, c: float) -> float:
         return float(np.interp(c, self.c_in, self.c_out))
 
+    def _asdict(self) -> dict:
+        """Plain values (kept in the pass derivation); ``ProductMap(**d)`` rebuilds it."""
+        return {"q_ratio": self.q_ratio, "slope": self.slope, "c_in": list(self.c_in), "c_out": list(self.c_out),
+                "curvature": self.curvature}
+
+
+def main_operand(topo: Topology, product: str) -> str:
+    """The operand of a product that carries the signal: the one the other operands are computed
+    from (``h`` in ``h * gate(h)`` or ``gate(h) * h``), else the first signal operand (``φ(W₁x) * W₂x``)."""
+    g = topo.graph
+    ops = list(dict.fromkeys(g.nodes[product]["signal_operands"]))
+    for a in ops:
+        if all(b == a or a in nx.ancestors(g, b) for b in ops):
+            return a
+    return ops[0]
+
+
+def mapped_merges(topo: Topology) -> list[str]:
+    """The nodes dks/tat follow by a map (:class:`ProductMap`) instead of a rule: products of
+    signals, and sums of correlated terms (``pool(x) - x``, :mod:`.sums`), in graph order."""
+    correlated = correlated_sums(topo)
+    return [n for n, d in topo.graph.nodes(data=True) if d["signal"] and d["signal_operands"]
+            and (d["kind"] is OpKind.MULTIPLY or n in correlated)]
+
 
 def gate_nodes(topo: Topology) -> set[str]:
-    """Signal nodes that reach an output only through a product's second (or later) operand:
-    the gate paths of squeeze-excite and similar blocks."""
+    """Signal nodes that reach an output only through a mapped merge's gate operands (every
+    operand but :func:`main_operand`): the gate paths of squeeze-excite and similar blocks."""
     g = topo.graph
     cut = nx.DiGraph()
     cut.add_nodes_from(g.nodes)
+    mains = {n: main_operand(topo, n) for n in mapped_merges(topo)}
     for u, v in g.edges:
-        ops = g.nodes[v]["signal_operands"]
-        if g.nodes[v]["kind"] is OpKind.MULTIPLY and ops and u in ops and u != ops[0]:
+        if v in mains and u in g.nodes[v]["signal_operands"] and u != mains[v]:
             continue
         cut.add_edge(u, v)
     alive: set[str] = set()
@@ -96,15 +128,15 @@ class IdealGraph:
 
     Args:
         topo: the topology view (with shapes when the graph concatenates).
-        products: ``"refuse"`` (products of signals are an error), ``"neutral"`` (a product
-            is treated as passing its first signal operand through; approximate) or
-            ``"empirical"`` (a product follows its measured :class:`ProductMap`, a pass-through
-            until one is given, and the nodes on its gate paths are left out of the shaping).
-        product_maps: ``{product node: ProductMap}`` for ``"empirical"``.
+        products: one of :data:`PRODUCT_MODES`: ``"refuse"`` (products of signals are an error),
+            ``"neutral"`` (a product passes its main operand through; approximate), or ``"rule"`` /
+            ``"empirical"`` (a product follows its :class:`ProductMap`, from the analysis or measured,
+            a pass-through until one is given; the nodes on its gate paths are left out of the shaping).
+        product_maps: ``{product node: ProductMap}`` for ``"rule"`` and ``"empirical"``.
 
     Attributes:
         problems: ``(node, reason)`` for every node the assumptions cannot cover.
-        activations: the activation nodes, in graph order.
+        activations: the activation nodes, in graph order (norm+activation composites included).
     """
 
     def __init__(self, topo: Topology, products: str = "refuse",
@@ -112,12 +144,13 @@ class IdealGraph:
         self.topo = topo
         self.products = products
         self.product_maps = dict(product_maps or {})
-        self.gates = gate_nodes(topo) if products == "empirical" else set()
+        self.gates = gate_nodes(topo) if products in ("rule", "empirical") else set()
         self.order = [n for n in topo.gm.graph.nodes if (topo.graph.nodes[n.name]["signal"]
                       or topo.graph.nodes[n.name]["kind"] is OpKind.OUTPUT) and n.name not in self.gates]
         self.problems: list[tuple[str, str]] = []
         self.correlated = correlated_sums(topo)
-        self.activations = [n.name for n in self.order if topo.graph.nodes[n.name]["kind"] is OpKind.ACTIVATION]
+        self.activations = [n.name for n in self.order if topo.graph.nodes[n.name]["kind"] is OpKind.ACTIVATION
+                            or composite_activation(topo.graph.nodes[n.name]["info"]) is not None]
         self.rules = {n.name: self._rule_for(n) for n in self.order}
         self._check()
 
@@ -183,19 +216,33 @@ class IdealGraph:
             ins = [a for a in d["signal_operands"] if a in q]
             if not ins:
                 continue
-            if d["kind"] is OpKind.MULTIPLY and name in self.product_maps:
-                first = d["signal_operands"][0]
+            if name in self.product_maps:
+                first = main_operand(self.topo, name)
                 if first not in q:
                     continue
-                q[name] = q[first]  # the pass rescales the product by 1 / sqrt(q_ratio)
+                # the pass rescales the product by 1 / sqrt(q_ratio): q stays q[first] once the rescale
+                # follows the product (after the pass) or will follow it (while the pass derives its targets)
+                q[name] = q[first] * (self.product_maps[name].q_ratio if self._rescaled(name) else 1.0)
                 v[name] = product(name, v[first]) if product is not None else v[first]
                 continue
             q[name], v[name] = self.rules[name].apply(self, node, d, ins, q, v, act)
         return {s: v[s] for s in sub.sinks if s in v}
 
+    def _rescaled(self, product: str) -> bool:
+        """Whether a dks/tat product rescale (a constant ``ns_product_rescale_*`` factor) follows ``product``."""
+        for user in self.topo.graph.successors(product):
+            for p in self.topo.graph.predecessors(user):
+                if str(self.topo.graph.nodes[p].get("target", "")).startswith(PRODUCT_RESCALE_PREFIX):
+                    return True
+        return False
+
     def affine_moments(self, node: fx.Node) -> tuple[float, float] | None:
-        """``(E s², E t²)`` of a per-channel constant scale and shift (see ``propagate.affine_moments``)."""
-        return affine_moments(self.topo.gm, node, lambda a: self.topo.graph.nodes[a.name]["signal"])
+        """``(E s², E t²)`` of a per-channel constant scale and shift (see ``propagate.affine_moments``),
+        read once per node (the targets' bisection asks many times)."""
+        cache = self.__dict__.setdefault("_affine_moments", {})
+        if node.name not in cache:
+            cache[node.name] = affine_moments(self.topo.gm, node, lambda a: self.topo.graph.nodes[a.name]["signal"])
+        return cache[node.name]
 
     # ------------------------------------------------------------------ DKS/TAT targets
     def max_over_subnetworks(self, act: ActRule, source_value: float,
@@ -236,7 +283,8 @@ class IdealGraph:
 
     def max_curvature_count(self) -> tuple[float, str]:
         """``max_f C''_f(1)`` when every activation has ``C'(1) = 1`` and ``C''(1) = 1`` (TAT's κ = τ / this)."""
-        return self.max_over_subnetworks(lambda _n, v: v + 1.0, 0.0)
+        return self.max_over_subnetworks(lambda _n, v: v + 1.0, 0.0,
+                                         lambda n, v: self.product_maps[n].slope * v + self.product_maps[n].curvature)
 
     def network_c0(self, c_map: ActRule) -> float:
         """The whole network's ``C_f(0)`` (largest over its outputs) with each activation's C map."""

@@ -3,7 +3,10 @@
 Pure math: the transformed :class:`Activation`, and the solvers for its constants.
 
 * :func:`solve_dks`: ``δ = -E[φ(αz+β)]`` (so ``C(0) = 0``), ``γ`` for ``Q(1) = 1``, and
-  ``(α, β)`` with ``Q'(1) = 1``, ``C'(1) = ξ``.
+  ``(α, β)`` with ``Q'(1) = 1``, ``C'(1) = ξ``; :func:`solve_dks_leaky`: the same conditions for
+  the leaky ReLU, its negative slope solved with the constants.
+* where several solutions exist, the tame one closest to φ (``_choose``: peak slope under twice
+  the RMS slope, DeepMind dks' ``α·γ < 2``; then nearest ``(1, 0, 1, 0)``).
 * :func:`solve_tat`: ``γ`` for ``Q(1) = 1`` and ``(α, β, δ)`` with ``Q'(1) = 1``,
   ``C'(1) = 1``, ``C''(1) = κ`` (smooth activations).
 * :func:`trelu_gain` and :func:`trelu_c_map`: TAT's tailored leaky ReLU
@@ -29,9 +32,12 @@ from ..errors import InvalidArgumentError, TransformError
 from .activations import Activation
 from .quadrature import Piecewise, gauss_expectation
 
-__all__ = ["Transform", "transformed", "solve_dks", "solve_tat", "trelu_gain", "trelu_c_map", "TransformError"]
+__all__ = ["Transform", "transformed", "solve_dks", "solve_dks_leaky", "leaky_dks_slope", "peak_ratio", "solve_tat",
+           "trelu_gain", "trelu_c_map", "TransformError"]
 
 _SOLVE_TOL = 1e-11  # residual accepted from the root finder
+_TAME = 2.0  # a solution is tame when its peak_ratio is below this (DeepMind dks: α·γ < 2)
+_ENOUGH = 2  # distinct solutions to collect (with a tame one) before the search stops
 
 
 class _Degenerate(Exception):
@@ -96,13 +102,83 @@ def _check_continuous(act: Activation, what: str, derivative: bool) -> None:
                              f"{' or C″(1)' if derivative else ''} is infinite")
 
 
-def _best(solutions: list[np.ndarray]) -> np.ndarray:
-    """The solution nearest the untransformed activation (α = 1, β = 0): smallest |log α| + |β|."""
-    return min(solutions, key=lambda s: abs(math.log(s[0])) + abs(s[1]))
+def _peak_slope(act: Activation) -> float:
+    """``sup |φ'|`` (the Lipschitz constant), on a fine grid over [-50, 50] and both sides of each kink."""
+    xs = np.concatenate([np.linspace(-50.0, 50.0, 40001)] + [np.array([t - 1e-9, t + 1e-9]) for t in act.kinks])
+    with np.errstate(all="ignore"):
+        values = np.abs(np.asarray(act.dphi(xs), dtype=float))
+    peak = float(np.nanmax(values)) if np.any(np.isfinite(values)) else math.inf
+    return peak if math.isfinite(peak) and peak > 0 else math.inf
+
+
+def peak_ratio(act: Activation, t: Transform, c_slope: float, peak: float | None = None) -> float:
+    """``sup |ψ'| / E[ψ'(z)²]^{1/2} = α γ sup|φ'| / sqrt(C'(1))``: how much steeper ψ gets anywhere than
+    on average over its input. A solution whose Gaussian sits on a flat stretch of φ (saturated
+    tanh or sigmoid, softplus' left tail) needs a large γ to reach its slope and has a large ratio.
+    For ``sup|φ'| = 1`` (tanh, softplus) under TAT (``C'(1) = 1``) it is DeepMind dks' ``α·γ``."""
+    peak = _peak_slope(act) if peak is None else peak
+    return t.alpha * abs(t.gamma) * peak / math.sqrt(c_slope)
+
+
+def _distance(t: Transform) -> float:
+    """How far ``(α, β, γ, δ)`` is from the identity transform ``(1, 0, 1, 0)``."""
+    return abs(math.log(t.alpha)) + abs(math.log(abs(t.gamma))) + abs(t.beta) + abs(t.delta)
+
+
+def _choose(act: Activation, found: list[Transform], c_slope: float) -> Transform:
+    """The solution to keep when several meet the conditions (docs/theory.md §4.2).
+
+    Rule: prefer a *tame* solution, one with :func:`peak_ratio` ``< 2`` (DeepMind dks rejects TAT
+    solutions with ``α·γ >= 2`` for having unstable Q maps and larger kernel approximation
+    errors; the ratio is that test made independent of φ's scale, so sigmoid, whose slope is at
+    most 1/4, is judged like tanh); among those (or among all when none is tame) the one closest to the
+    untransformed activation, smallest ``|log α| + |log γ| + |β| + |δ|``; a tie (the mirror images of an odd φ)
+    goes to the larger β. The mirror images of a point-symmetric φ's solutions are candidates too."""
+    peak = _peak_slope(act)
+    found = found + _mirrors(act, found)
+    return min(found, key=lambda t: (peak_ratio(act, t, c_slope, peak) >= _TAME, round(_distance(t), 9), -t.beta))
+
+
+def _mirrors(act: Activation, found: list[Transform]) -> list[Transform]:
+    """For a point-symmetric φ (``φ(-x) = s - φ(x)``: tanh, sigmoid, ...) each solution's mirror image
+    ``(α, -β, γ, -s - δ)``, ``ψ_m(x) = -ψ(-x)``: the same kernel maps, so it meets the same conditions."""
+    xs = np.linspace(-6.0, 6.0, 121)
+    with np.errstate(all="ignore"):
+        sums = np.asarray(act.phi(xs), dtype=float) + np.asarray(act.phi(-xs), dtype=float)
+    if not np.all(np.isfinite(sums)) or np.ptp(sums) > 1e-12 * max(1.0, float(np.max(np.abs(sums)))):
+        return []
+    s = float(sums[0])
+    return [Transform(t.alpha, -t.beta, t.gamma, -s - t.delta) for t in found]
+
+
+def _distinct(found: list[np.ndarray], x: np.ndarray) -> bool:
+    return not any(np.allclose(x, s, rtol=0.0, atol=1e-7) for s in found)
+
+
+def _search(residual, starts, done) -> list[np.ndarray]:
+    """Roots of ``residual`` from ``starts`` (hybrid Powell), distinct; stops when ``done(roots)``."""
+    sols: list[np.ndarray] = []
+    for x0 in starts:
+        r = root(residual, np.asarray(x0, dtype=float), method="hybr", options={"xtol": 1e-13, "maxfev": 400})
+        if r.x[0] > 0 and np.max(np.abs(residual(r.x))) < _SOLVE_TOL and _distinct(sols, r.x):
+            sols.append(r.x)
+            if done(sols):
+                break
+    return sols
+
+
+def _enough(act: Activation, c_slope: float, complete):
+    """Stop the search once a tame solution and ``_ENOUGH`` distinct ones are known."""
+    peak = _peak_slope(act)
+
+    def done(sols: list[np.ndarray]) -> bool:
+        return len(sols) >= _ENOUGH and any(peak_ratio(act, complete(s), c_slope, peak) < _TAME for s in sols)
+    return done
 
 
 def solve_dks(act: Activation, xi: float) -> Transform:
-    """DKS constants for local slope target ``ξ`` (docs/theory.md §4.2).
+    """DKS constants for local slope target ``ξ`` (docs/theory.md §4.2); of several solutions, the
+    one :func:`_choose` keeps.
 
     Raises:
         TransformError: ``ξ <= 1``, φ jumps, or no ``(α, β)`` found from any starting point.
@@ -122,25 +198,25 @@ def solve_dks(act: Activation, xi: float) -> Transform:
             return np.array([1e3, 1e3])
         return np.array([m["q_slope"] - 1.0, m["c_slope"] - xi])
 
-    sols = []
-    for a0, b0 in itertools.product((0.3, 1.0, 3.0, 0.1), (0.0, 0.5, -0.5, 1.5, -1.5)):
-        r = root(residual, np.array([a0 * math.sqrt(xi - 1.0) * 4.0, b0]), method="hybr", options={"xtol": 1e-13})
-        if r.x[0] > 0 and np.max(np.abs(residual(r.x))) < _SOLVE_TOL:
-            sols.append(r.x)
-        if len(sols) >= 3:
-            break
+    def complete(v: np.ndarray) -> Transform:
+        m = _moments(act, float(v[0]), float(v[1]), None)
+        return Transform(float(v[0]), float(v[1]), 1.0 / math.sqrt(m["q1"]), m["delta"])
+
+    starts = [(a0 * math.sqrt(xi - 1.0) * 4.0, b0)
+              for a0, b0 in itertools.product((0.3, 1.0, 3.0, 0.1), (0.0, 0.5, -0.5, 1.5, -1.5))]
+    sols = _search(residual, starts, _enough(act, xi, complete))
     if not sols:
         raise TransformError(f"no (alpha, beta) gives Q'(1) = 1 and C'(1) = {xi:.10g} for {act}; DKS cannot "
                              f"shape this activation (try the tat pass, or a different activation)")
-    a, b = _best(sols)
-    m = _moments(act, float(a), float(b), None)
-    return Transform(float(a), float(b), 1.0 / math.sqrt(m["q1"]), m["delta"])
+    return _choose(act, [complete(s) for s in sols], xi)
 
 
 def _solve_dks_homogeneous(act: Activation, xi: float) -> Transform:
-    """The leaky-ReLU family: α only rescales β (φ is positively homogeneous), so only the shift
-    is solved, for ``C'(1) = ξ``; ``Q'(1) = 1`` is then out of reach (DKS works poorly with ReLU:
-    docs/theory.md §4.2) and the caller reports the achieved value."""
+    """ReLU and the other members of the leaky-ReLU family with a fixed slope: α only rescales β
+    (φ is positively homogeneous), so only the shift is solved, for ``C'(1) = ξ``; ``Q'(1) = 1`` is
+    then out of reach (as in DeepMind dks, which drops that condition for ReLU; docs/theory.md
+    §4.2) and the caller reports the achieved value. A leaky ReLU whose slope may change is
+    solved by :func:`solve_dks_leaky` instead."""
     def slope(beta: float) -> float:
         return _moments(act, 1.0, beta, None)["c_slope"] - xi
 
@@ -152,9 +228,49 @@ def _solve_dks_homogeneous(act: Activation, xi: float) -> Transform:
     return Transform(1.0, float(beta), 1.0 / math.sqrt(m["q1"]), m["delta"])
 
 
+_LEAKY_XI_MAX = math.pi / (math.pi - 2.0)  # C'(1) of the centred |x| (a = -1): the unshifted family's reach
+
+
+def leaky_dks_slope(a: float) -> float:
+    """``C'(1)`` of the centred, unshifted leaky ReLU with negative slope ``a``:
+    ``(1 + a²) / ((1 + a²) - (1 - a)²/π)``; it falls from π/(π - 2) at ``a = -1`` through
+    ``1/(1 - 1/π)`` at ``a = 0`` (ReLU) to 1 at ``a = 1``."""
+    return (1.0 + a * a) / ((1.0 + a * a) - (1.0 - a) ** 2 / math.pi)
+
+
+def solve_dks_leaky(xi: float) -> tuple[float, Transform]:
+    """DKS for the leaky ReLU with its negative slope ``a`` as a free constant, as DeepMind dks
+    does: the slope and the transform ``ψ(x) = γ (leaky_relu(α x + β, a) + δ)`` meeting every
+    condition, ``Q(1) = 1``, ``Q'(1) = 1``, ``C(0) = 0`` and ``C'(1) = ξ`` (docs/theory.md §4.2).
+
+    Unshifted (α = 1, β = 0) the leaky ReLU is homogeneous, ``Q(q) ∝ q``, so ``Q'(1) = 1`` for every
+    ``a``; centring (δ = -(1 - a)/sqrt(2π)) gives ``C(0) = 0``, γ gives ``Q(1) = 1``, and
+    :func:`leaky_dks_slope` ``(a) = ξ`` has one root in (-1, 1) for ``1 < ξ < π/(π - 2) ≈ 2.75``:
+    ``a = (1 - r)/(1 + sqrt(1 - (1 - r)²))`` with ``r = π (1 - 1/ξ)``. (dks finds the same
+    point numerically: ``a = 0.876``, a shift of 0.) With a shift, solutions have ``|a| > 1`` or
+    ``β ≠ 0`` and none reaches further (checked numerically), so this is the one kept.
+
+    Returns:
+        ``(a, transform)``.
+
+    Raises:
+        TransformError: ``ξ <= 1`` or ``ξ >= π/(π - 2)``.
+    """
+    if not xi > 1.0:
+        raise TransformError(f"the local C'(1) target must exceed 1, got {xi!r} (zeta too close to 1 for the depth?)")
+    if not xi < _LEAKY_XI_MAX:
+        raise TransformError(f"the leaky ReLU reaches C'(1) = {xi:.10g} with Q'(1) = 1 for no negative slope: its "
+                             f"reach is pi/(pi - 2) = {_LEAKY_XI_MAX:.6f} (a = -1, |x|); lower zeta, or use a smooth "
+                             f"activation")
+    r = math.pi * (1.0 - 1.0 / xi)
+    a = (1.0 - r) / (1.0 + math.sqrt(max(0.0, 1.0 - (1.0 - r) ** 2)))
+    var = (1.0 + a * a) / 2.0 - (1.0 - a) ** 2 / (2.0 * math.pi)
+    return a, Transform(1.0, 0.0, 1.0 / math.sqrt(var), -(1.0 - a) / math.sqrt(2.0 * math.pi))
+
+
 def solve_tat(act: Activation, kappa: float) -> Transform:
     """TAT constants for smooth activations (docs/theory.md §5.3): ``Q(1) = 1``, ``Q'(1) = 1``,
-    ``C'(1) = 1``, ``C''(1) = κ``.
+    ``C'(1) = 1``, ``C''(1) = κ``; of several solutions, the one :func:`_choose` keeps.
 
     Raises:
         TransformError: ``κ <= 0``, φ or φ' jumps, or no solution found.
@@ -172,22 +288,22 @@ def solve_tat(act: Activation, kappa: float) -> Transform:
             return np.array([1e3, 1e3, 1e3])
         return np.array([m["q_slope"] - 1.0, m["c_slope"] - 1.0, m["c_curv"] - kappa])
 
-    sols = []
-    scale = math.sqrt(kappa)
-    for a0, b0, d0 in itertools.product((1.0, 0.3, 3.0), (0.0, 0.5, -0.5, 1.0, -1.0), (0.0, 1.0, -1.0)):
-        x0 = np.array([a0 * scale, b0, d0])
-        m0 = _moments(act, float(x0[0]), float(x0[1]), None)  # start δ at the centering value
-        x0[2] = m0["delta"] + d0 * math.sqrt(m0["q1"])
-        r = root(residual, x0, method="hybr", options={"xtol": 1e-13})
-        if r.x[0] > 0 and np.max(np.abs(residual(r.x))) < _SOLVE_TOL:
-            sols.append(r.x)
-        if len(sols) >= 3:
-            break
+    def complete(v: np.ndarray) -> Transform:
+        m = _moments(act, float(v[0]), float(v[1]), float(v[2]))
+        return Transform(float(v[0]), float(v[1]), 1.0 / math.sqrt(m["q1"]), float(v[2]))
+
+    def starts():
+        scale = math.sqrt(kappa)
+        for a0, b0, d0 in itertools.product((1.0, 0.3, 3.0), (0.0, 0.5, -0.5, 1.0, -1.0), (0.0, 1.0, -1.0)):
+            x0 = np.array([a0 * scale, b0, d0])
+            m0 = _moments(act, float(x0[0]), float(x0[1]), None)  # start δ at the centering value
+            x0[2] = m0["delta"] + d0 * math.sqrt(m0["q1"])
+            yield x0
+
+    sols = _search(residual, starts(), _enough(act, 1.0, complete))
     if not sols:
         raise TransformError(f"no (alpha, beta, delta) gives Q'(1) = 1, C'(1) = 1, C''(1) = {kappa:.6g} for {act}")
-    a, b, d = min(sols, key=lambda s: abs(math.log(s[0] / scale)) + abs(s[1]) + abs(s[2]))
-    m = _moments(act, float(a), float(b), float(d))
-    return Transform(float(a), float(b), 1.0 / math.sqrt(m["q1"]), float(d))
+    return _choose(act, [complete(s) for s in sols], 1.0)
 
 
 def trelu_gain(a: float) -> float:

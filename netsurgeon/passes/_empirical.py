@@ -1,11 +1,14 @@
-"""Empirical maps for products of signals in ``dks``/``tat`` (``products="empirical"``).
+"""Maps of products of signals in ``dks``/``tat`` (``products="rule"``, the default, or ``"empirical"``).
 
-A product (squeeze-excite ``x * gate``, gating units) has no kernel map. Its map is measured
-on the transformed network instead, and the targets are solved again with it:
+A product (squeeze-excite ``x * gate``, gating units) changes q and the C map by an amount that
+depends on its gate, whose activations are not reshaped. Its map is read off the transformed
+network, and the targets are solved again with it:
 
 1. shape the network with the current product maps (none at first: pass-throughs);
-2. measure, with :func:`netsurgeon.analyze`, each product's q and C map relative to its first
-   operand (:class:`~netsurgeon.analysis.targets.ProductMap`);
+2. compute with :func:`netsurgeon.analyze` each product's q and C map relative to its main
+   operand (:class:`~netsurgeon.analysis.targets.ProductMap`): from the independence rule of
+   :mod:`netsurgeon.analysis.products` (``"rule"``; products it does not cover are measured), or
+   measured for every product (``"empirical"``);
 3. repeat, since the maps depend on the constants; the last maps shape the model.
 
 Each product is followed by a constant rescale ``1 / sqrt(q_ratio)`` so that q stays 1
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..analysis.targets import ProductMap
+from ..analysis.targets import PRODUCT_RESCALE_PREFIX, ProductMap
 from ..errors import UnsupportedNodeError
 from ..graph import Topology
 from ..graph.state import nodes_by_name
@@ -35,40 +38,51 @@ from ..report import PassRecord, Preservation
 __all__ = ["ITERATIONS", "iterate_product_maps", "measure_product_maps", "insert_rescales"]
 
 ITERATIONS = 3
-_PREFIX = "ns_product_rescale"
+_PREFIX = PRODUCT_RESCALE_PREFIX
 
 
 def measure_product_maps(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | None,
-                         secant_from: float = 0.5) -> dict[str, ProductMap]:
-    """Each product's map relative to its first signal operand, measured on ``gm``."""
+                         secant_from: float = 0.5, mode: str = "empirical") -> dict[str, ProductMap]:
+    """Each product's map relative to its main signal operand (``targets.main_operand``) in ``gm``:
+    from the analysis' product rule where it applies (``mode="rule"``) or measured (``"empirical"``)."""
     from ..analysis import analyze  # the analysis imports the passes' layers; import late
+    from ..analysis.rules import KERNEL_RULES
+    from ..analysis.targets import main_operand, mapped_merges
 
     topo = Topology(gm)
-    names = [n for n, d in topo.graph.nodes(data=True) if d["kind"] is OpKind.MULTIPLY and d["signal"]]
+    names = mapped_merges(topo)
     if not names:
         return {}
+    undo = KERNEL_RULES.add(OpKind.MULTIPLY, lambda ctx, ins: None) if mode == "empirical" else None
     try:
         a = analyze(gm, example_inputs, empirical_batch=8)
     except UnsupportedNodeError as exc:
-        raise UnsupportedNodeError(f"products='empirical' measures the products on example inputs: {exc}",
+        raise UnsupportedNodeError(f"products={mode!r} reads the products' maps from netsurgeon.analyze: {exc}",
                                    nodes=exc.nodes, details=exc.details) from None
+    finally:
+        if undo is not None:
+            undo()
     grid = np.asarray(a.grid)
     out = {}
     for name in names:
-        first = topo.graph.nodes[name]["signal_operands"][0]
+        first = main_operand(topo, name)
         c_first, c_prod = a.cmap(first)(grid), a.cmap(name)(grid)
         # local C'(1): least squares of 1 - c_prod = r (1 - c_first) over the input cosines >= secant_from
         near = grid >= secant_from
         dx, dy = 1.0 - c_first[near], 1.0 - c_prod[near]
         spread = float(dx @ dx)
         slope = float(dx @ dy) / spread if spread > 1e-10 else 1.0  # no spread: the signal has collapsed
+        # C''(1): 1 - c_prod = s u - (p/2) u² with u = 1 - c_first, least squares over the same points
+        design = np.stack([dx, -0.5 * dx * dx], axis=1)
+        fit = np.linalg.lstsq(design, dy, rcond=None)[0] if spread > 1e-10 and near.sum() >= 3 else (slope, 0.0)
+        curvature = float(fit[1]) if np.isfinite(fit[1]) else 0.0
         order = np.argsort(c_first)
         q_ratio = a.q(name) / a.q(first) if a.q(first) > 0 else 1.0
         if not (math.isfinite(q_ratio) and q_ratio > 0 and math.isfinite(slope)):
-            raise UnsupportedNodeError(f"products='empirical': product {name} measured q ratio {q_ratio:.3g} and "
+            raise UnsupportedNodeError(f"products={mode!r}: product {name} has q ratio {q_ratio:.3g} and "
                                        f"slope {slope:.3g}; no usable map", nodes=[name])
         out[name] = ProductMap(float(q_ratio), float(slope), tuple(map(float, c_first[order])),
-                               tuple(map(float, c_prod[order])))
+                               tuple(map(float, c_prod[order])), curvature)
     return out
 
 
@@ -95,8 +109,8 @@ def insert_rescales(gm: fx.GraphModule, maps: dict[str, ProductMap], record: Pas
         for u in users:
             u.replace_input_with(node, new)
         if record is not None:
-            record.change(name, f"product rescaled by {factor:.6g} (measured q ratio {pm.q_ratio:.4g}, local "
-                                f"C'(1) {pm.slope:.4g})", "products='empirical': keeps q = 1 after the product")
+            record.change(name, f"product rescaled by {factor:.6g} (q ratio {pm.q_ratio:.4g}, local "
+                                f"C'(1) {pm.slope:.4g})", "keeps q = 1 after the product")
     gm.graph.lint()
     gm.recompile()
 
@@ -107,7 +121,7 @@ def _device(gm: fx.GraphModule) -> torch.device:
 
 def iterate_product_maps(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | None,
                          shape: Callable[[fx.GraphModule, PassRecord, dict[str, ProductMap]], None],
-                         ) -> dict[str, ProductMap]:
+                         mode: str = "empirical") -> dict[str, ProductMap]:
     """Run ``shape(copy, record, maps)`` on copies of ``gm`` and re-measure, ``ITERATIONS`` times;
     returns the last maps (``shape`` must install the constants and the rescales)."""
     maps: dict[str, ProductMap] = {}
@@ -116,5 +130,5 @@ def iterate_product_maps(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             shape(trial, PassRecord("trial", {}, Preservation.NONE), maps)
-        maps = measure_product_maps(trial, example_inputs)  # of the raw product: the rescale comes after it
+        maps = measure_product_maps(trial, example_inputs, mode=mode)  # of the raw product: the rescale follows
     return maps

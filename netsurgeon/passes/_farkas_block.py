@@ -16,7 +16,7 @@ from ..ops import NormFamily, OpKind
 from ..report import PassRecord
 from ._edit import set_submodule
 from ._farkas_units import (TRANSPARENT, Planner, farkas_layer_ok, is_flatten, one_sided, widen_input, widen_norm,
-                            widen_output, wrap_like)
+                            widen_output, width_read, wrap_like)
 
 __all__ = ["BlockMode"]
 
@@ -48,6 +48,8 @@ class BlockMode:
                 raise UnsupportedNodeError(f"farkas mode='block': block {b.merge} sums {len(b.operands)} terms",
                                            nodes=[b.merge])
             plans.append((b, add, act, self._branch_chain(b)))
+        for _, _, act, _ in plans:
+            self._consumers(act, 1)  # where the extra channels go: checked before anything changes
         return plans
 
     def _branch_chain(self, b: Any) -> list[fx.Node]:
@@ -93,16 +95,30 @@ class BlockMode:
                                + (", ".join(widened) or "none"))
 
     def _widen_consumers(self, act: fx.Node, k: int) -> list[str]:
+        done = []
+        for user, cols in self._consumers(act, k):
+            m = self.gm.get_submodule(user.target)
+            set_submodule(self.gm, user.target, wrap_like(m, widen_input(copy.deepcopy(m), cols, self.zero)))
+            done.append(f"{user.name} (+{cols})")
+        return done
+
+    def _consumers(self, act: fx.Node, k: int) -> list[tuple[fx.Node, int]]:
+        """The layers that read ``act``'s output and the input columns each gains; raises (naming the
+        node) where the extra channels cannot go, a shape query whose channel count is used included.
+        ``_plan`` calls it before anything is changed."""
         out: list[tuple[fx.Node, int]] = []
         stack = [(act, k)]
-        done = []
         while stack:
             node, cols = stack.pop()
             for user in node.users:
                 kind = self.topo.graph.nodes[user.name]["kind"] if user.name in self.topo.graph else None
                 if kind is not None and kind.traits.weighted:
                     out.append((user, cols))
-                elif kind is OpKind.ADD or kind is OpKind.META or (user.op == "call_module" and isinstance(
+                elif kind is OpKind.META:
+                    why = width_read(self.topo.graph, node, user, False)
+                    if why:
+                        raise UnsupportedNodeError(f"farkas mode='block': {why}", nodes=[user.name])
+                elif kind is OpKind.ADD or (user.op == "call_module" and isinstance(
                         self.gm.get_submodule(user.target), FarkasSum)):
                     continue  # the next block's identity shortcut: handled with that block
                 elif kind in TRANSPARENT and len(user.all_input_nodes) == 1:
@@ -116,8 +132,4 @@ class BlockMode:
                 else:
                     raise UnsupportedNodeError(f"farkas mode='block': {act.name}'s output reaches {user.name}, "
                                                f"which cannot take the extra channels", nodes=[user.name])
-        for user, cols in out:
-            m = self.gm.get_submodule(user.target)
-            set_submodule(self.gm, user.target, wrap_like(m, widen_input(copy.deepcopy(m), cols, self.zero)))
-            done.append(f"{user.name} (+{cols})")
-        return done
+        return out

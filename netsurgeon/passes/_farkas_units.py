@@ -21,7 +21,7 @@ from ..ops import NormFamily, OpInfo, OpKind, plain_layer, pool_type
 from ._edit import call_sites
 
 __all__ = ["Plan", "Planner", "TRANSPARENT", "farkas_layer_ok", "one_sided", "is_flatten", "per_channel",
-           "widen_input", "widen_norm", "widen_output", "wrap_like", "check_runs"]
+           "widen_input", "widen_norm", "widen_output", "width_read", "wrap_like", "check_runs"]
 
 TRANSPARENT = {OpKind.IDENTITY, OpKind.POOL}  # dropout, channel-wise pooling
 
@@ -104,7 +104,10 @@ class Planner:
             return f"{node.name} has no consumer"
         for user in node.users:
             kind = self.kind(user)
-            if kind is OpKind.META:  # reads the shape (x.shape[-2] in timm's VGG head); checked by the run below
+            if kind is OpKind.META:  # reads the shape: harmless unless the widened size is used (x.shape[-2] is)
+                reason = width_read(self.g, node, user, features_last)
+                if reason:
+                    return reason
                 continue
             if kind.traits.weighted:
                 if user.op != "call_module" or not farkas_layer_ok(self.gm.get_submodule(user.target)) \
@@ -131,6 +134,70 @@ class Planner:
                     f"{self.g.nodes[user.name]['info'].describe()}"
                 return f"the activation's output reaches {user.name}: {what}"
         return None
+
+
+_HARMLESS_META = {"dim", "ndim", "ndimension", "dtype", "device", "is_cuda", "is_contiguous", "requires_grad",
+                  "layout"}
+
+
+def _width_dims(shape: tuple[int, ...] | None, features_last: bool) -> tuple[set[int], int | None]:
+    """The indices (both signs when the rank is known) of the dimension a Farkas unit widens."""
+    rank = len(shape) if shape is not None else None
+    if rank is None:
+        return ({-1} if features_last else {1}), None
+    at = rank - 1 if features_last else 1
+    return {at, at - rank}, rank
+
+
+def _covers(idx: object, dims: set[int], rank: int | None) -> bool:
+    """Whether a shape index (an int or a slice) reaches a widened dimension."""
+    if isinstance(idx, bool):
+        return False
+    if isinstance(idx, int):
+        return idx in dims or (rank is None and idx < -2)
+    if isinstance(idx, slice):
+        if rank is None:
+            return True
+        return any(i in dims for i in range(rank)[idx])
+    return True
+
+
+def _used(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users), None)
+
+
+def width_read(g: object, node: fx.Node, meta: fx.Node, features_last: bool) -> str | None:
+    """Why widening ``node``'s features (channels, or the last dim of a Linear's output) would break
+    ``meta``, a shape query of ``node`` whose value is used, or None. A query of another dimension
+    (timm's VGG head reads ``x.shape[-2]``) is harmless; a channel count that reaches a reshape
+    (lambda layers: ``B, C, H, W = x.shape`` ... ``out.reshape(B, C, H, W)``) is not."""
+    dims, rank = _width_dims(g.nodes[node.name].get("shape"), features_last)
+
+    def reason(reader: fx.Node, user: fx.Node) -> str:
+        return (f"{user.name} uses the channel count of {node.name}, read at {reader.name} (a shape query): a "
+                f"Farkas unit would widen it by one (a reshape back to the input's shape fails)")
+
+    name = meta.target if isinstance(meta.target, str) else getattr(meta.target, "__name__", "")
+    attr = meta.args[1] if name == "getattr" and len(meta.args) > 1 else None
+    if attr in _HARMLESS_META or name in _HARMLESS_META or not meta.users:
+        return None
+    if name == "size" and (len(meta.args) > 1 or "dim" in meta.kwargs):
+        dim = meta.args[1] if len(meta.args) > 1 else meta.kwargs["dim"]
+        return reason(meta, _used(meta)) if _covers(dim, dims, rank) else None
+    if name == "numel":
+        return reason(meta, _used(meta))
+    if attr == "shape" or name == "size":  # the whole shape: which entries are used?
+        for user in meta.users:
+            target = getattr(user.target, "__name__", user.target)
+            if target == "len":
+                continue
+            if target == "getitem" and len(user.args) > 1:
+                if _covers(user.args[1], dims, rank) and user.users:
+                    return reason(meta, _used(user))
+                continue
+            return reason(meta, user)
+        return None
+    return reason(meta, _used(meta))
 
 
 def is_flatten(info: OpInfo) -> bool:

@@ -13,9 +13,10 @@ Every activation node becomes a :class:`~netsurgeon.layers.ShapedActivation`
   ``C''(1) = κ`` with ``κ = τ / max over subnetworks of the activation count``
   (curvature adds along chains, sums weight it by ``w_i²``).
 
-Both refuse, naming the nodes: batch norm (run ``strip_bn``), max pooling (run
-``maxpool_to_avgpool``), products of signals (unless ``products="empirical"``: measured
-maps, see :mod:`._empirical`, or ``"neutral"``: pass-throughs),
+Products of signals (squeeze-excite and other gates) follow their maps: by default
+(``products="rule"``) from the independence rule of docs/theory.md §3.8, see
+:mod:`._empirical`; the activations on a gate path keep their form. Both refuse, naming the
+nodes: batch norm (run ``strip_bn``), max pooling (run ``maxpool_to_avgpool``),
 un-normalized sums (run ``normalize_sums``). The transforms assume the other DKS
 conditions too (``input_norm``, ``orthogonal_init``); ``netsurgeon.analyze`` checks
 them on the result.
@@ -38,13 +39,15 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..analysis.targets import IdealGraph, ProductMap, gate_nodes
+from ..analysis.op_rules import composite_activation
+from ..analysis.targets import IdealGraph, ProductMap, gate_nodes, mapped_merges
 from ..errors import InvalidArgumentError, UnsupportedNodeError
 from ..graph import Topology
 from ..graph.state import default_inputs, derivation, nodes_by_name, set_derivation
 from ..kernels import LocalMaps, activation_entry, get_activation
 from ..kernels.bisection import bisect
-from ..kernels.transforms import Transform, TransformError, solve_dks, solve_tat, transformed, trelu_c_map, trelu_gain
+from ..kernels.transforms import (Transform, TransformError, solve_dks, solve_dks_leaky, solve_tat, transformed,
+                                  trelu_c_map, trelu_gain)
 from ..layers import ShapedActivation
 from ..ops import ActivationSpec, OpKind, activation_module
 from ..report import PassRecord, Preservation
@@ -61,6 +64,7 @@ class _Site:
     node: fx.Node
     spec: ActivationSpec
     rebuild: bool = False  # build φ from ``spec`` instead of reusing the node's module (ReLU -> TReLU)
+    composite: bool = False  # a norm+activation composite: φ is its module's ``.act``
 
 
 def _topology(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | None) -> Topology:
@@ -78,7 +82,8 @@ def _sites(gm: fx.GraphModule, topo: Topology, ideal: IdealGraph) -> list[_Site]
     out = []
     for name in ideal.activations:
         info = topo.info(name)
-        spec = info.activation
+        composite = composite_activation(info)
+        spec = info.activation if composite is None else composite
         if spec is None or spec.name == "identity":
             continue
         if spec.transform is not None:
@@ -87,7 +92,7 @@ def _sites(gm: fx.GraphModule, topo: Topology, ideal: IdealGraph) -> list[_Site]
         if any(isinstance(v, tuple) for _, v in spec.params):
             raise UnsupportedNodeError(f"activation {name} ({spec.name}) has per-channel parameters; no single "
                                        f"kernel map exists", nodes=[name])
-        out.append(_Site(_node(gm, name), spec))
+        out.append(_Site(_node(gm, name), spec, composite=composite is not None))
     return out
 
 
@@ -99,7 +104,8 @@ def _base_module(gm: fx.GraphModule, site: _Site) -> nn.Module:
     """φ as a module: the node's own module (copied), or one built from the spec."""
     node = site.node
     if node.op == "call_module" and not site.rebuild:
-        return copy.deepcopy(gm.get_submodule(node.target))
+        module = gm.get_submodule(node.target)
+        return copy.deepcopy(module.act if site.composite else module)
     try:
         return activation_module(site.spec)
     except InvalidArgumentError as exc:
@@ -113,8 +119,8 @@ def _install(gm: fx.GraphModule, sites: list[_Site], constants: dict[ActivationS
     done: dict[str, ShapedActivation] = {}
     for i, site in enumerate(sites):
         node, t = site.node, constants[site.spec]
-        if node.op == "call_module" and not site.rebuild:
-            path = node.target
+        if site.composite or (node.op == "call_module" and not site.rebuild):
+            path = f"{node.target}.act" if site.composite else node.target  # a composite keeps its call, new .act
             if path not in done:
                 done[path] = ShapedActivation(_base_module(gm, site), *t)
                 set_submodule(gm, path, done[path])
@@ -151,23 +157,27 @@ def _prepare(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | None
 
 
 class _Shaping(Pass):
-    """What dks and tat share: ``products="empirical"`` iterates measured product maps."""
+    """What dks and tat share: ``products="rule"`` (default) or ``"empirical"`` iterates product maps."""
 
     products: str
 
     def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
             ) -> fx.GraphModule:
-        if self.products != "empirical":
+        products = mapped_merges(Topology(gm))
+        if self.products not in ("rule", "empirical") or not products:
             self._shape(gm, record, example_inputs, None)
             return gm
-        maps = iterate_product_maps(gm, example_inputs, lambda g, r, m: self._shape(g, r, example_inputs, m))
+        maps = iterate_product_maps(gm, example_inputs, lambda g, r, m: self._shape(g, r, example_inputs, m),
+                                    self.products)
         self._shape(gm, record, example_inputs, maps)
         gates = sorted(gate_nodes(Topology(gm)) & set(nodes_by_name(gm)))
-        record.note(f"products='empirical': {len(maps)} product map(s) measured on the shaped network "
-                    f"({ITERATIONS} rounds); activations on gate paths left as they are: "
+        how = ("from the independence rule (docs/theory.md §3.8; measured where it does not apply)"
+               if self.products == "rule" else "measured")
+        record.note(f"products={self.products!r}: {len(maps)} product map(s) {how} on the shaped network "
+                    f"({ITERATIONS} rounds); activations on gate paths left as they are (a gate keeps its "
+                    f"own activation, whose mean carries the signal through the product): "
                     f"{', '.join(gates[:8]) or 'none'}{' ...' if len(gates) > 8 else ''}")
-        derivation(gm, self.name)["product_maps"] = {
-            k: {"q_ratio": v.q_ratio, "slope": v.slope} for k, v in maps.items()}
+        derivation(gm, self.name)["product_maps"] = {k: v._asdict() for k, v in maps.items()}
         return gm
 
     def _finish(self, gm: fx.GraphModule, record: PassRecord, maps: dict[str, ProductMap] | None) -> None:
@@ -182,8 +192,11 @@ class DKS(_Shaping):
 
     Options:
         zeta: the global target ``max over subnetworks C'_f(1)``. Default: 1.5.
-        products: ``"refuse"``, ``"neutral"`` or ``"empirical"`` (measured product maps; needs
-            example inputs or a timm model; see :mod:`netsurgeon.passes._empirical`).
+        products: how products of signals (squeeze-excite, gated units) are handled: ``"rule"``
+            (default: their maps from the independence rule of docs/theory.md §3.8, measured where
+            it does not apply), ``"empirical"`` (all measured; needs example inputs or a timm
+            model), ``"neutral"`` (pass-throughs) or ``"refuse"``; see
+            :mod:`netsurgeon.passes._empirical`.
     """
 
     name = "dks"
@@ -191,7 +204,7 @@ class DKS(_Shaping):
     preserves = Preservation.NONE
 
     zeta: float = 1.5
-    products: Literal["refuse", "neutral", "empirical"] = "refuse"
+    products: Literal["rule", "empirical", "neutral", "refuse"] = "rule"
 
     def validate(self) -> None:
         super().validate()
@@ -205,15 +218,15 @@ class DKS(_Shaping):
                                               lambda n, v: ideal.product_maps[n].slope * v)
         constants: dict[ActivationSpec, Transform] = {}
         for site in sites:
-            if site.spec not in constants:
-                constants[site.spec] = _solve(site, lambda act: solve_dks(act, xi), "dks")
-        leaky = sorted({str(s.spec) for s in sites if _leaky(s.spec)})
-        if leaky:
-            q_slopes = {str(s): LocalMaps(transformed(_activation(s), *constants[s])).q_slope_1()
-                        for s in constants if _leaky(s)}
-            msg = (f"dks on {', '.join(leaky)}: the ReLU family cannot reach Q'(1) = 1 (achieved "
-                   + ", ".join(f"{k}: {v:.4f}" for k, v in q_slopes.items())
-                   + ") and its C map stays degenerate; prefer the tat pass (TReLU) or a smooth activation")
+            _solve_dks_site(site, xi, constants)
+        q_slopes = {str(s): LocalMaps(transformed(_activation(s), *constants[s])).q_slope_1()
+                    for s in constants if _leaky(s)}
+        missed = {k: v for k, v in q_slopes.items() if abs(v - 1.0) > 1e-6}  # ReLU: no slope to solve
+        if missed:
+            msg = (f"dks on {', '.join(sorted(missed))}: with its negative slope fixed the ReLU family cannot reach "
+                   f"Q'(1) = 1 (achieved " + ", ".join(f"{k}: {v:.4f}" for k, v in missed.items())
+                   + ") and its C map stays degenerate; prefer the tat pass (TReLU), a leaky ReLU (dks solves its "
+                     "negative slope) or a smooth activation")
             warnings.warn(msg, stacklevel=2)
             record.note(msg)
         _install(gm, sites, constants, record)
@@ -232,7 +245,7 @@ class TAT(_Shaping):
     Options:
         eta: target network ``C_f(0)`` for the leaky-ReLU family (TReLU). Default: 0.9.
         tau: target maximal ``C''_f(1)`` over subnetworks for smooth activations. Default: 0.3.
-        products: ``"refuse"``, ``"neutral"`` or ``"empirical"`` (as for ``dks``).
+        products: ``"rule"`` (default), ``"empirical"``, ``"neutral"`` or ``"refuse"`` (as for ``dks``).
     """
 
     name = "tat"
@@ -241,7 +254,7 @@ class TAT(_Shaping):
 
     eta: float = 0.9
     tau: float = 0.3
-    products: Literal["refuse", "neutral", "empirical"] = "refuse"
+    products: Literal["rule", "empirical", "neutral", "refuse"] = "rule"
 
     def validate(self) -> None:
         super().validate()
@@ -295,12 +308,28 @@ def _leaky(spec: ActivationSpec) -> bool:
     return entry is not None and entry.leaky_slope is not None
 
 
-def _solve(site: _Site, solver: Callable[[Any], Transform], what: str) -> Transform:
+def _solve(site: _Site, solver: Callable[[Any], Any], what: str) -> Any:
     try:
         return solver(_activation(site.spec))
     except (TransformError, ValueError) as exc:
         raise UnsupportedNodeError(f"{what}: activation {site.node.name} ({site.spec}): {exc}",
                                    nodes=[site.node.name]) from None
+
+
+def _solve_dks_site(site: _Site, xi: float, constants: dict[ActivationSpec, Transform]) -> None:
+    """DKS constants for one site into ``constants``. A leaky ReLU whose slope is a parameter
+    (leaky_relu, prelu, RReLU's mean) gets its negative slope solved with them, as in DeepMind dks
+    (``solve_dks_leaky``: every condition met, docs/theory.md §4.2), and is rebuilt with it; ReLU
+    keeps its slope 0 and misses Q'(1) = 1 (the pass warns)."""
+    entry = activation_entry(site.spec.name)
+    slope = entry.leaky_slope if entry is not None else None
+    if isinstance(slope, str):
+        a, t = _solve(site, lambda _act: solve_dks_leaky(xi), "dks")
+        site.spec = ActivationSpec(site.spec.name, tuple({**dict(site.spec.params), slope: a}.items()))
+        site.rebuild = True
+        constants[site.spec] = t
+    elif site.spec not in constants:
+        constants[site.spec] = _solve(site, lambda act: solve_dks(act, xi), "dks")
 
 
 def _solve_trelu(ideal: IdealGraph, leaky: set[str], c_maps: dict[str, Callable[[float], float]],

@@ -25,9 +25,10 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from ..analysis.ideal_rules import dim_sum_terms
 from ..graph import BlockKind, MergeBlock, Topology, op_info
 from ..graph.blocks import is_residual, path_cost
-from ..ops import OpKind
+from ..ops import OpKind, PoolType, pool_type
 from ..ops import arg, is_inplace
 from ..report import PassRecord, Preservation
 from .base import Pass, register_pass
@@ -196,15 +197,25 @@ class NormalizeSums(Pass):
     not constants (timm's LayerScale, learned gains) or act in place stay and are
     multiplied by the new weight; the report names such terms.
 
+    A sum over one tensor dimension that holds separate signals (``torch.stack(paths).sum(1)``,
+    split attention's sum over its radix groups: ``netsurgeon.analysis.ideal_rules.dim_sum_terms``)
+    adds ``n`` uncorrelated terms; it is followed by a factor ``1/sqrt(n)``, as a sum of ``n``
+    terms without a shortcut (once: a sum already followed by that factor is left).
+
     Args:
         shortcut_weight2: ``w_s²`` of residual shortcuts, in (0, 1). The DKS paper
             (arXiv:2110.01765, §"normalized sums") uses 0.8. Default: 0.8.
+        reset_layer_scale: set the per-channel scale parameters that end a residual branch (layer
+            scale, ConvNeXt's ``gamma``, initialized near 0) to 1, reported per node, so that the new
+            weights are the effective ones (a 1e-6 scale would keep the branch out of q). Default:
+            False (they are kept and multiply the new weight).
     """
 
     name = "normalize_sums"
     summary = "weight every sum so that the squared weights add up to 1 (shortcut weight² 0.8)"
     preserves = Preservation.NONE
     shortcut_weight2: float = 0.8
+    reset_layer_scale: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -218,15 +229,22 @@ class NormalizeSums(Pass):
 
     def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
             ) -> fx.GraphModule:
-        sums, refused = _find_sums(Topology(gm))
+        topo = Topology(gm)
+        sums, refused = _find_sums(topo)
+        dim_sums = _dim_sums(gm)
         for name, why in refused:
             record.skip(name, why)
+        for node, n in dim_sums:
+            _normalize_dim_sum(gm, node, n, record)
         for found in sums:
+            if self.reset_layer_scale and found.kind is BlockKind.RESIDUAL:
+                for t in found.terms[1:]:
+                    _reset_layer_scale(gm, topo, t.base, record)
             weights = [math.copysign(w, t.coef) for w, t in zip(self._weights(found), found.terms)]
             _rewrite(gm, found, [(t.base, w) for t, w in zip(found.terms, weights)])
             record.change(found.root.name, f"{found.kind} sum of {len(found.terms)} terms: " + ", ".join(
                 f"{t.base.name} × {w:.4g}" for t, w in zip(found.terms, weights)), self._why(found))
-        if not sums and not refused:
+        if not sums and not refused and not dim_sums:
             record.note("no sum of signals in the model")
         return gm
 
@@ -242,6 +260,35 @@ class NormalizeSums(Pass):
             parts.append(f"kept the non-constant or in-place scaling of {', '.join(kept)} (e.g. LayerScale): "
                          f"effective weight is the new weight times it")
         return "; ".join(parts)
+
+
+def _dim_sums(gm: fx.GraphModule) -> list[tuple[fx.Node, int]]:
+    """The sums over a dimension of separate signals (``x.sum(dim)``) and their term counts."""
+    out = []
+    for node in gm.graph.nodes:
+        info = op_info(node)
+        if info.kind is OpKind.POOL and pool_type(info) is PoolType.SUM:
+            n = dim_sum_terms(node)
+            if n is not None:
+                out.append((node, n))
+    return out
+
+
+def _normalize_dim_sum(gm: fx.GraphModule, node: fx.Node, n: int, record: PassRecord) -> None:
+    """Follow the sum of ``n`` uncorrelated terms by ``1/sqrt(n)`` (unless that factor is already there)."""
+    w = 1.0 / math.sqrt(n)
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_function" and users[0].target is operator.mul \
+            and users[0].args[0] is node and isinstance(users[0].args[1], float) and abs(users[0].args[1] - w) < 1e-12:
+        record.note(f"{node.name}: the sum of {n} terms is already weighted by 1/sqrt({n})")
+        return
+    with gm.graph.inserting_after(node):
+        scaled = gm.graph.call_function(operator.mul, (node, w))
+    scaled.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
+    node.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
+    record.change(node.name, f"sum over dim {arg(node, 1, 'dim')} of {n} terms: × {w:.4g}",
+                  "its terms are separate signals (stacked paths, channel groups), uncorrelated: the sum multiplies "
+                  f"q by {n}; weight 1/sqrt({n}) per term, as a sum without shortcut")
 
 
 def _reset_layer_scale(gm: fx.GraphModule, topo: Topology, node: fx.Node, record: PassRecord) -> None:

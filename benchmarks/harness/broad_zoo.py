@@ -1,0 +1,395 @@
+"""The broad zoo (issue 16): which real architectures each netsurgeon step handles.
+
+The timm models are chosen by a rule, not by hand: for every timm model module, the
+model with the fewest parameters, and, where the module registers a second family
+(the letters before the first digit or underscore of the name), the smallest model of
+the other family with the fewest parameters too. Parameters are counted on the meta
+device, so the choice costs about a minute and downloads nothing. Added to them are
+five torchvision models and three Hugging Face models built from tiny configurations.
+
+Each model goes through six steps, every one independent of the others' outcome:
+``trace`` (train and eval match eager), ``fold`` (``strip_bn`` folds and eval matches),
+``analyze``, the DKS/TAT ``pipeline`` (with ``remove_skips`` and with ``normalize_sums``,
+conditions then verified from the result), ``farkas`` and ``identity_residual``. A step
+ends ``ok``, ``refused`` (a ``NetsurgeonError``: its first line is the cause) or
+``crash`` (any other exception: a bug by the issue's definition).
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+import traceback
+import warnings
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+import netsurgeon
+from netsurgeon.errors import NetsurgeonError
+
+SELECTION_FILE = Path(__file__).with_name("broad_zoo_models.json")
+STEPS = ("trace", "fold", "analyze", "pipeline_remove_skips", "pipeline_normalize_sums", "farkas",
+         "identity_residual")
+TORCHVISION = ("resnet18", "mobilenet_v3_small", "convnext_tiny", "swin_t", "efficientnet_b0")
+HUGGING_FACE = ("bert", "gpt2", "llama")
+SMALL_SIZE = 64  # CNNs that accept any input size run at this size (the analysis needs no more)
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    source: str  # "timm", "torchvision" or "hf"
+    name: str
+    params: int = 0
+    size: int = 224  # image side (timm, torchvision) or sequence length (hf)
+    fixed_size: bool = False
+
+    def __str__(self) -> str:
+        return self.name if self.source == "timm" else f"{self.source}:{self.name}"
+
+
+@dataclass
+class StepResult:
+    status: str  # "ok", "refused", "crash", "skipped"
+    cause: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class ModelResult:
+    model: str
+    has_attention: bool = False
+    steps: dict[str, StepResult] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the rule that picks the timm models
+
+def _family(name: str) -> str:
+    return re.match(r"[a-z]+", name).group(0)
+
+
+def _meta_params(name: str) -> int | None:
+    import timm
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = timm.create_model(name)
+    except Exception:  # a model that cannot even be built on meta is not a candidate
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def select_timm(log: Callable[[str], None] = lambda s: None) -> list[ZooModel]:
+    """Apply the rule (module docstring) to the installed timm; about a minute."""
+    import timm
+    from timm.models import _registry
+    by_module: dict[str, list[str]] = defaultdict(list)
+    for name in timm.list_models():
+        by_module[_registry._model_to_module[name]].append(name)
+    chosen = []
+    for module in sorted(by_module):
+        counted = [(n, _meta_params(n)) for n in sorted(by_module[module])]
+        counted = sorted(((p, n) for n, p in counted if p is not None))
+        if not counted:
+            log(f"module {module}: no model builds")
+            continue
+        first = counted[0][1]
+        picks = [counted[0]]
+        others = [(p, n) for p, n in counted if _family(n) != _family(first)]
+        if others:
+            picks.append(others[0])
+        for p, n in picks:
+            cfg = timm.get_pretrained_cfg(n)
+            size = int(cfg.input_size[-1]) if cfg is not None else 224
+            fixed = bool(getattr(cfg, "fixed_input_size", False)) if cfg is not None else True
+            chosen.append(ZooModel("timm", n, p, size, fixed))
+    return chosen
+
+
+def load_selection() -> list[ZooModel]:
+    data = json.loads(SELECTION_FILE.read_text())
+    return [ZooModel(**m) for m in data["models"]]
+
+
+def all_models() -> list[ZooModel]:
+    return (load_selection() + [ZooModel("torchvision", n) for n in TORCHVISION]
+            + [ZooModel("hf", n, size=16) for n in HUGGING_FACE])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building models and inputs
+
+def _hf_model(name: str) -> nn.Module:
+    import transformers as tf
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                 vocab_size=256, max_position_embeddings=64)
+    if name == "bert":
+        return tf.BertModel(tf.BertConfig(**small))
+    if name == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64))
+    if name == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**small, num_key_value_heads=2))
+    raise ValueError(name)
+
+
+def build(m: ZooModel) -> tuple[nn.Module, torch.Tensor]:
+    """The model (seed 0, random weights, batch norm statistics randomized) and its input (seed 1)."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if m.source == "timm":
+            model, side = _timm_model(m)
+        elif m.source == "torchvision":
+            import torchvision
+            model = torchvision.models.get_model(m.name)
+            side = 224
+        else:
+            model = _hf_model(m.name)
+        if m.source != "timm":
+            side = 224
+    _randomize_norms(model)
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    if m.source == "hf":
+        return model, torch.randint(0, 256, (2, m.size), generator=g)
+    size = side if m.source == "timm" else 224
+    if m.source == "torchvision" or not m.fixed_size:
+        small = torch.randn(2, 3, SMALL_SIZE, SMALL_SIZE, generator=g)
+        try:
+            with torch.no_grad():
+                model(small)
+            return model, small
+        except Exception:  # too small for this model: its own size
+            pass
+    return model, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _timm_model(m: ZooModel) -> tuple[nn.Module, int]:
+    """A fixed-size timm model is built for a smaller image where its constructor takes ``img_size``
+    (the first of 64, 96, 128 that runs), else at its own size."""
+    import timm
+    if m.fixed_size:
+        for side in (64, 96, 128):
+            try:
+                torch.manual_seed(0)
+                model = timm.create_model(m.name, img_size=side)
+                with torch.no_grad():
+                    model.eval()(torch.zeros(1, 3, side, side))
+                return model, side
+            except Exception:
+                continue
+    torch.manual_seed(0)
+    return timm.create_model(m.name), m.size
+
+
+def _randomize_norms(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(0)
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_mean is not None:
+            mod.running_mean.copy_(0.1 * torch.randn(mod.running_mean.shape, generator=g))
+            mod.running_var.copy_(1 + 0.2 * torch.rand(mod.running_var.shape, generator=g))
+
+
+def has_attention(gm: torch.fx.GraphModule) -> bool:
+    """Self-attention anywhere: a softmax node, or scaled_dot_product_attention (the next issue's subject)."""
+    for node in gm.graph.nodes:
+        target = node.target
+        name = getattr(target, "__name__", str(target))
+        if "softmax" in name.lower() or "scaled_dot_product_attention" in name:
+            return True
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, (nn.Softmax, nn.MultiheadAttention)):
+                return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the steps
+
+def _max_rel(a: Any, b: Any) -> float:
+    if isinstance(a, torch.Tensor):
+        scale = max(1.0, float(a.detach().abs().max()))
+        return float((a - b).detach().abs().max()) / scale
+    if isinstance(a, dict) or hasattr(a, "keys"):
+        return max((_max_rel(a[k], b[k]) for k in a.keys()), default=0.0)
+    if isinstance(a, (tuple, list)):
+        return max((_max_rel(x, y) for x, y in zip(a, b)), default=0.0)
+    return 0.0
+
+
+def _trace(model, x, gm_holder):
+    gm = netsurgeon.trace(model, x)
+    for mode in (True, False):
+        model.train(mode)
+        gm.train(mode)
+        torch.manual_seed(3)
+        ref = model(x)
+        torch.manual_seed(3)
+        got = gm(x)
+        err = _max_rel(ref, got)
+        if not err <= 1e-5:
+            raise AssertionError(f"traced output differs from eager by {err:.2e} (train={mode})")
+    model.eval()
+    gm_holder.append(gm.eval())
+
+
+def _fold(model, x):
+    gm = netsurgeon.transform(model.eval(), ["strip_bn"], example_inputs=x).eval()
+    with torch.no_grad():
+        err = _max_rel(model(x), gm(x))
+    if not err <= 1e-4:
+        raise AssertionError(f"folded output differs from eager by {err:.2e}")
+
+
+def _analyze(model, x):
+    netsurgeon.analyze(model, x)
+
+
+def pipeline_passes(middle: str) -> list:
+    return [("strip_bn", {"mode": "remove"}), middle, "maxpool_to_avgpool", "input_norm",
+            ("orthogonal_init", {"seed": 0}), "tat"]
+
+
+def verify_shaping(gm: torch.fx.GraphModule, x: torch.Tensor) -> None:
+    """The conditions, recomputed from the result. Every activation off the gate paths (which keep
+    their form by design) is reshaped; for ``tat``: Q(1) = Q'(1) = C'(1) = 1 (smooth) and, with the
+    leaky-ReLU family, the network C(0) = eta; for ``dks``: Q(1) = 1, C(0) = 0 and C'(1) = xi."""
+    from netsurgeon.analysis.targets import IdealGraph, gate_nodes
+    from netsurgeon.graph import Topology
+    from netsurgeon.kernels import LocalMaps, get_activation
+    from netsurgeon.kernels.transforms import transformed
+    from netsurgeon.ops import OpKind
+    topo = Topology(gm, x)
+    gates = gate_nodes(topo)
+    maps = {}
+    for name in topo.nodes_of(OpKind.ACTIVATION):
+        if name in gates:
+            continue
+        spec = topo.info(name).activation
+        if spec.transform is None:
+            raise AssertionError(f"activation {name} ({spec.name}) was not reshaped")
+        maps[name] = LocalMaps(transformed(get_activation(spec.name, **dict(spec.params)), *spec.transform))
+    if "tat" in _passes_run(gm):
+        der = netsurgeon.derivation(gm, "tat")
+        smooth = {n: m for n, m in maps.items() if topo.info(n).activation.name != "leaky_relu"}
+        for name, m in smooth.items():
+            got = (m.q1, m.q_slope_1(), m.c_slope_1())
+            if max(abs(v - 1.0) for v in got) > 1e-4:
+                raise AssertionError(f"{name}: (Q(1), Q'(1), C'(1)) = {got}")
+        if "negative_slope" in der:
+            ideal = IdealGraph(topo, "rule", _product_maps(gm, der))
+            c0 = ideal.network_c0(lambda n, c: float(maps[n].c_map(c)))
+            if abs(c0 - der["eta"]) > 1e-3:
+                raise AssertionError(f"network C(0) = {c0:.4f}, target eta = {der['eta']}")
+    else:
+        der = netsurgeon.derivation(gm, "dks")
+        for name, m in maps.items():
+            got = (m.q1, m.c0(), m.c_slope_1())
+            want = (1.0, 0.0, der["xi"])
+            if max(abs(a - b) for a, b in zip(got, want)) > 1e-4:
+                raise AssertionError(f"{name}: (Q(1), C(0), C'(1)) = {got}, want {want}")
+    out = gm(x)
+    if not all(torch.isfinite(t).all() for t in (out if isinstance(out, (tuple, list)) else [out])
+               if isinstance(t, torch.Tensor)):
+        raise AssertionError("non-finite output after the pipeline")
+
+
+def _passes_run(gm: torch.fx.GraphModule) -> list[str]:
+    return [p.name for p in netsurgeon.report(gm).passes]
+
+
+def _product_maps(gm, der) -> dict:
+    from netsurgeon.analysis.targets import ProductMap
+    return {k: ProductMap(**{f: tuple(v) if isinstance(v, list) else v for f, v in d.items()})
+            for k, d in der.get("product_maps", {}).items()}
+
+
+def _pipeline(middle):
+    def run(model, x):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                gm = netsurgeon.transform(model, pipeline_passes(middle), example_inputs=x)
+            except NetsurgeonError as e:
+                if "cannot take a TAT transform" not in str(e):
+                    raise
+                # TAT needs C''(1); activations with kinks (hard-swish) cannot have it: DKS instead
+                gm = netsurgeon.transform(model, pipeline_passes(middle)[:-1] + ["dks"], example_inputs=x)
+        verify_shaping(gm.eval(), x)
+    return run
+
+
+def _single(name):
+    def run(model, x):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = netsurgeon.transform(model, [name], example_inputs=x)
+        out = gm.eval()(x)
+        if isinstance(out, torch.Tensor) and not torch.isfinite(out).all():
+            raise AssertionError(f"non-finite output after {name}")
+    return run
+
+
+STEP_FUNCS = {"fold": _fold, "analyze": _analyze, "pipeline_remove_skips": _pipeline("remove_skips"),
+              "pipeline_normalize_sums": _pipeline("normalize_sums"), "farkas": _single("farkas"),
+              "identity_residual": _single("identity_residual")}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:400]
+
+
+def _run_step(fn, *args) -> StepResult:
+    t = time.perf_counter()
+    try:
+        with torch.no_grad() if fn is _analyze else _Null():
+            fn(*args)
+    except NetsurgeonError as e:
+        return StepResult("refused", f"{type(e).__name__}: {_first_line(e)}", time.perf_counter() - t)
+    except Exception as e:  # a crash: kept with its location
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        return StepResult("crash", f"{type(e).__name__}: {_first_line(e)} ({Path(where.filename).name}:"
+                                   f"{where.lineno})", time.perf_counter() - t)
+    return StepResult("ok", "", time.perf_counter() - t)
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def run_model(m: ZooModel, steps: tuple[str, ...] = STEPS) -> ModelResult:
+    """Every step on one model; a step's failure does not stop the others."""
+    result = ModelResult(str(m))
+    try:
+        model, x = build(m)
+    except Exception as e:
+        result.steps = {s: StepResult("crash", f"build: {type(e).__name__}: {_first_line(e)}") for s in steps}
+        return result
+    holder: list = []
+    result.steps["trace"] = _run_step(_trace, model, x, holder)
+    if holder:
+        result.has_attention = has_attention(holder[0])
+    for s in steps:
+        if s == "trace":
+            continue
+        if result.steps["trace"].status != "ok":
+            result.steps[s] = StepResult("skipped", "no trace")
+            continue
+        import copy
+        result.steps[s] = _run_step(STEP_FUNCS[s], copy.deepcopy(model), x)
+    return result
+
+
+def result_to_json(r: ModelResult) -> dict:
+    return {"model": r.model, "has_attention": r.has_attention, "steps": {k: asdict(v) for k, v in r.steps.items()}}

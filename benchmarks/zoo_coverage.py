@@ -1,0 +1,147 @@
+"""Coverage of the broad zoo (issue 16): every step on every model, table in docs/coverage.md.
+
+Usage:
+    python benchmarks/zoo_coverage.py                     # the whole zoo, 2 worker processes
+    python benchmarks/zoo_coverage.py --models resnet18 hf:gpt2 --workers 1
+    python benchmarks/zoo_coverage.py --select            # re-apply the selection rule (about 2 minutes)
+
+Each model runs in its own process with a time limit (``--timeout``), so a model that hangs
+or crashes the interpreter is recorded, not lost. Results: docs/figures/coverage/results.json
+and the table in docs/coverage.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness.broad_zoo import (SELECTION_FILE, STEPS, ZooModel, all_models, result_to_json, run_model,  # noqa: E402
+                               select_timm)
+
+OUT_JSON = ROOT / "docs" / "figures" / "coverage" / "results.json"
+OUT_MD = ROOT / "docs" / "coverage.md"
+
+
+def _worker(m: ZooModel, q) -> None:
+    import torch
+    torch.set_num_threads(1)
+    q.put(result_to_json(run_model(m)))
+
+
+def run_one(m: ZooModel, timeout: float) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_worker, args=(m, q))
+    t = time.perf_counter()
+    p.start()
+    try:
+        res = q.get(timeout=timeout)
+    except Exception:
+        res = {"model": str(m), "has_attention": False,
+               "steps": {s: {"status": "crash", "cause": f"no result within {timeout:.0f} s (killed)",
+                             "seconds": time.perf_counter() - t} for s in STEPS}}
+    p.join(5)
+    if p.is_alive():
+        p.kill()
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", help="names (timm) or torchvision:NAME / hf:NAME; default all")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--select", action="store_true", help="re-apply the selection rule and save it")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/")
+    args = ap.parse_args(argv)
+    if args.select:
+        import timm
+        models = select_timm(print)
+        SELECTION_FILE.write_text(json.dumps({"timm": timm.__version__, "models": [asdict(m) for m in models]},
+                                             indent=1) + "\n")
+    models = all_models()
+    if args.models:
+        models = [m for m in models if str(m) in args.models]
+    from concurrent.futures import ThreadPoolExecutor
+    results = {}
+    with ThreadPoolExecutor(args.workers) as ex:
+        for r in ex.map(lambda m: run_one(m, args.timeout), models):
+            results[r["model"]] = r
+            if not args.no_write:
+                _save(results, bool(args.models))
+            print(r["model"], " ".join(f"{s}={v['status']}" for s, v in r["steps"].items()), flush=True)
+    if not args.no_write:
+        write_markdown(json.loads(OUT_JSON.read_text()), all_models())
+    return 0
+
+
+def _pct(n: int, d: int) -> str:
+    return f"{n}/{d} ({100 * n / d:.0f} %)" if d else "0/0"
+
+
+def summary(results: dict, models: list[ZooModel]) -> dict[str, tuple[int, int]]:
+    """``{row: (ok, total)}`` over the models of ``models`` that have results."""
+    rows = [results[str(m)] for m in models if str(m) in results]
+    plain = [r for r in rows if not r["has_attention"]]
+    ok = lambda r, s: r["steps"].get(s, {}).get("status") == "ok"  # noqa: E731
+    either = lambda r: ok(r, "pipeline_remove_skips") or ok(r, "pipeline_normalize_sums")  # noqa: E731
+    out = {s: (sum(ok(r, s) for r in rows), len(rows)) for s in STEPS}
+    out["pipeline (either) without self-attention"] = (sum(either(r) for r in plain), len(plain))
+    out["pipeline (either) with self-attention"] = (sum(either(r) for r in rows if r["has_attention"]),
+                                                    sum(r["has_attention"] for r in rows))
+    out["crashes (any step)"] = (sum(any(v["status"] == "crash" for v in r["steps"].values()) for r in rows),
+                                 len(rows))
+    return out
+
+
+def write_markdown(results: dict, models: list[ZooModel]) -> None:
+    """docs/coverage.md: the summary and the per-model table, from results.json."""
+    head = ["model", "attn", *STEPS]
+    lines = ["# Coverage of the broad zoo", "",
+             "Written by `python benchmarks/zoo_coverage.py` (do not edit by hand); raw results in",
+             "`docs/figures/coverage/results.json`. The timm models are chosen by the rule in",
+             "`benchmarks/harness/broad_zoo.py` (the smallest model of every timm module and of a second family",
+             "in it, by parameter count), plus five torchvision and three Hugging Face models. Each step is",
+             "`ok`, `refused` (a `NetsurgeonError`, its cause below) or `crash` (any other exception).", "",
+             "`pipeline_*` is `strip_bn(mode=remove)`, `remove_skips` or `normalize_sums`, `maxpool_to_avgpool`,",
+             "`input_norm`, `orthogonal_init`, `tat` (or `dks` where an activation has kinks TAT cannot shape),",
+             "then the conditions recomputed from the result (`verify_shaping`).", "",
+             "## Summary", "", "| step | ok |", "|---|---|"]
+    for k, (n, d) in summary(results, models).items():
+        lines.append(f"| {k} | {_pct(n, d)} |")
+    lines += ["", "## Per model", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    causes: list[str] = []
+    for m in models:
+        r = results.get(str(m))
+        if r is None:
+            lines.append(f"| {m} | | " + " | ".join("not run" for _ in STEPS) + " |")
+            continue
+        cells = []
+        for s in STEPS:
+            st = r["steps"].get(s, {"status": "not run", "cause": ""})
+            if st["status"] in ("refused", "crash"):
+                causes.append(f"- **{m}**, {s}: {st['status']}: {st['cause'].replace('|', '/')}")
+                cells.append(f"{st['status']} [{len(causes)}]")
+            else:
+                cells.append(st["status"])
+        lines.append(f"| {m} | {'yes' if r['has_attention'] else ''} | " + " | ".join(cells) + " |")
+    lines += ["", "## Causes", "", *[f"{i + 1}. {c[2:]}" for i, c in enumerate(causes)], ""]
+    OUT_MD.write_text("\n".join(lines))
+
+
+def _save(results: dict, merge: bool) -> None:
+    old = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() and merge else {}
+    old.update(results)
+    OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
+    OUT_JSON.write_text(json.dumps(old, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
