@@ -68,7 +68,11 @@ def transform(model: nn.Module, passes: Sequence[PassSpec] = (), example_inputs:
     if not has_report(gm):
         rep = Report(model=info.model_class)
         if info.auto_leaves:
-            rep.trace_notes.append("kept as leaves (their code reads self.training): " + ", ".join(info.auto_leaves))
+            rep.trace_notes.append("kept as leaves (their code reads self.training, or timm marks them not "
+                                   "traceable): " + ", ".join(info.auto_leaves))
+        if info.untraceable_leaves:
+            rep.trace_notes.append("kept as leaves because tracing failed inside them (they run their own code; "
+                                   "analyses treat them as opaque ops): " + "; ".join(info.untraceable_leaves))
         if info.specialized:
             rep.trace_notes.append("control flow decided on the example inputs (the module is specialized to "
                                    "inputs that take the same branches): " + "; ".join(info.specialized))

@@ -14,7 +14,7 @@ from structure_pass_models import _Scaled
 def test_passes_registered_with_options_and_cli_coercion():
     assert {"normalize_sums", "remove_skips", "maxpool_to_avgpool", "input_norm", "orthogonal_init"} <= set(
         netsurgeon.list_passes())
-    assert get_pass("normalize_sums")().options() == {"shortcut_weight2": 0.8, "reset_layer_scale": False}
+    assert get_pass("normalize_sums")().options() == {"shortcut_weight2": 0.8, "reset_layer_scale": True}
     assert get_pass("input_norm")().options() == {"dim": 1, "eps": 1e-6}
     assert get_pass("orthogonal_init")().options() == {"gain": 1.0, "seed": None, "conv": "delta"}
     assert get_pass("remove_skips")().options() == {"reset_layer_scale": True}

@@ -10,7 +10,10 @@ so a traced model switched to eval keeps using batch statistics. netsurgeon:
    that differs marks code that reads ``self.training``: functional dropout becomes a
    mode-aware ``nn.Dropout`` module, any other difference makes the innermost module
    owning it a leaf and the model is traced again. Mode-dependent code in the root
-   module itself cannot be fixed and raises :class:`TraceError`.
+   module itself cannot be fixed and raises :class:`TraceError`;
+3. makes a module type timm registered as not traceable (``register_notrace_module``) a
+   leaf when tracing fails inside it;
+4. traces Hugging Face ``transformers`` models with the front-end of :mod:`.hf`.
 
 Example:
     >>> import timm, torch, netsurgeon
@@ -21,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import linecache
+import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -30,7 +34,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import TraceError
+from ..errors import NetsurgeonError, TraceError
 from ..models import default_input_shape
 from ..ops import module_rule, registered_python_functions
 from .running import eval_mode, example_run, outputs_match, overflow_error, require_finite
@@ -44,6 +48,7 @@ _DROPOUT_MODULES: dict[Any, type[nn.Module]] = {
     F.alpha_dropout: nn.AlphaDropout, F.feature_alpha_dropout: nn.FeatureAlphaDropout,
 }
 _MAX_RETRACES = 64
+_FX_CONSTANTS = ("_tensor_constant", "_param_constant", "_torchbind_obj")  # attributes fx puts on the root
 
 
 @dataclass
@@ -57,6 +62,7 @@ class TraceInfo:
     retraces: int = 0
     input_shape: tuple[int, ...] | None = None
     specialized: list[str] = field(default_factory=list)  # control flow decided on the example inputs
+    untraceable_leaves: list[str] = field(default_factory=list)  # "path (Class): why" for leaves made on failure
 
 
 class NetsurgeonTracer(fx.Tracer):
@@ -79,7 +85,7 @@ class NetsurgeonTracer(fx.Tracer):
         env: dict[fx.Node, fx.Node] = {}
         g.graph_copy(self.graph, env)
         g.output(env[obj.node])
-        value = bool(_run_untraced(fx.GraphModule(self.root, g), self.example_inputs))
+        value = bool(_run_untraced(self.root, g, self.example_inputs))
         user = [f for f in traceback.extract_stack() if "/torch/" not in f.filename
                 and "netsurgeon/graph" not in f.filename]
         where = f"{user[-1].filename}:{user[-1].lineno}: {user[-1].line}" if user else "unknown line"
@@ -94,15 +100,22 @@ class NetsurgeonTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def _run_untraced(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> Any:
-    """Run ``gm`` concretely while a trace is in progress: fx patches ``nn.Module.__call__`` and
-    ``__getattr__`` during tracing, so the originals are put back for the duration of the run;
+def _run_untraced(root: nn.Module, graph: fx.Graph, inputs: tuple[torch.Tensor, ...]) -> Any:
+    """Run ``graph`` concretely while a trace is in progress: fx patches ``nn.Module.__call__`` and
+    ``__getattr__`` during tracing, so the originals are put back for the duration of the run --
+    including building the ``GraphModule``, whose copies of the root's parameters would otherwise be
+    proxies (the run would then extend the trace, and ``bool`` of its result recurse);
     buffers (batch-norm statistics a train-mode run would update) are restored afterwards."""
     from torch.fx import _symbolic_trace as st
 
     patched = nn.Module.__call__, nn.Module.__getattr__
     nn.Module.__call__, nn.Module.__getattr__ = st._orig_module_call, st._orig_module_getattr
-    buffers = [(b, b.clone()) for b in gm.buffers()]  # a train-mode run updates batch-norm statistics
+    try:
+        gm = fx.GraphModule(root, graph)
+        buffers = [(b, b.clone()) for b in gm.buffers()]  # a train-mode run updates batch-norm statistics
+    except BaseException:
+        nn.Module.__call__, nn.Module.__getattr__ = patched
+        raise
     try:
         with torch.no_grad():
             return gm(*inputs)
@@ -178,8 +191,57 @@ def _trace_error_from_exception(model: nn.Module, exc: BaseException) -> TraceEr
         remedy = ("pass example_inputs so the branch is decided on them (the result is specialized to inputs "
                   "taking the same branches), or " + remedy)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return TraceError(f"cannot trace {type(model).__name__}: {first}\n  in module {shown} ({cls})"
-                      f"{' at ' + where if where else ''}\n  remedy: {remedy}")
+    err = TraceError(f"cannot trace {type(model).__name__}: {first}\n  in module {shown} ({cls})"
+                     f"{' at ' + where if where else ''}\n  remedy: {remedy}")
+    err.module_path = module_path  # type: ignore[attr-defined]  # read by _timm_notrace_leaves
+    return err
+
+
+def _timm_notrace_leaves(model: nn.Module, path: str | None, leaves: set[str]) -> set[str]:
+    """Where tracing failed inside a module type that timm registered as not traceable
+    (``register_notrace_module``, e.g. ConViT's GPSA, which caches a tensor on itself from a
+    shape test), every module of that type, to be made a leaf; empty otherwise."""
+    timm_fx = sys.modules.get("timm.layers._fx")
+    is_notrace = getattr(timm_fx, "is_notrace_module", None)
+    if is_notrace is None or not path:
+        return set()
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):  # the innermost registered owner
+        cls = type(model.get_submodule(".".join(parts[:i])))
+        if is_notrace(cls):
+            return {name for name, m in model.named_modules() if type(m) is cls} - leaves
+    return set()
+
+
+def _from_transformers(model: nn.Module) -> bool:
+    return any(c.__module__.split(".")[0] == "transformers" for c in type(model).__mro__)
+
+
+_HF_TRACER: list[type[NetsurgeonTracer]] = []
+
+
+def _tracer_class(model: nn.Module) -> type[NetsurgeonTracer]:
+    """The front-end for ``model``: models with Hugging Face ``transformers`` modules get
+    ``NetsurgeonTracer`` with ``hf.HFTracing`` mixed in (imported only then, so netsurgeon works
+    without transformers installed)."""
+    if not any(_from_transformers(m) for m in model.modules()):
+        return NetsurgeonTracer
+    if not _HF_TRACER:
+        from .hf import HFTracing
+
+        class HFTracer(HFTracing, NetsurgeonTracer):
+            """``NetsurgeonTracer`` for models with ``transformers`` modules (see :mod:`.hf`)."""
+
+        _HF_TRACER.append(HFTracer)
+    return _HF_TRACER[0]
+
+
+def _default_shadow(model: nn.Module, input_shape: tuple[int, ...] | None) -> tuple[torch.Tensor, ...] | None:
+    """The inputs that decide control flow when the caller gives none."""
+    if _from_transformers(model):
+        from .hf import default_inputs
+        return default_inputs(model)
+    return (random_batch(input_shape),) if input_shape else None
 
 
 def _trace_once(model: nn.Module, leaves: set[str], concrete_args: dict[str, Any] | None,
@@ -189,20 +251,53 @@ def _trace_once(model: nn.Module, leaves: set[str], concrete_args: dict[str, Any
     attributes on the root; they are taken off again (and returned) so that the model is
     left as it was and a second trace numbers its constants the same way."""
     before = set(model.__dict__)
-    tracer = NetsurgeonTracer(leaves, example_inputs)
+    tracer = _tracer_class(model)(leaves, example_inputs)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
         if decisions is not None:
             decisions.extend(d for d in tracer.decisions if d not in decisions)
-    except TraceError:
+    except NetsurgeonError:  # a TraceError, or example inputs the model cannot run on (hf front-end)
         raise
     except Exception as exc:  # any failure inside user code during tracing
         raise _trace_error_from_exception(model, exc) from exc
-    finally:
-        added = {k: model.__dict__[k] for k in set(model.__dict__) - before}
-        for k in added:
-            delattr(model, k)
+    finally:  # fx's constants, and proxies the forward stored; what else it sets on itself (a flag) stays
+        new = {k: model.__dict__[k] for k in set(model.__dict__) - before}
+        added = {k: v for k, v in new.items() if k.startswith(_FX_CONSTANTS)}
+        for k, v in new.items():
+            if k in added or isinstance(v, fx.Proxy):
+                delattr(model, k)
     return graph, added
+
+
+_MAX_FAILURE_LEAVES = 16  # module types made leaves because tracing failed inside them
+
+
+def _trace_leafing_notrace(model: nn.Module, leaves: set[str], info: TraceInfo, concrete_args: dict[str, Any] | None,
+                           shadow: tuple[torch.Tensor, ...] | None) -> tuple[fx.Graph, dict[str, Any]]:
+    """``_trace_once``; a failure inside a submodule makes every module of its type a leaf and
+    traces again (a leaf runs its own eager code, so the result stays exact; the analysis and the
+    passes then name it as an opaque op). timm's not-traceable types go to ``info.auto_leaves``,
+    others to ``info.untraceable_leaves`` with the error. A failure in the root module, or more
+    than ``_MAX_FAILURE_LEAVES`` such types, is raised."""
+    failures = 0
+    while True:
+        try:
+            return _trace_once(model, leaves, concrete_args, shadow, info.specialized)
+        except TraceError as err:
+            path = getattr(err, "module_path", None)
+            extra = _timm_notrace_leaves(model, path, leaves)
+            if extra:
+                leaves.update(extra)
+                info.auto_leaves.extend(sorted(extra))
+                continue
+            if not path or path in leaves or failures >= _MAX_FAILURE_LEAVES:
+                raise
+            failures += 1
+            cls = type(model.get_submodule(path))
+            same = sorted({name for name, m in model.named_modules() if type(m) is cls} - leaves)
+            leaves.update(same)
+            why = str(err).splitlines()[0].split(": ", 1)[-1]
+            info.untraceable_leaves.extend(f"{name} ({cls.__name__}): {why}" for name in same)
 
 
 def _replace_mode_dropouts(gm: fx.GraphModule, indices: set[int]) -> list[str]:
@@ -244,7 +339,8 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             decisions are listed in ``TraceInfo.specialized`` and the report, and the
             result is valid for inputs that take the same branches.
         leaf_modules: qualified names of submodules to keep as opaque calls.
-        concrete_args: passed to ``fx.Tracer.trace`` for arguments that drive control flow.
+        concrete_args: passed to ``fx.Tracer.trace`` for arguments that drive control flow
+            (for a ``transformers`` model: keyword arguments every call of ``forward`` gets).
 
     Returns:
         The traced ``torch.fx.GraphModule``; ``netsurgeon.graph.state.trace_info(gm)`` gives a
@@ -271,14 +367,13 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
                      input_shape=default_input_shape(model))
     if example_inputs is not None:  # they decide control flow and check the result: NaN would mislead both
         require_finite(info.model_class, model, _as_tuple(example_inputs))
-    shadow = _as_tuple(example_inputs) if example_inputs is not None else (
-        (random_batch(info.input_shape),) if info.input_shape else None)
+    shadow = _as_tuple(example_inputs) if example_inputs is not None else _default_shadow(model, info.input_shape)
     try:
         for attempt in range(_MAX_RETRACES):
             _set_modes(model, True)
-            g_train, constants = _trace_once(model, leaves, concrete_args, shadow, info.specialized)
+            g_train, constants = _trace_leafing_notrace(model, leaves, info, concrete_args, shadow)
             _set_modes(model, False)
-            g_eval, _ = _trace_once(model, leaves, concrete_args, shadow, info.specialized)
+            g_eval, _ = _trace_leafing_notrace(model, leaves, info, concrete_args, shadow)
             dropout_fix: set[int] = set()
             new_leaf = None
             nodes_t, nodes_e = list(g_train.nodes), list(g_eval.nodes)
@@ -326,7 +421,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
         m.training = modes.get(name, model.training)
     set_trace_info(gm, info)
     if example_inputs is not None:
-        _check_against_eager(model, gm, example_inputs)
+        _check_against_eager(model, gm, example_inputs, concrete_args)
     return gm
 
 
@@ -334,10 +429,22 @@ def _as_tuple(x: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, .
     return (x,) if isinstance(x, torch.Tensor) else tuple(x)
 
 
-def _check_against_eager(model: nn.Module, gm: fx.GraphModule, example_inputs: Any) -> None:
+def _check_against_eager(model: nn.Module, gm: fx.GraphModule, example_inputs: Any,
+                         concrete_args: dict[str, Any] | None = None) -> None:
     inputs = _as_tuple(example_inputs)
+    # the trace is specialized to the fixed arguments: the eager model gets them too (fx placeholders aside)
+    fixed = {k: v for k, v in (concrete_args or {}).items() if not isinstance(v, fx._symbolic_trace.PHBase)}
     with eval_mode(model), eval_mode(gm), torch.no_grad(), example_run(type(model).__name__, inputs):
-        ref, out = model(*inputs), gm(*inputs)
+        ref = model(*inputs, **fixed)
+    with eval_mode(gm), torch.no_grad():
+        try:
+            out = gm(*inputs)
+        except Exception as exc:  # the eager model ran: the trace is what fails
+            line = str(exc).strip().splitlines()
+            raise TraceError(f"traced {type(model).__name__} fails on the example inputs the eager model runs on "
+                             f"({type(exc).__name__}: {line[0] if line else ''}); the trace froze a value that "
+                             f"differs at run time. Make the module that computes it a leaf (leaf_modules=[...])"
+                             ) from exc
     if outputs_match(ref, out):
         return
     overflow = overflow_error(type(model).__name__, model, ref, out)

@@ -167,7 +167,9 @@ def _hardtanh(min_val: float, max_val: float) -> Parts:
     return _clip_parts(min_val, max_val)
 
 
-register("relu6", one_sided=True, relu_family=True, lipschitz=1.0)(lambda: _clip_parts(0.0, 6.0))
+# relu6 is ReLU up to its cap at 6, reached with probability 1e-9 at the unit input variance the shaping
+# passes establish: it counts as the ReLU family (leaky_slope 0), and tat makes it a TReLU (cap dropped)
+register("relu6", one_sided=True, relu_family=True, leaky_slope=0.0, lipschitz=1.0)(lambda: _clip_parts(0.0, 6.0))
 register("hardsigmoid")(lambda: _clip_parts(0.0, 6.0, 1.0 / 6.0, 3.0))
 register("hardswish", one_sided=True)(lambda: Parts(
     lambda x: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0,

@@ -207,15 +207,16 @@ class NormalizeSums(Pass):
             (arXiv:2110.01765, §"normalized sums") uses 0.8. Default: 0.8.
         reset_layer_scale: set the per-channel scale parameters that end a residual branch (layer
             scale, ConvNeXt's ``gamma``, initialized near 0) to 1, reported per node, so that the new
-            weights are the effective ones (a 1e-6 scale would keep the branch out of q). Default:
-            False (they are kept and multiply the new weight).
+            weights are the effective ones (a 1e-6 scale would keep the branch out of q, and the
+            activation after the sum would see q = w_s² instead of 1). Default: True, as for
+            ``remove_skips`` (False keeps them; they then multiply the new weight).
     """
 
     name = "normalize_sums"
     summary = "weight every sum so that the squared weights add up to 1 (shortcut weight² 0.8)"
     preserves = Preservation.NONE
     shortcut_weight2: float = 0.8
-    reset_layer_scale: bool = False
+    reset_layer_scale: bool = True
 
     def validate(self) -> None:
         super().validate()
