@@ -25,7 +25,6 @@ registered with ``netsurgeon.register_module_op`` brings its own, which comes fi
 """
 from __future__ import annotations
 
-import operator
 from typing import Any, Callable
 
 import numpy as np
@@ -34,10 +33,12 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..ops import NormFamily, OpInfo, OpKind, batch_norm_affine, pool_type
+from .affine import AffineMap, affine_map, affine_moments, signal_nodes
 from .rules import (APPROX, EXACT, KERNEL_RULES, UNSUPPORTED, KernelContext, NodeKernel, kernel_rule, reasons,
                     worse)
 
-__all__ = ["NodeKernel", "EXACT", "APPROX", "UNSUPPORTED", "affine_moments", "propagate_node", "weight_stats"]
+__all__ = ["AffineMap", "NodeKernel", "EXACT", "APPROX", "UNSUPPORTED", "affine_map", "affine_moments",
+           "propagate_node", "signal_nodes", "weight_stats"]
 
 _worse, _reasons = worse, reasons  # the names earlier code and tests import
 
@@ -67,39 +68,6 @@ def _is_delta(weight: torch.Tensor) -> bool:
     rest = weight.detach().clone()
     rest[(slice(None), slice(None)) + tuple(s // 2 for s in weight.shape[2:])] = 0
     return not bool(rest.any())
-
-
-def affine_moments(gm: fx.GraphModule, node: fx.Node, is_signal: Callable[[fx.Node], bool]
-                   ) -> tuple[float, float] | None:
-    """Mean squares ``(E s², E t²)`` of a per-channel ``s·h + t`` with constant s, t; None if unknown.
-
-    Covers :class:`~netsurgeon.layers.ChannelAffine` and ``h * p`` / ``h.mul(p)`` with a
-    parameter or buffer ``p`` (timm's layer scale), possibly reshaped.
-    """
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        if hasattr(m, "scale") and hasattr(m, "shift"):
-            return float(m.scale.detach().double().pow(2).mean()), float(m.shift.detach().double().pow(2).mean())
-        return None
-    if node.target not in (operator.mul, torch.mul, "mul"):
-        return None
-    consts = [a for a in node.args if isinstance(a, fx.Node) and not is_signal(a)]
-    value = _constant(gm, consts[0]) if len(consts) == 1 else None
-    return None if value is None else (float(value.detach().double().pow(2).mean()), 0.0)
-
-
-def _constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
-    """The value of a parameter-only subexpression (``get_attr``, then reshapes/views), or None."""
-    if node.op == "get_attr":
-        value: Any = gm
-        for part in str(node.target).split("."):
-            value = getattr(value, part)
-        return value if isinstance(value, torch.Tensor) else None
-    if node.op == "call_method" and node.target in ("reshape", "view", "unsqueeze", "squeeze", "flatten") \
-            and isinstance(node.args[0], fx.Node):
-        inner = _constant(gm, node.args[0])
-        return None if inner is None else getattr(inner, node.target)(*node.args[1:], **node.kwargs)
-    return None
 
 
 def _layer_stats(m: nn.Module, cache: dict[int, tuple[float, float, bool]] | None) -> tuple[float, float, bool]:
@@ -146,8 +114,30 @@ def _pool(ctx: KernelContext, inputs: list[NodeKernel]) -> NodeKernel | None:
     if kind is None or not kind.averages:
         return None
     k = inputs[0]
+    n = _global_pool_size(ctx.node)
+    if n is not None:  # one value per channel from n locations (docs/theory.md §3.5)
+        # the kernel of independent inputs is |E h|² >= 0 (measured values upstream can dip below)
+        k0 = max(0.0, float(np.interp(0.0, np.linspace(-1.0, 1.0, len(k.k)), k.k)))
+        return NodeKernel(k.q / n + (1 - 1 / n) * k0, k.q2 / n + (1 - 1 / n) * k0, k.k / n + (1 - 1 / n) * k0,
+                          k.dk / n, worse(k.status, APPROX),
+                          reasons(k.reason, "global average pooling: distinct locations taken as independent inputs"))
     return NodeKernel(k.q, k.q2, k.k, k.dk, worse(k.status, APPROX),
                       reasons(k.reason, "average pooling: locations assumed alike"))
+
+
+def _global_pool_size(node: fx.Node) -> int | None:
+    """``n`` when ``node`` averages each channel over all its ``n > 1`` locations (``[B, C, *S]`` or
+    ``[B, *S, C]`` to one value per channel), from the shapes of an example run; else None."""
+    src = node.all_input_nodes[0] if node.all_input_nodes else None
+    tin = src.meta.get("tensor_meta") if src is not None else None
+    tout = node.meta.get("tensor_meta")
+    if not (hasattr(tin, "shape") and hasattr(tout, "shape")) or len(tin.shape) < 3 or len(tout.shape) < 2:
+        return None
+    per_in, per_out = int(np.prod(tin.shape[1:])), int(np.prod(tout.shape[1:]))
+    if per_out not in (int(tin.shape[1]), int(tin.shape[-1])) or per_out == 0 or per_in % per_out:
+        return None
+    n = per_in // per_out
+    return n if n > 1 else None
 
 
 @kernel_rule(OpKind.LINEAR, OpKind.CONV)
@@ -190,7 +180,8 @@ def _add(ctx: KernelContext, inputs: list[NodeKernel]) -> NodeKernel | None:
 
 @kernel_rule(OpKind.AFFINE)
 def _affine(ctx: KernelContext, inputs: list[NodeKernel]) -> NodeKernel | None:
-    """``c · h``: q and k times c²; a per-channel constant scale and shift: its mean squares."""
+    """``c · h``: q and k times c²; a constant scale s and shift t read from the model:
+    ``q ← E[s²] q + E[t²]``, ``k ← E[s²] k + E[t²]`` (see :class:`AffineMap` for when it is exact)."""
     if len(inputs) != 1:
         return None
     k = inputs[0]
@@ -198,10 +189,9 @@ def _affine(ctx: KernelContext, inputs: list[NodeKernel]) -> NodeKernel | None:
     if factor is not None:
         f2 = factor ** 2
         return NodeKernel(f2 * k.q, f2 * k.q2, f2 * k.k, f2 * k.dk, k.status, k.reason)
-    from ..graph import op_info
-
-    moments = affine_moments(ctx.gm, ctx.node, lambda a: op_info(a).kind.traits.signal and a.op != "get_attr")
-    return None if moments is None else k.linear(*moments, APPROX, "per-channel scale: channels assumed alike")
+    signals = signal_nodes(ctx.gm)
+    found = affine_map(ctx.gm, ctx.node, signals.__contains__)
+    return None if found is None else k.linear(*found.moments, *found.status)
 
 
 @kernel_rule(OpKind.CONCAT)

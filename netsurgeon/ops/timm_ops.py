@@ -10,7 +10,7 @@ from .activations import register_activation
 from .kinds import ActivationSpec, NormFamily, NormSpec, OpInfo, OpKind, PoolType
 from .modules import layer_forward, register_layer_forward
 from .registry import ClassifyContext, module_rule, register_module
-from .torch_ops import conv_attrs
+from .torch_ops import conv_attrs, keys
 
 __all__: list[str] = []
 
@@ -35,7 +35,8 @@ def _composite_activation(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> 
     return info.activation
 
 
-def _norm(family: str, train_dependent: Any, composite: bool = False) -> Callable[..., OpInfo]:
+def _norm(family: str, train_dependent: Any, composite: bool = False, reason: str | None = None
+          ) -> Callable[..., OpInfo]:
     def rule(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
         dep = train_dependent(m) if callable(train_dependent) else bool(train_dependent)
         channels = getattr(m, "num_features", None) or getattr(m, "num_channels", None)
@@ -43,6 +44,12 @@ def _norm(family: str, train_dependent: Any, composite: bool = False) -> Callabl
             channels = int(m.normalized_shape[-1])
         act = _composite_activation(m, node, ctx) if composite else None
         attrs: dict[str, Any] = {"module": type(m).__name__}
+        if reason is not None:
+            attrs["reason"] = reason
+        if composite:
+            attrs["op_key"] = keys.NORM_ACT
+        elif family is NormFamily.INSTANCE:
+            attrs["op_key"] = keys.INSTANCE_NORM
         if family is NormFamily.BATCH:
             attrs["track_running_stats"] = bool(getattr(m, "track_running_stats", True))
             attrs["affine"] = bool(getattr(m, "affine", True))
@@ -91,10 +98,16 @@ if tl is not None:
     register_module(tn.GroupNorm, tn.GroupNorm1)(_norm(NormFamily.GROUP, False))
     register_module(tn.RmsNorm, tn.RmsNorm2d, tn.RmsNormFp32, tn.RmsNorm2dFp32,
                     tn.SimpleNorm, tn.SimpleNorm2d, tn.SimpleNormFp32, tn.SimpleNorm2dFp32)(_norm(NormFamily.RMS, False))
-    register_module(tl.EvoNorm2dB0, tl.EvoNorm2dB1, tl.EvoNorm2dB2)(_norm("evonorm_batch", True))
+    # EvoNorm divides a nonlinear function of x by a statistic of x: no norm-then-activation split
+    _evonorm = "EvoNorm: its nonlinearity is built into the normalization; no kernel map"
+    register_module(tl.EvoNorm2dB0, tl.EvoNorm2dB1, tl.EvoNorm2dB2)(_norm(NormFamily.OTHER, True, reason=_evonorm))
     register_module(tl.EvoNorm2dS0, tl.EvoNorm2dS0a, tl.EvoNorm2dS1, tl.EvoNorm2dS1a, tl.EvoNorm2dS2,
-                    tl.EvoNorm2dS2a, tl.FilterResponseNormAct2d, tl.FilterResponseNormTlu2d)(
-        _norm("evonorm_sample", False))
+                    tl.EvoNorm2dS2a)(_norm(NormFamily.OTHER, False, reason=_evonorm))
+    # filter response norm: x / rms over the locations of each channel (an RMS instance norm), affine, then
+    # its act (Act2d) or a learned threshold max(x, τ) (Tlu2d)
+    register_module(tl.FilterResponseNormAct2d)(_norm(NormFamily.INSTANCE, False, composite=True))
+    register_module(tl.FilterResponseNormTlu2d)(
+        _norm(NormFamily.INSTANCE, False, reason="filter response norm's threshold max(x, τ): no kernel map"))
     register_module(tl.SplitBatchNorm2d)(_norm(NormFamily.BATCH, _tracks))
 
     @register_module(tl.Conv2dSame, tl.StdConv2d, tl.StdConv2dSame, tl.ScaledStdConv2d, tl.ScaledStdConv2dSame)
@@ -119,8 +132,14 @@ if tl is not None:
         lambda m, node, ctx: OpInfo(OpKind.POOL, "max_pool", attrs={"pool_type": PoolType.MAX}))
 
 try:
+    from torchvision.ops import StochasticDepth as _TvStochasticDepth
     from torchvision.ops.misc import FrozenBatchNorm2d as _TvFrozenBN
 
     register_module(_TvFrozenBN)(_norm(NormFamily.BATCH, False))
+
+    @register_module(_TvStochasticDepth)
+    def _tv_stochastic_depth(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+        # torchvision's drop-path: the identity in eval mode, like timm's DropPath
+        return OpInfo(OpKind.IDENTITY, "stochasticdepth", attrs={"module": type(m).__name__, "dropout": float(m.p)})
 except Exception:  # noqa: BLE001 - torchvision may be absent or fail to load its ops
     pass

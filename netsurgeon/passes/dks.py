@@ -163,6 +163,7 @@ class _Shaping(Pass):
 
     def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
             ) -> fx.GraphModule:
+        _neutralize_factors(gm, record)
         products = mapped_merges(Topology(gm))
         if self.products not in ("rule", "empirical") or not products:
             self._shape(gm, record, example_inputs, None)
@@ -296,6 +297,41 @@ class TAT(_Shaping):
         derivation["constants"] = {str(k): v._asdict() for k, v in constants.items()}
         set_derivation(gm, "tat", derivation)
         self._finish(gm, record, maps)
+
+
+def _neutralize_factors(gm: fx.GraphModule, record: PassRecord) -> None:
+    """Set every bare constant factor on the signal path (``h * 0.2``, ``2.0 * h``, ``h / 1.7``:
+    NF-Net's alpha, beta and gains) to its sign. Such a factor only rescales q, and the shaping
+    sets q = 1 at every activation itself (docs/theory.md §4.7). Left alone: a sum's term weights
+    (``normalize_sums`` sets those), factors on gate paths (part of the gate), and factors that
+    feed a product of signals (attention's ``1/sqrt(d)``, written-out activations)."""
+    topo = Topology(gm)
+    g = topo.graph
+    gates = gate_nodes(topo)
+
+    def feeds(name: str, kinds: tuple[OpKind, ...]) -> bool:  # through pass-throughs
+        for user in g.successors(name):
+            kind = g.nodes[user]["kind"]
+            if kind in kinds or (kind.traits.unchanged and kind is not OpKind.OUTPUT and feeds(user, kinds)):
+                return True
+        return False
+
+    changed = False
+    for node in list(gm.graph.nodes):
+        d = g.nodes.get(node.name)
+        if d is None or d["kind"] is not OpKind.AFFINE or not d["signal"] or node.name in gates:
+            continue
+        factor = d["info"].constant_factor
+        if factor is None or not math.isfinite(factor) or abs(factor) in (0.0, 1.0) \
+                or feeds(node.name, (OpKind.ADD, OpKind.MULTIPLY)):
+            continue
+        node.args = tuple(math.copysign(1.0, a) if isinstance(a, (int, float)) and not isinstance(a, bool) else a
+                          for a in node.args)
+        record.change(node.name, f"constant factor {factor:.6g} set to {math.copysign(1.0, factor):g}",
+                      "it only rescales q, which the shaping sets to 1 at every activation")
+        changed = True
+    if changed:
+        gm.recompile()
 
 
 def _activation(spec: ActivationSpec) -> Any:

@@ -292,9 +292,11 @@ def _normalize_dim_sum(gm: fx.GraphModule, node: fx.Node, n: int, record: PassRe
                   f"q by {n}; weight 1/sqrt({n}) per term, as a sum without shortcut")
 
 
-def _reset_layer_scale(gm: fx.GraphModule, topo: Topology, node: fx.Node, record: PassRecord) -> None:
+def _reset_layer_scale(gm: fx.GraphModule, topo: Topology, node: fx.Node, record: PassRecord,
+                       constants: bool = False) -> None:
     """Walk up from a branch's output through scalings and pass-throughs; set every per-channel
-    scale parameter found on the way (``h * gamma``, ``h.mul(gamma.reshape(...))``) to 1."""
+    scale parameter found on the way (``h * gamma``, ``h.mul(gamma.reshape(...))``) to 1, and with
+    ``constants`` every constant factor (NF-Net's ``h * alpha``, ``2.0 * h``) to its sign."""
     def signal(n: fx.Node) -> bool:
         return topo.graph.nodes[n.name]["signal"]
 
@@ -302,6 +304,13 @@ def _reset_layer_scale(gm: fx.GraphModule, topo: Topology, node: fx.Node, record
         kind = op_info(node).kind
         if not (kind is OpKind.AFFINE or kind.traits.unchanged):
             return
+        factor = op_info(node).constant_factor if kind is OpKind.AFFINE else None
+        if constants and factor is not None and abs(factor) not in (0.0, 1.0) and math.isfinite(factor):
+            node.args = tuple(math.copysign(1.0, a) if isinstance(a, (int, float)) and not isinstance(a, bool)
+                              else a for a in node.args)
+            record.change(node.name, f"constant factor {factor:.4g} ending a residual branch set to "
+                                     f"{math.copysign(1.0, factor):g}", "without the shortcut it only rescales q, "
+                                                                        "which the shaping passes set themselves")
         if kind is OpKind.AFFINE:
             for const in (a for a in node.all_input_nodes if not signal(a)):
                 for attr in _get_attrs(const):
@@ -349,7 +358,8 @@ class RemoveSkips(Pass):
         reset_layer_scale: a branch that ends in a per-channel scale by a parameter (layer
             scale, ConvNeXt's ``gamma``, initialized near 0 so the block starts as its
             shortcut) gets that parameter set to 1, reported per node: without the shortcut a
-            1e-6 scale would pass nothing on. Default: True.
+            1e-6 scale would pass nothing on. Constant factors ending the branch (NF-Net's
+            ``alpha`` and gains) become their sign, since they only rescale q. Default: True.
     """
 
     name = "remove_skips"
@@ -374,10 +384,15 @@ class RemoveSkips(Pass):
                                              f"projection shortcut: left as is")
                 continue
             shortcut, branches = found.terms[0], found.terms[1:]
+            coefs = [t.coef for t in branches]
             if self.reset_layer_scale:
                 for t in branches:
-                    _reset_layer_scale(gm, topo, t.base, record)
-            _rewrite(gm, found, [(t.base, t.coef) for t in branches])
+                    _reset_layer_scale(gm, topo, t.base, record, constants=True)
+                if len(branches) == 1 and abs(coefs[0]) not in (0.0, 1.0):  # NF-Net's alpha: a lone branch's scale
+                    record.change(found.root.name, f"branch factor {coefs[0]:.4g} set to {math.copysign(1.0, coefs[0]):g}",
+                                  "without the shortcut it only rescales q, which the shaping passes set themselves")
+                    coefs = [math.copysign(1.0, coefs[0])]
+            _rewrite(gm, found, [(t.base, c) for t, c in zip(branches, coefs)])
             record.change(found.root.name, f"removed {found.shortcut_kind} shortcut {shortcut.operand.name}; "
                                            f"kept {', '.join(t.base.name for t in branches)}")
         if not record.changes and not record.skipped:

@@ -9,6 +9,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import keys
 from ..kinds import OpInfo, OpKind, PoolType
 from ..registry import ClassifyContext, arg, register_function, register_method, register_module
 
@@ -85,7 +86,8 @@ def _matmul(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
 
 @register_module(nn.MultiheadAttention)
 def _mha(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
-    return OpInfo(OpKind.MULTIPLY, "multihead_attention")
+    # returns (output, attention weights or None): its elements are measured where they are taken
+    return OpInfo(OpKind.MULTIPLY, "multihead_attention", attrs={"op_key": keys.TUPLE_OUTPUT, "tuple_output": True})
 
 
 @register_function(F.softmax, torch.softmax, F.log_softmax, torch.log_softmax)
@@ -100,16 +102,78 @@ register_module(nn.Softmax, nn.LogSoftmax, nn.Softmax2d)(
 
 @register_function(F.pad)
 def _pad(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
-    return OpInfo(OpKind.OTHER, "pad", attrs={"reason": "padding adds constant locations"})
+    mode = arg(node, 2, "mode", "constant")
+    value = arg(node, 3, "value", None)
+    return _pad_info(mode, 0.0 if value is None else value, arg(node, 1, "pad"))
 
 
-@register_function(F.interpolate, F.upsample)
+def _pad_info(mode: Any, value: Any, pad: Any) -> OpInfo:
+    return OpInfo(OpKind.OTHER, "pad", attrs={"reason": "padding adds constant locations", "op_key": keys.PAD,
+                                              "mode": mode, "value": value, "pad": pad})
+
+
+_PAD_MODES = {"Constant": "constant", "Zero": "constant", "Reflection": "reflect", "Replication": "replicate",
+              "Circular": "circular"}
+
+
+def _pad_module(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    mode = next(v for k, v in _PAD_MODES.items() if type(m).__name__.startswith(k))
+    return _pad_info(mode, float(getattr(m, "value", 0.0)), tuple(m.padding))
+
+
+_INTERP_DEFAULTS = {F.upsample_nearest: "nearest", F.upsample_bilinear: "bilinear"}
+
+
+@register_function(F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear)
 def _interp(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
-    return OpInfo(OpKind.OTHER, "interpolate", attrs={"reason": "spatial resampling"})
+    if node.target in _INTERP_DEFAULTS:  # upsample_bilinear uses align_corners=True
+        return _interp_info(_INTERP_DEFAULTS[node.target], arg(node, 1, "size"), arg(node, 2, "scale_factor"),
+                            node.target is F.upsample_bilinear, False)
+    return _interp_info(arg(node, 3, "mode", "nearest"), arg(node, 1, "size"), arg(node, 2, "scale_factor"),
+                        arg(node, 4, "align_corners"), arg(node, 6, "antialias", False))
 
 
-register_module(nn.Upsample)(lambda m, node, ctx: OpInfo(OpKind.OTHER, "upsample",
-                                                          attrs={"reason": "spatial resampling"}))
+def _interp_info(mode: Any, size: Any, scale: Any, align_corners: Any, antialias: Any) -> OpInfo:
+    return OpInfo(OpKind.OTHER, "interpolate", attrs={
+        "reason": "spatial resampling", "op_key": keys.INTERPOLATE, "mode": mode, "size": size, "scale_factor": scale,
+        "align_corners": align_corners, "antialias": antialias})
+
+
+register_module(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)(
+    lambda m, node, ctx: _interp_info(m.mode, m.size, m.scale_factor, m.align_corners, False))
+
+
+@register_function(F.normalize)
+def _normalize(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    return OpInfo(OpKind.OTHER, "normalize", attrs={"reason": "normalization to unit norm", "op_key": keys.NORMALIZE,
+                                                    "p": arg(node, 1, "p", 2.0), "dim": arg(node, 2, "dim", 1)})
+
+
+@register_function(F.unfold)
+def _unfold(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    return _patches(keys.UNFOLD, None, *(arg(node, i, n, d) for i, n, d in (
+        (1, "kernel_size", None), (2, "dilation", 1), (3, "padding", 0), (4, "stride", 1))))
+
+
+@register_function(F.fold)
+def _fold(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    return _patches(keys.FOLD, *(arg(node, i, n, d) for i, n, d in (
+        (1, "output_size", None), (2, "kernel_size", None), (3, "dilation", 1), (4, "padding", 0), (5, "stride", 1))))
+
+
+def _patches(key: str, output_size: Any, kernel_size: Any, dilation: Any, padding: Any, stride: Any) -> OpInfo:
+    name = "fold" if key == keys.FOLD else "unfold"
+    attrs = {"reason": f"{name}: patches of locations", "op_key": key, "kernel_size": kernel_size,
+             "dilation": dilation, "padding": padding, "stride": stride}
+    if key == keys.FOLD:
+        attrs["output_size"] = output_size
+    return OpInfo(OpKind.OTHER, name, attrs=attrs)
+
+
+register_module(nn.Unfold)(lambda m, node, ctx: _patches(keys.UNFOLD, None, m.kernel_size, m.dilation, m.padding,
+                                                         m.stride))
+register_module(nn.Fold)(lambda m, node, ctx: _patches(keys.FOLD, m.output_size, m.kernel_size, m.dilation, m.padding,
+                                                       m.stride))
 
 
 @register_method("sum")
@@ -134,5 +198,5 @@ def _vector_norm(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
 
 register_module(nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
                 nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
-                nn.ReplicationPad2d, nn.ReplicationPad3d)(
-    lambda m, node, ctx: OpInfo(OpKind.OTHER, "pad", attrs={"reason": "padding adds constant locations"}))
+                nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d,
+                nn.CircularPad3d)(_pad_module)

@@ -8,6 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import keys
 from ..kinds import NormFamily, NormSpec, OpInfo, OpKind
 from ..registry import ClassifyContext, arg, register_function, register_module
 
@@ -50,6 +51,14 @@ def _conv_fn(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
                                                            "groups": arg(node, 6, "groups", 1)})
 
 
+@register_module(nn.RNN, nn.LSTM, nn.GRU)
+def _recurrent(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    # returns (output, h) or, for an LSTM, (output, (h, c)): the elements taken from it are measured
+    return OpInfo(OpKind.OTHER, type(m).__name__.lower(), attrs={
+        "reason": "recurrent module: no kernel map", "op_key": keys.TUPLE_OUTPUT, "tuple_output": True,
+        "nested": (1,) if isinstance(m, nn.LSTM) else ()})
+
+
 @register_module(nn.Bilinear)
 def _bilinear(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
     return OpInfo(OpKind.MULTIPLY, "bilinear")
@@ -69,7 +78,9 @@ def _norm_rule(family: str) -> Callable[..., OpInfo]:
         else:
             shape = getattr(m, "normalized_shape", None)
             train_dep, channels = False, (int(shape[-1]) if shape else None)
-        attrs = {"module": type(m).__name__}
+        attrs: dict[str, Any] = {"module": type(m).__name__}
+        if family is NormFamily.INSTANCE:
+            attrs["op_key"] = keys.INSTANCE_NORM
         if family is NormFamily.BATCH:
             attrs["track_running_stats"] = bool(getattr(m, "track_running_stats", True))
             attrs["affine"] = bool(getattr(m, "affine", True))

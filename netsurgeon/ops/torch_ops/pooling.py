@@ -8,6 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import keys
 from ..kinds import OpInfo, OpKind, PoolType
 from ..registry import ClassifyContext, arg, register_function, register_method, register_module
 
@@ -55,8 +56,26 @@ def _mean(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
 
 
 @register_method("amax", "max")
-@register_function(torch.amax)
+@register_function(torch.amax, torch.max)
 def _amax(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
     if len([a for a in node.all_input_nodes if ctx.is_signal(a)]) > 1:
         return OpInfo(OpKind.OTHER, "maximum", attrs={"reason": "elementwise maximum of two signals"})
-    return OpInfo(OpKind.POOL, "max", attrs={"pool_type": PoolType.MAX_REDUCE, "dim": arg(node, 1, "dim")})
+    dim = arg(node, 1, "dim")
+    attrs: dict[str, Any] = {"pool_type": PoolType.MAX_REDUCE, "dim": dim}
+    if node.target in ("max", torch.max) and isinstance(dim, int):  # (values, indices)
+        attrs.update(op_key=keys.TUPLE_OUTPUT, tuple_output=True, index_items=(1,))
+    return OpInfo(OpKind.POOL, "max", attrs=attrs)
+
+
+@register_method("min", "topk", "sort", "kthvalue", "median", "mode")
+@register_function(torch.min, torch.topk, torch.sort, torch.kthvalue, torch.median, torch.mode)
+def _selection(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    """Order statistics (no kernel map); with a dim (always for topk, sort, kthvalue, mode) they
+    return ``(values, indices)``, whose elements are measured where they are taken."""
+    name = getattr(node.target, "__name__", str(node.target))
+    if len([a for a in node.all_input_nodes if ctx.is_signal(a)]) > 1:
+        return OpInfo(OpKind.OTHER, f"{name}imum", attrs={"reason": f"elementwise {name}imum of two signals"})
+    attrs: dict[str, Any] = {"reason": f"{name}: an order statistic, no kernel map"}
+    if name in ("topk", "sort", "kthvalue", "mode") or isinstance(arg(node, 1, "dim"), int):
+        attrs.update(op_key=keys.TUPLE_OUTPUT, tuple_output=True, index_items=(1,))  # (values, indices)
+    return OpInfo(OpKind.OTHER, name, attrs=attrs)

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import keys
 from ..kinds import OpInfo, OpKind
 from ..registry import ClassifyContext, arg, register_function, register_method, register_module
 
@@ -57,20 +59,54 @@ def _reshape(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
 
 register_module(nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)(
     lambda m, node, ctx: OpInfo(OpKind.RESHAPE, type(m).__name__.lower()))
-register_function(F.pixel_shuffle, F.pixel_unshuffle)(lambda node, ctx: OpInfo(OpKind.RESHAPE, node.target.__name__))
+register_function(F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, torch.native_channel_shuffle)(
+    lambda node, ctx: OpInfo(OpKind.RESHAPE, node.target.__name__))
+
+
+@register_method("repeat_interleave")
+@register_function(torch.repeat_interleave)
+def _repeat_interleave(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    """Every element repeated the same number of times (an int count) is a rearrangement; per-element
+    counts weight the elements unequally."""
+    if not any(ctx.is_signal(a) for a in node.all_input_nodes):
+        return OpInfo(OpKind.META, "repeat_interleave")
+    repeats = arg(node, 1, "repeats")
+    counted = isinstance(repeats, int) or (isinstance(repeats, fx.Node) and ctx.info(repeats).kind is OpKind.META)
+    if counted and ctx.is_signal(node.args[0]):  # an int, or one computed from shapes
+        return OpInfo(OpKind.RESHAPE, "repeat_interleave")
+    return OpInfo(OpKind.OTHER, "repeat_interleave", attrs={"reason": "unequal repeats: no kernel map"})
 
 
 @register_function(operator.getitem)
 def _getitem(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
     src = node.args[0]
     if isinstance(src, fx.Node) and ctx.is_signal(src):
+        if ctx.info(src).attrs.get("tuple_output"):
+            return _tuple_item(node, src, node.args[1], ctx)
         return OpInfo(OpKind.RESHAPE, "getitem", attrs={"index": str(node.args[1])})
     return OpInfo(OpKind.META, "getitem")
+
+
+def _tuple_item(node: fx.Node, src: fx.Node, index: Any, ctx: ClassifyContext) -> OpInfo:
+    """An element of a tuple-valued op (LSTM, topk, ``x.max(dim)``...): a nested tuple, a tensor the
+    analysis measures, or indices (and elements nobody uses), which carry no signal."""
+    src_attrs = ctx.info(src).attrs
+    attrs: dict[str, Any] = {"index": str(index)}
+    if index in src_attrs.get("index_items", ()) or not node.users:
+        return OpInfo(OpKind.META, "getitem", attrs={**attrs, "reason": "indices or an unused element of a tuple"})
+    nested = index in src_attrs.get("nested", ())
+    attrs.update(op_key=keys.TUPLE_OUTPUT if nested else keys.TUPLE_ITEM, tuple_output=nested,
+                 reason="element of a tuple output")
+    return OpInfo(OpKind.RESHAPE, "getitem", attrs=attrs)
 
 
 @register_method("size", "dim", "numel", "ndimension", "nelement", "stride")
 @register_function(getattr, len, torch._assert)
 def _meta(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    src = node.args[0] if node.args else None
+    if node.target is getattr and isinstance(src, fx.Node) and ctx.is_signal(src) \
+            and ctx.info(src).attrs.get("tuple_output") and node.args[1] in ("values", "indices"):
+        return _tuple_item(node, src, 0 if node.args[1] == "values" else 1, ctx)  # torch.return_types fields
     return OpInfo(OpKind.META, getattr(node.target, "__name__", str(node.target)))
 
 
