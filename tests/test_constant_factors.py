@@ -1,0 +1,54 @@
+"""Bare constant factors on the signal path (NF-Net's alpha, beta and gains) under dks/tat and remove_skips."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import netsurgeon
+
+
+class Scaled(nn.Module):
+    """h * 0.2 between layers, 2.0 * h after a tanh, and a residual branch scaled by alpha = 0.2."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.a, self.b, self.c = (nn.Linear(width, width) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x)) * 0.2
+        h = 2.0 * torch.tanh(self.b(h))
+        return h + torch.tanh(self.c(h)) * 0.2
+
+
+def _changes(gm, pass_name):
+    rec = next(p for p in netsurgeon.report(gm).passes if p.name == pass_name)
+    return [c.what for c in rec.changes]
+
+
+def test_tat_sets_bare_factors_to_their_sign_and_remove_skips_the_branch_factor():
+    x = torch.randn(8, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = netsurgeon.transform(Scaled(), ["remove_skips", "input_norm", "tat"], example_inputs=x)
+    assert any("branch factor 0.2 set to 1" in w for w in _changes(gm, "remove_skips"))
+    tat = _changes(gm, "tat")
+    assert any("constant factor 0.2 set to 1" in w for w in tat) and any("constant factor 2 set to 1" in w for w in tat)
+    numbers = [a for n in gm.graph.nodes for a in n.args if isinstance(a, float)]
+    assert 0.2 not in numbers and 2.0 not in numbers
+
+
+def test_factors_feeding_a_product_are_kept():
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.q(x) * 0.25 * torch.tanh(self.k(x)))
+
+    # kept (attention's 1/sqrt(d) is such a factor), so here it is named as what changes q
+    with pytest.raises(netsurgeon.PassError, match="constant factor 0.25 at mul"):
+        netsurgeon.transform(Attn(), ["tat"], example_inputs=torch.randn(8, 16))
