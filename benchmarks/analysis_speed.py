@@ -19,6 +19,11 @@ local maps, not analyze's ``FAST`` rule) for six activations that need quadratur
 under 100 ms per grid. This is the timing that tests/test_local_maps.py used to assert;
 the test now counts activation calls instead (a grid is evaluated in one vectorized pass).
 
+Table 4, every model of ``tests/zoo.py`` (issue 16 §6) built as the zoo builds it (timm,
+random weights, the case's kwargs and input size, batch 2): ``netsurgeon.trace(model, x)``
+and ``netsurgeon.analyze(gm, x)`` with the same ``x``, their ratio, and whether it is at most
+3x (the goal). ``--zoo`` runs only this table.
+
 Each figure is the median of ``--repeats`` runs after one untimed warm-up.
 
 Usage:
@@ -26,6 +31,7 @@ Usage:
     python benchmarks/analysis_speed.py --out /tmp/a.md      # also writes it to a file
     python benchmarks/analysis_speed.py --quick              # smoke run
     python benchmarks/analysis_speed.py --threads 1 --cmap-only   # Table 3 only (seconds)
+    python benchmarks/analysis_speed.py --threads 1 --zoo --repeats 3   # Table 4 only (minutes)
 """
 from __future__ import annotations
 
@@ -37,7 +43,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -56,6 +63,8 @@ GOAL_RATIO = 2.0
 CMAP_ACTS = ["tanh", "gelu", "elu", "hardswish", "softshrink", "softsign"]
 CMAP_POINTS = 201
 GOAL_CMAP_MS = 100.0
+GOAL_ZOO_RATIO = 3.0
+ZOO_FILE = Path(__file__).resolve().parents[1] / "tests" / "zoo.py"
 
 
 class _MeasureTimer:
@@ -160,7 +169,8 @@ def _exponent(xs: list[float], ys: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
 
-def run(models: list[str], depths: list[int], repeats: int) -> str:
+def run(models: list[str], depths: list[int], repeats: int, zoo_models: list[str] | None = None,
+        zoo: bool = True) -> str:
     import timm
 
     lines = _header(repeats) + [
@@ -199,6 +209,9 @@ def run(models: list[str], depths: list[int], repeats: int) -> str:
         lines += ["", "One depth only: no exponent (give `--depths` at least two values)."]
     cmap_table, cmap_goal = c_map_report(repeats)
     lines += [""] + cmap_table
+    zoo_table, zoo_goal = zoo_report(repeats, zoo_models) if zoo else ([], "")
+    if zoo:
+        lines += [""] + zoo_table
     total_mlp = goal_mlp["trace"] + goal_mlp["analyze"]
     lines += ["", "## Goal check", "",
               f"- 1000-layer tanh MLP: analyze {goal_mlp['analyze']:.3f} s, trace + analyze {total_mlp:.3f} s "
@@ -209,7 +222,69 @@ def run(models: list[str], depths: list[int], repeats: int) -> str:
                      f"**{'MET' if r['analyze'] / r['trace'] <= GOAL_RATIO else 'NOT MET'}**; without measuring "
                      f"its max-pool node (propagation only) {r['propagate'] / r['trace']:.2f}x")
     lines.append(cmap_goal)
+    if zoo:
+        lines.append(zoo_goal)
     return "\n".join(lines) + "\n"
+
+
+def zoo_cases(names: list[str] | None = None) -> list[Any]:
+    """The cases of ``tests/zoo.py`` (loaded from its file: the tests are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("netsurgeon_test_zoo", ZOO_FILE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return [c for c in module.ZOO if not names or c.name in names]
+
+
+def _time_zoo_once(model: nn.Module, x: torch.Tensor, leaves: tuple[str, ...]) -> dict[str, float]:
+    gc.collect()
+    t0 = time.perf_counter()
+    gm = netsurgeon.trace(model, x, leaf_modules=leaves)
+    t1 = time.perf_counter()
+    with _MeasureTimer() as mt:
+        a = netsurgeon.analyze(gm, x)
+    t2 = time.perf_counter()
+    statuses = [k.reason for k in a.kernels.values() if k.status == "unsupported"]
+    return {"trace": t1 - t0, "analyze": t2 - t1, "measure": mt.seconds, "nodes": len(gm.graph.nodes),
+            "measured": sum("measured" in r for r in statuses)}
+
+
+def zoo_report(repeats: int, names: list[str] | None = None) -> tuple[list[str], str]:
+    """Table 4 and its goal line."""
+    import timm
+
+    lines = [f"## Every model of tests/zoo.py (input as the zoo builds it, batch 2; goal analyze <= "
+             f"{GOAL_ZOO_RATIO:g}x trace)", "",
+             "| model | input | nodes | measured nodes | trace s | analyze s | measure s | analyze/trace | "
+             f"<= {GOAL_ZOO_RATIO:g}x |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    misses = []
+    ratios = []
+    for case in zoo_cases(names):
+        model = timm.create_model(case.name, pretrained=False, **case.kwargs).eval()
+        x = torch.randn(2, 3, case.size, case.size, generator=torch.Generator().manual_seed(1))
+        _time_zoo_once(model, x, case.leaf_modules)  # warm-up
+        runs = [_time_zoo_once(model, x, case.leaf_modules) for _ in range(repeats)]
+        r = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+        ratio = statistics.median(run["analyze"] / run["trace"] for run in runs)
+        ratios.append(ratio)
+        met = ratio <= GOAL_ZOO_RATIO
+        if not met:
+            misses.append(f"{case.name} ({ratio:.2f}x)")
+        lines.append(f"| {case.name} | {case.size}px | {r['nodes']:.0f} | {r['measured']:.0f} | {r['trace']:.3f} | "
+                     f"{r['analyze']:.3f} | {r['measure']:.3f} | {ratio:.2f}x | {'yes' if met else '**no**'} |")
+        print(lines[-1], file=sys.stderr, flush=True)  # progress: the table takes minutes
+    worst = max(ratios) if ratios else float("nan")
+    goal = (f"- tests/zoo.py: {len(ratios) - len(misses)} of {len(ratios)} models analysed in at most "
+            f"{GOAL_ZOO_RATIO:g}x their trace time (worst {worst:.2f}x): **{'MET' if not misses else 'NOT MET'}**"
+            + (f"; over: {', '.join(misses)}" if misses else ""))
+    return lines, goal
+
+
+def run_zoo(repeats: int, names: list[str] | None = None) -> str:
+    table, goal = zoo_report(repeats, names)
+    return "\n".join(_header(repeats) + table + ["", "## Goal check", "", goal]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,13 +295,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depths", nargs="*", type=int, default=DEPTHS)
     p.add_argument("--quick", action="store_true", help="1 repeat, resnet50 only, depths 50 and 100")
     p.add_argument("--cmap-only", action="store_true", help=f"only the C-map table ({CMAP_POINTS}-cosine grid)")
+    p.add_argument("--zoo", action="store_true", help="only the tests/zoo.py table (Table 4)")
+    p.add_argument("--zoo-models", nargs="*", default=None, help="restrict Table 4 to these zoo models")
     p.add_argument("--out", default=None, help="also write the Markdown report here")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.repeats, args.models, args.depths = 1, ["resnet50"], [50, 100]
-    report = run_c_maps(args.repeats) if args.cmap_only else run(args.models, args.depths, args.repeats)
+    if args.cmap_only:
+        report = run_c_maps(args.repeats)
+    elif args.zoo:
+        report = run_zoo(args.repeats, args.zoo_models)
+    else:
+        report = run(args.models, args.depths, args.repeats, args.zoo_models,
+                     zoo=not args.quick or args.zoo_models is not None)  # --quick: no zoo unless named
     publish(report, args.out)
     return 0
 

@@ -96,8 +96,10 @@ def summary(results: dict, models: list[ZooModel]) -> dict[str, tuple[int, int]]
     out["pipeline (either) without self-attention"] = (sum(either(r) for r in plain), len(plain))
     out["pipeline (either) with self-attention"] = (sum(either(r) for r in rows if r["has_attention"]),
                                                     sum(r["has_attention"] for r in rows))
-    out["crashes (any step)"] = (sum(any(v["status"] == "crash" for v in r["steps"].values()) for r in rows),
-                                 len(rows))
+    out["models with a crash (an exception that is not a NetsurgeonError)"] = (
+        sum(any(v["status"] == "crash" for v in r["steps"].values()) for r in rows), len(rows))
+    out["models with a wrong result (a step completed, its check failed)"] = (
+        sum(any(v["status"] == "wrong" for v in r["steps"].values()) for r in rows), len(rows))
     return out
 
 
@@ -109,7 +111,8 @@ def write_markdown(results: dict, models: list[ZooModel]) -> None:
              "`docs/figures/coverage/results.json`. The timm models are chosen by the rule in",
              "`benchmarks/harness/broad_zoo.py` (the smallest model of every timm module and of a second family",
              "in it, by parameter count), plus five torchvision and three Hugging Face models. Each step is",
-             "`ok`, `refused` (a `NetsurgeonError`, its cause below) or `crash` (any other exception).", "",
+             "`ok`, `refused` (a `NetsurgeonError`, its cause below), `crash` (any other exception) or `wrong`",
+             "(it completed and its check failed).", "",
              "`pipeline_*` is `strip_bn(mode=remove)`, `remove_skips` or `normalize_sums`, `maxpool_to_avgpool`,",
              "`input_norm`, `orthogonal_init`, `tat` (or `dks` where an activation has kinks TAT cannot shape),",
              "then the conditions recomputed from the result (`verify_shaping`).", "",
@@ -126,7 +129,7 @@ def write_markdown(results: dict, models: list[ZooModel]) -> None:
         cells = []
         for s in STEPS:
             st = r["steps"].get(s, {"status": "not run", "cause": ""})
-            if st["status"] in ("refused", "crash"):
+            if st["status"] in ("refused", "crash", "wrong"):
                 causes.append(f"- **{m}**, {s}: {st['status']}: {st['cause'].replace('|', '/')}")
                 cells.append(f"{st['status']} [{len(causes)}]")
             else:

@@ -266,7 +266,13 @@ def test_refuses_unnormalized_sums():
 def test_unreachable_eta_names_the_best_value():
     with pytest.raises(PassError, match=r"eta = 0.9 is unreachable: even a = 0 \(ReLU\) gives the network "
                                         r"C_f\(0\) = 0\.[0-9]+"):
-        netsurgeon.transform(chain(2, nn.ReLU), passes=[("tat", {"eta": 0.9})])
+        netsurgeon.transform(chain(2, nn.ReLU), passes=[("tat", {"eta": 0.9, "unreachable": "refuse"})])
+    # the default uses a = 0, the closest value, and says so
+    with pytest.warns(UserWarning, match=r"eta = 0.9 is unreachable.*a = 0, the closest, is used"):
+        gm = netsurgeon.transform(chain(2, nn.ReLU), passes=[("tat", {"eta": 0.9})])
+    der = netsurgeon.derivation(gm, "tat")
+    assert der["negative_slope"] == 0.0 and 0.0 < der["eta_reached"] < 0.9
+    assert "the closest, is used" in str(netsurgeon.report(gm))
 
 
 def test_relu_under_dks_warns_towards_tat():

@@ -173,7 +173,7 @@ def test_residual_net_gets_tame_solutions(act, final):
 # ---------------------------------------------------------------- 3. refusals name the real cause
 def _pipeline(middle) -> list:
     return [("strip_bn", {"mode": "remove"}), *middle, "maxpool_to_avgpool", "input_norm",
-            ("orthogonal_init", {"seed": 0}), "tat"]
+            ("orthogonal_init", {"seed": 0}), ("tat", {"unreachable": "refuse"})]
 
 
 def _outcome(name: str, middle: list) -> str | None:

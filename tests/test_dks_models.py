@@ -94,7 +94,7 @@ MODELS = ["resnet18", "resnet50", "resnetv2_50", "regnetx_002", "vgg11_bn", "con
 @pytest.mark.parametrize("name", MODELS)
 def test_real_model(name, middle, final):
     model, leaves = _model(name)
-    option = ("tat", {"eta": 0.9}) if final == "tat" else ("dks", {"zeta": 1.5})
+    option = ("tat", {"eta": 0.9, "unreachable": "refuse"}) if final == "tat" else ("dks", {"zeta": 1.5})
     refusal = REFUSED.get((name, middle, final))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # dks on ReLU warns (tested in test_dks.py)

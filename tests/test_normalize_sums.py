@@ -85,7 +85,7 @@ def test_normalize_sums_option_sign_three_terms_and_branch_merge():
 
 def test_normalize_sums_keeps_learned_scale_and_reports_what_it_cannot_do():
     m, x = _Learned().eval(), _x(2, 4, 5, 5)
-    gm = netsurgeon.transform(m, ["normalize_sums"])
+    gm = netsurgeon.transform(m, [("normalize_sums", {"reset_layer_scale": False})])
     torch.testing.assert_close(gm(x), WS * x + WR * m.gamma * m.f(x))
     assert "kept the non-constant or in-place scaling" in _record(gm, "normalize_sums").changes[0].why
     gm = netsurgeon.transform(_Twice(), ["normalize_sums"])

@@ -49,7 +49,7 @@ from ..kernels.bisection import bisect
 from ..kernels.transforms import (Transform, TransformError, solve_dks, solve_dks_leaky, solve_tat, transformed,
                                   trelu_c_map, trelu_gain)
 from ..layers import ShapedActivation
-from ..ops import ActivationSpec, OpKind, activation_module
+from ..ops import ActivationSpec, OpKind, PoolType, activation_module, pool_type
 from ..report import PassRecord, Preservation
 from ._edit import set_submodule
 from ._empirical import ITERATIONS, insert_rescales, iterate_product_maps
@@ -247,6 +247,10 @@ class TAT(_Shaping):
         eta: target network ``C_f(0)`` for the leaky-ReLU family (TReLU). Default: 0.9.
         tau: target maximal ``C''_f(1)`` over subnetworks for smooth activations. Default: 0.3.
         products: ``"rule"`` (default), ``"empirical"``, ``"neutral"`` or ``"refuse"`` (as for ``dks``).
+        unreachable: what to do when even ``a = 0`` (the most nonlinear TReLU, plain ReLU up to
+            its gain) gives a network ``C_f(0)`` below ``eta`` (a shallow network, or many
+            shortcuts): ``"closest"`` uses ``a = 0``, the closest reachable value, with a warning
+            and a report note giving it; ``"refuse"`` refuses. Default: ``"closest"``.
     """
 
     name = "tat"
@@ -256,6 +260,7 @@ class TAT(_Shaping):
     eta: float = 0.9
     tau: float = 0.3
     products: Literal["rule", "empirical", "neutral", "refuse"] = "rule"
+    unreachable: Literal["closest", "refuse"] = "closest"
 
     def validate(self) -> None:
         super().validate()
@@ -286,13 +291,22 @@ class TAT(_Shaping):
             c_maps = {s.node.name: LocalMaps(transformed(_activation(s.spec), *constants[s.spec])).c_map
                       for s in smooth}
             leaky_names = {s.node.name for s in leaky}
-            a = _solve_trelu(ideal, leaky_names, c_maps, float(self.eta))
+            a, reached = _solve_trelu(ideal, leaky_names, c_maps, float(self.eta), self.unreachable == "refuse")
+            if reached is not None:
+                msg = (f"tat: eta = {self.eta} is unreachable: even a = 0 (ReLU) gives the network C_f(0) = "
+                       f"{reached:.6f} (too shallow or too many shortcuts); a = 0, the closest, is used "
+                       f"(unreachable='refuse' refuses instead)")
+                warnings.warn(msg, stacklevel=2)
+                record.note(msg)
+                derivation.update(eta_reached=reached)
             for site in leaky:  # TReLU = sqrt(2/(1+a²)) · leaky_relu(x, a): the base becomes LeakyReLU(a)
                 site.spec = ActivationSpec("leaky_relu", (("negative_slope", a),))
                 site.rebuild = True
                 constants[site.spec] = Transform(1.0, 0.0, trelu_gain(a), 0.0)
             derivation.update(negative_slope=a)
-            record.note(f"eta = {self.eta}: TReLU negative slope a = {a:.10f} gives the network C_f(0) = {self.eta}")
+            if reached is None:
+                record.note(f"eta = {self.eta}: TReLU negative slope a = {a:.10f} gives the network C_f(0) = "
+                            f"{self.eta}")
         _install(gm, sites, constants, record)
         derivation["constants"] = {str(k): v._asdict() for k, v in constants.items()}
         set_derivation(gm, "tat", derivation)
@@ -323,7 +337,8 @@ def _neutralize_factors(gm: fx.GraphModule, record: PassRecord) -> None:
             continue
         factor = d["info"].constant_factor
         if factor is None or not math.isfinite(factor) or abs(factor) in (0.0, 1.0) \
-                or feeds(node.name, (OpKind.ADD, OpKind.MULTIPLY)):
+                or feeds(node.name, (OpKind.ADD, OpKind.MULTIPLY)) or any(_weights_a_sum(g, a)
+                                                                        for a in d["signal_operands"]):
             continue
         node.args = tuple(math.copysign(1.0, a) if isinstance(a, (int, float)) and not isinstance(a, bool) else a
                           for a in node.args)
@@ -332,6 +347,13 @@ def _neutralize_factors(gm: fx.GraphModule, record: PassRecord) -> None:
         changed = True
     if changed:
         gm.recompile()
+
+
+def _weights_a_sum(g: Any, name: str) -> bool:
+    """A factor applied to a sum (``normalize_sums``' ``1/sqrt(n)`` after a sum over stacked paths)
+    is that sum's weight."""
+    d = g.nodes[name]
+    return d["kind"] is OpKind.ADD or (d["kind"] is OpKind.POOL and pool_type(d["info"]) is PoolType.SUM)
 
 
 def _activation(spec: ActivationSpec) -> Any:
@@ -369,11 +391,12 @@ def _solve_dks_site(site: _Site, xi: float, constants: dict[ActivationSpec, Tran
 
 
 def _solve_trelu(ideal: IdealGraph, leaky: set[str], c_maps: dict[str, Callable[[float], float]],
-                 eta: float) -> float:
-    """The negative slope ``a`` with network ``C_f(0) = η``, by bisection (C_f(0) falls as a grows).
+                 eta: float, refuse: bool = True) -> tuple[float, float | None]:
+    """The negative slope ``a`` with network ``C_f(0) = η``, by bisection (C_f(0) falls as a grows),
+    and None; or, when η is above what ``a = 0`` reaches and ``refuse`` is False, ``(0, that value)``.
 
     Raises:
-        UnsupportedNodeError: η is above what a = 0 (plain ReLU) reaches; names that value.
+        UnsupportedNodeError: η is above what a = 0 (plain ReLU) reaches and ``refuse``; names that value.
     """
     def c0(a: float) -> float:
         def rule(node: str, c: float) -> float:
@@ -383,8 +406,10 @@ def _solve_trelu(ideal: IdealGraph, leaky: set[str], c_maps: dict[str, Callable[
         return ideal.network_c0(rule)
 
     best = c0(0.0)
+    if best < eta and not refuse:
+        return 0.0, best
     if best < eta:
         raise UnsupportedNodeError(
             f"tat: eta = {eta} is unreachable: even a = 0 (ReLU) gives the network C_f(0) = {best:.6f} (too shallow or "
-            f"too many shortcuts); use eta <= {math.floor(best * 1e6) / 1e6}")
-    return bisect(lambda a: c0(a) > eta, 0.0, 1.0, tol=1e-14)
+            f"too many shortcuts); use eta <= {math.floor(best * 1e6) / 1e6}, or unreachable='closest'")
+    return bisect(lambda a: c0(a) > eta, 0.0, 1.0, tol=1e-14), None
