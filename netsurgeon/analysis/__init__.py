@@ -5,6 +5,7 @@ from .engine import Analysis, analyze
 from .measure import Measurement, NodeStats, measure
 from . import op_rules as _op_rules  # noqa: F401  (registers the rules)
 from . import products as _products  # noqa: F401  (registers the product-of-signals kernel rule)
+from . import tokens as _tokens  # noqa: F401  (registers the token-embedding rule)
 from .rules import KernelContext, NodeKernel, register_function_op, register_module_op
 
 __all__ = ["Analysis", "GradientEnergy", "KernelContext", "Measurement", "NodeKernel", "NodeStats", "OperatorNormBound",
