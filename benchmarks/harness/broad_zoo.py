@@ -197,15 +197,16 @@ def _randomize_norms(model: nn.Module) -> None:
 
 
 def has_attention(gm: torch.fx.GraphModule) -> bool:
-    """Self-attention anywhere: a softmax node, or scaled_dot_product_attention (the next issue's subject)."""
+    """Self-attention anywhere: a softmax node, scaled_dot_product_attention, or a module kept as a leaf
+    whose class name says attention (the next issue's subject)."""
     for node in gm.graph.nodes:
         target = node.target
         name = getattr(target, "__name__", str(target))
         if "softmax" in name.lower() or "scaled_dot_product_attention" in name:
             return True
         if node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            if isinstance(mod, (nn.Softmax, nn.MultiheadAttention)):
+            mod = gm.get_submodule(node.target)  # an attention module kept as a leaf counts too
+            if isinstance(mod, (nn.Softmax, nn.MultiheadAttention)) or "Attention" in type(mod).__name__:
                 return True
     return False
 

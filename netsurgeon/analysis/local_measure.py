@@ -23,7 +23,7 @@ import torch.nn as nn
 from ..graph import Topology
 from ..graph.state import nodes_by_name
 from ..ops import NormFamily, OpKind
-from .measure import NodeStats, kernel_stats
+from .measure import NodeStats, pair_stats
 
 __all__ = ["local_chain", "measure_local"]
 
@@ -95,20 +95,32 @@ def _run_chain(gm: fx.GraphModule, chain: list[fx.Node], x: torch.Tensor) -> tor
 def measure_local(gm: fx.GraphModule, topo: Topology, chain: list[fx.Node], q1: float, q2: float,
                   k: np.ndarray, example: torch.Tensor | None, batch: int, seed: int) -> list[NodeStats] | None:
     """P's statistics at each entry of ``k`` (L's kernel at the measured cosines), or None when
-    L's output shape is unknown."""
+    L's output shape is unknown.
+
+    The fields come in ``batch`` independent stars ``[u, -u, v_1, ..., v_m]``: ``u`` with mean
+    square ``q1``, and one ``v_j = sqrt(q2) (r_j z + sqrt(1 - r_j²) z_j)`` (``u = sqrt(q1) z``) per
+    magnitude ``r_j`` of the correlations ``k / sqrt(q1 q2)``; the pair at correlation ``r`` is
+    ``(u, v_|r|)``, or ``(-u, v_|r|)`` when ``r < 0``. Each pair has the distribution of an
+    independent pair, and about half as many fields are drawn and run."""
     shape = _field_shape(gm, topo, chain[0], example)
     if shape is None or not q1 > 0 or not q2 > 0:
         return None
     dtype = next((p.dtype for p in gm.parameters()), torch.float32)
-    g = torch.Generator().manual_seed(seed)
-    n = len(k) * batch
-    z1 = torch.randn((n, *shape), generator=g, dtype=torch.float64)
-    z2 = torch.randn((n, *shape), generator=g, dtype=torch.float64)
+    work = torch.float64  # not the float32 stream that initialized weights after torch.manual_seed(0)
     rho = np.clip(np.asarray(k, dtype=float) / np.sqrt(q1 * q2), -1.0, 1.0)
-    r = torch.as_tensor(np.repeat(rho, batch), dtype=torch.float64).reshape((-1,) + (1,) * len(shape))
-    u = z1 * q1 ** 0.5
-    v = (r * z1 + (1 - r * r).clamp_min(0).sqrt() * z2) * q2 ** 0.5
+    mags = sorted({round(abs(float(r)), 12) for r in rho})
+    negative = bool((rho < 0).any())
+    per = 1 + negative + len(mags)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn((batch, 1 + len(mags), *shape), generator=g, dtype=work)
+    u = z[:, :1]
+    m = torch.as_tensor(mags, dtype=work).reshape((1, -1) + (1,) * len(shape))
+    v = (m * u + (1 - m * m).clamp_min(0).sqrt() * z[:, 1:]) * q2 ** 0.5
+    u = u * q1 ** 0.5
+    fields = torch.cat([u, -u, v] if negative else [u, v], dim=1).reshape((batch * per, *shape))
+    base = torch.arange(batch) * per
+    slot = {r: 1 + negative + i for i, r in enumerate(mags)}
+    pairs = [(base + (1 if r < 0 else 0), base + slot[round(abs(float(r)), 12)]) for r in rho]
     with torch.no_grad():
-        out = _run_chain(gm, chain, torch.cat([u, v]).to(dtype))
-    h1, h2 = out[:n], out[n:]
-    return [kernel_stats(h1[i * batch:(i + 1) * batch], h2[i * batch:(i + 1) * batch]) for i in range(len(k))]
+        out = _run_chain(gm, chain, fields.to(dtype))
+    return pair_stats(out, pairs)
