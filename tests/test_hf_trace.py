@@ -14,6 +14,8 @@ import netsurgeon
 from netsurgeon import TraceError
 from netsurgeon.graph.state import trace_info
 
+from harness.broad_zoo import max_rel, train_eval_outputs
+
 tf = pytest.importorskip("transformers", reason="Hugging Face models need the 'hf' extra (transformers)")
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=256,
@@ -61,13 +63,7 @@ def test_traced_transformer_matches_eager_in_train_and_eval(traced):
     name, model, gm = traced
     x = _ids()
     outs = {}
-    for mode in (True, False):
-        model.train(mode)
-        gm.train(mode)
-        torch.manual_seed(3)
-        ref = model(x)
-        torch.manual_seed(3)
-        got = gm(x)
+    for mode, (ref, got) in train_eval_outputs(model, gm, x).items():
         assert _max_rel(ref, got) <= 1e-5, f"{name} train={mode}"
         outs[mode] = next(iter(got.values()))
     if name != "llama":  # llama's config has no dropout: its modes compute the same thing
@@ -175,13 +171,8 @@ def test_convit_traces_with_its_gpsa_modules_as_leaves():
     info = trace_info(gm)
     assert info.auto_leaves == [f"blocks.{i}.attn" for i in range(10)]  # GPSA: timm's register_notrace_module
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    for mode in (True, False):
-        model.train(mode)
-        gm.train(mode)
-        torch.manual_seed(3)
-        ref = model(x)
-        torch.manual_seed(3)
-        assert float((ref - gm(x)).detach().abs().max()) <= 1e-6 * max(1.0, float(ref.detach().abs().max()))
+    for ref, got in train_eval_outputs(model, gm, x).values():
+        assert max_rel(ref, got) <= 1e-6
 
 
 @pytest.mark.timeout(60)

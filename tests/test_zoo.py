@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn as nn
 
 import netsurgeon
 from netsurgeon import TraceError
 
 from conftest import count_batch_norms, randomize_norm_stats, rel_diff
+from harness.broad_zoo import max_rel, train_eval_outputs
 from zoo import ZOO, Case
 
 
@@ -37,15 +40,8 @@ def test_trace_matches_eager_in_train_and_eval(case: Case):
     gm = netsurgeon.trace(model, leaf_modules=case.leaf_modules)
     x = _x(case)
     outs = {}
-    for mode in (True, False):
-        model.train(mode)
-        gm.train(mode)
-        torch.manual_seed(3)
-        ref = model(x)
-        torch.manual_seed(3)
-        got = gm(x)
-        scale = max(1.0, float(ref.detach().abs().max()))
-        assert float((ref - got).detach().abs().max()) <= 1e-6 * scale, f"{case.name} train={mode}"
+    for mode, (ref, got) in train_eval_outputs(model, gm, x).items():
+        assert max_rel(ref, got) <= 1e-6, f"{case.name} train={mode}"
         outs[mode] = got
     if count_batch_norms(model):  # the modes must really differ, or this test could not fail
         assert not torch.allclose(outs[True], outs[False], atol=1e-3)
@@ -131,3 +127,27 @@ def test_deciding_control_flow_leaves_the_model_untouched():
     before = {k: v.clone() for k, v in vgg.state_dict().items()}
     netsurgeon.trace(vgg, torch.randn(2, 3, 64, 64))
     assert all(torch.equal(before[k], v) for k, v in vgg.state_dict().items())
+
+
+class _NumpyHead(nn.Module):
+    def forward(self, x):  # numpy on a traced size: fails under fx, not control flow
+        return x + torch.from_numpy(np.ones(x.shape[-1], dtype=np.float32))
+
+
+class _WithNumpyHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 1), _NumpyHead()
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
+
+
+def test_a_submodule_that_fails_to_trace_becomes_a_named_leaf():
+    model = _WithNumpyHead().eval()
+    x = torch.randn(2, 3, 5, 5)
+    gm = netsurgeon.transform(model, [], example_inputs=x)
+    leaves = gm.meta["netsurgeon"]["trace"].untraceable_leaves
+    assert len(leaves) == 1 and leaves[0].startswith("head (_NumpyHead): ")
+    assert "kept as leaves because tracing failed inside them" in str(netsurgeon.report(gm))
+    torch.testing.assert_close(gm(x), model(x))

@@ -214,27 +214,35 @@ def has_attention(gm: torch.fx.GraphModule) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # the steps
 
-def _max_rel(a: Any, b: Any) -> float:
+def max_rel(a: Any, b: Any) -> float:
     if isinstance(a, torch.Tensor):
         scale = max(1.0, float(a.detach().abs().max()))
         return float((a - b).detach().abs().max()) / scale
     if isinstance(a, dict) or hasattr(a, "keys"):
-        return max((_max_rel(a[k], b[k]) for k in a.keys()), default=0.0)
+        return max((max_rel(a[k], b[k]) for k in a.keys()), default=0.0)
     if isinstance(a, (tuple, list)):
-        return max((_max_rel(x, y) for x, y in zip(a, b)), default=0.0)
+        return max((max_rel(x, y) for x, y in zip(a, b)), default=0.0)
     return 0.0
 
 
-def _trace(model, x, gm_holder):
-    gm = netsurgeon.trace(model, x)
+def train_eval_outputs(model: nn.Module, gm: nn.Module, x: Any) -> dict[bool, tuple[Any, Any]]:
+    """``{train: (eager output, traced output)}`` for train and eval mode, each call after
+    ``torch.manual_seed(3)`` (so dropout draws the same masks)."""
+    out = {}
     for mode in (True, False):
         model.train(mode)
         gm.train(mode)
         torch.manual_seed(3)
         ref = model(x)
         torch.manual_seed(3)
-        got = gm(x)
-        err = _max_rel(ref, got)
+        out[mode] = (ref, gm(x))
+    return out
+
+
+def _trace(model, x, gm_holder):
+    gm = netsurgeon.trace(model, x)
+    for mode, (ref, got) in train_eval_outputs(model, gm, x).items():
+        err = max_rel(ref, got)
         if not err <= 1e-5:
             raise VerificationError(f"traced output differs from eager by {err:.2e} (train={mode})")
     model.eval()
@@ -244,7 +252,7 @@ def _trace(model, x, gm_holder):
 def _fold(model, x):
     gm = netsurgeon.transform(model.eval(), ["strip_bn"], example_inputs=x).eval()
     with torch.no_grad():
-        err = _max_rel(model(x), gm(x))
+        err = max_rel(model(x), gm(x))
     if not err <= 1e-4:
         raise VerificationError(f"folded output differs from eager by {err:.2e}")
 

@@ -277,8 +277,9 @@ def _trace_leafing_notrace(model: nn.Module, leaves: set[str], info: TraceInfo, 
     """``_trace_once``; a failure inside a submodule makes every module of its type a leaf and
     traces again (a leaf runs its own eager code, so the result stays exact; the analysis and the
     passes then name it as an opaque op). timm's not-traceable types go to ``info.auto_leaves``,
-    others to ``info.untraceable_leaves`` with the error. A failure in the root module, or more
-    than ``_MAX_FAILURE_LEAVES`` such types, is raised."""
+    others to ``info.untraceable_leaves`` with the error. A failure in the root module, control
+    flow with no example inputs to decide it (they are the better remedy), or more than
+    ``_MAX_FAILURE_LEAVES`` such types, is raised."""
     failures = 0
     while True:
         try:
@@ -290,8 +291,8 @@ def _trace_leafing_notrace(model: nn.Module, leaves: set[str], info: TraceInfo, 
                 leaves.update(extra)
                 info.auto_leaves.extend(sorted(extra))
                 continue
-            if not path or path in leaves or failures >= _MAX_FAILURE_LEAVES:
-                raise
+            if not path or path in leaves or failures >= _MAX_FAILURE_LEAVES or "pass example_inputs" in str(err):
+                raise  # control flow without inputs to decide it: example inputs do better than a leaf
             failures += 1
             cls = type(model.get_submodule(path))
             same = sorted({name for name, m in model.named_modules() if type(m) is cls} - leaves)
