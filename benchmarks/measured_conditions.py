@@ -11,7 +11,9 @@ and measures on fresh input pairs. The table gives, per model:
   the output of a flat network and at the body (per location, before the head's global pooling)
   of a network with locations;
 * **head C(0)**: the output after the global pooling, reported (see docs/dks.md);
-* **holds**: every q and C-map row within 3 SE (q: plus ``Q_FLOOR``, C: plus ``C_FLOOR``).
+* **holds**: every q and C-map row within 3 SE (q: plus ``Q_FLOOR``, C: plus ``C_FLOOR``); a row
+  outside is measured again on as many more seeds and fails only if still outside over all of
+  them (``harness.measured_models.check``).
 
 Usage:
     python benchmarks/measured_conditions.py --out /tmp/measured.md            # 16 seeds, every model
@@ -21,7 +23,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -29,14 +30,15 @@ import time
 import torch
 
 from harness import publish, save_json
-from harness.measured_models import C_FLOOR, COSINES, KNOWN_GAPS, MODELS, Q_FLOOR, Result, evaluate
+from harness.measured_models import C_FLOOR, COSINES, KNOWN_GAPS, MODELS, Q_FLOOR, Verdict, check
 
 
 def _pm(row) -> str:
     return f"{row.measured:.4f} ± {row.se:.4f}"
 
 
-def model_row(res: Result) -> str:
+def model_row(verdict: Verdict) -> str:
+    res = verdict.first
     spec = res.spec
     q = res.q_rows()
     worst = max(q, key=lambda r: abs(r.diff))
@@ -49,8 +51,13 @@ def model_row(res: Result) -> str:
         cells.append(f"{r.predicted:.4f} / {_pm(r)}")
     head = res.rows["C(0)"] if res.body is not None else None
     head_cell = f"{head.predicted:.4f} / {_pm(head)}" if head is not None else "–"
-    fails = res.failures()
-    holds = "yes" if not fails else f"**no** ({len(fails)} rows; worst: {_worst(fails)})"
+    if verdict.failures:
+        holds = f"**no** ({len(verdict.failures)} rows; worst: {_worst(verdict.failures)})"
+    elif verdict.flagged:
+        holds = (f"yes ({len(verdict.flagged)} rows outside 3 SE at {res.seeds} seeds, within at "
+                 f"{verdict.both.seeds}: {_worst(verdict.flagged)})")
+    else:
+        holds = "yes"
     return (f"| {spec.name} | {spec.family} | {spec.pipeline_text()} | {res.shaped} | "
             f"{worst.diff:+.4f} ± {worst.se:.4f} | {zmax:.1f} | {where} | " + " | ".join(cells)
             + f" | {head_cell} | {holds} |")
@@ -71,17 +78,18 @@ def run(names: list[str], seeds: int) -> tuple[str, dict]:
     for name in names:
         spec = MODELS.get(name) or KNOWN_GAPS[name]
         t0 = time.perf_counter()
-        res = evaluate(spec, range(seeds))
+        verdict = check(spec, seeds)
         times[name] = time.perf_counter() - t0
-        lines.append(model_row(res))
-        raw[name] = {"spec": spec.what, "pipeline": spec.pipeline_text(), "body": res.body,
-                     "rows": {k: vars(r) for k, r in res.rows.items()}, "per_seed": res.per_seed,
-                     "seconds": times[name]}
+        lines.append(model_row(verdict))
+        raw[name] = {"spec": spec.what, "pipeline": spec.pipeline_text(), "body": verdict.first.body,
+                     "rows": {k: vars(r) for k, r in verdict.first.rows.items()},
+                     "per_seed": (verdict.both or verdict.first).per_seed,
+                     "failures": [vars(r) for r in verdict.failures], "seconds": times[name]}
         print(f"{name}: {times[name]:.1f} s", file=sys.stderr, flush=True)
     text = "\n".join(lines)
-    text += (f"\n\n{seeds} seeds per model; input pairs at c = {', '.join(f'{c:g}' for c in COSINES)}; "
-             f"Q_FLOOR = {Q_FLOOR:g} (relative), C_FLOOR = {C_FLOOR:g}. Times: "
-             + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+    text += (f"\n\n{seeds} seeds per model (a row outside 3 SE is confirmed on {2 * seeds}); input pairs at "
+             f"c = {', '.join(f'{c:g}' for c in COSINES)}; Q_FLOOR = {Q_FLOOR:g} (relative), C_FLOOR = {C_FLOOR:g}. "
+             "Times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
              + f". torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.machine()}.\n")
     return text, raw
 

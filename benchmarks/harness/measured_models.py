@@ -16,19 +16,23 @@ conditions that the passes set by analysis are checked on the network itself, ov
 
 Every seed draws a new model (its own init), a new ``orthogonal_init`` and new inputs. For each
 quantity the per-seed difference ``d = measured - predicted`` is averaged over the seeds, with
-standard error ``SE = std(d) / sqrt(seeds)``. :func:`evaluate` returns the rows; the test
-(``tests/test_measured_conditions.py``) asserts ``|mean d| <= 3 SE`` (plus :data:`Q_FLOOR` for
-q), and ``benchmarks/measured_conditions.py`` writes the table of ``docs/dks.md``.
+standard error ``SE = std(d) / sqrt(seeds)``. :func:`evaluate` returns the rows; :func:`check`
+applies ``|mean d| <= 3 SE`` (plus :data:`Q_FLOOR` for q, :data:`C_FLOOR` for C), confirming a row
+outside on twice the seeds; the test (``tests/test_measured_conditions.py``) asserts it, and
+``benchmarks/measured_conditions.py`` writes the table of ``docs/dks.md``.
 
 **Inputs** (:func:`pair_inputs`). The analysis assumes that the two inputs of a pair have cosine
-c at every location and that distinct locations are independent with cosine 0 (docs/theory.md
-§3.5: a global pool then mixes in ``k(0)``). Both hold exactly here: each input location is a
-column of a random orthonormal set scaled to norm ``sqrt(channels)``, the pair's second input at
-a location is ``c u + sqrt(1 - c²) z`` with ``z`` another column. So the images have
+c at every location, and that distinct locations have cosine 0 (docs/theory.md §3.5: a global
+pool then mixes in ``k(0)``). Both hold exactly here: the input locations are columns of one
+random orthonormal set scaled to norm ``sqrt(channels)``, and the pair's second input at a
+location is ``c u + sqrt(1 - c²) z`` with ``z`` another column. So the images have
 ``channels = 2 · locations`` (128 channels at 8x8, 512 at 16x16), and the flat inputs of the MLPs
-are exact pairs. With 3-channel images the cosines between distinct locations spread over
-[-1, 1], and the global pool of the head mixes in ``E[k(c)]`` over that spread instead of
-``k(0)``; that is a property of the data, not a condition the passes set.
+are exact pairs. (With 3-channel images the cosines between distinct locations spread over
+[-1, 1] and the head's global pool mixes in ``E[k(c)]`` over that spread instead of ``k(0)``.)
+The locations are not independent, though: together they fill the orthonormal frame. The
+per-location maps do not see that, the output after the head's global pooling does (it weighs
+the cross-location kernel n - 1 times against the per-location one), so the head is reported and
+not asserted (:meth:`Result.head_rows`, docs/dks.md).
 
 A cosine at a node with locations is the mean of the per-location cosines over the features
 (dimension 1 of ``[N, C, H, W]``, the last of ``[N, T, D]``): the cosine of the flattened maps is
@@ -57,8 +61,8 @@ import torch.nn.functional as F
 
 import netsurgeon
 
-__all__ = ["MODELS", "KNOWN_GAPS", "COSINES", "Q_FLOOR", "C_FLOOR", "ModelSpec", "SeedResult", "Row", "Result", "pair_inputs",
-           "run_seed", "evaluate", "shape_model", "shaped_nodes"]
+__all__ = ["MODELS", "KNOWN_GAPS", "COSINES", "Q_FLOOR", "C_FLOOR", "ModelSpec", "SeedResult", "Row", "Result",
+           "Verdict", "pair_inputs", "run_seed", "evaluate", "combine", "check", "shape_model", "shaped_nodes"]
 
 W = 256  # the width of every shaped layer
 COSINES = (0.0, 0.5, 0.9)
@@ -68,7 +72,15 @@ COSINES = (0.0, 0.5, 0.9)
 # nearly deterministic (an orthogonal layer keeps the norm of every example), so its SE is ~1e-7
 # and this 1e-6..1e-5 offset alone would fail 3 SE. 5e-5 covers it with float32 rounding (~1e-6).
 Q_FLOOR = 5e-5
-C_FLOOR = 0.0
+# Additive tolerance on the network C map (absolute). At finite width the measured C map carries a
+# small systematic deviation from the infinite-width kernel map, of order depth / width. Over 64
+# seeds at width 256 the largest found are mlp_gelu C(0) -0.0042 ± 0.0014, gated_mlp C(0) +0.0032
+# ± 0.0009, inception body C(0.9) -0.0010 ± 0.0002 and convnext_ls body C(0.9) -0.0007 ± 0.0002;
+# at width 512 the same rows give -0.0001 ± 0.0011, +0.0003 ± 0.0006 and -0.0002 ± 0.0002
+# (benchmarks/measured_conditions.py; docs/dks.md). With 16 seeds a body C(0.9) has SE ~0.0005,
+# so such a bias alone fails 3 SE; 0.004 covers the largest one at width 256. The known gaps
+# (KNOWN_GAPS) are off by 2.5% to 300% in q and by up to 0.2 in C.
+C_FLOOR = 0.004
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -368,6 +380,7 @@ class ModelSpec:
     final: tuple[str, dict]
     pairs: int
     what: str = ""
+    gap: str = ""  # for KNOWN_GAPS: which rule of the analysis does not describe the network, and where
 
     def passes(self, seed: int) -> list:
         return [("strip_bn", {"mode": "remove"}), self.middle, "maxpool_to_avgpool", "input_norm",
@@ -398,6 +411,8 @@ _SPECS = [
               ("dks", {}), 4, "4 post-activation basic blocks, SiLU, skips removed"),
     ModelSpec("se_resnet", "SE-ResNet", lambda: ResNet(nn.ReLU, 4, se=True), IMG, SUMS, ("tat", {"eta": 0.5}), 4,
               "4 pre-activation blocks with squeeze-excite gates (W/4), ReLU"),
+    # tau 0.15, not 0.3: with normalized sums each lone branch (one GELU) is the maximal subnetwork, so
+    # kappa = tau, and solve_tat(gelu, 0.3) takes 5-9 s per seed against 0.2 s at 0.15 (same checks)
     ModelSpec("convnext_ls", "ConvNeXt", lambda: ConvNeXt(3), IMG, ("normalize_sums", {"reset_layer_scale": True}),
               ("tat", {"tau": 0.15}), 4, "patchify stem, 3 blocks dwconv7-LayerNorm-MLP(4W, GELU)-layer scale"),
     ModelSpec("gated_mlp", "gated MLP", lambda: GatedMLP(4), FLAT, SUMS, ("tat", {}), 64,
@@ -415,13 +430,21 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
 # (see docs/dks.md, "Conditions by measurement"); the test expects the failure (strict xfail).
 KNOWN_GAPS: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("vgg_maxpool", "VGG + max pool", lambda: PlainCNN(nn.ELU, 8, maxpool=True), IMG, SUMS, ("dks", {}),
-              4, "8 conv3x3-BN-ELU, 2x2 max pooling (-> average pooling) in the middle"),
+              4, "8 conv3x3-BN-ELU, 2x2 max pooling (-> average pooling) in the middle",
+              "average pooling is taken to keep q and c (locations alike); with independent locations a "
+              "2x2 pool of a zero-mean field gives q = 1/4 at the next activation"),
     ModelSpec("mobilenet_hswish", "MobileNet", lambda: MobileNet(4), IMG, SUMS, ("dks", {}), 4,
-              "4 inverted residual blocks (expand 2W, depthwise 3x3), hard-swish"),
+              "4 inverted residual blocks (expand 2W, depthwise 3x3), hard-swish",
+              "a delta-initialized depthwise conv has fan-in 1: the activation after it sees +-(an activation "
+              "output), not a Gaussian, and its kernel map is off (q 2.5-4% low)"),
     ModelSpec("mixer", "MLP-Mixer", lambda: Mixer(2), MIXER_IN, SKIPS, ("tat", {}), 2,
-              "256 tokens, 2 mixer blocks (token MLP 256-W-256, channel MLP 4W), GELU"),
+              "256 tokens, 2 mixer blocks (token MLP 256-W-256, channel MLP 4W), GELU",
+              "LayerNorm's centering is neglected; after token mixing the activation's mean lies along the "
+              "channel-constant direction, which the centering removes (C(0) halves)"),
     ModelSpec("resnet_v1_sums", "ResNet (post-act)", lambda: ResNet(nn.ReLU, 4, pre=False), IMG, SUMS,
-              ("tat", {"eta": 0.5}), 4, "4 post-activation basic blocks, ReLU, sums normalized"),
+              ("tat", {"eta": 0.5}), 4, "4 post-activation basic blocks, ReLU, sums normalized",
+              "an activation after a normalized sum whose shortcut is an activation output sees a "
+              "non-Gaussian input; q grows from 1 to 1.5 in the first block and to 4 by the last"),
 ]}
 
 
@@ -471,7 +494,7 @@ def shape_model(spec: ModelSpec, seed: int) -> tuple[fx.GraphModule, torch.Tenso
     model = spec.build()
     example = torch.randn((2,) + spec.input_shape, generator=torch.Generator().manual_seed(seed))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # dks on hard-swish etc.: tested elsewhere
+        warnings.simplefilter("ignore")  # the passes' warnings (dks on ReLU, ...) are tested elsewhere
         gm = netsurgeon.transform(model, spec.passes(seed), example_inputs=example)
     return gm.eval(), example
 
@@ -632,16 +655,54 @@ class Result:
             [r for r in self.c_rows() if not r.within(k, C_FLOOR)]
 
 
-def evaluate(spec: ModelSpec, seeds: Sequence[int], cosines: Sequence[float] = COSINES) -> Result:
-    """Every quantity of :func:`run_seed` over ``seeds``."""
-    results = [run_seed(spec, s, cosines) for s in seeds]
-    rows, per_seed = {}, {}
-    for key in results[0].measured:
-        p = np.array([r.predicted[key] for r in results])
-        m = np.array([r.measured[key] for r in results])
+def _rows(per_seed: dict[str, list[tuple[float, float]]]) -> dict[str, Row]:
+    rows = {}
+    for key, pairs in per_seed.items():
+        p, m = np.array(pairs).T
         d = m - p
         rows[key] = Row(key, float(p.mean()), float(m.mean()), float(d.mean()),
                         float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan"))
-        per_seed[key] = [(float(a), float(b)) for a, b in zip(p, m)]
-    shaped = sum(k.endswith(" in") for k in results[0].measured)
-    return Result(spec, rows, shaped, results[0].body, len(results), per_seed)
+    return rows
+
+
+def evaluate(spec: ModelSpec, seeds: Sequence[int], cosines: Sequence[float] = COSINES) -> Result:
+    """Every quantity of :func:`run_seed` over ``seeds``."""
+    results = [run_seed(spec, s, cosines) for s in seeds]
+    per_seed = {key: [(r.predicted[key], r.measured[key]) for r in results] for key in results[0].measured}
+    shaped = sum(k.endswith(" in") for k in per_seed)
+    return Result(spec, _rows(per_seed), shaped, results[0].body, len(results), per_seed)
+
+
+def combine(a: Result, b: Result) -> Result:
+    """The rows of ``a``'s and ``b``'s seeds together."""
+    per_seed = {k: a.per_seed[k] + b.per_seed[k] for k in a.per_seed}
+    return Result(a.spec, _rows(per_seed), a.shaped, a.body, a.seeds + b.seeds, per_seed)
+
+
+@dataclass
+class Verdict:
+    """:func:`check`'s answer: the first seeds' result, the result over twice as many seeds when some
+    row needed confirming, and the confirmed failures (empty: the conditions hold)."""
+
+    first: Result
+    both: Result | None
+    flagged: list[Row]
+    failures: list[Row]
+
+
+def check(spec: ModelSpec, seeds: int = 16) -> Verdict:
+    """The conditions over ``seeds`` seeds: every q and C-map row within 3 SE plus its floor.
+
+    A row outside is measured again with ``seeds`` more seeds and fails only if it is still outside
+    over all of them. Why: with the SE estimated from 16 seeds, a correct prediction lands outside
+    3 SE with probability 0.9% (Student t, 15 degrees of freedom), and a model has 20 to 60
+    asserted rows (a dozen models: ~150 distinct quantities), so a literal row-by-row criterion
+    fails by chance most of the time. A real bias fails again, with a larger z (its SE shrinks
+    by sqrt(2)); a chance excursion does not."""
+    first = evaluate(spec, range(seeds))
+    flagged = first.failures()
+    if not flagged:
+        return Verdict(first, None, [], [])
+    both = combine(first, evaluate(spec, range(seeds, 2 * seeds)))
+    names = {r.what for r in flagged}
+    return Verdict(first, both, flagged, [r for r in both.failures() if r.what in names])
