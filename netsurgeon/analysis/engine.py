@@ -625,9 +625,10 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
     if not (0.0 < q_in < math.inf and -1.0 <= c_in <= 1.0):
         raise InvalidArgumentError(f"analyze needs q_in > 0 (finite) and -1 <= c_in <= 1; got q_in={q_in!r}, "
                                    f"c_in={c_in!r}")
-    gm = model if isinstance(model, fx.GraphModule) else trace(model)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    # traced on the given inputs: shape-dependent code is decided on them, not on a default size
+    gm = model if isinstance(model, fx.GraphModule) else trace(model, example_inputs)
     given = example_inputs is not None
     if example_inputs is None:
         example_inputs = default_inputs(gm)

@@ -75,7 +75,9 @@ def measure_product_maps(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor,
         # C''(1): 1 - c_prod = s u - (p/2) u² with u = 1 - c_first, least squares over the same points
         design = np.stack([dx, -0.5 * dx * dx], axis=1)
         fit = np.linalg.lstsq(design, dy, rcond=None)[0] if spread > 1e-10 and near.sum() >= 3 else (slope, 0.0)
-        curvature = float(fit[1]) if np.isfinite(fit[1]) else 0.0
+        # a C map of a positive semi-definite kernel is a power series with nonnegative coefficients, so
+        # C''(1) >= 0; a negative fit is noise of the measured or interpolated map near c = 1
+        curvature = max(0.0, float(fit[1])) if np.isfinite(fit[1]) else 0.0
         order = np.argsort(c_first)
         q_ratio = a.q(name) / a.q(first) if a.q(first) > 0 else 1.0
         if not (math.isfinite(q_ratio) and q_ratio > 0 and math.isfinite(slope)):
