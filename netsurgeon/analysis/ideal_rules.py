@@ -295,15 +295,24 @@ def _q_change(graph: IdealGraph, name: str, q: dict[str, float]) -> str:
     return f"{info.describe()} at {name} changes q from {q_in:.4g} to {q[name]:.4g}"
 
 
-def _norm_check(graph: IdealGraph, node: fx.Node, d: dict) -> str | None:
-    spec = d["info"].norm
+def norm_family_problem(info: Any) -> str | None:
+    """Why a norm node (plain or a norm+activation composite) breaks the DKS assumptions by its
+    family alone: no norm spec, batch statistics, or a family without a kernel map; else None."""
+    spec = info.norm
     if spec is None:
-        return f"{d['info'].describe()}: no kernel rule"
+        return f"{info.describe()}: no kernel rule"
     if spec.family is NormFamily.BATCH:
         return "batch norm: run strip_bn first (fold or remove)"
     if spec.family is NormFamily.OTHER:  # LocalResponseNorm, EvoNorm: no kernel map
-        return f"{d['info'].describe()}: {d['info'].attrs.get('reason', 'no kernel rule')}"
-    if spec.activation is not None:
+        return f"{info.describe()}: {info.attrs.get('reason', 'no kernel rule')}"
+    return None
+
+
+def _norm_check(graph: IdealGraph, node: fx.Node, d: dict) -> str | None:
+    problem = norm_family_problem(d["info"])
+    if problem is not None:
+        return problem
+    if d["info"].norm.activation is not None:
         return "norm+activation composite: its activation cannot be reshaped"
     return None
 

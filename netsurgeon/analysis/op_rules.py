@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from ..errors import UnsupportedNodeError
 from ..ops import NormFamily, OpKind, batch_norm_affine
 from ..ops.torch_ops import keys
-from .ideal_rules import _Q_TOL, NO_RULE, IdealRule, _pass_through
+from .ideal_rules import _Q_TOL, NO_RULE, IdealRule, _pass_through, norm_family_problem
 from .propagate import _activation, _norm
 from .rules import APPROX, EXACT, IDEAL_RULES, KERNEL_RULES, KernelContext, KernelRule, NodeKernel, reasons, worse
 
@@ -196,8 +196,8 @@ def _interpolation_weight2(mode: str, src: tuple[int, ...], out: tuple[int, ...]
                 kwargs["antialias"] = True
             try:
                 y = F.interpolate(eye.reshape(shape), size=size, **kwargs)
-            except (RuntimeError, ValueError, NotImplementedError):
-                return None
+            except (RuntimeError, ValueError, NotImplementedError):  # a mode torch cannot resample one axis at
+                return None  # a time: no rule, so the engine measures the node (its reason says so)
             sq += float(y.pow(2).sum())
         total *= sq / n_out
     return total
@@ -378,15 +378,10 @@ def _norm_act(ctx: KernelContext, inputs: list[NodeKernel]) -> NodeKernel | None
 
 
 def _norm_act_check(graph: IdealGraph, node: fx.Node, d: dict) -> str | None:
-    info = d["info"]
-    spec = info.norm
-    if spec is None:
-        return f"{info.describe()}: no kernel rule"
-    if spec.family is NormFamily.BATCH:
-        return "batch norm: run strip_bn first (fold or remove)"
-    if spec.family is NormFamily.OTHER:
-        return f"{info.describe()}: {info.attrs.get('reason', 'no kernel rule')}"
-    act = spec.activation
+    problem = norm_family_problem(d["info"])
+    if problem is not None:
+        return problem
+    act = d["info"].norm.activation
     if act is None or act.name == "identity":
         return None
     if act.name.startswith("unknown:"):
