@@ -11,6 +11,15 @@ network, and the targets are solved again with it:
    measured for every product (``"empirical"``);
 3. repeat, since the maps depend on the constants; the last maps shape the model.
 
+A map is a table over the cosines its main operand takes in the analysed network. Deep in a
+network of ReLU-like activations those all lie near 1, and a later round (a TReLU slope closer
+to 1, a C(0) target lower) asks the map at smaller cosines. A table read outside its range would
+return its end value and make the network C(0) rise again as the activations get more linear,
+so the targets' bisection would run to the wrong end. The table is therefore widened with the
+same products measured on a copy whose signal-path activations are removed (the gate paths keep
+theirs): there the cosines at each main operand span the whole range, and q stays what the
+shaped network has (1, once the DKS conditions hold).
+
 Each product is followed by a constant rescale ``1 / sqrt(q_ratio)`` so that q stays 1
 downstream (the DKS condition at the next activation). The activations on a product's gate
 path (nodes that reach an output only through a product's second operand) are not reshaped:
@@ -35,7 +44,7 @@ from ..graph.state import nodes_by_name
 from ..ops import OpKind
 from ..report import PassRecord, Preservation
 
-__all__ = ["ITERATIONS", "iterate_product_maps", "measure_product_maps", "insert_rescales"]
+__all__ = ["ITERATIONS", "iterate_product_maps", "linearized", "measure_product_maps", "insert_rescales", "widened"]
 
 ITERATIONS = 3
 _PREFIX = PRODUCT_RESCALE_PREFIX
@@ -133,4 +142,43 @@ def iterate_product_maps(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor,
             warnings.simplefilter("ignore")
             shape(trial, PassRecord("trial", {}, Preservation.NONE), maps)
         maps = measure_product_maps(trial, example_inputs, mode=mode)  # of the raw product: the rescale follows
+        wide = measure_product_maps(linearized(trial), example_inputs, mode=mode)
+        maps = {name: widened(pm, wide.get(name)) for name, pm in maps.items()}
     return maps
+
+
+def linearized(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose activations on the signal path are identities; those on the gate
+    paths of products (which stay unshaped) and inside norm+activation composites are kept."""
+    from ..analysis.targets import gate_nodes
+
+    out = copy.deepcopy(gm)
+    topo = Topology(out)
+    gates = gate_nodes(topo)
+    nodes = nodes_by_name(out)
+    for name in topo.nodes_of(OpKind.ACTIVATION):
+        node = nodes[name]
+        if name in gates or not topo.graph.nodes[name]["signal"] or not node.args:
+            continue
+        if isinstance(node.args[0], fx.Node):
+            node.replace_all_uses_with(node.args[0])
+            out.graph.erase_node(node)
+    out.graph.lint()
+    out.recompile()
+    return out
+
+
+def widened(narrow: ProductMap, wide: ProductMap | None) -> ProductMap:
+    """``narrow`` with its C map table extended by the points of ``wide`` outside its cosine range
+    (``narrow`` keeps q, the slope and the curvature at c = 1, measured on the shaped network)."""
+    if wide is None:
+        return narrow
+    lo, hi = min(narrow.c_in), max(narrow.c_in)
+    pairs = sorted({*zip(narrow.c_in, narrow.c_out),
+                    *((a, b) for a, b in zip(wide.c_in, wide.c_out) if a < lo or a > hi)})
+    c_in, c_out = [], []
+    for a, b in pairs:  # np.interp needs increasing cosines: drop repeats
+        if not c_in or a > c_in[-1]:
+            c_in.append(a)
+            c_out.append(b)
+    return ProductMap(narrow.q_ratio, narrow.slope, tuple(c_in), tuple(c_out), narrow.curvature)

@@ -293,8 +293,10 @@ class TAT(_Shaping):
             leaky_names = {s.node.name for s in leaky}
             a, reached = _solve_trelu(ideal, leaky_names, c_maps, float(self.eta), self.unreachable == "refuse")
             if reached is not None:
-                msg = (f"tat: eta = {self.eta} is unreachable: even a = 0 (ReLU) gives the network C_f(0) = "
-                       f"{reached:.6f} (too shallow or too many shortcuts); a = 0, the closest, is used "
+                why = ("a = 0 (ReLU) gives", "too shallow or too many shortcuts") if a == 0.0 else \
+                    ("a = 1 (linear) gives", "pooling or gates alone correlate the outputs")
+                msg = (f"tat: eta = {self.eta} is unreachable: even {why[0]} the network C_f(0) = "
+                       f"{reached:.6f} ({why[1]}); a = {a:g}, the closest, is used "
                        f"(unreachable='refuse' refuses instead)")
                 warnings.warn(msg, stacklevel=2)
                 record.note(msg)
@@ -393,10 +395,11 @@ def _solve_dks_site(site: _Site, xi: float, constants: dict[ActivationSpec, Tran
 def _solve_trelu(ideal: IdealGraph, leaky: set[str], c_maps: dict[str, Callable[[float], float]],
                  eta: float, refuse: bool = True) -> tuple[float, float | None]:
     """The negative slope ``a`` with network ``C_f(0) = η``, by bisection (C_f(0) falls as a grows),
-    and None; or, when η is above what ``a = 0`` reaches and ``refuse`` is False, ``(0, that value)``.
+    and None; or, when η is above what ``a = 0`` reaches (below what ``a = 1`` reaches) and ``refuse``
+    is False, ``(0, that value)`` (``(1, that value)``).
 
     Raises:
-        UnsupportedNodeError: η is above what a = 0 (plain ReLU) reaches and ``refuse``; names that value.
+        UnsupportedNodeError: η is out of reach of a in [0, 1] and ``refuse``; names the closest value.
     """
     def c0(a: float) -> float:
         def rule(node: str, c: float) -> float:
@@ -412,4 +415,12 @@ def _solve_trelu(ideal: IdealGraph, leaky: set[str], c_maps: dict[str, Callable[
         raise UnsupportedNodeError(
             f"tat: eta = {eta} is unreachable: even a = 0 (ReLU) gives the network C_f(0) = {best:.6f} (too shallow or "
             f"too many shortcuts); use eta <= {math.floor(best * 1e6) / 1e6}, or unreachable='closest'")
+    floor = c0(1.0)  # a = 1: linear activations; what the rest of the network (pools, gates) gives alone
+    if floor > eta and not refuse:
+        return 1.0, floor
+    if floor > eta:
+        raise UnsupportedNodeError(
+            f"tat: eta = {eta} is unreachable: even a = 1 (linear activations) gives the network C_f(0) = "
+            f"{floor:.6f} (pooling or gates alone correlate the outputs); use eta >= {math.ceil(floor * 1e6) / 1e6}, "
+            f"or unreachable='closest'")
     return bisect(lambda a: c0(a) > eta, 0.0, 1.0, tol=1e-14), None

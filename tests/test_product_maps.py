@@ -1,0 +1,103 @@
+"""Product maps in dks/tat (issue 16 §1): the tables cover the cosines the final network takes.
+
+A product's map is a table over the cosines its main operand takes in an analysed copy of the
+network. Deep in a ReLU network those lie near 1; the final TReLU slope makes them smaller. A
+table read outside its range returned its end value, so the network C(0) computed by the pass
+rose again as the activations grew more linear and the slope ran to 1 (tresnet_m: C(0) 0.966
+instead of 0.9). The independent check here is the analysis of the result (kernel rules,
+products by their independence rule) at the input of the final pooling, which the targets'
+network C map ends at.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import netsurgeon
+from netsurgeon.analysis.targets import ProductMap
+from netsurgeon.errors import UnsupportedNodeError
+from netsurgeon.passes._empirical import linearized, widened
+from netsurgeon.passes.dks import _solve_trelu
+
+
+class _SE(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+def _net(plain: int, gated: int, c: int = 32) -> nn.Sequential:
+    """``plain`` conv-ReLU layers, then ``gated`` conv-ReLU-SE layers, a global pool and a head."""
+    layers: list[nn.Module] = [nn.Conv2d(3, c, 3, padding=1)]
+    for _ in range(plain):
+        layers += [nn.ReLU(), nn.Conv2d(c, c, 3, padding=1)]
+    for _ in range(gated):
+        layers += [nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), _SE(c)]
+    return nn.Sequential(*layers, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+
+
+def _tat(model: nn.Module, x: torch.Tensor, eta: float) -> torch.fx.GraphModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return netsurgeon.transform(model, ["input_norm", ("orthogonal_init", {"seed": 0}), ("tat", {"eta": eta})],
+                                    example_inputs=x)
+
+
+def _pool_input(gm: torch.fx.GraphModule) -> str:
+    pools = [n for n in gm.graph.nodes
+             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.AdaptiveAvgPool2d)]
+    return pools[-1].args[0].name
+
+
+@pytest.mark.parametrize("eta", [0.3, 0.6])
+def test_tat_network_c0_is_the_target_by_the_analysis_of_the_result(eta):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    gm = _tat(_net(plain=16, gated=4), x, eta)
+    der = netsurgeon.derivation(gm, "tat")
+    assert "eta_reached" not in der and 0.0 < der["negative_slope"] < 1.0
+    c0 = float(netsurgeon.analyze(gm, x).cmap(_pool_input(gm))(np.array([0.0]))[0])
+    assert c0 == pytest.approx(eta, abs=2e-3)
+    for name, pm in der["product_maps"].items():  # every table reaches the cosines the result takes
+        assert min(pm["c_in"]) <= 0.0, name
+
+
+def test_linearized_keeps_gate_activations_only():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = netsurgeon.trace(_net(plain=1, gated=1, c=8), x)
+    lin = linearized(gm)
+    targets = [n.target for n in lin.graph.nodes if n.op != "placeholder"]
+    assert targets.count(torch.sigmoid) == 1 and targets.count(torch.relu) == 1  # the gate's
+    assert not any(isinstance(lin.get_submodule(t), nn.ReLU) for t in targets if isinstance(t, str)
+                   and t in dict(lin.named_modules()))
+    assert len(list(gm.graph.nodes)) - len(list(lin.graph.nodes)) == 3  # three nn.ReLU on the signal path
+
+
+def test_widened_extends_the_table_outside_its_range_only():
+    narrow = ProductMap(2.0, 0.5, (0.8, 0.9, 1.0), (0.7, 0.85, 1.0), 0.1)
+    wide = ProductMap(3.0, 0.7, (-1.0, 0.0, 0.85, 1.0), (-0.5, 0.1, 0.0, 0.9), 0.2)
+    got = widened(narrow, wide)
+    assert (got.q_ratio, got.slope, got.curvature) == (2.0, 0.5, 0.1)
+    assert got.c_in == (-1.0, 0.0, 0.8, 0.9, 1.0) and got.c_out == (-0.5, 0.1, 0.7, 0.85, 1.0)
+    assert widened(narrow, None) is narrow
+
+
+class _Floor:
+    """An ideal graph whose network C(0) never falls below 0.95 (the rest of the network correlates)."""
+
+    def network_c0(self, rule) -> float:
+        return 0.95 + 0.05 * rule("act", 0.0)
+
+
+def test_eta_below_what_linear_activations_give_is_refused_or_closest():
+    with pytest.raises(UnsupportedNodeError, match=r"a = 1 \(linear activations\) gives the network C_f\(0\) = 0.95"):
+        _solve_trelu(_Floor(), {"act"}, {}, 0.9, refuse=True)
+    assert _solve_trelu(_Floor(), {"act"}, {}, 0.9, refuse=False) == (1.0, pytest.approx(0.95))
