@@ -52,3 +52,23 @@ def test_factors_feeding_a_product_are_kept():
     # kept (attention's 1/sqrt(d) is such a factor), so here it is named as what changes q
     with pytest.raises(netsurgeon.PassError, match="constant factor 0.25 at mul"):
         netsurgeon.transform(Attn(), ["tat"], example_inputs=torch.randn(8, 16))
+
+
+class AffineEnded(nn.Module):
+    """A residual branch ending in a learned scale and shift (hgnetv2's LearnableAffineBlock)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.scale = nn.Parameter(torch.tensor([0.1]))
+        self.bias = nn.Parameter(torch.tensor([0.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (self.scale * torch.relu(self.fc(x)) + self.bias)
+
+
+@pytest.mark.parametrize("middle", ["remove_skips", "normalize_sums"])
+def test_layer_scale_reset_sets_the_scale_not_the_shift(middle):
+    gm = netsurgeon.transform(AffineEnded(), [middle], example_inputs=torch.randn(4, 16))
+    assert float(gm.get_parameter("scale")) == 1.0  # the layer scale
+    assert float(gm.get_parameter("bias")) == 0.0  # a shift: set to 1 it doubled q (hgnetv2)

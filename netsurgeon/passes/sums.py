@@ -311,7 +311,7 @@ def _reset_layer_scale(gm: fx.GraphModule, topo: Topology, node: fx.Node, record
             record.change(node.name, f"constant factor {factor:.4g} ending a residual branch set to "
                                      f"{math.copysign(1.0, factor):g}", "without the shortcut it only rescales q, "
                                                                         "which the shaping passes set themselves")
-        if kind is OpKind.AFFINE:
+        if kind is OpKind.AFFINE and _scales(node):  # a learned shift (``h + b``, hgnetv2) is not a layer scale
             for const in (a for a in node.all_input_nodes if not signal(a)):
                 for attr in _get_attrs(const):
                     try:
@@ -329,6 +329,18 @@ def _reset_layer_scale(gm: fx.GraphModule, topo: Topology, node: fx.Node, record
         if len(signals) != 1:
             return
         node = signals[0]
+
+
+_SCALING_FUNCTIONS = (operator.mul, operator.truediv, torch.mul, torch.div)
+_SCALING_METHODS = ("mul", "mul_", "div", "div_")
+
+
+def _scales(node: fx.Node) -> bool:
+    """Whether an affine node multiplies (or divides) its signal by its constant operand, rather
+    than shifting it (``h + b``, ``h - b``)."""
+    if node.op == "call_function":
+        return node.target in _SCALING_FUNCTIONS
+    return node.op == "call_method" and node.target in _SCALING_METHODS
 
 
 def _get_attrs(node: fx.Node) -> list[fx.Node]:
