@@ -101,3 +101,37 @@ def test_eta_below_what_linear_activations_give_is_refused_or_closest():
     with pytest.raises(UnsupportedNodeError, match=r"a = 1 \(linear activations\) gives the network C_f\(0\) = 0.95"):
         _solve_trelu(_Floor(), {"act"}, {}, 0.9, refuse=True)
     assert _solve_trelu(_Floor(), {"act"}, {}, 0.9, refuse=False) == (1.0, pytest.approx(0.95))
+
+
+class _TwinPools(nn.Module):
+    """NASNet's ``comb_iter_3``: two poolings of one signal, added (a correlated sum)."""
+
+    def __init__(self, c: int = 16, depth: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in range(depth))
+        self.left, self.right = nn.AvgPool2d(3, 1, 1), nn.AvgPool2d(3, 1, 1)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for conv in self.convs:
+            h = conv(torch.relu(h))
+            h = self.left(h) + self.right(h)
+        return self.head(torch.relu(h).mean((2, 3)))
+
+
+def test_a_weighted_correlated_sum_is_rescaled_to_its_terms_q():
+    """normalize_sums weights the sum ``w·p + w·p`` (w² = 1/2); its map's q ratio is taken against
+    ``p`` below the weight, so the rescale returns q to that of ``p`` (it was taken against ``w·p``,
+    at q = 1/2, and tat refused: an activation received q = 1/2)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = netsurgeon.transform(_TwinPools(), ["normalize_sums", "input_norm", ("orthogonal_init", {"seed": 0}),
+                                                 "tat"], example_inputs=x)
+    maps = netsurgeon.derivation(gm, "tat")["product_maps"]
+    assert len(maps) == 4
+    for pm in maps.values():  # (w p + w p)² = 2 p²: the ratio is exact whatever the pooling does to q
+        assert pm["q_ratio"] == pytest.approx(2.0, rel=1e-6)

@@ -48,7 +48,7 @@ from .rules import IDEAL_RULES, KERNEL_RULES
 from .sums import correlated_sums
 
 __all__ = ["ActRule", "IdealGraph", "IdealRule", "PRODUCT_MODES", "ProductMap", "Subnetwork", "gate_nodes", "mapped_merges",
-           "ideal_rule", "main_operand"]
+           "ideal_rule", "main_operand", "q_reference"]
 
 # how dks/tat treat products of signals: maps from the analysis' rule (measured where the rule does not
 # apply), measured maps, pass-throughs, or a refusal
@@ -58,8 +58,9 @@ PRODUCT_RESCALE_PREFIX = "ns_product_rescale"  # the buffers of the rescale dks/
 
 @dataclass(frozen=True)
 class ProductMap:
-    """A product of signals' measured local map, relative to its first (signal) operand:
-    ``q_ratio = q(product) / q(operand)``, ``slope`` its local ``C'(1)`` (a secant over the
+    """A product of signals' measured local map, relative to its main operand (:func:`main_operand`):
+    ``q_ratio = q(product) / q(reference)`` (:func:`q_reference`: the main operand, below constant
+    factors for a sum), ``slope`` its local ``C'(1)`` (a secant over the
     last measured cosine interval), and the C map as the pairs ``(c_in, c_out)``. The pass
     that uses it rescales the product by ``1 / sqrt(q_ratio)``, so q passes through."""
 
@@ -87,6 +88,19 @@ def main_operand(topo: Topology, product: str) -> str:
         if all(b == a or a in nx.ancestors(g, b) for b in ops):
             return a
     return ops[0]
+
+
+def q_reference(topo: Topology, merge: str) -> str:
+    """The node whose q a mapped merge's rescale restores: its :func:`main_operand`, looked through
+    constant factors for a sum (in ``w₁·a + w₂·pool(a)`` it is ``a``, at q = 1, not ``w₁·a``, at w₁²)."""
+    g = topo.graph
+    name = main_operand(topo, merge)
+    if g.nodes[merge]["kind"] is not OpKind.ADD:
+        return name
+    while g.nodes[name]["kind"] is OpKind.AFFINE and g.nodes[name]["info"].constant_factor is not None \
+            and len(g.nodes[name]["signal_operands"]) == 1:
+        name = g.nodes[name]["signal_operands"][0]
+    return name
 
 
 def mapped_merges(topo: Topology) -> list[str]:
@@ -217,12 +231,12 @@ class IdealGraph:
             if not ins:
                 continue
             if name in self.product_maps:
-                first = main_operand(self.topo, name)
-                if first not in q:
+                first, ref = main_operand(self.topo, name), q_reference(self.topo, name)
+                if first not in q or ref not in q:
                     continue
-                # the pass rescales the product by 1 / sqrt(q_ratio): q stays q[first] once the rescale
+                # the pass rescales the product by 1 / sqrt(q_ratio): q returns to q[ref] once the rescale
                 # follows the product (after the pass) or will follow it (while the pass derives its targets)
-                q[name] = q[first] * (self.product_maps[name].q_ratio if self._rescaled(name) else 1.0)
+                q[name] = q[ref] * (self.product_maps[name].q_ratio if self._rescaled(name) else 1.0)
                 v[name] = product(name, v[first]) if product is not None else v[first]
                 continue
             q[name], v[name] = self.rules[name].apply(self, node, d, ins, q, v, act)

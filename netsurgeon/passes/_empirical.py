@@ -44,7 +44,8 @@ from ..graph.state import nodes_by_name
 from ..ops import OpKind
 from ..report import PassRecord, Preservation
 
-__all__ = ["ITERATIONS", "iterate_product_maps", "linearized", "measure_product_maps", "insert_rescales", "widened"]
+__all__ = ["ITERATIONS", "iterate_product_maps", "linearized", "measure_product_maps", "measured_q_ratios",
+           "insert_rescales", "widened"]
 
 ITERATIONS = 3
 _PREFIX = PRODUCT_RESCALE_PREFIX
@@ -56,7 +57,7 @@ def measure_product_maps(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor,
     from the analysis' product rule where it applies (``mode="rule"``) or measured (``"empirical"``)."""
     from ..analysis import analyze  # the analysis imports the passes' layers; import late
     from ..analysis.rules import KERNEL_RULES
-    from ..analysis.targets import main_operand, mapped_merges
+    from ..analysis.targets import main_operand, mapped_merges, q_reference
 
     topo = Topology(gm)
     names = mapped_merges(topo)
@@ -72,6 +73,9 @@ def measure_product_maps(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor,
         if undo is not None:
             undo()
     grid = np.asarray(a.grid)
+    # a correlated sum is measured while its terms follow rules: its q ratio is measured directly
+    sums = {n: q_reference(topo, n) for n in names if topo.graph.nodes[n]["kind"] is OpKind.ADD}
+    measured = measured_q_ratios(gm, sums, example_inputs)
     out = {}
     for name in names:
         first = main_operand(topo, name)
@@ -88,13 +92,45 @@ def measure_product_maps(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor,
         # C''(1) >= 0; a negative fit is noise of the measured or interpolated map near c = 1
         curvature = max(0.0, float(fit[1])) if np.isfinite(fit[1]) else 0.0
         order = np.argsort(c_first)
-        q_ratio = a.q(name) / a.q(first) if a.q(first) > 0 else 1.0
+        ref = q_reference(topo, name)  # a sum's term below its weight: the rescale restores its q
+        q_ratio = measured.get(name, a.q(name) / a.q(ref) if a.q(ref) > 0 else 1.0)
         if not (math.isfinite(q_ratio) and q_ratio > 0 and math.isfinite(slope)):
             raise UnsupportedNodeError(f"products={mode!r}: product {name} has q ratio {q_ratio:.3g} and "
                                        f"slope {slope:.3g}; no usable map", nodes=[name])
         out[name] = ProductMap(float(q_ratio), float(slope), tuple(map(float, c_first[order])),
                                tuple(map(float, c_prod[order])), curvature)
     return out
+
+
+def measured_q_ratios(gm: fx.GraphModule, pairs: dict[str, str],
+                      example_inputs: tuple[torch.Tensor, ...] | None, draws: int = 4) -> dict[str, float]:
+    """``{node: q(node) / q(reference)}`` for ``pairs = {node: reference}``, from runs of ``gm`` (eval
+    mode) on standard Gaussian inputs shaped like the floating-point ``example_inputs`` (the
+    analysis' inputs, q = 1). Empty without such inputs."""
+    if not pairs or not example_inputs or not all(isinstance(t, torch.Tensor) and t.is_floating_point()
+                                                  for t in example_inputs):
+        return {}
+    wanted = set(pairs) | set(pairs.values())
+    totals = dict.fromkeys(wanted, 0.0)
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            out = super().run_node(n)
+            if n.name in totals and isinstance(out, torch.Tensor) and out.is_floating_point():
+                totals[n.name] += float(out.detach().double().pow(2).mean())
+            return out
+
+    g = torch.Generator().manual_seed(0)
+    was = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(draws):
+                _Recorder(gm).run(*(torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
+                                    for t in example_inputs))
+    finally:
+        gm.train(was)
+    return {n: totals[n] / totals[r] for n, r in pairs.items() if totals[r] > 0 and totals[n] > 0}
 
 
 def insert_rescales(gm: fx.GraphModule, maps: dict[str, ProductMap], record: PassRecord | None = None) -> None:
