@@ -72,3 +72,26 @@ def test_layer_scale_reset_sets_the_scale_not_the_shift(middle):
     gm = netsurgeon.transform(AffineEnded(), [middle], example_inputs=torch.randn(4, 16))
     assert float(gm.get_parameter("scale")) == 1.0  # the layer scale
     assert float(gm.get_parameter("bias")) == 0.0  # a shift: set to 1 it doubled q (hgnetv2)
+
+
+class DenseScaled(nn.Module):
+    """RDNet's dense block: new features scaled by gamma = 1e-6, concatenated with the old ones."""
+
+    def __init__(self, width: int = 16, growth: int = 8) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, growth)
+        self.gamma = nn.Parameter(1e-6 * torch.ones(growth))
+        self.out = nn.Linear(width + growth, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.cat([x, torch.relu(self.fc(x)).mul(self.gamma)], 1))
+
+
+@pytest.mark.parametrize("middle", ["remove_skips", "normalize_sums"])
+def test_layer_scale_ending_a_concatenated_branch_is_reset(middle):
+    gm = netsurgeon.transform(DenseScaled(), [middle], example_inputs=torch.randn(4, 16))
+    assert bool((gm.get_parameter("gamma") == 1.0).all())
+    assert any("layer scale gamma set to 1" in w for w in _changes(gm, middle))
+    kept = netsurgeon.transform(DenseScaled(), [(middle, {"reset_layer_scale": False})],
+                                example_inputs=torch.randn(4, 16))
+    assert float(kept.get_parameter("gamma").max()) == pytest.approx(1e-6)

@@ -206,7 +206,8 @@ class NormalizeSums(Pass):
         shortcut_weight2: ``w_s²`` of residual shortcuts, in (0, 1). The DKS paper
             (arXiv:2110.01765, §"normalized sums") uses 0.8. Default: 0.8.
         reset_layer_scale: set the per-channel scale parameters that end a residual branch (layer
-            scale, ConvNeXt's ``gamma``, initialized near 0) to 1, reported per node, so that the new
+            scale, ConvNeXt's ``gamma``, initialized near 0), or an operand of a concatenation
+            (RDNet's dense blocks), to 1, reported per node, so that the new
             weights are the effective ones (a 1e-6 scale would keep the branch out of q, and the
             activation after the sum would see q = w_s² instead of 1). Default: True, as for
             ``remove_skips`` (False keeps them; they then multiply the new weight).
@@ -245,6 +246,8 @@ class NormalizeSums(Pass):
             _rewrite(gm, found, [(t.base, w) for t, w in zip(found.terms, weights)])
             record.change(found.root.name, f"{found.kind} sum of {len(found.terms)} terms: " + ", ".join(
                 f"{t.base.name} × {w:.4g}" for t, w in zip(found.terms, weights)), self._why(found))
+        if self.reset_layer_scale:
+            _reset_concat_scales(gm, topo, record)
         if not sums and not refused and not dim_sums:
             record.note("no sum of signals in the model")
         return gm
@@ -292,8 +295,23 @@ def _normalize_dim_sum(gm: fx.GraphModule, node: fx.Node, n: int, record: PassRe
                   f"q by {n}; weight 1/sqrt({n}) per term, as a sum without shortcut")
 
 
+def _reset_concat_scales(gm: fx.GraphModule, topo: Topology, record: PassRecord) -> None:
+    """Reset the layer scales that end the operands of a concatenation (RDNet's dense blocks end in
+    ``h * gamma``, gamma = 1e-6): at 1e-6 the new features would be left out of every later q and
+    C map, as a residual branch's would be out of the sum."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for block in topo.blocks:
+        if block.kind is BlockKind.CONCAT:
+            for operand in dict.fromkeys(block.operands):
+                if operand in nodes:
+                    _reset_layer_scale(gm, topo, nodes[operand], record,
+                                       why="a near-zero scale would leave these features out of the "
+                                           "concatenation's q and C map")
+
+
 def _reset_layer_scale(gm: fx.GraphModule, topo: Topology, node: fx.Node, record: PassRecord,
-                       constants: bool = False) -> None:
+                       constants: bool = False,
+                       why: str = "without the shortcut a near-zero scale would pass nothing on") -> None:
     """Walk up from a branch's output through scalings and pass-throughs; set every per-channel
     scale parameter found on the way (``h * gamma``, ``h.mul(gamma.reshape(...))``) to 1, and with
     ``constants`` every constant factor (NF-Net's ``h * alpha``, ``2.0 * h``) to its sign."""
@@ -318,13 +336,12 @@ def _reset_layer_scale(gm: fx.GraphModule, topo: Topology, node: fx.Node, record
                         param = gm.get_parameter(attr.target)
                     except AttributeError:  # a buffer: a fixed scale, not a learned layer scale
                         continue
-                    if param.dim() >= 1:
+                    if param.dim() >= 1 and not bool((param == 1.0).all()):
                         before = float(param.detach().abs().mean())
                         with torch.no_grad():
                             param.fill_(1.0)
                         record.change(node.name, f"layer scale {attr.target} set to 1 (mean |value| was "
-                                                 f"{before:.3g})", "without the shortcut a near-zero scale would "
-                                                                   "pass nothing on")
+                                                 f"{before:.3g})", why)
         signals = [a for a in node.all_input_nodes if signal(a)]
         if len(signals) != 1:
             return
@@ -370,8 +387,10 @@ class RemoveSkips(Pass):
         reset_layer_scale: a branch that ends in a per-channel scale by a parameter (layer
             scale, ConvNeXt's ``gamma``, initialized near 0 so the block starts as its
             shortcut) gets that parameter set to 1, reported per node: without the shortcut a
-            1e-6 scale would pass nothing on. Constant factors ending the branch (NF-Net's
-            ``alpha`` and gains) become their sign, since they only rescale q. Default: True.
+            1e-6 scale would pass nothing on. So does a scale ending an operand of a concatenation
+            (RDNet's dense blocks), which the concatenation would otherwise leave out. Constant
+            factors ending the branch (NF-Net's ``alpha`` and gains) become their sign, since they
+            only rescale q. Default: True.
     """
 
     name = "remove_skips"
@@ -390,6 +409,8 @@ class RemoveSkips(Pass):
             if block.kind is BlockKind.CONCAT:
                 record.skip(block.merge, "concatenation: its inputs all reach the consumers' channels; "
                                          "not a skip connection that can be dropped")
+        if self.reset_layer_scale:
+            _reset_concat_scales(gm, topo, record)
         for found in sums:
             if found.kind is not BlockKind.RESIDUAL:
                 record.skip(found.root.name, f"sum of {len(found.terms)} non-trivial paths with no identity or "
