@@ -296,13 +296,17 @@ def solve_tat(act: Activation, kappa: float) -> Transform:
         scale = math.sqrt(kappa)
         for a0, b0, d0 in itertools.product((1.0, 0.3, 3.0), (0.0, 0.5, -0.5, 1.0, -1.0), (0.0, 1.0, -1.0)):
             x0 = np.array([a0 * scale, b0, d0])
-            m0 = _moments(act, float(x0[0]), float(x0[1]), None)  # start δ at the centering value
+            try:
+                m0 = _moments(act, float(x0[0]), float(x0[1]), None)  # start δ at the centering value
+            except _Degenerate:  # φ constant over the start's reach (relu² with β < 0 and a small α)
+                continue
             x0[2] = m0["delta"] + d0 * math.sqrt(m0["q1"])
             yield x0
 
     sols = _search(residual, starts(), _enough(act, 1.0, complete))
     if not sols:
-        raise TransformError(f"no (alpha, beta, delta) gives Q'(1) = 1, C'(1) = 1, C''(1) = {kappa:.6g} for {act}")
+        raise TransformError(f"no (alpha, beta, delta) gives Q'(1) = 1, C'(1) = 1, C''(1) = {kappa:.6g} for {act}; "
+                             f"TAT cannot shape this activation (try the dks pass, or a different activation)")
     return _choose(act, [complete(s) for s in sols], 1.0)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -71,6 +72,16 @@ if tl is not None:
                           ("hard_mish", (ta.HardMish, tme.HardMishMe)), ("gelu", (ta.GELU,)),
                           ("gelu_tanh", (ta.GELUTanh,)), ("quick_gelu", (ta.QuickGELU,))):
         register_activation(_name, torch_modules=_types)
+
+    # MetaFormer's StarReLU, s * relu(x)² + b, with its learnable s and b read off the module
+    from timm.models.metaformer import StarReLU as _StarReLU
+
+    def _star_relu(x: torch.Tensor, scale: float = 1.0, bias: float = 0.0) -> torch.Tensor:
+        return scale * torch.relu(x) ** 2 + bias
+
+    register_activation("star_relu", _star_relu, params={"scale": 1.0, "bias": 0.0}, kinks=(0.0,), scale=None,
+                        one_sided=True, torch_modules=(_StarReLU,),
+                        module=lambda scale, bias: _StarReLU(scale_value=scale, bias_value=bias))
 
     # how timm's Linear/Conv subclasses use their weight (netsurgeon.ops.modules)
     register_layer_forward(tl.Linear)
