@@ -13,7 +13,13 @@ so a traced model switched to eval keeps using batch statistics. netsurgeon:
    module itself cannot be fixed and raises :class:`TraceError`;
 3. makes a module type timm registered as not traceable (``register_notrace_module``) a
    leaf when tracing fails inside it;
-4. traces Hugging Face ``transformers`` models with the front-end of :mod:`.hf`.
+4. traces Hugging Face ``transformers`` models with the front-end of :mod:`.hf`;
+5. traces ``forward`` as it is called with the example inputs: a parameter they do not
+   supply (``mask=None``, ``patch_coord=None``, ``pre_logits=False``) keeps its default
+   instead of becoming a placeholder. A placeholder is a proxy, never ``None``, so
+   ``if mask is not None:`` would take the branch the eager call does not, and the traced
+   module fail or differ when called without the argument. The defaults used are listed in
+   ``TraceInfo.defaulted``; the traced module takes exactly the supplied inputs.
 
 Example:
     >>> import timm, torch, netsurgeon
@@ -23,11 +29,12 @@ Example:
 """
 from __future__ import annotations
 
+import inspect
 import linecache
 import sys
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -63,6 +70,7 @@ class TraceInfo:
     input_shape: tuple[int, ...] | None = None
     specialized: list[str] = field(default_factory=list)  # control flow decided on the example inputs
     untraceable_leaves: list[str] = field(default_factory=list)  # "path (Class): why" for leaves made on failure
+    defaulted: list[str] = field(default_factory=list)  # "name=default": forward parameters the inputs do not supply
 
 
 class NetsurgeonTracer(fx.Tracer):
@@ -75,6 +83,15 @@ class NetsurgeonTracer(fx.Tracer):
         self.record_stack_traces = True
         self.example_inputs = example_inputs
         self.decisions: list[str] = []
+        self.defaulted: frozenset[str] = frozenset()  # forward parameters traced at their defaults
+
+    def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None
+                             ) -> tuple[Any, list[Any]]:
+        """fx's placeholders, for the root ``forward`` without the parameters in ``defaulted``
+        (they keep their default values; see :func:`_forward_with_defaults`)."""
+        if is_module and self.defaulted:
+            root_fn = _forward_with_defaults(root_fn, self.defaulted)
+        return super().create_args_for_root(root_fn, is_module, concrete_args)
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         """Control flow on a traced value (``if x.shape[-2] < 7``): without example inputs an
@@ -244,16 +261,117 @@ def _default_shadow(model: nn.Module, input_shape: tuple[int, ...] | None) -> tu
     return (random_batch(input_shape),) if input_shape else None
 
 
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+
+def _forward_parameters(model: nn.Module) -> list[inspect.Parameter]:
+    """The parameters of ``type(model).forward`` after ``self``, as fx reads them (unwrapped)."""
+    try:
+        params = list(inspect.signature(inspect.unwrap(type(model).forward)).parameters.values())
+    except (TypeError, ValueError):  # a builtin or otherwise unreadable forward: fx decides
+        return []
+    return params[1:]
+
+
+def _unsupplied_defaults(model: nn.Module, inputs: tuple[Any, ...] | None,
+                         concrete_args: dict[str, Any] | None) -> dict[str, Any]:
+    """The parameters of ``forward`` that ``inputs`` (bound positionally) do not supply and that have a
+    default, with it: the trace calls ``forward`` without them, as the eager call does. Empty without
+    inputs (nothing says how ``forward`` is called), for ``transformers`` models (:mod:`.hf` calls their
+    ``forward`` with the given inputs only), and for parameters ``concrete_args`` names."""
+    if inputs is None or _from_transformers(model):
+        return {}
+    params = _forward_parameters(model)
+    if len(inputs) > sum(p.kind in _POSITIONAL for p in params):
+        return {}  # more inputs than named positional parameters: *args takes them, nothing is left out
+    supplied = {p.name for p in params[:len(inputs)]}  # positional parameters come first
+    return {p.name: p.default for p in params
+            if p.name not in supplied and p.kind not in _VARIADIC and p.default is not inspect.Parameter.empty
+            and p.name not in (concrete_args or {})}
+
+
+def _supplied_none(model: nn.Module, inputs: tuple[Any, ...] | None,
+                   concrete_args: dict[str, Any] | None) -> dict[str, Any]:
+    """``concrete_args`` with ``None`` added for each example input that is ``None`` (``(x, None)``):
+    fx makes a placeholder of it, and a placeholder is never ``None`` to ``is None`` tests; as a
+    concrete argument it keeps its place in the signature and fx checks that it stays ``None``."""
+    if not inputs or _from_transformers(model):
+        return dict(concrete_args or {})
+    params = [p for p in _forward_parameters(model) if p.kind in _POSITIONAL]
+    nones = {p.name: None for p, x in zip(params, inputs) if x is None}
+    return {**nones, **(concrete_args or {})}
+
+
+class _Name:
+    """A default shown by its name in generated source (``inspect.Signature`` uses ``repr``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _forward_with_defaults(fn: Callable[..., Any], dropped: Iterable[str]) -> Callable[..., Any]:
+    """``fn`` (an unbound ``forward``) without the parameters named in ``dropped``: a generated
+    function whose signature lists the others (with their defaults and annotations) and that calls
+    ``fn`` without the dropped ones, so they take their defaults. A positional parameter after a
+    dropped one is passed by keyword; ``*args`` after one is dropped too (it can only be empty)."""
+    dropped = set(dropped)
+    kept: list[inspect.Parameter] = []
+    call: list[str] = []
+    scope: dict[str, Any] = {"__ns_forward": fn}
+    gap = False  # a positional parameter was dropped: later ones go by keyword
+    for p in inspect.signature(inspect.unwrap(fn)).parameters.values():
+        if p.name in dropped or (gap and p.kind is inspect.Parameter.VAR_POSITIONAL):
+            gap = gap or p.kind in _POSITIONAL
+            continue
+        if gap and p.kind is inspect.Parameter.POSITIONAL_ONLY:
+            return fn  # cannot be passed by keyword: fx traces forward as it is
+        prefix = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}.get(p.kind, "")
+        by_name = p.kind is inspect.Parameter.KEYWORD_ONLY or (gap and p.kind in _POSITIONAL)
+        call.append(f"{p.name}={p.name}" if by_name else prefix + p.name)
+        default = p.default
+        if default is not inspect.Parameter.empty:
+            scope[f"__ns_default_{len(kept)}"] = default
+            default = _Name(f"__ns_default_{len(kept)}")
+        kept.append(p.replace(default=default, annotation=inspect.Parameter.empty))
+    src = f"def forward{inspect.Signature(kept)}:\n    return __ns_forward({', '.join(call)})\n"
+    exec(compile(src, f"<netsurgeon: {getattr(fn, '__qualname__', 'forward')}>", "exec"), scope)  # noqa: S102
+    forward = scope["forward"]
+    forward.__annotations__ = {k: v for k, v in getattr(inspect.unwrap(fn), "__annotations__", {}).items()
+                               if k in {p.name for p in kept}}
+    return forward
+
+
+_SCALARS = (type(None), bool, int, float, str)
+
+
+def _concrete_values_as_defaults(graph: fx.Graph, concrete_args: dict[str, Any] | None) -> None:
+    """fx keeps a placeholder ``<name>_1`` for a scalar in ``concrete_args``, with the parameter's
+    default as its default and a check that the value passed equals the concrete one: with a value
+    other than the default, the traced module then fails when called without it. The placeholder's
+    default becomes the concrete value (passing another value still fails fx's check)."""
+    fixed = {f"{k}_1": v for k, v in (concrete_args or {}).items() if type(v) in _SCALARS}
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.target in fixed:
+            node.args = (fixed[node.target],)
+
+
 def _trace_once(model: nn.Module, leaves: set[str], concrete_args: dict[str, Any] | None,
-                example_inputs: tuple[torch.Tensor, ...] | None = None, decisions: list[str] | None = None
-                ) -> tuple[fx.Graph, dict[str, Any]]:
-    """One trace. fx stores tensor constants made in ``forward`` as ``_tensor_constantN``
+                example_inputs: tuple[torch.Tensor, ...] | None = None, decisions: list[str] | None = None,
+                defaulted: Iterable[str] = ()) -> tuple[fx.Graph, dict[str, Any]]:
+    """One trace, of ``forward`` without the ``defaulted`` parameters (they keep their defaults).
+    fx stores tensor constants made in ``forward`` as ``_tensor_constantN``
     attributes on the root; they are taken off again (and returned) so that the model is
     left as it was and a second trace numbers its constants the same way."""
     before = set(model.__dict__)
     tracer = _tracer_class(model)(leaves, example_inputs)
+    tracer.defaulted = frozenset(defaulted)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
+        _concrete_values_as_defaults(graph, concrete_args)
         if decisions is not None:
             decisions.extend(d for d in tracer.decisions if d not in decisions)
     except NetsurgeonError:  # a TraceError, or example inputs the model cannot run on (hf front-end)
@@ -273,7 +391,8 @@ _MAX_FAILURE_LEAVES = 16  # module types made leaves because tracing failed insi
 
 
 def _trace_leafing_notrace(model: nn.Module, leaves: set[str], info: TraceInfo, concrete_args: dict[str, Any] | None,
-                           shadow: tuple[torch.Tensor, ...] | None) -> tuple[fx.Graph, dict[str, Any]]:
+                           shadow: tuple[torch.Tensor, ...] | None, defaulted: Iterable[str] = ()
+                           ) -> tuple[fx.Graph, dict[str, Any]]:
     """``_trace_once``; a failure inside a submodule makes every module of its type a leaf and
     traces again (a leaf runs its own eager code, so the result stays exact; the analysis and the
     passes then name it as an opaque op). timm's not-traceable types go to ``info.auto_leaves``,
@@ -283,7 +402,7 @@ def _trace_leafing_notrace(model: nn.Module, leaves: set[str], info: TraceInfo, 
     failures = 0
     while True:
         try:
-            return _trace_once(model, leaves, concrete_args, shadow, info.specialized)
+            return _trace_once(model, leaves, concrete_args, shadow, info.specialized, defaulted)
         except TraceError as err:
             path = getattr(err, "module_path", None)
             extra = _timm_notrace_leaves(model, path, leaves)
@@ -338,10 +457,16 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             (``if x.shape[-2] < 7``) is decided by running the graph traced so far on them
             (or, without them, on a random batch of a timm model's input size); the
             decisions are listed in ``TraceInfo.specialized`` and the report, and the
-            result is valid for inputs that take the same branches.
+            result is valid for inputs that take the same branches. They are bound to
+            ``forward``'s parameters in order; a parameter they do not supply keeps its
+            default (``mask=None``: the traced module is the model called without a mask,
+            and takes exactly the supplied inputs; listed in ``TraceInfo.defaulted``). To
+            trace with an optional input, supply it (``(x, mask)``); an input given as
+            ``None`` is fixed at ``None``.
         leaf_modules: qualified names of submodules to keep as opaque calls.
         concrete_args: passed to ``fx.Tracer.trace`` for arguments that drive control flow
-            (for a ``transformers`` model: keyword arguments every call of ``forward`` gets).
+            (for a ``transformers`` model: keyword arguments every call of ``forward`` gets);
+            a parameter named here is not defaulted, and the eager check passes it too.
 
     Returns:
         The traced ``torch.fx.GraphModule``; ``netsurgeon.graph.state.trace_info(gm)`` gives a
@@ -369,12 +494,15 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     if example_inputs is not None:  # they decide control flow and check the result: NaN would mislead both
         require_finite(info.model_class, model, _as_tuple(example_inputs))
     shadow = _as_tuple(example_inputs) if example_inputs is not None else _default_shadow(model, info.input_shape)
+    defaults = _unsupplied_defaults(model, shadow, concrete_args)
+    info.defaulted = [f"{name}={value!r}" for name, value in defaults.items()]
+    fixed = _supplied_none(model, shadow, concrete_args)
     try:
         for attempt in range(_MAX_RETRACES):
             _set_modes(model, True)
-            g_train, constants = _trace_leafing_notrace(model, leaves, info, concrete_args, shadow)
+            g_train, constants = _trace_leafing_notrace(model, leaves, info, fixed, shadow, defaults)
             _set_modes(model, False)
-            g_eval, _ = _trace_leafing_notrace(model, leaves, info, concrete_args, shadow)
+            g_eval, _ = _trace_leafing_notrace(model, leaves, info, fixed, shadow, defaults)
             dropout_fix: set[int] = set()
             new_leaf = None
             nodes_t, nodes_e = list(g_train.nodes), list(g_eval.nodes)
@@ -442,8 +570,12 @@ def _check_against_eager(model: nn.Module, gm: fx.GraphModule, example_inputs: A
             out = gm(*inputs)
         except Exception as exc:  # the eager model ran: the trace is what fails
             line = str(exc).strip().splitlines()
+            first = f"{type(exc).__name__}: {line[0] if line else ''}"
+            unfed = _unfed_placeholders(model, gm, len(inputs), set(fixed))
+            if unfed:
+                raise TraceError(_unfed_message(type(model).__name__, first, unfed)) from exc
             raise TraceError(f"traced {type(model).__name__} fails on the example inputs the eager model runs on "
-                             f"({type(exc).__name__}: {line[0] if line else ''}); the trace froze a value that "
+                             f"({first}); the trace froze a value that "
                              f"differs at run time. Make the module that computes it a leaf (leaf_modules=[...])"
                              ) from exc
     if outputs_match(ref, out):
@@ -455,3 +587,28 @@ def _check_against_eager(model: nn.Module, gm: fx.GraphModule, example_inputs: A
                      f"example inputs; the model has input-dependent control flow that tracing froze")
 
 
+def _unfed_placeholders(model: nn.Module, gm: fx.GraphModule, n_inputs: int, fixed: set[str]
+                        ) -> dict[str, Any]:
+    """The traced module's inputs after the first ``n_inputs`` (``forward``'s parameter name: default),
+    those in ``fixed`` (concrete values) aside: parameters the example inputs did not supply but the
+    trace took as inputs (a proxy, never ``None``, so ``is None`` tests took the branch for a given
+    value). fx names the placeholder of a ``concrete_args`` entry ``<name>_1``: the parameter's name
+    is given."""
+    params = {p.name for p in _forward_parameters(model)}
+    unfed: dict[str, Any] = {}
+    for n in [n for n in gm.graph.nodes if n.op == "placeholder"][n_inputs:]:
+        name = str(n.target)
+        name = name if name in params or name.rsplit("_", 1)[0] not in params else name.rsplit("_", 1)[0]
+        if name not in fixed:
+            unfed[name] = n.args[0] if n.args else None
+    return unfed
+
+
+def _unfed_message(cls: str, first: str, unfed: dict[str, Any]) -> str:
+    """The one-line error for a traced module that fails because of ``unfed`` inputs."""
+    names = ", ".join(f"{k!r}" for k in unfed)
+    fix = ", ".join(f"{k!r}: {v!r}" for k, v in unfed.items())
+    return (f"traced {cls} fails on the example inputs the eager model runs on ({first}): forward's "
+            f"parameter(s) {names} got no example input but were traced as inputs, so code that tests them "
+            f"(`is None`) took the branch for a given value; remedy: fix them with concrete_args={{{fix}}}, "
+            f"or supply them in example_inputs")
