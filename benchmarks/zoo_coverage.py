@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue
 import sys
 import time
 from dataclasses import asdict
@@ -32,21 +33,34 @@ OUT_MD = ROOT / "docs" / "coverage.md"
 def _worker(m: ZooModel, q) -> None:
     import torch
     torch.set_num_threads(1)
-    q.put(result_to_json(run_model(m)))
+    final = run_model(m, report=lambda r: q.put(("partial", result_to_json(r))))
+    q.put(("done", result_to_json(final)))
 
 
 def run_one(m: ZooModel, timeout: float) -> dict:
+    """One model in its own process. Past ``timeout`` seconds in all, the steps that finished keep
+    their results and the others are ``timeout``."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_worker, args=(m, q))
     t = time.perf_counter()
     p.start()
-    try:
-        res = q.get(timeout=timeout)
-    except Exception:
-        res = {"model": str(m), "has_attention": False,
-               "steps": {s: {"status": "timeout", "cause": f"no result within {timeout:.0f} s for all steps (killed)",
-                             "seconds": time.perf_counter() - t} for s in STEPS}}
+    res = {"model": str(m), "has_attention": False, "steps": {}}
+    why = ""
+    while not why:
+        left = timeout - (time.perf_counter() - t)
+        try:
+            kind, res = q.get(timeout=max(0.01, min(5.0, left)))
+            if kind == "done":
+                break
+        except queue.Empty:
+            if not p.is_alive() and q.empty():
+                why = f"the model's process died (exit code {p.exitcode}; out of memory?)"
+            elif left <= 0:
+                why = f"no result within {timeout:.0f} s for the model's steps (killed)"
+    if why:  # the steps that finished keep their results
+        res["steps"] = {s: res["steps"].get(s) or {"status": "timeout", "cause": why,
+                                                   "seconds": time.perf_counter() - t} for s in STEPS}
     p.join(5)
     if p.is_alive():
         p.kill()
@@ -124,9 +138,12 @@ def write_markdown(results: dict, models: list[ZooModel]) -> None:
              "`input_norm`, `orthogonal_init`, `tat` (or `dks` where an activation has kinks TAT cannot shape),",
              "then the conditions recomputed from the result (`verify_shaping`). The `normalize_sums` variant",
              "runs only where the `remove_skips` one did not complete (`skipped` otherwise); the goal counts",
-             "a model when either completes. `timeout`: the model's process gave no result in time. On",
-             "models with self-attention an `ok` pipeline treats attention as a product with a measured map",
-             "(the attention rule is the next issue's).", "",
+             "a model when either completes. `timeout`: a step not finished when the model's time (all its",
+             "steps together) ran out, or its process died. On models with self-attention an `ok` pipeline",
+             "treats attention as a product with a measured map (the attention rule is the next issue's).",
+             "Models that take any input size run at 64 px (112 px where 64 fails: patch sizes 14 and 16);",
+             "a model is judged to have self-attention from its graph, or from its modules if it does not trace.",
+             "",
              "## Summary", "", "| step | ok |", "|---|---|"]
     for k, (n, d) in summary(results, models).items():
         lines.append(f"| {k} | {_pct(n, d)} |")

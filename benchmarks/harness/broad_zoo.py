@@ -39,6 +39,9 @@ STEPS = ("trace", "fold", "analyze", "pipeline_remove_skips", "pipeline_normaliz
 TORCHVISION = ("resnet18", "mobilenet_v3_small", "convnext_tiny", "swin_t", "efficientnet_b0")
 HUGGING_FACE = ("bert", "gpt2", "llama")
 SMALL_SIZE = 64  # CNNs that accept any input size run at this size (the analysis needs no more)
+# then sizes that patch sizes 14 and 16 divide (deepseek_vit's 14 px patches at its own 546 px took 19 s
+# per forward pass); a model that runs on none of them runs at its own size
+SMALL_SIZES = (SMALL_SIZE, 112)
 
 
 @dataclass(frozen=True)
@@ -161,13 +164,14 @@ def build(m: ZooModel) -> tuple[nn.Module, torch.Tensor]:
         return model, torch.randint(0, 256, (2, m.size), generator=g)
     size = side if m.source == "timm" else 224
     if m.source == "torchvision" or not m.fixed_size:
-        small = torch.randn(2, 3, SMALL_SIZE, SMALL_SIZE, generator=g)
-        try:
-            with torch.no_grad():
-                model(small)
-            return model, small
-        except Exception:  # too small for this model: its own size
-            pass
+        for side in SMALL_SIZES:
+            small = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
+            try:
+                with torch.no_grad():
+                    model(small)
+                return model, small
+            except Exception:  # too small for this model, or not a multiple of its patch size: the next
+                continue
     return model, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
@@ -395,8 +399,10 @@ class _Null:
         return False
 
 
-def run_model(m: ZooModel, steps: tuple[str, ...] = STEPS) -> ModelResult:
-    """Every step on one model; a step's failure does not stop the others."""
+def run_model(m: ZooModel, steps: tuple[str, ...] = STEPS,
+              report: Callable[[ModelResult], None] = lambda r: None) -> ModelResult:
+    """Every step on one model; a step's failure does not stop the others. ``report`` gets the
+    result so far after each step (a caller with a timeout keeps the steps that finished)."""
     result = ModelResult(str(m))
     try:
         model, x = build(m)
@@ -407,6 +413,7 @@ def run_model(m: ZooModel, steps: tuple[str, ...] = STEPS) -> ModelResult:
     result.steps["trace"] = _run_step(_trace, model, x, holder)
     # a model that does not trace is judged by its modules (the denominators of docs/coverage.md)
     result.has_attention = has_attention(holder[0]) if holder else modules_have_attention(model)
+    report(result)
     for s in steps:
         if s == "trace":
             continue
@@ -418,6 +425,7 @@ def run_model(m: ZooModel, steps: tuple[str, ...] = STEPS) -> ModelResult:
             continue
         import copy
         result.steps[s] = _run_step(STEP_FUNCS[s], copy.deepcopy(model), x)
+        report(result)
     return result
 
 
