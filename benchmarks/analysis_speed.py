@@ -14,9 +14,10 @@ Table 2, MLPs ``Linear(256, 256) + act`` at depths 250, 500, 1000, 2000: analysi
 per node, for tanh (2-D Gauss–Hermite kernel maps), ReLU (closed form) and GELU.
 
 Table 3, ``LocalMaps(name).c_map(grid)`` on a grid of 201 cosines in [-1, 1] (the accurate
-local maps, not analyze's ``FAST`` rule) for six activations that need quadrature: smooth
-(tanh, gelu), kinked (elu, hardswish, softshrink) and slowly decaying (softsign). Goal:
-under 100 ms per grid. This is the timing that tests/test_local_maps.py used to assert;
+local maps, not analyze's ``FAST`` rule) for six activations: smooth (tanh, gelu), kinked
+(elu by quadrature; hardswish and softshrink, polynomial between their kinks, by the closed
+form of ``netsurgeon.kernels.polynomial``) and slowly decaying (softsign). Goal: under 100 ms
+per grid. This is the timing that tests/test_local_maps.py used to assert;
 the test now counts activation calls instead (a grid is evaluated in one vectorized pass).
 
 Table 4, every model of ``tests/zoo.py`` (issue 16 §6) built as the zoo builds it (timm,

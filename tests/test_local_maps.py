@@ -257,7 +257,7 @@ def test_factory_and_errors() -> None:
     spec = ActivationSpec("leaky_relu", (("negative_slope", 0.2),))
     assert get_activation(spec).params == (("negative_slope", 0.2),)
     assert LocalMaps(spec).c_map(0.0) == pytest.approx(LocalMaps("leaky_relu", negative_slope=0.2).c_map(0.0))
-    assert set(ALL) >= {"relu", "gelu_tanh", "hard_mish", "quick_gelu", "identity", "logsigmoid"} and len(ALL) == 26
+    assert set(ALL) >= {"relu", "gelu_tanh", "hard_mish", "quick_gelu", "identity", "logsigmoid", "star_relu"} and len(ALL) == 27
     with pytest.raises(ValueError, match="Valid names:.*relu"):
         get_activation("relu7")
     with pytest.raises(ValueError, match="Valid names"):
@@ -283,7 +283,11 @@ def test_c_map_evaluates_a_grid_in_one_vectorized_pass(name: str, monkeypatch) -
 
     The quadrature evaluates the integrand in cache-sized blocks of ``_CHUNK`` values, so the
     call count grows with the grid by design once a block is full; the block size is raised
-    here so that only a per-point loop could make the count grow."""
+    here so that only a per-point loop could make the count grow.
+
+    Activations with polynomial pieces (hardswish, softshrink) take the closed form of
+    ``kernels.polynomial``: once their pieces are fitted (cached per LocalMaps, like Q(1)), C on a
+    grid evaluates φ nowhere."""
     from netsurgeon.kernels import quadrature
 
     monkeypatch.setattr(quadrature, "_CHUNK", 1 << 40)
@@ -291,6 +295,7 @@ def test_c_map_evaluates_a_grid_in_one_vectorized_pass(name: str, monkeypatch) -
     for n in (5, 50):
         maps = LocalMaps(name)
         maps.q1  # the cached normalizer Q(1): computed once per LocalMaps, outside the count
+        maps.pieces  # likewise the polynomial pieces (None for non-polynomial activations)
         phi, calls = maps.activation.phi, []
 
         def counting(x, phi=phi, calls=calls):
@@ -301,6 +306,9 @@ def test_c_map_evaluates_a_grid_in_one_vectorized_pass(name: str, monkeypatch) -
         out = maps.c_map(np.linspace(-1.0, 1.0, n))
         assert out.shape == (n,) and np.all(np.isfinite(out))
         counts[n], sizes[n] = len(calls), sum(calls)
+    if LocalMaps(name).pieces is not None:
+        assert sizes == {5: 0, 50: 0}, f"{name}: the closed form evaluated φ {sizes} times"
+        return
     assert counts[50] == counts[5] <= 8, f"{name}: activation calls {counts} grow with the grid size"
     assert sizes[50] > 5 * sizes[5], f"{name}: values per call {sizes} do not grow with the grid"
     # the cost per grid point: 5,000 to 35,000 activation values with the ACCURATE rule

@@ -11,8 +11,10 @@ Kernel with Tailored Rectifiers", arXiv:2203.08120, §3).
 
 ReLU, leaky ReLU, PReLU, abs and identity use the closed form
 ``E[φ(u)φ(v)] = sqrt(q1 q2) [(1 - a)² f(ρ) + a ρ]`` with
-``f(ρ) = (sqrt(1 - ρ²) + (π - arccos ρ) ρ) / (2π)``; every other activation uses the
-quadrature of :mod:`netsurgeon.kernels.quadrature`.
+``f(ρ) = (sqrt(1 - ρ²) + (π - arccos ρ) ρ) / (2π)``. Activations that are polynomials between
+their kinks (``scale`` None: ReLU6, hardtanh, hardswish, softshrink...) use the closed form of
+:mod:`netsurgeon.kernels.polynomial` for ``kernel_map`` (and so ``c_map``); every other
+activation, and every other map, uses the quadrature of :mod:`netsurgeon.kernels.quadrature`.
 
 Example:
     >>> from netsurgeon.kernels import LocalMaps, get_activation
@@ -31,6 +33,7 @@ from numpy.typing import ArrayLike
 
 from ..errors import InvalidArgumentError
 from .activations import Activation, get_activation
+from .polynomial import PolynomialPieces, bivariate_moment_expectation, polynomial_pieces
 from .quadrature import ACCURATE, Piecewise, Rule, bivariate_expectation, gauss_expectation
 
 __all__ = ["LocalMaps", "relu_kernel"]
@@ -148,11 +151,34 @@ class LocalMaps:
         return float(self._expect(lambda x: d2phi(x) ** 2)) / self.q1
 
     # ------------------------------------------------------------------ 2-D maps
+    @cached_property
+    def pieces(self) -> PolynomialPieces | None:
+        """φ as polynomials between its kinks, when the activation declares polynomial pieces
+        (``scale`` None) and a fit of degree <= 4 confirms them; else None (quadrature)."""
+        act = self.activation
+        return polynomial_pieces(act.phi, act.kinks) if act.scale is None else None
+
+    def _kernel_pieces(self, pieces: PolynomialPieces, q1: np.ndarray, q2: np.ndarray, k: np.ndarray,
+                       rule: Rule) -> np.ndarray:
+        """E[φ(u)φ(v)] in closed form where both variances are positive, by quadrature elsewhere."""
+        q1_b, q2_b, k_b = np.broadcast_arrays(q1, q2, k)
+        out = np.empty(q1_b.shape)
+        positive = (q1_b > 0) & (q2_b > 0)
+        if np.any(positive):
+            out[positive] = bivariate_moment_expectation(pieces, pieces, q1_b[positive], q2_b[positive],
+                                                         k_b[positive])
+        if not np.all(positive):
+            phi = self._piecewise(self.activation.phi)
+            rest = ~positive
+            out[rest] = bivariate_expectation(phi, phi, q1_b[rest], q2_b[rest], k_b[rest], rule)
+        return out
+
     def kernel_map(self, q1: ArrayLike, q2: ArrayLike, k: ArrayLike, rule: Rule = ACCURATE) -> np.ndarray | float:
         """k_out = E[φ(u)φ(v)] for (u, v) ~ N(0, [[q1, k], [k, q2]]), broadcasting (docs/theory.md §2.1).
 
         Requires ``q1, q2 >= 0`` and ``|k| <= sqrt(q1 q2)`` (up to rounding). ``rule``: the
-        quadrature's node counts (``quadrature.FAST`` trades accuracy, about 2e-6 of Q(q), for speed).
+        quadrature's node counts (``quadrature.FAST`` trades accuracy, about 2e-6 of Q(q), for speed);
+        the closed forms (leaky family, polynomial pieces) are exact and ignore it.
         """
         q1_arr, q2_arr = _checked_variance(q1, "q1"), _checked_variance(q2, "q2")
         k_arr = np.asarray(k, dtype=float)
@@ -165,6 +191,9 @@ class LocalMaps:
                 rho = np.where(prod > 0, k_arr / np.where(prod > 0, prod, 1.0), 0.0)
             rho = np.clip(rho, -1.0, 1.0)
             return _as_output(self._g2 * prod * ((1.0 - self._a) ** 2 * relu_kernel(rho) + self._a * rho))
+        pieces = self.pieces
+        if pieces is not None:
+            return _as_output(self._kernel_pieces(pieces, q1_arr, q2_arr, k_arr, rule))
         phi = self._piecewise(self.activation.phi)
         return _as_output(bivariate_expectation(phi, phi, q1_arr, q2_arr, k_arr, rule))
 

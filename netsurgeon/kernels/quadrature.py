@@ -58,7 +58,9 @@ class Rule:
 
 ACCURATE = Rule()  # the local maps' rule: 1e-8 and better (tests/test_local_maps.py)
 # Network propagation's rule: 3.5x fewer 2-D Hermite nodes and 8 Legendre nodes per panel; kernel values
-# within 2e-6 of ACCURATE relative to Q(q) (tests/test_local_maps.py, q in [0.3, 5]).
+# within 2e-6 of ACCURATE relative to Q(q) (tests/test_local_maps.py, q in [0.3, 5]). Activations that are
+# polynomials between their kinks (ReLU6, hardswish...) bypass both rules: LocalMaps uses the exact
+# closed form of .polynomial for them.
 FAST = Rule(hermite=60, legendre=8)
 
 
