@@ -135,3 +135,25 @@ def test_a_weighted_correlated_sum_is_rescaled_to_its_terms_q():
     assert len(maps) == 4
     for pm in maps.values():  # (w p + w p)² = 2 p²: the ratio is exact whatever the pooling does to q
         assert pm["q_ratio"] == pytest.approx(2.0, rel=1e-6)
+
+
+class _Glu(nn.Module):
+    """gmixer's GluMlp: ``x1 * silu(x2)``, the only nonlinearity, on the gate path."""
+
+    def __init__(self, width: int = 16, depth: int = 3) -> None:
+        super().__init__()
+        self.fc1 = nn.ModuleList(nn.Linear(width, 2 * width) for _ in range(depth))
+        self.fc2 = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for fc1, fc2 in zip(self.fc1, self.fc2):
+            a, b = fc1(x).chunk(2, dim=-1)
+            x = fc2(a * torch.nn.functional.silu(b))
+        return x
+
+
+@pytest.mark.parametrize("products", ["rule", "neutral"])
+def test_gate_only_activations_are_refused_by_name(products):
+    with pytest.raises(UnsupportedNodeError, match=r"silu") as err:
+        netsurgeon.transform(_Glu(), [("tat", {"products": products})], example_inputs=torch.randn(8, 16))
+    assert "silu" in " ".join(err.value.nodes) and "leave" in str(err.value)

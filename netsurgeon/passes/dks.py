@@ -41,6 +41,7 @@ import torch.nn as nn
 
 from ..analysis.op_rules import composite_activation
 from ..analysis.targets import IdealGraph, ProductMap, gate_nodes, mapped_merges
+from .._validate import short_list
 from ..errors import InvalidArgumentError, UnsupportedNodeError
 from ..graph import Topology
 from ..graph.state import default_inputs, derivation, nodes_by_name, set_derivation
@@ -145,6 +146,12 @@ def _prepare(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | None
     ideal.raise_problems(what)
     sites = _sites(gm, topo, ideal)
     if not sites:
+        gated = [n for n in topo.nodes_of(OpKind.ACTIVATION) if n in ideal.gates]
+        if gated:  # gmixer's GluMlp: x1 * act(x2) is its only nonlinearity
+            raise UnsupportedNodeError(
+                f"{what}: the model's only activations ({short_list(gated)}) are on the gate paths of products, "
+                f"which keep their form (docs/theory.md §3.8): nothing to reshape; its C map is set by the gates "
+                f"alone (leave {what} out, or add an activation outside the gates)", nodes=gated)
         raise UnsupportedNodeError(f"{what}: the model has no activation to reshape")
     if products == "neutral":
         neutral = [n for n in topo.graph if topo.graph.nodes[n]["kind"] is OpKind.MULTIPLY
@@ -280,6 +287,13 @@ class TAT(_Shaping):
             record.note(f"eta = {self.eta} unused: no activation of the leaky-ReLU family (smooth ones use tau)")
         if smooth:
             count, where = ideal.max_curvature_count()
+            if not count > _MIN_CURVATURE_COUNT:  # the activations' curvature does not reach an output
+                names = short_list([s.node.name for s in smooth])
+                raise UnsupportedNodeError(
+                    f"tat: the activations {names} carry almost no curvature to any output (max C''_f(1) = "
+                    f"{count:.3g} with C''(1) = 1 at each): their signal is scaled away or bypassed on the way "
+                    f"(a near-zero scale, a product that passes only its other operand); set such scales to 1, or "
+                    f"leave tat out", nodes=[s.node.name for s in smooth])
             kappa = float(self.tau) / count
             for site in smooth:
                 if site.spec not in constants:
@@ -390,6 +404,9 @@ def _solve_dks_site(site: _Site, xi: float, constants: dict[ActivationSpec, Tran
         constants[site.spec] = t
     elif site.spec not in constants:
         constants[site.spec] = _solve(site, lambda act: solve_dks(act, xi), "dks")
+
+
+_MIN_CURVATURE_COUNT = 1e-6  # below it, κ = τ / count asks an activation for a curvature no transform gives
 
 
 def _solve_trelu(ideal: IdealGraph, leaky: set[str], c_maps: dict[str, Callable[[float], float]],
