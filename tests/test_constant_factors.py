@@ -95,3 +95,22 @@ def test_layer_scale_ending_a_concatenated_branch_is_reset(middle):
     kept = netsurgeon.transform(DenseScaled(), [(middle, {"reset_layer_scale": False})],
                                 example_inputs=torch.randn(4, 16))
     assert float(kept.get_parameter("gamma").max()) == pytest.approx(1e-6)
+
+
+class DenseAfterResidual(nn.Module):
+    """A residual sum feeding a dense block whose new features are layer-scaled (ghostnetv3 mixes both)."""
+
+    def __init__(self, width: int = 16, growth: int = 8) -> None:
+        super().__init__()
+        self.res, self.fc = nn.Linear(width, width), nn.Linear(width, growth)
+        self.gamma = nn.Parameter(1e-6 * torch.ones(growth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + torch.relu(self.res(x))
+        return torch.cat([h, torch.relu(self.fc(h)) * self.gamma], 1)
+
+
+def test_concat_scale_reset_runs_before_the_sums_are_rewritten():
+    """The reset walks the graph the topology describes; after the rewrite it met new sum nodes (KeyError)."""
+    gm = netsurgeon.transform(DenseAfterResidual(), ["normalize_sums"], example_inputs=torch.randn(4, 16))
+    assert bool((gm.get_parameter("gamma") == 1.0).all())

@@ -236,6 +236,8 @@ class NormalizeSums(Pass):
         dim_sums = _dim_sums(gm)
         for name, why in refused:
             record.skip(name, why)
+        if self.reset_layer_scale:  # on the graph the topology describes: before the sums are rewritten
+            _reset_concat_scales(gm, topo, record)
         for node, n in dim_sums:
             _normalize_dim_sum(gm, node, n, record)
         for found in sums:
@@ -246,8 +248,6 @@ class NormalizeSums(Pass):
             _rewrite(gm, found, [(t.base, w) for t, w in zip(found.terms, weights)])
             record.change(found.root.name, f"{found.kind} sum of {len(found.terms)} terms: " + ", ".join(
                 f"{t.base.name} × {w:.4g}" for t, w in zip(found.terms, weights)), self._why(found))
-        if self.reset_layer_scale:
-            _reset_concat_scales(gm, topo, record)
         if not sums and not refused and not dim_sums:
             record.note("no sum of signals in the model")
         return gm
