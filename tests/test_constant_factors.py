@@ -98,7 +98,7 @@ def test_layer_scale_ending_a_concatenated_branch_is_reset(middle):
 
 
 class DenseAfterResidual(nn.Module):
-    """A residual sum feeding a dense block whose new features are layer-scaled (ghostnetv3 mixes both)."""
+    """A residual sum whose output is layer-scaled into a concatenation (ghostnetv3 mixes both)."""
 
     def __init__(self, width: int = 16, growth: int = 8) -> None:
         super().__init__()
@@ -107,7 +107,7 @@ class DenseAfterResidual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x + torch.relu(self.res(x))
-        return torch.cat([h, torch.relu(self.fc(h)) * self.gamma], 1)
+        return torch.cat([x, torch.relu(self.fc(h)), h * self.gamma[:1]], 1)
 
 
 def test_concat_scale_reset_runs_before_the_sums_are_rewritten():
