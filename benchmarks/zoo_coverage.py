@@ -135,7 +135,7 @@ def write_markdown(results: dict, models: list[ZooModel]) -> None:
              "`ok`, `refused` (a `NetsurgeonError`, its cause below), `crash` (any other exception), `wrong`",
              "(it completed and its check failed).", "",
              "`pipeline_*` is `strip_bn(mode=remove)`, `remove_skips` or `normalize_sums`, `maxpool_to_avgpool`,",
-             "`input_norm`, `orthogonal_init`, `tat` (or `dks` where an activation has kinks TAT cannot shape),",
+             "`input_norm`, `orthogonal_init`, `tat` (or `dks` where TAT cannot shape an activation: kinks, relu²),",
              "then the conditions recomputed from the result (`verify_shaping`). The `normalize_sums` variant",
              "runs only where the `remove_skips` one did not complete (`skipped` otherwise); the goal counts",
              "a model when either completes. `timeout`: a step not finished when the model's time (all its",

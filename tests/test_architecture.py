@@ -119,7 +119,7 @@ def test_default_inputs_are_one_definition_and_leave_the_global_rng_alone():
 
 
 def test_derivations_are_read_through_the_accessor():
-    with pytest.warns(UserWarning, match="ReLU family cannot reach"):
+    with pytest.warns(UserWarning, match="the ReLU family with its negative slope fixed, StarReLU\) cannot reach"):
         gm = netsurgeon.transform(timm.create_model("resnet10t"), [("strip_bn", {"mode": "remove"}),
                                   "maxpool_to_avgpool", "normalize_sums", "dks"], example_inputs=torch.randn(1, 3, 32, 32))
     dks = state.derivation(gm, "dks")

@@ -50,3 +50,23 @@ def test_analysis_of_a_star_relu_mlp_matches_measurement():
     with torch.no_grad():
         measured = float(model[1](model[0](x)).pow(2).mean())
     assert a.q(act) == pytest.approx(measured, rel=0.1)
+
+
+def test_dks_shapes_star_relu_as_a_homogeneous_activation():
+    """relu(x)² is positively homogeneous (degree 2): α only rescales β, so DKS solves the shift for
+    C'(1) = ξ and C(0) = 0, Q(1) = 1, and reports the Q'(1) it cannot reach, as for ReLU."""
+    from netsurgeon.kernels.transforms import homogeneous_degree, solve_dks, transformed
+
+    act = get_activation("star_relu", scale=0.8944, bias=-0.4472)
+    assert homogeneous_degree(act) == pytest.approx(2.0)
+    assert homogeneous_degree(get_activation("gelu")) is None
+    maps = LocalMaps(transformed(act, *solve_dks(act, 1.05)))
+    assert (maps.q1, maps.c0(), maps.c_slope_1()) == pytest.approx((1.0, 0.0, 1.05), abs=1e-8)
+    assert 1.0 < maps.q_slope_1() < 1.1
+    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(32, 32), StarReLU())])
+    with pytest.warns(UserWarning, match="StarReLU\\) cannot reach Q'\\(1\\) = 1"):
+        gm = netsurgeon.transform(model, ["input_norm", "dks"], example_inputs=torch.randn(8, 32))
+    from netsurgeon.layers import ShapedActivation
+
+    shaped = [m for m in gm.modules() if isinstance(m, ShapedActivation)]
+    assert len(shaped) == 4 and all(isinstance(m.base, StarReLU) for m in shaped)

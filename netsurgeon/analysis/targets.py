@@ -30,6 +30,7 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import networkx as nx
@@ -286,8 +287,10 @@ class IdealGraph:
             # without products, slope ξ^k with k >= 1 reaches ζ by ξ = ζ; measured products scale it
             raise UnsupportedNodeError("no activation lies on a path from an input to an output: nothing to shape")
         if self.max_slope(1.0) > zeta:
+            floor = self.max_slope(1.0)
             raise UnsupportedNodeError(f"zeta = {zeta} is unreachable: the measured products alone give "
-                                       f"max C'_f(1) = {self.max_slope(1.0):.6g} with linear activations (ξ = 1)")
+                                       f"max C'_f(1) = {floor:.6g} with linear activations (ξ = 1); use zeta > "
+                                       f"{math.ceil(floor * 1e4) / 1e4:g}")
         return bisect(lambda xi: self.max_slope(xi) < zeta, 1.0, zeta / min(1.0, self._min_product_slope()),
                       tol=1e-15)
 

@@ -205,10 +205,31 @@ def solve_dks(act: Activation, xi: float) -> Transform:
     starts = [(a0 * math.sqrt(xi - 1.0) * 4.0, b0)
               for a0, b0 in itertools.product((0.3, 1.0, 3.0, 0.1), (0.0, 0.5, -0.5, 1.5, -1.5))]
     sols = _search(residual, starts, _enough(act, xi, complete))
+    if not sols and homogeneous_degree(act) is not None:
+        # s·relu(x)² + b: α only rescales β, as for ReLU; Q'(1) = 1 is dropped (the caller reports it)
+        return _solve_dks_homogeneous(act, xi)
     if not sols:
         raise TransformError(f"no (alpha, beta) gives Q'(1) = 1 and C'(1) = {xi:.10g} for {act}; DKS cannot "
                              f"shape this activation (try the tat pass, or a different activation)")
     return _choose(act, [complete(s) for s in sols], xi)
+
+
+def homogeneous_degree(act: Activation) -> float | None:
+    """``p`` when φ is positively homogeneous of degree ``p > 0`` up to a constant,
+    ``φ(t x) - φ(0) = t^p (φ(x) - φ(0))`` for ``t > 0`` (ReLU: 1; StarReLU's ``s·relu(x)² + b``: 2),
+    checked at t = 2 on a grid; else None. Then ``φ(α x + β)`` is ``α^p φ(x + β/α)`` up to a
+    constant, and α adds nothing a DKS or TAT transform does not already have in γ and δ."""
+    x = np.concatenate([np.linspace(-4.0, -0.05, 40), np.linspace(0.05, 4.0, 40)])
+    f0 = float(np.asarray(act.phi(np.zeros(1)), dtype=float)[0])
+    base = np.asarray(act.phi(x), dtype=float) - f0
+    doubled = np.asarray(act.phi(2.0 * x), dtype=float) - f0
+    norm = float(base @ base)
+    if not (norm > 0 and np.all(np.isfinite(doubled))):
+        return None
+    ratio = float(base @ doubled) / norm
+    if not ratio > 1.0 or np.max(np.abs(doubled - ratio * base)) > 1e-9 * max(1.0, float(np.max(np.abs(doubled)))):
+        return None
+    return math.log2(ratio)
 
 
 def _solve_dks_homogeneous(act: Activation, xi: float) -> Transform:
@@ -220,10 +241,13 @@ def _solve_dks_homogeneous(act: Activation, xi: float) -> Transform:
     def slope(beta: float) -> float:
         return _moments(act, 1.0, beta, None)["c_slope"] - xi
 
-    lo, hi = (0.0, 8.0) if slope(0.0) > 0 else (-8.0, 0.0)  # C'(1) falls towards 1 as β grows
-    if slope(lo) * slope(hi) > 0:
-        raise TransformError(f"no shift gives C'(1) = {xi:.10g} for {act}")
-    beta = brentq(slope, lo, hi, xtol=1e-14)
+    try:
+        lo, hi = (0.0, 8.0) if slope(0.0) > 0 else (-8.0, 0.0)  # C'(1) falls towards 1 as β grows
+        if slope(lo) * slope(hi) > 0:
+            raise TransformError(f"no shift gives C'(1) = {xi:.10g} for {act}")
+        beta = brentq(slope, lo, hi, xtol=1e-14)
+    except _Degenerate:  # φ(x + β) constant over the Gaussian's reach on the way
+        raise TransformError(f"no shift gives C'(1) = {xi:.10g} for {act}") from None
     m = _moments(act, 1.0, beta, None)
     return Transform(1.0, float(beta), 1.0 / math.sqrt(m["q1"]), m["delta"])
 

@@ -227,14 +227,15 @@ class DKS(_Shaping):
         constants: dict[ActivationSpec, Transform] = {}
         for site in sites:
             _solve_dks_site(site, xi, constants)
-        q_slopes = {str(s): LocalMaps(transformed(_activation(s), *constants[s])).q_slope_1()
-                    for s in constants if _leaky(s)}
-        missed = {k: v for k, v in q_slopes.items() if abs(v - 1.0) > 1e-6}  # ReLU: no slope to solve
+        q_slopes = {str(s): LocalMaps(transformed(_activation(s), *constants[s])).q_slope_1() for s in constants}
+        # ReLU (no slope to solve) and other positively homogeneous activations (StarReLU) cannot reach it
+        missed = {k: v for k, v in q_slopes.items() if abs(v - 1.0) > 1e-6}
         if missed:
-            msg = (f"dks on {', '.join(sorted(missed))}: with its negative slope fixed the ReLU family cannot reach "
-                   f"Q'(1) = 1 (achieved " + ", ".join(f"{k}: {v:.4f}" for k, v in missed.items())
-                   + ") and its C map stays degenerate; prefer the tat pass (TReLU), a leaky ReLU (dks solves its "
-                     "negative slope) or a smooth activation")
+            msg = (f"dks on {', '.join(sorted(missed))}: a positively homogeneous activation (the ReLU family with "
+                   f"its negative slope fixed, StarReLU) cannot reach Q'(1) = 1 (achieved "
+                   + ", ".join(f"{k}: {v:.4f}" for k, v in missed.items())
+                   + "); prefer the tat pass (TReLU), a leaky ReLU (dks solves its negative slope) or a smooth "
+                     "activation")
             warnings.warn(msg, stacklevel=2)
             record.note(msg)
         _install(gm, sites, constants, record)
