@@ -157,3 +157,8 @@ def test_gate_only_activations_are_refused_by_name(products):
     with pytest.raises(UnsupportedNodeError, match=r"silu") as err:
         netsurgeon.transform(_Glu(), [("tat", {"products": products})], example_inputs=torch.randn(8, 16))
     assert "silu" in " ".join(err.value.nodes) and "leave" in str(err.value)
+
+
+def test_a_measured_table_past_one_is_clipped():
+    pm = ProductMap(1.0, 1.0, (0.0, 0.5, 1.0), (0.0, 0.6, 1.0076))  # measurement noise past 1 (nextvit)
+    assert pm.c_map(1.0) == 1.0 and pm.c_map(0.99) <= 1.0 and pm.c_map(0.5) == pytest.approx(0.6)

@@ -403,7 +403,8 @@ def _norm_act_ideal(graph: IdealGraph, node: fx.Node, d: dict, ins: list[str], q
         return q_norm, v[first]
     if abs(q_norm - 1.0) > _Q_TOL:
         raise UnsupportedNodeError(f"the activation of {node.name} receives q = {q_norm:.6g} under the DKS "
-                                   f"assumptions, not 1: the norm's eps dominates its input", nodes=[node.name])
+                                   f"assumptions, not 1: the norm's eps = {_eps(graph, node):g} is not small against "
+                                   f"its input's q = {q[first]:.4g} (lower eps, e.g. to 1e-5)", nodes=[node.name])
     return 1.0, act(node.name, v[first])
 
 

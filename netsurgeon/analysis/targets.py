@@ -72,7 +72,9 @@ class ProductMap:
     curvature: float = 0.0  # local C''(1), from a quadratic fit of the map near c = 1
 
     def c_map(self, c: float) -> float:
-        return float(np.interp(c, self.c_in, self.c_out))
+        """The product's cosine at main-operand cosine ``c``; a measured table can stray past ±1 by
+        noise (nextvit: 1.0076), which no cosine can: clipped."""
+        return float(np.clip(np.interp(c, self.c_in, self.c_out), -1.0, 1.0))
 
     def _asdict(self) -> dict:
         """Plain values (kept in the pass derivation); ``ProductMap(**d)`` rebuilds it."""
