@@ -16,6 +16,7 @@ import torchvision
 
 import netsurgeon
 from netsurgeon.analysis import analyze, measure
+from netsurgeon.analysis.ideal_rules import NO_RULE_REMEDY
 from netsurgeon.analysis.targets import IdealGraph
 from netsurgeon.graph import Topology
 from netsurgeon.kernels import LocalMaps, get_activation
@@ -328,8 +329,8 @@ def test_tuple_outputs_are_measured_where_their_elements_are_taken():
 BANNED = ("affine op with no constant scale", "pad", "interpolate", "upsample", "normalize", "StochasticDepth",
           "norm+activation composite", "no kernel rule for op kind")
 REAL = {  # model -> the refusals that remain (other issues: softmax, batch norm before strip_bn)
-    "resmlp_12_224": set(), "cait_xxs24_224": {"other softmax: no kernel rule"},
-    "edgenext_xx_small": {"other softmax: no kernel rule"},
+    "resmlp_12_224": set(), "cait_xxs24_224": {f"other softmax: no kernel rule ({NO_RULE_REMEDY})"},
+    "edgenext_xx_small": {f"other softmax: no kernel rule ({NO_RULE_REMEDY})"},
     "hrnet_w18_small": {"batch norm: run strip_bn first (fold or remove)"},
     "tv:efficientnet_b0": {"batch norm: run strip_bn first (fold or remove)"},
 }

@@ -166,8 +166,11 @@ def _product_check(graph: IdealGraph, node: fx.Node, d: dict) -> str | None:
     return None
 
 
+NO_RULE_REMEDY = "teach netsurgeon one: register_module_op or register_function_op, docs/architecture.md"
+
+
 def _no_rule_check(graph: IdealGraph, node: fx.Node, d: dict) -> str | None:
-    return f"{d['info'].describe()}: no kernel rule"
+    return f"{d['info'].describe()}: no kernel rule ({NO_RULE_REMEDY})"
 
 
 def _unknown_kind_check(graph: IdealGraph, node: fx.Node, d: dict) -> str | None:
@@ -300,7 +303,7 @@ def norm_family_problem(info: Any) -> str | None:
     family alone: no norm spec, batch statistics, or a family without a kernel map; else None."""
     spec = info.norm
     if spec is None:
-        return f"{info.describe()}: no kernel rule"
+        return f"{info.describe()}: no kernel rule ({NO_RULE_REMEDY})"
     if spec.family is NormFamily.BATCH:
         return "batch norm: run strip_bn first (fold or remove)"
     if spec.family is NormFamily.OTHER:  # LocalResponseNorm, EvoNorm: no kernel map
