@@ -160,3 +160,16 @@ def test_small_timm_swin_is_measured_through_its_windows():
     direct = kernel_stats(h1, h2)
     assert a.q(name) == pytest.approx(direct.q, rel=0.1)
     assert a.c(name) == pytest.approx(direct.c, abs=0.05)
+
+
+@pytest.mark.parametrize("mode", ["windows", "slice_major", "sequence_first"])
+def test_layout_settled_by_one_run_of_two_examples(mode, monkeypatch):
+    """The measured run's first and last examples, run alone, show the layout: the probe's four
+    examples are not needed (mixing outputs still go to the probe, test above)."""
+    import netsurgeon.analysis.engine as engine
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the layout probe ran")
+
+    monkeypatch.setattr(engine, "_probe_layouts", no_probe)
+    assert LAYOUT[mode] in _analyze(mode).status("cumsum")[1]

@@ -218,6 +218,12 @@ class _Layout:
         x = a.reshape(lead * self.fold, n, rest) if self.inner else a.reshape(lead, n, self.fold * rest)
         return torch.bmm(x, x.transpose(1, 2)).double().sum(0) / max(a.numel() // n, 1)
 
+    def example(self, t: torch.Tensor, i: int, n: int) -> torch.Tensor:
+        """Example ``i``'s slices of ``t`` (a run of ``n`` examples), as a run of it alone lays them out."""
+        if self.inner:
+            return t.index_select(self.dim, torch.arange(i, self.fold * n, n, device=t.device))
+        return t.narrow(self.dim, i * self.fold, self.fold)
+
     def describe(self) -> str:
         if self.fold == 1:
             return f"batch in axis {self.dim}"
@@ -308,6 +314,8 @@ class _NodeMeter(_Tapper):
         self.pairs, self.n = pairs, n
         self.stats: dict[str, list[NodeStats]] = {}
         self.folded: dict[str, dict[_Layout, list[NodeStats]]] = {}
+        # the first and the last example's slices under each layout
+        self.ends: dict[str, dict[_Layout, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.problems: dict[str, str] = {}
 
     def take(self, name: str, t: Any) -> None:
@@ -318,6 +326,8 @@ class _NodeMeter(_Tapper):
         elif layouts := _layouts(t.shape, self.n):
             a = gram_ready(t)  # once for every layout
             self.folded[name] = {lay: gram_stats(lay.gram(a, self.n), self.pairs, pooled=True) for lay in layouts}
+            self.ends[name] = {lay: (lay.example(t, 0, self.n).detach().clone(),
+                                     lay.example(t, self.n - 1, self.n).detach().clone()) for lay in layouts}
         else:
             self.problems[name] = (f"its output, of shape {tuple(t.shape)} in a run of {self.n} examples, has no "
                                    f"axis 0 or 1 whose size is a multiple of the batch")
@@ -410,6 +420,54 @@ def _choose_layout(shape: tuple[int, ...], first: list, second: list) -> _Layout
     return "its output mixes examples of the batch (its rows depend on several inputs)"
 
 
+class _Outputs(_Tapper):
+    def __init__(self, gm: fx.GraphModule, names: set[str], is_signal: Callable[[str], bool]) -> None:
+        super().__init__(gm, names, is_signal)
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, t: Any) -> None:
+        if _is_float_tensor(t):
+            self.outputs[name] = t
+
+
+_ALONE = 1e-4  # a run of two examples matches their slices of a larger run to this fraction of their variation
+
+
+def _layouts_from_ends(gm: fx.GraphModule, ends: dict[str, dict[_Layout, tuple[torch.Tensor, torch.Tensor]]],
+                       is_signal: Callable[[str], bool], pair: torch.Tensor) -> dict[str, _Layout]:
+    """The layouts that one run of the measured run's first and last examples, ``pair``, settles:
+    the one layout under which each of the two has in this run the slices it had in the measured
+    run. There each sat among other examples, so an output whose rows depend on other examples
+    (a batch statistic, a sum or a sort along the folded axis) matches under none. A node matched
+    by none or by several is left out, for :func:`_probe_layouts`. Two examples' run in place of
+    the probe's four."""
+    tap = _Outputs(gm, set(ends), is_signal)
+    tap.run_until_done(pair)
+    out: dict[str, _Layout] = {}
+    for name, options in ends.items():
+        got = tap.outputs.get(name)
+        if got is None:
+            continue
+        fits = [lay for lay, parts in options.items() if _same_slices(lay, got, parts)]
+        if len(fits) == 1:
+            out[name] = fits[0]
+    return out
+
+
+def _same_slices(lay: _Layout, got: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """Whether ``got`` (a run of two examples) holds ``parts`` as its examples 0 and 1 under ``lay``."""
+    if got.dim() <= lay.dim or got.shape[lay.dim] != 2 * lay.fold:
+        return False
+    for i, part in enumerate(parts):
+        mine = lay.example(got, i, 2).detach().double()
+        if tuple(mine.shape) != tuple(part.shape):
+            return False
+        spread = float((mine - mine.mean()).abs().max()) if mine.numel() else 0.0
+        if not spread > 0 or float((part.double() - mine).abs().max()) > _ALONE * spread:
+            return False  # a constant output tells the layouts apart no better than rounding
+    return True
+
+
 def _probe_layouts(gm: fx.GraphModule, names: set[str], is_signal: Callable[[str], bool], example: torch.Tensor,
                    q_in: float, seed: int) -> dict[str, _Layout | str]:
     """Find how each node of ``names`` lays out the batch from two runs of two examples,
@@ -457,7 +515,8 @@ def _measure_nodes(gm: fx.GraphModule, topo: Topology, names: set[str], example:
                    q_in: float, batch: int, seed: int) -> _Measured:
     """Measured statistics of ``names`` for input pairs at each cosine of ``cgrid``: one run
     of the stacked pairs (:func:`_pairs`), then, for outputs whose first axis is not the batch,
-    a probe of their layout (:func:`_probe_layouts`, two runs of two examples)."""
+    their layout: from a run of the first and last examples alone (:func:`_layouts_from_ends`),
+    else from a probe (:func:`_probe_layouts`, two runs of two examples)."""
     def is_signal(name: str) -> bool:
         return bool(topo.graph.nodes[name]["signal"]) if name in topo.graph else False
 
@@ -479,7 +538,11 @@ def _measure_nodes(gm: fx.GraphModule, topo: Topology, names: set[str], example:
     meter.run_until_done(x)
     result = _Measured(dict(meter.stats), dict(meter.problems), {}, {})
     if meter.folded:
-        found = _probe_layouts(gm, set(meter.folded), is_signal, example, q_in, seed)
+        ends = x[torch.tensor([0, x.shape[0] - 1])]
+        found: dict[str, _Layout | str] = {} if inject else dict(_layouts_from_ends(gm, meter.ends, is_signal, ends))
+        rest = set(meter.folded) - set(found)
+        if rest:
+            found.update(_probe_layouts(gm, rest, is_signal, example, q_in, seed))
         for name, options in meter.folded.items():
             lay = found.get(name, "not reached by the layout probe")
             if isinstance(lay, str):

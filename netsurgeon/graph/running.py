@@ -17,7 +17,7 @@ from .._validate import non_finite, short_list
 from ..errors import ExampleInputError, InvalidArgumentError, NetsurgeonError
 
 __all__ = ["eval_mode", "example_run", "propagate_shapes", "require_finite", "outputs_match",
-           "overflow_error"]
+           "overflow_error", "run_recording_shapes", "shapes_current"]
 
 
 @contextlib.contextmanager
@@ -78,16 +78,52 @@ class _ShapeRecorder(fx.Interpreter):
         return result
 
 
+_SHAPES_FOR = "ns_shapes_for"  # gm.meta key: what the recorded node shapes were recorded for
+
+
+def _shape_key(gm: fx.GraphModule, inputs: Sequence[Any]) -> tuple:
+    """What node shapes depend on: the code, every module's type and settings (``extra_repr``:
+    channels, kernel sizes, strides), every parameter's and buffer's shape and dtype, and the
+    inputs' shapes and dtypes. A pass that changes any of them invalidates recorded shapes."""
+    modules = tuple((name, type(m).__qualname__, m.extra_repr()) for name, m in gm.named_modules())
+    tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in gm.named_parameters()) + \
+        tuple((name, tuple(t.shape), t.dtype) for name, t in gm.named_buffers())
+    args = tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else repr(t)
+                 for t in torch.utils._pytree.tree_leaves(tuple(inputs)))
+    return gm.code, modules, tensors, args
+
+
+def shapes_current(gm: fx.GraphModule, inputs: Sequence[Any]) -> bool:
+    """Whether every node's recorded shape comes from a run of this very graph, modules and
+    weights' shapes on inputs of these shapes (:func:`propagate_shapes`, :func:`run_recording_shapes`)."""
+    return gm.meta.get(_SHAPES_FOR) == _shape_key(gm, inputs)
+
+
+def run_recording_shapes(gm: fx.GraphModule, inputs: Sequence[Any]) -> Any:
+    """``gm(*inputs)`` (as called: the caller sets the mode and grad) through an interpreter that
+    writes ``node.meta["tensor_meta"]`` on every tensor-valued node, and remembers what for, so that
+    a topology of the same graph on inputs of the same shapes needs no run of its own."""
+    inputs = tuple(inputs)
+    key = _shape_key(gm, inputs)
+    gm.meta.pop(_SHAPES_FOR, None)
+    out = _ShapeRecorder(gm).run(*inputs)
+    gm.meta[_SHAPES_FOR] = key
+    return out
+
+
 def propagate_shapes(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> None:
     """Run ``gm`` on ``inputs`` in eval mode, without grad, writing ``node.meta["tensor_meta"]``
-    (as ``ShapeProp`` does) on every tensor-valued node.
+    (as ``ShapeProp`` does) on every tensor-valued node; nothing runs when the shapes recorded
+    are current (:func:`shapes_current`: the trace's own check against eager records them).
 
     Raises:
         ExampleInputError: ``gm`` cannot run on ``inputs``; the only output is the exception.
     """
     inputs = tuple(inputs)
+    if shapes_current(gm, inputs):
+        return
     with eval_mode(gm), torch.no_grad(), example_run(gm.__class__.__name__, inputs):
-        _ShapeRecorder(gm).run(*inputs)
+        run_recording_shapes(gm, inputs)
 
 
 def require_finite(what: str, model: nn.Module, inputs: Sequence[Any]) -> None:

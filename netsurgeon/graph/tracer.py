@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ..errors import NetsurgeonError, TraceError
 from ..models import default_input_shape
 from ..ops import module_rule, registered_python_functions
-from .running import eval_mode, example_run, outputs_match, overflow_error, require_finite
+from .running import eval_mode, example_run, outputs_match, overflow_error, require_finite, run_recording_shapes
 from .state import has_trace, random_batch, set_trace_info
 
 __all__ = ["trace", "NetsurgeonTracer", "TraceInfo"]
@@ -566,8 +566,8 @@ def _check_against_eager(model: nn.Module, gm: fx.GraphModule, example_inputs: A
     with eval_mode(model), eval_mode(gm), torch.no_grad(), example_run(type(model).__name__, inputs):
         ref = model(*inputs, **fixed)
     with eval_mode(gm), torch.no_grad():
-        try:
-            out = gm(*inputs)
+        try:  # the run records node shapes: a topology on inputs of these shapes then needs no run
+            out = run_recording_shapes(gm, inputs)
         except Exception as exc:  # the eager model ran: the trace is what fails
             line = str(exc).strip().splitlines()
             first = f"{type(exc).__name__}: {line[0] if line else ''}"
