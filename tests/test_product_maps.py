@@ -20,7 +20,7 @@ import torch.nn as nn
 import netsurgeon
 from netsurgeon.analysis.targets import ProductMap
 from netsurgeon.errors import UnsupportedNodeError
-from netsurgeon.passes._empirical import linearized, widened
+from netsurgeon.passes._empirical import linearized, monotone_table, widened
 from netsurgeon.passes.dks import _solve_trelu
 
 
@@ -162,3 +162,13 @@ def test_gate_only_activations_are_refused_by_name(products):
 def test_a_measured_table_past_one_is_clipped():
     pm = ProductMap(1.0, 1.0, (0.0, 0.5, 1.0), (0.0, 0.6, 1.0076))  # measurement noise past 1 (nextvit)
     assert pm.c_map(1.0) == 1.0 and pm.c_map(0.99) <= 1.0 and pm.c_map(0.5) == pytest.approx(0.6)
+
+
+def test_monotone_table_pools_scattered_points_at_nonnegative_cosines_only():
+    c_in = np.array([0.5, 0.3, 0.31, -0.5, -0.2, 0.3, 0.9])
+    c_out = np.array([0.4, 0.1, -0.2, 0.3, -0.1, 0.5, 0.8])
+    xs, ys = monotone_table(c_in, c_out)
+    assert xs == (-0.5, -0.2, 0.3, 0.31, 0.5, 0.9)  # sorted, the repeated 0.3 dropped (first kept)
+    assert ys[:2] == (0.3, -0.1)  # below 0 kept as measured
+    assert ys[2] == ys[3] == pytest.approx(-0.05)  # 0.1 then -0.2: pooled
+    assert list(ys[2:]) == sorted(ys[2:])

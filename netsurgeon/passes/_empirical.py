@@ -45,7 +45,7 @@ from ..ops import OpKind
 from ..report import PassRecord, Preservation
 
 __all__ = ["ITERATIONS", "iterate_product_maps", "linearized", "measure_product_maps", "measured_q_ratios",
-           "insert_rescales", "widened"]
+           "insert_rescales", "monotone_table", "widened"]
 
 ITERATIONS = 3
 _PREFIX = PRODUCT_RESCALE_PREFIX
@@ -91,14 +91,13 @@ def measure_product_maps(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor,
         # a C map of a positive semi-definite kernel is a power series with nonnegative coefficients, so
         # C''(1) >= 0; a negative fit is noise of the measured or interpolated map near c = 1
         curvature = max(0.0, float(fit[1])) if np.isfinite(fit[1]) else 0.0
-        order = np.argsort(c_first)
+        c_in, c_out = monotone_table(c_first, c_prod)
         ref = q_reference(topo, name)  # a sum's term below its weight: the rescale restores its q
         q_ratio = measured.get(name, a.q(name) / a.q(ref) if a.q(ref) > 0 else 1.0)
         if not (math.isfinite(q_ratio) and q_ratio > 0 and math.isfinite(slope)):
             raise UnsupportedNodeError(f"products={mode!r}: product {name} has q ratio {q_ratio:.3g} and "
                                        f"slope {slope:.3g}; no usable map", nodes=[name])
-        out[name] = ProductMap(float(q_ratio), float(slope), tuple(map(float, c_first[order])),
-                               tuple(map(float, c_prod[order])), curvature)
+        out[name] = ProductMap(float(q_ratio), float(slope), c_in, c_out, curvature)
     return out
 
 
@@ -210,11 +209,26 @@ def widened(narrow: ProductMap, wide: ProductMap | None) -> ProductMap:
     if wide is None:
         return narrow
     lo, hi = min(narrow.c_in), max(narrow.c_in)
-    pairs = sorted({*zip(narrow.c_in, narrow.c_out),
-                    *((a, b) for a, b in zip(wide.c_in, wide.c_out) if a < lo or a > hi)})
-    c_in, c_out = [], []
-    for a, b in pairs:  # np.interp needs increasing cosines: drop repeats
-        if not c_in or a > c_in[-1]:
-            c_in.append(a)
-            c_out.append(b)
-    return ProductMap(narrow.q_ratio, narrow.slope, tuple(c_in), tuple(c_out), narrow.curvature)
+    pairs = [*zip(narrow.c_in, narrow.c_out), *((a, b) for a, b in zip(wide.c_in, wide.c_out) if a < lo or a > hi)]
+    c_in, c_out = monotone_table(np.array([a for a, _ in pairs]), np.array([b for _, b in pairs]))
+    return ProductMap(narrow.q_ratio, narrow.slope, c_in, c_out, narrow.curvature)
+
+
+def monotone_table(c_in: np.ndarray, c_out: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The table ``c_in -> c_out`` sorted by ``c_in`` with repeats dropped (``np.interp`` needs
+    increasing points), and non-decreasing where ``c_in >= 0``: a C map there is a power series
+    with nonnegative coefficients, hence increasing. Where the product's other operand does not
+    follow from its main one (mobilevitv2's context vector), nearby cosines of the main operand come
+    with scattered products, and a table that jumps between them made the network C(0) depend on
+    the fourth digit of a cosine; the isotonic fit (``scipy.optimize.isotonic_regression``) pools
+    such points. Below 0 the table is kept (C maps need not increase there)."""
+    from scipy.optimize import isotonic_regression
+
+    order = np.argsort(c_in, kind="stable")
+    xs, ys = np.asarray(c_in, dtype=float)[order], np.asarray(c_out, dtype=float)[order]
+    keep = np.concatenate([[True], np.diff(xs) > 0])
+    xs, ys = xs[keep], ys[keep]
+    up = xs >= 0.0
+    if up.sum() > 1:
+        ys[up] = isotonic_regression(ys[up], increasing=True).x
+    return tuple(map(float, xs)), tuple(map(float, ys))
