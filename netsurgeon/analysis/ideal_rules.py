@@ -332,7 +332,9 @@ def _norm(graph: IdealGraph, node: fx.Node, d: dict, ins: list[str], q: dict[str
 
 def _affine_check(graph: IdealGraph, node: fx.Node, d: dict) -> str | None:
     if d["info"].constant_factor is None and graph.affine_moments(node) is None:
-        return "affine op with no constant scale netsurgeon can read"
+        return ("affine op with no constant scale netsurgeon can read (its scale or shift is computed at run "
+                "time, not held in a parameter or buffer; hold it in one, or teach netsurgeon the op: "
+                "register_function_op, docs/architecture.md)")
     return None
 
 
