@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import timm
 import timm.layers as tl
@@ -366,3 +367,20 @@ def test_real_models_pass_the_tat_pipeline(name, middle):
                                   example_inputs=x)
     assert torch.isfinite(gm(x)).all()
     assert sum(type(m).__name__ == "ShapedActivation" for m in gm.modules()) > 0
+
+
+def test_per_example_norm_of_a_zero_input_keeps_only_its_shift():
+    """A zero signal into a LayerNorm (a branch zeroed at init) gave a ZeroDivisionError (csatv2)."""
+    class Zeroed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.norm, self.out = nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4)
+            nn.init.zeros_(self.fc.weight)
+            nn.init.zeros_(self.fc.bias)
+            nn.init.constant_(self.norm.bias, 0.5)
+
+        def forward(self, x):
+            return self.out(self.norm(self.fc(x)))
+
+    a = analyze(Zeroed(), torch.randn(4, 8))
+    assert a.q("norm") == pytest.approx(0.25) and np.isfinite(a.q("out"))

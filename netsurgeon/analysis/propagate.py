@@ -227,6 +227,11 @@ def _norm(m: nn.Module, info: OpInfo, k: NodeKernel, activation_maps: Callable[[
         b = getattr(m, "bias", None)
         g2 = float((w.detach().double() ** 2).mean()) if w is not None else 1.0
         b2 = float((b.detach().double() ** 2).mean()) if b is not None else 0.0
+        if not (k.q > 0 and k.q2 > 0):  # a zero input normalizes to zero: only the shift is left
+            out = NodeKernel(b2, b2, np.full_like(k.k, b2), 0.0, worse(k.status, APPROX),
+                             reasons(k.reason, "per-example norm of a zero input: its shift alone"))
+            out.dims = dims
+            return _activation(activation_maps(spec.activation), out, dims) if spec.activation is not None else out
         c = k.k / np.sqrt(k.q * k.q2)
         dk = k.dk * g2 / k.q
         status = worse(k.status, APPROX) if b2 > 0 or spec.family is not NormFamily.RMS else k.status

@@ -96,7 +96,8 @@ def measure_product_maps(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor,
         q_ratio = measured.get(name, a.q(name) / a.q(ref) if a.q(ref) > 0 else 1.0)
         if not (math.isfinite(q_ratio) and q_ratio > 0 and math.isfinite(slope)):
             raise UnsupportedNodeError(f"products={mode!r}: product {name} has q ratio {q_ratio:.3g} and "
-                                       f"slope {slope:.3g}; no usable map", nodes=[name])
+                                       f"slope {slope:.3g}; no usable map (an operand zero at init? "
+                                       f"products='neutral' passes the product through, approximately)", nodes=[name])
         out[name] = ProductMap(float(q_ratio), float(slope), c_in, c_out, curvature)
     return out
 
