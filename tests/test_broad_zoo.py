@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import netsurgeon
 from harness.broad_zoo import (HUGGING_FACE, SELECTION_FILE, STEPS, TORCHVISION, ZooModel, all_models,
                                load_selection, run_model, select_timm)
 
@@ -86,3 +88,24 @@ def test_coverage_doc_is_the_scripts_output():
         assert f"| {m} |" in doc, m
     for row, (n, d) in cov.summary(results, all_models()).items():
         assert f"| {row} | {cov._pct(n, d)} |" in doc, row
+
+
+def test_an_exception_escaping_a_pass_counts_as_a_crash_not_a_refusal():
+    """A pass wraps whatever escapes it in PassError (a NetsurgeonError); the harness looks inside."""
+    from harness.broad_zoo import _run_step
+
+    class _Boom(netsurgeon.Pass):
+        name = "_boom_for_test"
+
+        def run(self, gm, record, example_inputs):
+            raise ZeroDivisionError("float division by zero")
+
+    def step(model, x):
+        netsurgeon.transform(model, [_Boom()], example_inputs=x)
+
+    got = _run_step(step, torch.nn.Linear(2, 2), torch.randn(1, 2))
+    assert got.status == "crash" and "ZeroDivisionError" in got.cause
+
+    def refusing(model, x):
+        netsurgeon.transform(model, [("input_norm", {"dim": 7})], example_inputs=x)
+    assert _run_step(refusing, torch.nn.Linear(2, 2), torch.randn(1, 2)).status == "refused"

@@ -382,6 +382,12 @@ def _run_step(fn, *args) -> StepResult:
         with torch.no_grad() if fn is _analyze else _Null():
             fn(*args)
     except NetsurgeonError as e:
+        cause = e.__cause__
+        if cause is not None and not isinstance(cause, NetsurgeonError) and type(e).__name__ == "PassError":
+            # a pass wraps any exception in PassError: one that is not a NetsurgeonError inside is a crash
+            where = traceback.extract_tb(cause.__traceback__)[-1]
+            return StepResult("crash", f"{_first_line(e)} ({Path(where.filename).name}:{where.lineno})",
+                              time.perf_counter() - t)
         return StepResult("refused", f"{type(e).__name__}: {_first_line(e)}", time.perf_counter() - t)
     except VerificationError as e:  # the step completed but its result is wrong: a bug, shown apart
         return StepResult("wrong", str(e), time.perf_counter() - t)
