@@ -413,7 +413,8 @@ def from_kernel_rule(rule: KernelRule) -> IdealRule:
     def check(graph: IdealGraph, node: fx.Node, d: dict) -> str | None:
         out = evaluate(graph, node, d, [1.0] * max(1, len(d["signal_operands"])))
         if out is None:
-            return f"{d['info'].describe()}: its kernel rule gives no map"
+            return (f"{d['info'].describe()}: its kernel rule gives no map at q = 1 (it is measured, and the DKS "
+                    f"targets use rules only; {NO_RULE_REMEDY})")
         if not np.allclose(out.c, _C_GRID, rtol=0.0, atol=1e-9):
             return (f"{d['info'].describe()}: its kernel rule changes the C map, and the DKS targets assume only "
                     f"activations do (register an elementwise activation with netsurgeon.register_activation)")
