@@ -172,3 +172,32 @@ def test_monotone_table_pools_scattered_points_at_nonnegative_cosines_only():
     assert ys[:2] == (0.3, -0.1)  # below 0 kept as measured
     assert ys[2] == ys[3] == pytest.approx(-0.05)  # 0.1 then -0.2: pooled
     assert list(ys[2:]) == sorted(ys[2:])
+
+
+class _PoolMixer(nn.Module):
+    """PoolFormer's token mixer without its shortcut, ``pool(h) - h``: a correlated sum whose map
+    steepens the C map by itself."""
+
+    def __init__(self, c: int = 16, depth: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 1) for _ in range(depth))
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for conv in self.convs:
+            h = torch.relu(conv(self.pool(h) - h))
+        return h.mean((2, 3))
+
+
+def test_unreachable_zeta_names_the_products_and_the_zeta_that_works():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    passes = ["normalize_sums", "input_norm", ("orthogonal_init", {"seed": 0})]
+    with pytest.raises(UnsupportedNodeError, match=r"zeta = 1.01 is unreachable: .* products with a local C'\(1\) "
+                                                    r"above 1: add.*; use zeta > ") as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            netsurgeon.transform(_PoolMixer(), passes + [("dks", {"zeta": 1.01})], example_inputs=x)
+    assert err.value.nodes and all(n.startswith("add") for n in err.value.nodes)  # the weighted pool(h) - h

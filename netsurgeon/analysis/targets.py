@@ -289,10 +289,16 @@ class IdealGraph:
             # without products, slope ξ^k with k >= 1 reaches ζ by ξ = ζ; measured products scale it
             raise UnsupportedNodeError("no activation lies on a path from an input to an output: nothing to shape")
         if self.max_slope(1.0) > zeta:
-            floor = self.max_slope(1.0)
+            floor, where = self.max_over_subnetworks(lambda _n, v: v, 1.0,
+                                                     lambda n, v: self.product_maps[n].slope * v)
+            steep = sorted((n for n, pm in self.product_maps.items() if pm.slope > 1.0),
+                           key=lambda n: -self.product_maps[n].slope)
+            names = ", ".join(f"{n} ({self.product_maps[n].slope:.4g})" for n in steep[:5]) + \
+                (f" and {len(steep) - 5} more" if len(steep) > 5 else "")
             raise UnsupportedNodeError(f"zeta = {zeta} is unreachable: the measured products alone give "
-                                       f"max C'_f(1) = {floor:.6g} with linear activations (ξ = 1); use zeta > "
-                                       f"{math.ceil(floor * 1e4) / 1e4:g}")
+                                       f"max C'_f(1) = {floor:.6g} with linear activations (ξ = 1), in the "
+                                       f"{where}; products with a local C'(1) above 1: {names or 'none'}; use "
+                                       f"zeta > {math.ceil(floor * 1e4) / 1e4:g}", nodes=steep)
         return bisect(lambda xi: self.max_slope(xi) < zeta, 1.0, zeta / min(1.0, self._min_product_slope()),
                       tol=1e-15)
 
