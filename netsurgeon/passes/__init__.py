@@ -6,10 +6,11 @@ from .farkas import Farkas
 from .identity import IdentityReparam, IdentityResidual
 from .init import OrthogonalInit
 from .input_norm import InputNorm
+from .norms import RemoveNorms
 from .pooling import MaxPoolToAvgPool
 from .strip_bn import StripBN
 from .sums import NormalizeSums, RemoveSkips
 
 __all__ = ["DKS", "Farkas", "IdentityReparam", "IdentityResidual", "InputNorm", "MaxPoolToAvgPool", "ModulusPass",
-           "NormalizeSums", "OrthogonalInit", "Pass", "PassSpec", "RMSNormPass", "RemoveSkips", "StripBN", "TAT",
+           "NormalizeSums", "OrthogonalInit", "Pass", "PassSpec", "RMSNormPass", "RemoveNorms", "RemoveSkips", "StripBN", "TAT",
            "coerce_option", "get_pass", "list_passes", "make_pass", "register_pass"]

@@ -13,7 +13,8 @@ from ..graph.running import propagate_shapes
 if TYPE_CHECKING:
     from ..report import PassRecord
 
-__all__ = ["call_sites", "set_submodule", "bypass", "replace_with_parts", "shapes_from", "report_hidden"]
+__all__ = ["call_sites", "set_submodule", "bypass", "composite_parts", "replace_with_parts", "shapes_from",
+           "report_hidden"]
 
 
 def call_sites(gm: fx.GraphModule) -> Counter:
@@ -32,6 +33,17 @@ def bypass(node: fx.Node, replacement: fx.Node) -> None:
     """Route every user of ``node`` to ``replacement`` and erase ``node``."""
     node.replace_all_uses_with(replacement)
     node.graph.erase_node(node)
+
+
+def composite_parts(m: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The parts of a norm+activation composite (timm ``BatchNormAct2d``, ``LayerNormAct2d``) that
+    stay when its norm goes: its dropout and its activation, in order (identities left out)."""
+    parts = []
+    for name in ("drop", "act"):
+        sub = getattr(m, name, None)
+        if isinstance(sub, nn.Module) and not isinstance(sub, nn.Identity):
+            parts.append((name, sub))
+    return parts
 
 
 def replace_with_parts(gm: fx.GraphModule, node: fx.Node, source: fx.Node, parts: list[tuple[str, nn.Module]]

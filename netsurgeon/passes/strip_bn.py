@@ -28,7 +28,7 @@ from ..graph import Topology, op_info
 from ..layers import ChannelAffine
 from ..ops import NormFamily, OpKind, batch_norm_affine, pads_same, plain_layer
 from ..report import PassRecord, Preservation
-from ._edit import bypass, call_sites, replace_with_parts, report_hidden, shapes_from
+from ._edit import bypass, call_sites, composite_parts, replace_with_parts, report_hidden, shapes_from
 from .base import Pass, register_pass
 
 __all__ = ["StripBN"]
@@ -39,15 +39,6 @@ _bn_scale_shift = batch_norm_affine  # per-channel (s, t) of an eval-mode batch 
 def _foldable_layer(m: nn.Module) -> bool:
     """Plain conv/linear whose forward is linear in its stored weight (timm's ``Conv2dSame`` too)."""
     return plain_layer(m, as_is=True)
-
-
-def _composite_parts(m: nn.Module) -> list[tuple[str, nn.Module]]:
-    parts = []
-    for name in ("drop", "act"):
-        sub = getattr(m, name, None)
-        if isinstance(sub, nn.Module) and not isinstance(sub, nn.Identity):
-            parts.append((name, sub))
-    return parts
 
 
 def _ensure_bias(layer: nn.Module) -> torch.Tensor:
@@ -127,7 +118,7 @@ class StripBN(Pass):
 
     # -------------------------------------------------------------- remove
     def _remove(self, gm: fx.GraphModule, node: fx.Node, module: nn.Module, record: PassRecord) -> None:
-        kept = replace_with_parts(gm, node, node.args[0], _composite_parts(module))
+        kept = replace_with_parts(gm, node, node.args[0], composite_parts(module))
         what = f"removed {type(module).__name__}" + (f", kept {', '.join(kept)}" if kept else "")
         record.change(node.name, what, "mode=remove: normalizer-free network")
 
@@ -139,7 +130,7 @@ class StripBN(Pass):
         except ValueError as exc:
             record.skip(node.name, f"{type(module).__name__} cannot be folded: {exc}")
             return
-        parts = _composite_parts(module)
+        parts = composite_parts(module)
         src = node.args[0]
         reason = self._backward_obstacle(gm, node, src, s, shapes, sites)
         if reason is None:
