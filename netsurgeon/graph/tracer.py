@@ -93,21 +93,44 @@ class NetsurgeonTracer(fx.Tracer):
             root_fn = _forward_with_defaults(root_fn, self.defaulted)
         return super().create_args_for_root(root_fn, is_module, concrete_args)
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+    def _concrete(self, obj: fx.Proxy) -> Any:
+        """The value of ``obj`` on the example inputs: the graph so far, run on them."""
+        node = obj.node  # first: an attribute proxy (``x.is_nested``) makes its node when asked for it
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        g.graph_copy(self.graph, env)
+        g.output(env[node])
+        return _run_untraced(self.root, g, self.example_inputs)
+
+    def _record(self, value: Any) -> None:
+        user = [f for f in traceback.extract_stack() if "/torch/" not in f.filename
+                and "netsurgeon/graph" not in f.filename]
+        where = f"{user[-1].filename}:{user[-1].lineno}: {user[-1].line}" if user else "unknown line"
+        self.decisions.append(f"{where} -> {value}")
+
     def to_bool(self, obj: fx.Proxy) -> bool:
         """Control flow on a traced value (``if x.shape[-2] < 7``): without example inputs an
         error; with them, the graph so far is run on them and the branch taken is recorded."""
         if self.example_inputs is None:
             return super().to_bool(obj)
-        g = fx.Graph()
-        env: dict[fx.Node, fx.Node] = {}
-        g.graph_copy(self.graph, env)
-        g.output(env[obj.node])
-        value = bool(_run_untraced(self.root, g, self.example_inputs))
-        user = [f for f in traceback.extract_stack() if "/torch/" not in f.filename
-                and "netsurgeon/graph" not in f.filename]
-        where = f"{user[-1].filename}:{user[-1].lineno}: {user[-1].line}" if user else "unknown line"
-        self.decisions.append(f"{where} -> {value}")
+        value = bool(self._concrete(obj))
+        self._record(value)
         return value
+
+    def length(self, obj: fx.Proxy) -> int | None:
+        """``len`` of a traced shape (``len(x.size())``, nn.TransformerEncoder's ``_get_seq_len``): the
+        number of dimensions, read on the example inputs (it does not change with the batch); None
+        without them, or for anything but a shape (``len(x)`` would freeze the batch size)."""
+        if self.example_inputs is None:
+            return None
+        value = self._concrete(obj)
+        if not isinstance(value, torch.Size):
+            return None
+        self._record(f"len = {len(value)}")
+        return len(value)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths:
@@ -115,6 +138,15 @@ class NetsurgeonTracer(fx.Tracer):
         if module_rule(m) is not None:
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+class _Proxy(fx.Proxy):
+    """fx's proxy, with ``len`` of a traced shape decided on the example inputs (see
+    :meth:`NetsurgeonTracer.length`); any other ``len`` fails as in fx."""
+
+    def __len__(self) -> int:
+        n = self.tracer.length(self) if isinstance(self.tracer, NetsurgeonTracer) else None
+        return super().__len__() if n is None else n
 
 
 def _run_untraced(root: nn.Module, graph: fx.Graph, inputs: tuple[torch.Tensor, ...]) -> Any:

@@ -1,0 +1,58 @@
+"""Control flow decided on the example inputs: attribute proxies (``x.is_nested``) and ``len`` of a
+traced shape, as ``nn.TransformerEncoder`` has them (``_get_seq_len``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import netsurgeon
+from netsurgeon.errors import TraceError
+from netsurgeon.graph.state import trace_info
+
+
+class _Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_nested:  # an attribute proxy: its node is made only when asked for
+            return x
+        if len(x.size()) == 3:
+            x = x.mean(1)
+        return self.fc(x)
+
+
+class _LenOfTensor(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * len(x)  # the batch size: not decided on the example (it would be frozen)
+
+
+def test_attribute_branch_and_len_of_a_shape_are_decided_on_the_example():
+    x = torch.randn(2, 5, 4)
+    model = _Branchy()
+    gm = netsurgeon.trace(model, x)
+    torch.testing.assert_close(gm(x), model(x))
+    decided = trace_info(gm).specialized
+    assert any(d.endswith("-> False") for d in decided) and any(d.endswith("-> len = 3") for d in decided)
+
+
+def test_len_of_a_tensor_is_still_refused():
+    with pytest.raises(TraceError, match="len"):
+        netsurgeon.trace(_LenOfTensor(), torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_transformer_encoder_traces_exactly(norm_first):
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True, norm_first=norm_first)
+    model = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16), enable_nested_tensor=False)
+    x = torch.randn(2, 5, 16)
+    gm = netsurgeon.trace(model, x)
+    for mode in (True, False):
+        model.train(mode)
+        gm.train(mode)
+        torch.manual_seed(0)
+        ref = model(x)
+        torch.manual_seed(0)
+        torch.testing.assert_close(gm(x), ref)
