@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ..errors import NetsurgeonError, TraceError
 from ..models import default_input_shape
-from ..ops import module_rule, registered_python_functions
+from ..ops import module_rule, recognize_norms, registered_python_functions
 from .running import eval_mode, example_run, outputs_match, overflow_error, require_finite, run_recording_shapes
 from .state import has_trace, random_batch, set_trace_info
 
@@ -71,6 +71,8 @@ class TraceInfo:
     specialized: list[str] = field(default_factory=list)  # control flow decided on the example inputs
     untraceable_leaves: list[str] = field(default_factory=list)  # "path (Class): why" for leaves made on failure
     defaulted: list[str] = field(default_factory=list)  # "name=default": forward parameters the inputs do not supply
+    # "Class (family)": norm types registered by what they compute (ops.recognized)
+    recognized_norms: list[str] = field(default_factory=list)
 
 
 class NetsurgeonTracer(fx.Tracer):
@@ -523,6 +525,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     leaves = set(user_leaves)
     info = TraceInfo(model_class=type(model).__name__, user_leaves=user_leaves,
                      input_shape=default_input_shape(model))
+    info.recognized_norms = recognize_norms(model)  # LlamaRMSNorm and the like: leaves, classified NORM
     if example_inputs is not None:  # they decide control flow and check the result: NaN would mislead both
         require_finite(info.model_class, model, _as_tuple(example_inputs))
     shadow = _as_tuple(example_inputs) if example_inputs is not None else _default_shadow(model, info.input_shape)

@@ -1,0 +1,89 @@
+"""Norm modules recognized by what they compute: Hugging Face's ``LlamaRMSNorm``, ``T5LayerNorm``,
+``MistralRMSNorm``... and a user's own ``RMSNorm`` or channels-last ``LayerNorm`` class.
+
+Such classes are many and unknown in advance, so they are not listed: a module type with a 1-D
+``weight`` and an ``eps`` (or ``variance_epsilon``) is run once, on a copy with random weights,
+against the two formulas (over the last axis)
+
+- RMS norm: ``x / sqrt(mean(x²) + eps) · w``;
+- layer norm: ``(x - mean(x)) / sqrt(var(x) + eps) · w + b``;
+
+and registered as that norm (a leaf, classified ``NORM``) when one matches to float32 rounding.
+Anything else keeps being traced through. The check runs once per type; the registration lasts
+for the process, as ``netsurgeon.register_module_op`` does.
+"""
+from __future__ import annotations
+
+import copy
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .kinds import NormFamily, NormSpec, OpInfo, OpKind
+from .registry import ClassifyContext, add_module_rule, module_rule
+
+__all__ = ["recognize_norms"]
+
+_CHECKED: dict[type, NormFamily | None] = {}
+
+
+def _eps(m: nn.Module) -> float | None:
+    for name in ("eps", "variance_epsilon"):
+        v = getattr(m, name, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0:
+            return float(v)
+    return None
+
+
+def _family(m: nn.Module) -> NormFamily | None:
+    """Which norm ``m`` computes over its last axis, from one run of a copy with random weights."""
+    w, eps = getattr(m, "weight", None), _eps(m)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or eps is None or w.numel() < 2:
+        return None
+    trial = copy.deepcopy(m).float().eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in trial.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5 + 1.0)
+        x = torch.randn(3, 4, w.numel(), generator=g) * 2.0 + 0.5
+        try:
+            out = trial(x)
+        except Exception:  # not a plain tensor -> tensor module
+            return None
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            return None
+        weight = trial.weight
+        bias = getattr(trial, "bias", None)
+        rms = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+        centered = x - x.mean(-1, keepdim=True)
+        layer = centered * torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + eps) * weight
+        if isinstance(bias, torch.Tensor) and bias.shape == weight.shape:
+            layer = layer + bias
+        if bias is None and torch.allclose(out, rms, rtol=1e-4, atol=1e-5):
+            return NormFamily.RMS
+        if torch.allclose(out, layer, rtol=1e-4, atol=1e-5):
+            return NormFamily.LAYER
+    return None
+
+
+def _rule(family: NormFamily):
+    def rule(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+        return OpInfo(OpKind.NORM, f"{family}_norm", norm=NormSpec(family, False, int(m.weight.numel())),
+                      attrs={"module": type(m).__name__, "recognized": True})
+    return rule
+
+
+def recognize_norms(model: nn.Module) -> list[str]:
+    """Register the norm classes inside ``model`` that no rule covers but that compute an RMS or a
+    layer norm over the last axis; returns ``"Class (family)"`` for the newly registered ones."""
+    found = []
+    for m in model.modules():
+        t = type(m)
+        if t in _CHECKED or module_rule(m) is not None or t.__module__.startswith("torch."):
+            continue
+        family = _family(m)
+        _CHECKED[t] = family
+        if family is not None:
+            add_module_rule(t, _rule(family))
+            found.append(f"{t.__name__} ({family})")
+    return found
