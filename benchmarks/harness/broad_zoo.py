@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 import netsurgeon
-from netsurgeon.errors import NetsurgeonError
+from netsurgeon.errors import NetsurgeonError, PassError
 
 SELECTION_FILE = Path(__file__).with_name("broad_zoo_models.json")
 STEPS = ("trace", "fold", "analyze", "pipeline_remove_skips", "pipeline_normalize_sums", "farkas",
@@ -383,7 +383,7 @@ def _run_step(fn, *args) -> StepResult:
             fn(*args)
     except NetsurgeonError as e:
         cause = e.__cause__
-        if cause is not None and not isinstance(cause, NetsurgeonError) and type(e).__name__ == "PassError":
+        if isinstance(e, PassError) and cause is not None and not isinstance(cause, NetsurgeonError):
             # a pass wraps any exception in PassError: one that is not a NetsurgeonError inside is a crash
             where = traceback.extract_tb(cause.__traceback__)[-1]
             return StepResult("crash", f"{_first_line(e)} ({Path(where.filename).name}:{where.lineno})",

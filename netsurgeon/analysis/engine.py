@@ -274,7 +274,8 @@ class _Tapper(fx.Interpreter):
         self.inject: dict[str, torch.Tensor] = {}  # node -> the value it takes instead (token embeddings)
 
     def take(self, name: str, value: Any) -> None:
-        raise NotImplementedError
+        """Record one requested output; every subclass says what it keeps (an abstract method)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement take()")
 
     def run_node(self, n: fx.Node) -> Any:
         out = self.inject[n.name] if n.name in self.inject else super().run_node(n)

@@ -215,9 +215,9 @@ def _sum_weight2(d: dict) -> float | None:
     return float(sum(float(w) ** 2 for w in weights))
 
 
-def _below_factors(graph: IdealGraph, name: str) -> str:
-    """The signal below a chain of constant factors (a sum term written ``c·h``)."""
-    g = graph.topo.graph
+def below_factors(g: Any, name: str) -> str:
+    """The signal below a chain of constant factors (a sum term written ``c·h``) in the topology
+    graph ``g``."""
     while g.nodes[name]["kind"] is OpKind.AFFINE and g.nodes[name]["info"].constant_factor is not None \
             and len(g.nodes[name]["signal_operands"]) == 1:
         name = g.nodes[name]["signal_operands"][0]
@@ -243,7 +243,7 @@ def _q_origins(graph: IdealGraph, start: str, q: dict[str, float]) -> list[str]:
             if w2 is None or abs(w2 - 1.0) > _Q_TOL:
                 origins.append(name)
                 continue
-            ups = [b for b in (_below_factors(graph, a) for a in ops) if b in q and _off(q[b])]
+            ups = [b for b in (below_factors(graph.topo.graph, a) for a in ops) if b in q and _off(q[b])]
         else:
             ups = [a for a in ops if _off(q[a])]
         if ups:

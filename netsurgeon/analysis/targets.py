@@ -42,7 +42,7 @@ from ..errors import UnsupportedNodeError
 from ..graph import BlockKind, Topology
 from ..kernels.bisection import bisect
 from ..ops import OpKind
-from .ideal_rules import NO_RULE, ActRule, IdealRule, from_kernel_rule, ideal_rule
+from .ideal_rules import NO_RULE, ActRule, IdealRule, below_factors, from_kernel_rule, ideal_rule
 from .op_rules import composite_activation
 from .propagate import affine_moments
 from .rules import IDEAL_RULES, KERNEL_RULES
@@ -96,14 +96,8 @@ def main_operand(topo: Topology, product: str) -> str:
 def q_reference(topo: Topology, merge: str) -> str:
     """The node whose q a mapped merge's rescale restores: its :func:`main_operand`, looked through
     constant factors for a sum (in ``w₁·a + w₂·pool(a)`` it is ``a``, at q = 1, not ``w₁·a``, at w₁²)."""
-    g = topo.graph
     name = main_operand(topo, merge)
-    if g.nodes[merge]["kind"] is not OpKind.ADD:
-        return name
-    while g.nodes[name]["kind"] is OpKind.AFFINE and g.nodes[name]["info"].constant_factor is not None \
-            and len(g.nodes[name]["signal_operands"]) == 1:
-        name = g.nodes[name]["signal_operands"][0]
-    return name
+    return below_factors(topo.graph, name) if topo.graph.nodes[merge]["kind"] is OpKind.ADD else name
 
 
 def mapped_merges(topo: Topology) -> list[str]:

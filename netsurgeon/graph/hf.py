@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import traceback
 from collections import OrderedDict
 from dataclasses import is_dataclass
 from typing import Any, Callable, Iterator
@@ -60,7 +59,7 @@ import torch.nn as nn
 from torch.fx import _symbolic_trace as st
 
 from ..errors import TraceError
-from .running import example_run
+from .running import example_run, user_line
 
 __all__ = ["HFTracing", "default_inputs"]
 
@@ -331,7 +330,7 @@ class HFTracing(fx.Tracer):
         if value is _MISSING:
             return super().to_bool(obj)
         result = bool(value)
-        self.decisions.append(f"{_user_line()} -> {result}")
+        self.decisions.append(f"{user_line()} -> {result}")
         return result
 
     def iter(self, obj: fx.Proxy) -> Iterator[Any]:
@@ -339,11 +338,7 @@ class HFTracing(fx.Tracer):
         if not isinstance(value, (tuple, list, torch.Tensor)):  # torch.Size is a tuple
             return super().iter(obj)
         if isinstance(value, torch.Tensor):  # iterating a tensor fixes its first size
-            self.decisions.append(f"{_user_line()} -> iterates {len(value)} rows")
+            self.decisions.append(f"{user_line()} -> iterates {len(value)} rows")
         return iter([obj[i] for i in range(len(value))])
 
 
-def _user_line() -> str:
-    user = [f for f in traceback.extract_stack() if "/torch/" not in f.filename
-            and "netsurgeon/graph" not in f.filename]
-    return f"{user[-1].filename}:{user[-1].lineno}: {user[-1].line}" if user else "unknown line"

@@ -5,6 +5,7 @@ printing."""
 from __future__ import annotations
 
 import contextlib
+import traceback
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -17,7 +18,7 @@ from .._validate import non_finite, short_list
 from ..errors import ExampleInputError, InvalidArgumentError, NetsurgeonError
 
 __all__ = ["eval_mode", "example_run", "propagate_shapes", "require_finite", "outputs_match",
-           "overflow_error", "run_recording_shapes", "shapes_current"]
+           "overflow_error", "run_recording_shapes", "shapes_current", "user_line"]
 
 
 @contextlib.contextmanager
@@ -32,6 +33,14 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def user_line() -> str:
+    """``file:line: code`` of the innermost frame outside torch and ``netsurgeon.graph``: the
+    line of the model that a tracing decision was made for."""
+    user = [f for f in traceback.extract_stack() if "/torch/" not in f.filename
+            and "netsurgeon/graph" not in f.filename]
+    return f"{user[-1].filename}:{user[-1].lineno}: {user[-1].line}" if user else "unknown line"
 
 
 def _describe(inputs: Any) -> str:

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from ..errors import NetsurgeonError, TraceError
 from ..models import default_input_shape
 from ..ops import module_rule, recognize_norms, registered_python_functions
-from .running import eval_mode, example_run, outputs_match, overflow_error, require_finite, run_recording_shapes
+from .running import (eval_mode, example_run, outputs_match, overflow_error, require_finite, run_recording_shapes,
+                      user_line)
 from .state import has_trace, random_batch, set_trace_info
 
 __all__ = ["trace", "NetsurgeonTracer", "TraceInfo"]
@@ -108,10 +109,7 @@ class NetsurgeonTracer(fx.Tracer):
         return _run_untraced(self.root, g, self.example_inputs)
 
     def _record(self, value: Any) -> None:
-        user = [f for f in traceback.extract_stack() if "/torch/" not in f.filename
-                and "netsurgeon/graph" not in f.filename]
-        where = f"{user[-1].filename}:{user[-1].lineno}: {user[-1].line}" if user else "unknown line"
-        self.decisions.append(f"{where} -> {value}")
+        self.decisions.append(f"{user_line()} -> {value}")
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         """Control flow on a traced value (``if x.shape[-2] < 7``): without example inputs an

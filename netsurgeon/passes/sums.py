@@ -28,6 +28,7 @@ import torch.fx as fx
 from ..analysis.ideal_rules import dim_sum_terms
 from ..graph import BlockKind, MergeBlock, Topology, op_info
 from ..graph.blocks import is_residual, path_cost
+from ..graph.state import nodes_by_name
 from ..ops import OpKind, PoolType, pool_type
 from ..ops import arg, is_inplace
 from ..report import PassRecord, Preservation
@@ -299,7 +300,7 @@ def _reset_concat_scales(gm: fx.GraphModule, topo: Topology, record: PassRecord)
     """Reset the layer scales that end the operands of a concatenation (RDNet's dense blocks end in
     ``h * gamma``, gamma = 1e-6): at 1e-6 the new features would be left out of every later q and
     C map, as a residual branch's would be out of the sum."""
-    nodes = {n.name: n for n in gm.graph.nodes}
+    nodes = nodes_by_name(gm)
     for block in topo.blocks:
         if block.kind is BlockKind.CONCAT:
             for operand in dict.fromkeys(block.operands):
