@@ -3,6 +3,7 @@
 from .contractivity import GradientEnergy, OperatorNormBound, operator_norm_bound
 from .engine import Analysis, analyze
 from .measure import Measurement, NodeStats, measure
+from . import attention_rules as _attention_rules  # noqa: F401  (registers the attention modules' rules)
 from . import op_rules as _op_rules  # noqa: F401  (registers the rules)
 from . import products as _products  # noqa: F401  (registers the product-of-signals kernel rule)
 from . import tokens as _tokens  # noqa: F401  (registers the token-embedding rule)

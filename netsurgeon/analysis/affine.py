@@ -218,6 +218,11 @@ def _run(gm: fx.GraphModule, node: fx.Node, is_signal: Callable[[fx.Node], bool]
     shape = _shape_query(node)
     if shape is not _UNKNOWN:
         return shape
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2 and node.args[1] == "device":
+        # a signal's device (``torch.arange(n, device=x.device)``): where the model's tensors are
+        held = next(iter(gm.parameters()), None)
+        held = held if held is not None else next(iter(gm.buffers()), None)
+        return held.device if held is not None else torch.device("cpu")
     failed = []
 
     def resolve(a: Any) -> Any:

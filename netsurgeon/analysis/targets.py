@@ -108,16 +108,33 @@ def mapped_merges(topo: Topology) -> list[str]:
             and (d["kind"] is OpKind.MULTIPLY or n in correlated)]
 
 
+def attention_values(topo: Topology) -> dict[str, str]:
+    """``{attention node: its value operand}`` for the modules ``attention_shaping`` inserts: at
+    initialization their output depends on the value only (the query-key logits are zero, or
+    ``β = 0``), so the query and key paths are left out of the shaping like gate paths."""
+    out = {}
+    for node in topo.gm.graph.nodes:
+        d = topo.graph.nodes.get(node.name)
+        if d is not None and d["info"].attrs.get("attention") and len(node.args) > 2 \
+                and isinstance(node.args[2], fx.Node):
+            out[node.name] = node.args[2].name
+    return out
+
+
 def gate_nodes(topo: Topology) -> set[str]:
     """Signal nodes that reach an output only through a mapped merge's gate operands (every
-    operand but :func:`main_operand`): the gate paths of squeeze-excite and similar blocks."""
+    operand but :func:`main_operand`) or an inserted attention's query and key: the gate paths of
+    squeeze-excite and similar blocks, and the logits' paths of shaped attention."""
     g = topo.graph
     cut = nx.DiGraph()
     cut.add_nodes_from(g.nodes)
     mains = {n: main_operand(topo, n) for n in mapped_merges(topo)}
+    mains.update(attention_values(topo))
     for u, v in g.edges:
         if v in mains and u in g.nodes[v]["signal_operands"] and u != mains[v]:
             continue
+        if not g.nodes[v]["signal"] and g.nodes[v]["kind"] is not OpKind.OUTPUT:
+            continue  # a shape or dtype read: no values flow on
         cut.add_edge(u, v)
     alive: set[str] = set()
     for o in (n for n, d in g.nodes(data=True) if d["kind"] is OpKind.OUTPUT):
@@ -155,7 +172,7 @@ class IdealGraph:
         self.topo = topo
         self.products = products
         self.product_maps = dict(product_maps or {})
-        self.gates = gate_nodes(topo) if products in ("rule", "empirical") else set()
+        self.gates = gate_nodes(topo) if products in ("rule", "empirical") or attention_values(topo) else set()
         self.order = [n for n in topo.gm.graph.nodes if (topo.graph.nodes[n.name]["signal"]
                       or topo.graph.nodes[n.name]["kind"] is OpKind.OUTPUT) and n.name not in self.gates]
         self.problems: list[tuple[str, str]] = []

@@ -29,12 +29,13 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import sys
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -43,9 +44,11 @@ import torch.nn.functional as F
 
 from ..errors import NetsurgeonError, TraceError
 from ..models import default_input_shape
-from ..ops import module_rule, recognize_norms, registered_python_functions
+from ..ops import module_rule, recognize_activations, recognize_norms, registered_python_functions
 from .running import (eval_mode, example_run, outputs_match, overflow_error, require_finite, run_recording_shapes,
                       user_line)
+from ..layers import ModeConstant
+from .attention import write_out_multihead_attention
 from .state import has_trace, random_batch, set_trace_info
 
 __all__ = ["trace", "NetsurgeonTracer", "TraceInfo"]
@@ -56,6 +59,9 @@ _DROPOUT_MODULES: dict[Any, type[nn.Module]] = {
     F.alpha_dropout: nn.AlphaDropout, F.feature_alpha_dropout: nn.FeatureAlphaDropout,
 }
 _MAX_RETRACES = 64
+# torch.nn modules traced through rather than kept as leaves (fx's default for torch.nn): their
+# attention (nn.MultiheadAttention) stays a leaf that passes can read or rewrite.
+_TRACED_TORCH_CONTAINERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 _FX_CONSTANTS = ("_tensor_constant", "_param_constant", "_torchbind_obj")  # attributes fx puts on the root
 
 
@@ -74,6 +80,8 @@ class TraceInfo:
     defaulted: list[str] = field(default_factory=list)  # "name=default": forward parameters the inputs do not supply
     # "Class (family)": norm types registered by what they compute (ops.recognized)
     recognized_norms: list[str] = field(default_factory=list)
+    recognized_activations: list[str] = field(default_factory=list)
+    written_out: list[str] = field(default_factory=list)  # nn.MultiheadAttention calls written out as graph ops
 
 
 class NetsurgeonTracer(fx.Tracer):
@@ -132,21 +140,42 @@ class NetsurgeonTracer(fx.Tracer):
         self._record(f"len = {len(value)}")
         return len(value)
 
+    def index(self, obj: fx.Proxy) -> int | None:
+        """A traced integer used as a size or slice bound (``torch.ones(T, T)``, ``mask[:T, :T]``): its
+        value on the example inputs, recorded as a specialization; None without them."""
+        if self.example_inputs is None:
+            return None
+        value = self._concrete(obj)
+        if isinstance(value, bool) or not isinstance(value, int):
+            return None
+        self._record(f"size or index = {value}")
+        return value
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths:
             return True
         if module_rule(m) is not None:
             return True
+        if isinstance(m, _TRACED_TORCH_CONTAINERS):  # their norms, MLPs and residuals are the model's
+            return False
         return super().is_leaf_module(m, module_qualified_name)
 
 
 class _Proxy(fx.Proxy):
-    """fx's proxy, with ``len`` of a traced shape decided on the example inputs (see
-    :meth:`NetsurgeonTracer.length`); any other ``len`` fails as in fx."""
+    """fx's proxy, with ``len`` of a traced shape and a traced integer used as a size or slice
+    bound decided on the example inputs (see :meth:`NetsurgeonTracer.length` and
+    :meth:`NetsurgeonTracer.index`); anything else fails as in fx."""
 
     def __len__(self) -> int:
         n = self.tracer.length(self) if isinstance(self.tracer, NetsurgeonTracer) else None
         return super().__len__() if n is None else n
+
+    def __index__(self) -> int:
+        n = self.tracer.index(self) if isinstance(self.tracer, NetsurgeonTracer) else None
+        if n is None:
+            raise TypeError(f"a traced value ({self.node.name}) is used as an integer; pass example_inputs "
+                            f"so netsurgeon.trace can read it, or make the module a leaf")
+        return n
 
 
 def _run_untraced(root: nn.Module, graph: fx.Graph, inputs: tuple[torch.Tensor, ...]) -> Any:
@@ -194,6 +223,40 @@ def _dropout_only_diff(a: fx.Node, b: fx.Node) -> bool:
         return False
     strip = lambda n: (n.args[:2], {k: v for k, v in n.kwargs.items() if k != "training"})  # noqa: E731
     return str(strip(a)) == str(strip(b))
+
+
+def _sdpa_dropout(n: fx.Node) -> tuple[Any, str]:
+    """``(dropout_p, the call without it)`` of a ``scaled_dot_product_attention`` node."""
+    if len(n.args) > 4:
+        rest = (n.args[:4] + n.args[5:], n.kwargs)
+        return n.args[4], str(rest)
+    return n.kwargs.get("dropout_p", 0.0), str((n.args, {k: v for k, v in n.kwargs.items() if k != "dropout_p"}))
+
+
+def _sdpa_dropout_only_diff(a: fx.Node, b: fx.Node) -> bool:
+    """Attention whose ``dropout_p`` follows the mode (``p if self.training else 0.0``), nothing else."""
+    if a.op != "call_function" or a.target is not F.scaled_dot_product_attention or b.target is not a.target:
+        return False
+    (pa, ra), (pb, rb) = _sdpa_dropout(a), _sdpa_dropout(b)
+    return ra == rb and isinstance(pa, (int, float)) and isinstance(pb, (int, float)) and pa != pb
+
+
+def _drop_unused_reads(graph: fx.Graph) -> None:
+    """Erase unused attribute and shape reads: code that only inspects (nn.TransformerEncoderLayer's
+    fast-path checks read parameters and devices in eval mode) must not count as a mode difference."""
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(list(graph.nodes)):
+            if n.users:
+                continue
+            reads = n.op == "get_attr" or (n.op == "call_function" and (n.target is getattr or
+                                                                        getattr(n.target, "__module__", "") in
+                                                                        ("_operator", "operator"))) \
+                or (n.op == "call_method" and n.target in ("size", "dim"))
+            if reads:
+                graph.erase_node(n)
+                changed = True
 
 
 def _lcp(x: list[str], y: list[str]) -> str:
@@ -477,6 +540,27 @@ def _replace_mode_dropouts(gm: fx.GraphModule, indices: set[int]) -> list[str]:
     return names
 
 
+def _mode_attention_dropouts(gm: fx.GraphModule, rates: dict[int, tuple[float, float]]) -> list[str]:
+    """Attention calls whose ``dropout_p`` followed the mode read it from a :class:`ModeConstant`."""
+    graph = gm.graph
+    names: list[str] = []
+    for i, node in enumerate(list(graph.nodes)):
+        if i not in rates:
+            continue
+        name = f"ns_attention_dropout_{len(names)}"
+        gm.add_submodule(name, ModeConstant(*rates[i]))
+        with graph.inserting_before(node):
+            p = graph.call_module(name, ())
+        if len(node.args) > 4:
+            node.args = node.args[:4] + (p,) + node.args[5:]
+        else:
+            node.kwargs = {**node.kwargs, "dropout_p": p}
+        names.append(f"{node.name}.dropout_p -> {name}")
+    if names:
+        gm.recompile()
+    return names
+
+
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None, *,
           leaf_modules: Iterable[str] = (), concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
     """Trace ``model`` into a ``GraphModule`` that behaves like it in train and eval mode.
@@ -524,6 +608,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     info = TraceInfo(model_class=type(model).__name__, user_leaves=user_leaves,
                      input_shape=default_input_shape(model))
     info.recognized_norms = recognize_norms(model)  # LlamaRMSNorm and the like: leaves, classified NORM
+    info.recognized_activations = recognize_activations(model)  # NewGELUActivation and the like: activations
     if example_inputs is not None:  # they decide control flow and check the result: NaN would mislead both
         require_finite(info.model_class, model, _as_tuple(example_inputs))
     shadow = _as_tuple(example_inputs) if example_inputs is not None else _default_shadow(model, info.input_shape)
@@ -536,7 +621,10 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             g_train, constants = _trace_leafing_notrace(model, leaves, info, fixed, shadow, defaults)
             _set_modes(model, False)
             g_eval, _ = _trace_leafing_notrace(model, leaves, info, fixed, shadow, defaults)
+            _drop_unused_reads(g_train)
+            _drop_unused_reads(g_eval)
             dropout_fix: set[int] = set()
+            sdpa_fix: dict[int, tuple[float, float]] = {}
             new_leaf = None
             nodes_t, nodes_e = list(g_train.nodes), list(g_eval.nodes)
             for i in range(max(len(nodes_t), len(nodes_e))):
@@ -546,6 +634,9 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
                     continue
                 if a is not None and b is not None and _dropout_only_diff(a, b):
                     dropout_fix.add(i)
+                    continue
+                if a is not None and b is not None and _sdpa_dropout_only_diff(a, b):
+                    sdpa_fix[i] = (float(_sdpa_dropout(a)[0]), float(_sdpa_dropout(b)[0]))
                     continue
                 owner = _common_owner(a, b, nodes_t[i - 1] if i > 0 else None)
                 if not owner:
@@ -577,7 +668,10 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     finally:
         for k in constants:
             del model.__dict__[k]
-    info.mode_dropouts = _replace_mode_dropouts(gm, dropout_fix)
+    info.mode_dropouts = _replace_mode_dropouts(gm, dropout_fix) + _mode_attention_dropouts(gm, sdpa_fix)
+    written, kept = write_out_multihead_attention(gm)
+    info.written_out = [f"{n}: {what}" for n, what in written]
+    info.untraceable_leaves += [f"{n} (MultiheadAttention): {why}" for n, why in kept.items()]
     # the shared submodules keep their own flags (``modes``, restored above); new containers copy the model's
     for name, m in gm.named_modules():
         m.training = modes.get(name, model.training)
@@ -585,6 +679,21 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     if example_inputs is not None:
         _check_against_eager(model, gm, example_inputs, concrete_args)
     return gm
+
+
+@contextlib.contextmanager
+def _mha_fastpath(enabled: bool) -> Iterator[None]:
+    """Switch PyTorch's fused transformer fast path (eval mode without grad) on or off for a while."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
 
 
 def _as_tuple(x: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -596,7 +705,8 @@ def _check_against_eager(model: nn.Module, gm: fx.GraphModule, example_inputs: A
     inputs = _as_tuple(example_inputs)
     # the trace is specialized to the fixed arguments: the eager model gets them too (fx placeholders aside)
     fixed = {k: v for k, v in (concrete_args or {}).items() if not isinstance(v, fx._symbolic_trace.PHBase)}
-    with eval_mode(model), eval_mode(gm), torch.no_grad(), example_run(type(model).__name__, inputs):
+    with eval_mode(model), eval_mode(gm), torch.no_grad(), example_run(type(model).__name__, inputs), \
+            _mha_fastpath(False):  # the trace is the general path nn.TransformerEncoderLayer takes with grad on
         ref = model(*inputs, **fixed)
     with eval_mode(gm), torch.no_grad():
         try:  # the run records node shapes: a topology on inputs of these shapes then needs no run

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["ScalarGate", "ScalarBias", "FixedLinear", "AddIdentity"]
+__all__ = ["ScalarGate", "ScalarBias", "FixedLinear", "AddIdentity", "ModeConstant"]
 
 
 class ScalarGate(nn.Module):
@@ -59,3 +59,21 @@ class AddIdentity(nn.Module):
 
     def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
         return w - self.identity
+
+
+class ModeConstant(nn.Module):
+    """A number that follows the module's mode: ``train`` in training, ``eval`` in evaluation.
+
+    The tracer puts one where a call's argument was ``p if self.training else 0.0`` (attention
+    dropout), so the graph keeps both behaviours.
+    """
+
+    def __init__(self, train: float, eval: float = 0.0) -> None:  # noqa: A002 - the mode's name
+        super().__init__()
+        self.train_value, self.eval_value = float(train), float(eval)
+
+    def forward(self) -> float:
+        return self.train_value if self.training else self.eval_value
+
+    def extra_repr(self) -> str:
+        return f"train={self.train_value:g}, eval={self.eval_value:g}"

@@ -14,11 +14,11 @@ from .activations import TorchForms, activation_module, register_activation, tor
 from .modules import PLAIN_LAYER_TYPES, batch_norm_affine, layer_forward, pads_same, plain_layer
 from . import timm_ops as _timm_ops  # noqa: F401
 from . import layers_ops as _layers_ops  # noqa: F401
-from .recognized import recognize_norms
+from .recognized import recognize_activations, recognize_norms
 
 __all__ = ["ActivationSpec", "KIND_TRAITS", "KindTraits", "NormFamily", "NormSpec", "OpInfo", "OpKind", "PLAIN_LAYER_TYPES",
            "PoolType", "ClassifyContext", "arg", "is_inplace", "TorchForms", "activation_module", "batch_norm_affine", "classify",
-           "layer_forward", "module_rule", "pads_same", "plain_layer", "pool_type", "recognize_norms", "register_activation",
+           "layer_forward", "module_rule", "pads_same", "plain_layer", "pool_type", "recognize_activations", "recognize_norms", "register_activation",
            "register_function", "register_method", "register_module", "registered_module_types",
            "registered_python_functions", "torch_forms",
            "unknown_hint"]

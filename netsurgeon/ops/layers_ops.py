@@ -7,7 +7,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..layers import (ChannelAffine, ExclusiveAvgPool2dSame, FarkasLayer, FarkasSum, FixedLinear, LocationNorm,
-                      MinimalRMSNorm, ScalarBias, ScalarGate, ShapedActivation)
+                      MinimalRMSNorm, ModeConstant, ScalarBias, ScalarGate, ShapedActivation, ShapedAttention,
+                      ValueSkipInit)
 from .kinds import NormFamily, NormSpec, OpInfo, OpKind, PoolType
 from .registry import ClassifyContext, module_rule, register_module
 
@@ -81,3 +82,22 @@ def _minimal_rms_norm(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpIn
     return OpInfo(OpKind.NORM, "minimal_rms_norm", norm=NormSpec(NormFamily.MINIMAL_RMS, True),
                   attrs={"momentum": m.momentum, "eps": m.eps})
 
+
+
+@register_module(ShapedAttention)
+def _shaped_attention(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    # Token mixing with a fixed matrix at initialization; rules in netsurgeon.analysis.attention_rules.
+    return OpInfo(OpKind.OTHER, "shaped_attention", attrs={"mode": m.mode, "causal": m.causal, "attention": True,
+                                                           "reason": "shaped self-attention"})
+
+
+@register_module(ValueSkipInit)
+def _value_skipinit(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    return OpInfo(OpKind.OTHER, "value_skipinit_attention", attrs={"mode": m.mode, "causal": m.causal,
+                                                                   "attention": True,
+                                                                   "reason": "value-skipinit self-attention"})
+
+
+@register_module(ModeConstant)
+def _mode_constant(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+    return OpInfo(OpKind.META, "mode_constant")

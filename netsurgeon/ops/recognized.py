@@ -22,7 +22,7 @@ import torch.nn as nn
 from .kinds import NormFamily, NormSpec, OpInfo, OpKind
 from .registry import ClassifyContext, add_module_rule, module_rule
 
-__all__ = ["recognize_norms"]
+__all__ = ["recognize_activations", "recognize_norms"]
 
 _CHECKED: dict[type, NormFamily | None] = {}
 
@@ -86,4 +86,68 @@ def recognize_norms(model: nn.Module) -> list[str]:
         if family is not None:
             add_module_rule(t, _rule(family))
             found.append(f"{t.__name__} ({family})")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- activations
+# Parameter-free activation classes outside torch (Hugging Face's NewGELUActivation, GELUActivation,
+# SiLUActivation..., a user's own): one run against the activations a prototype module computes.
+def _prototypes() -> list[nn.Module]:
+    protos: list[nn.Module] = [nn.ReLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Tanh(), nn.Sigmoid(),
+                               nn.Mish(), nn.Softplus(), nn.ELU(), nn.Hardswish(), nn.Hardsigmoid(), nn.ReLU6()]
+    try:
+        from timm.layers.activations import QuickGELU
+        protos.append(QuickGELU())
+    except ImportError:  # timm is a base dependency; a trimmed install only loses quick_gelu here
+        pass
+    return protos
+
+
+_ACT_CHECKED: dict[type, nn.Module | None] = {}
+
+
+def _same_activation(m: nn.Module) -> nn.Module | None:
+    """The prototype whose values ``m`` reproduces on random inputs, else None."""
+    if any(True for _ in m.parameters()) or any(True for _ in m.buffers()) or any(True for _ in m.children()):
+        return None
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64) * 3.0
+    try:
+        with torch.no_grad():
+            out = copy.deepcopy(m)(x.clone())
+    except Exception:  # takes other arguments, or is not elementwise
+        return None
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        return None
+    for proto in _prototypes():
+        with torch.no_grad():
+            ref = proto.double()(x.clone())
+        if torch.allclose(out.double(), ref, rtol=1e-6, atol=1e-7):
+            return proto
+    return None
+
+
+def _as(proto: nn.Module):
+    rule = module_rule(proto)
+
+    def recognized(m: nn.Module, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
+        info = rule(proto, node, ctx)
+        return OpInfo(info.kind, info.name, activation=info.activation,
+                      attrs={**info.attrs, "module": type(m).__name__, "recognized": True})
+    return recognized
+
+
+def recognize_activations(model: nn.Module) -> list[str]:
+    """Register the parameter-free activation classes inside ``model`` that no rule covers but that
+    compute a known activation elementwise; returns ``"Class (activation)"`` for the new ones."""
+    found = []
+    for m in model.modules():
+        t = type(m)
+        if t in _ACT_CHECKED or module_rule(m) is not None or t.__module__.startswith("torch."):
+            continue
+        proto = _same_activation(m)
+        _ACT_CHECKED[t] = proto
+        if proto is not None and module_rule(proto) is not None:
+            add_module_rule(t, _as(proto))
+            found.append(f"{t.__name__} (as {proto!r})")
     return found

@@ -69,9 +69,11 @@ class _Site:
 
 
 def _topology(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | None) -> Topology:
-    """The view, with shapes when the graph concatenates (they weight the sums)."""
+    """The view, with shapes when the graph concatenates (they weight the sums) or shifts by
+    constants that may be computed from shapes (``wpe(arange(x.shape[1]))``)."""
     topo = Topology(gm)
-    if topo.kind_counts().get("concat"):
+    counts = topo.kind_counts()
+    if counts.get("concat") or counts.get("affine"):
         example_inputs = example_inputs if example_inputs is not None else default_inputs(gm)
         if example_inputs is not None:
             topo = Topology(gm, example_inputs)

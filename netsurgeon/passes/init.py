@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from ..graph import Topology, op_info
 from ..ops import layer_forward, pads_same, plain_layer
 from ..ops import arg
+from ..layers import ShapedAttention
 from ..report import PassRecord, Preservation
 from .base import Pass, register_pass
 
@@ -169,8 +170,21 @@ class OrthogonalInit(Pass):
                     path, m, names.get(path, path), generator, record):
                 done.add(id(m.weight))
         self._init_functional(gm, done, generator, record)
+        self._keep_zeroed_queries(gm, record)
         record.note(f"initialized {len(record.changes)} layer(s), skipped {len(record.skipped)}; seed {self.seed}")
         return gm
+
+    @staticmethod
+    @torch.no_grad()
+    def _keep_zeroed_queries(gm: fx.GraphModule, record: PassRecord) -> None:
+        """Query rows that ``attention_shaping`` zeroed stay zero: the attention pattern depends on them."""
+        for path, m in gm.named_modules():
+            for weight, axis, rows, bias in getattr(m, "zeroed_query", ()) if isinstance(m, ShapedAttention) else ():
+                idx = torch.as_tensor(rows, device=weight.device)
+                weight.index_fill_(axis, idx, 0.0)
+                if bias is not None:
+                    bias.index_fill_(0, idx, 0.0)
+                record.note(f"kept the {len(rows)} query rows {path} zeroes at zero")
 
     def _init_module(self, path: str, m: nn.Module, node_name: str, generator: torch.Generator | None,
                      record: PassRecord) -> bool:

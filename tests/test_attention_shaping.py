@@ -1,0 +1,352 @@
+"""``attention_shaping`` (issue 17 §2): E-SPA / U-SPA patterns and value-skipinit, on hand-written,
+timm, Hugging Face and ``nn.TransformerEncoder`` transformers; the pattern math; refusals by name."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import netsurgeon
+from netsurgeon.errors import PassOptionError, UnsupportedNodeError
+from netsurgeon.graph.state import get_report, trace_info
+from netsurgeon.kernels import attention as pat
+from netsurgeon.layers import ShapedAttention, ValueSkipInit
+
+
+# ------------------------------------------------------------------------------------------ a small causal LM
+
+class Block(nn.Module):
+    def __init__(self, d: int, h: int, written: bool) -> None:
+        super().__init__()
+        self.h, self.written = h, written
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.register_buffer("tril", torch.tril(torch.ones(64, 64)))
+
+    def attn(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.h, c // self.h).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.written:  # nanoGPT's form
+            s = q @ k.transpose(-2, -1) * (c // self.h) ** -0.5
+            s = s.masked_fill(self.tril[:t, :t] == 0, float("-inf"))
+            y = F.softmax(s, dim=-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class LM(nn.Module):
+    def __init__(self, vocab: int = 32, d: int = 64, depth: int = 4, h: int = 4, t: int = 16,
+                 written: bool = False) -> None:
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.randn(1, t, d) * 0.02)
+        self.blocks = nn.Sequential(*[Block(d, h, written) for _ in range(depth)])
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ln(self.blocks(self.emb(ids) + self.pos)))
+
+
+def _lm(written: bool = False, seed: int = 0, **kw) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    return LM(written=written, **kw), torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def _modules(gm: nn.Module, kind: type = ShapedAttention) -> list[nn.Module]:
+    return [m for m in gm.modules() if isinstance(m, kind)]
+
+
+class _Inputs(torch.fx.Interpreter):
+    """The arguments each attention module receives."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.args: dict[str, tuple] = {}
+
+    def call_module(self, target, args, kwargs):
+        if isinstance(self.module.get_submodule(target), (ShapedAttention, ValueSkipInit)):
+            self.args[target] = args
+        return super().call_module(target, args, kwargs)
+
+
+# ------------------------------------------------------------------------------------------ pattern math
+
+@pytest.mark.parametrize("family", pat.FAMILIES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_transitions_carry_the_schedule_exactly(family: str, causal: bool) -> None:
+    t, blocks = 24, 6
+    rhos = pat.schedule(family, t, blocks, 0.4)
+    assert rhos[0] == 0.0 and all(a < b for a, b in zip(rhos, rhos[1:]))
+    assert pat.mean_off_diagonal(pat.family_kernel(family, t, rhos[-1])) == pytest.approx(0.4, abs=1e-9)
+    sigma = pat.family_kernel(family, t, 0.0)
+    for l in range(1, blocks + 1):
+        a = pat.transition(pat.family_kernel(family, t, rhos[l - 1]), pat.family_kernel(family, t, rhos[l]), causal)
+        assert a.min() >= 0.0
+        if causal:
+            assert np.allclose(a, np.tril(a))
+        d, b = pat.as_softmax(a, causal)
+        e = np.exp(b - b.max(axis=1, keepdims=True))
+        realized = d[:, None] * e / e.sum(axis=1, keepdims=True)
+        assert np.abs(realized - a).max() < 1e-12
+        sigma = realized @ sigma @ realized.T
+        assert np.abs(sigma - pat.family_kernel(family, t, rhos[l])).max() < 1e-9
+    assert np.allclose(np.diag(sigma), 1.0)
+
+
+def test_pattern_errors() -> None:
+    with pytest.raises(ValueError, match="target cosine"):
+        pat.final_rho("e-spa", 8, 1.0)
+    with pytest.raises(pat.PatternError, match="negative"):  # a correlation that decreases needs negative weights
+        pat.transition(pat.family_kernel("u-spa", 8, 0.5), pat.family_kernel("u-spa", 8, 0.2), causal=True)
+
+
+# ------------------------------------------------------------------------------------------ the modules
+
+def test_shaped_attention_module() -> None:
+    t = 12
+    rhos = pat.schedule("e-spa", t, 3, 0.3)
+    a = pat.transition(pat.family_kernel("e-spa", t, rhos[0]), pat.family_kernel("e-spa", t, rhos[1]), True)
+    d, b = pat.as_softmax(a, True)
+    m = ShapedAttention(torch.tensor(b), torch.tensor(d), heads=2, causal=True)
+    assert torch.allclose(m.init_matrix()[1], torch.tensor(a), atol=1e-6)
+    q = torch.zeros(3, 2, t, 8)
+    k, v = torch.randn(3, 2, t, 8), torch.randn(3, 2, t, 8, requires_grad=True)
+    out = m(q, k, v)
+    assert torch.allclose(out, torch.tensor(a, dtype=torch.float32) @ v, atol=1e-5)
+    out.square().sum().backward()
+    assert m.bias.grad is not None and m.bias.grad.abs().sum() > 0  # the position bias trains
+    # causal: position 4's output does not depend on later values, even with a trained bias
+    with torch.no_grad():
+        m.bias.add_(torch.randn_like(m.bias))
+        v2 = v.detach().clone()
+        v2[..., 5:, :] += 1.0
+        assert torch.allclose(m(q, k, v.detach())[..., :5, :], m(q, k, v2)[..., :5, :])
+    with pytest.raises(RuntimeError, match="at most 12 tokens"):
+        m(torch.zeros(1, 2, 13, 8), torch.zeros(1, 2, 13, 8), torch.zeros(1, 2, 13, 8))
+
+
+def test_value_skipinit_module_is_the_identity_at_init() -> None:
+    m = ValueSkipInit(heads=2, causal=True)
+    q, k, v = torch.randn(3, 2, 10, 8), torch.randn(3, 2, 10, 8), torch.randn(3, 2, 10, 8)
+    assert torch.equal(m(q, k, v), v)
+    assert torch.equal(m.init_matrix(10)[0], torch.eye(10, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------ the pass
+
+@pytest.mark.parametrize("written", [False, True])
+def test_espa_on_a_causal_lm(written: bool) -> None:
+    model, ids = _lm(written)
+    gm = netsurgeon.transform(model, ["attention_shaping"], example_inputs=(ids,))
+    mods = _modules(gm)
+    assert len(mods) == 4 and all(m.causal and m.length == 16 for m in mods)
+    rhos = pat.schedule("e-spa", 16, 4, 0.3)
+    for l, m in enumerate(mods, start=1):  # the l-th block carries the schedule's kernel l-1 to l
+        want = pat.transition(pat.family_kernel("e-spa", 16, rhos[l - 1]), pat.family_kernel("e-spa", 16, rhos[l]),
+                              causal=True)
+        assert np.abs(m.init_matrix()[0].numpy() - want).max() < 1e-6
+    rec = get_report(gm).passes[-1]
+    assert len(rec.changes) == 4 and all("query rows zeroed: 64 of 192" in c.what for c in rec.changes)
+    cap = _Inputs(gm)
+    cap.run(ids)
+    for args in cap.args.values():  # the query is exactly zero: the attention matrix is the pattern
+        q, k, v = args[:3]
+        assert torch.count_nonzero(q) == 0 and torch.count_nonzero(k) > 0
+    assert torch.isfinite(gm(ids)).all()
+
+
+def test_sdpa_and_written_out_attention_become_the_same_function() -> None:
+    a, ids = _lm(False)
+    b, _ = _lm(True)
+    b.load_state_dict(a.state_dict())
+    ga = netsurgeon.transform(a, ["attention_shaping"], example_inputs=(ids,))
+    gb = netsurgeon.transform(b, ["attention_shaping"], example_inputs=(ids,))
+    assert torch.allclose(ga(ids), gb(ids), atol=1e-5)
+
+
+def test_zero_gain_matches_zero_weights_at_init_and_keeps_the_weights() -> None:
+    a, ids = _lm()
+    b, _ = _lm()
+    ga = netsurgeon.transform(a, ["attention_shaping"], example_inputs=(ids,))
+    gb = netsurgeon.transform(b, [("attention_shaping", {"query": "zero-gain"})], example_inputs=(ids,))
+    assert torch.allclose(ga(ids), gb(ids), atol=1e-5)
+    assert torch.count_nonzero(gb.get_submodule("blocks.0.qkv").weight[:64]) == 64 * 64  # untouched
+    assert all(m.logit_gain is not None and float(m.logit_gain.detach().abs().max()) == 0.0 for m in _modules(gb))
+
+
+def test_shaped_lm_trains_query_bias_and_all() -> None:
+    model, ids = _lm()
+    gm = netsurgeon.transform(model, ["remove_norms", "remove_skips", "input_norm", "attention_shaping", "tat"],
+                              example_inputs=(ids,))
+    loss = F.cross_entropy(gm(ids).flatten(0, 1), ids.flatten())
+    loss.backward()
+    qkv = gm.get_submodule("blocks.0.qkv")
+    assert torch.count_nonzero(qkv.weight[:64]) == 0 and qkv.weight.grad[:64].abs().sum() > 0  # zeroed rows train
+    assert all(m.bias.grad is not None and m.bias.grad.abs().sum() > 0 for m in _modules(gm))
+    sd = gm.state_dict()
+    assert any(k.endswith("ns_attention_0.bias") for k in sd) and any(k.endswith("row_scale") for k in sd)
+
+
+def test_u_spa_and_value_skipinit() -> None:
+    model, ids = _lm()
+    gu = netsurgeon.transform(model, [("attention_shaping", {"mode": "u-spa", "final_cosine": 0.5})],
+                              example_inputs=(ids,))
+    last = _modules(gu)[-1].init_matrix()[0].numpy()
+    rhos = pat.schedule("u-spa", 16, 4, 0.5)
+    want = pat.transition(pat.family_kernel("u-spa", 16, rhos[3]), pat.family_kernel("u-spa", 16, rhos[4]), True)
+    assert np.abs(last - want).max() < 1e-6
+    model, ids = _lm()
+    gv = netsurgeon.transform(model, [("attention_shaping", {"mode": "value-skipinit"})], example_inputs=(ids,))
+    mods = _modules(gv, ValueSkipInit)
+    assert len(mods) == 4 and all(m.causal for m in mods)
+    assert torch.count_nonzero(gv.get_submodule("blocks.0.qkv").weight[:64]) > 0  # value-skipinit keeps the query
+    cap = _Inputs(gv)
+    cap.run(ids)
+    for target, args in cap.args.items():  # the attention output is the value
+        assert torch.equal(gv.get_submodule(target)(*args), args[2])
+
+
+def test_bad_options_are_refused() -> None:
+    with pytest.raises(PassOptionError, match="mode"):
+        netsurgeon.transform(nn.Linear(2, 2), [("attention_shaping", {"mode": "spa"})])
+    with pytest.raises(PassOptionError, match="final_cosine"):
+        netsurgeon.transform(nn.Linear(2, 2), [("attention_shaping", {"final_cosine": 1.0})])
+
+
+def test_refusals_name_the_node() -> None:
+    model, ids = _lm()
+    with pytest.raises(UnsupportedNodeError, match="opaque leaf.*blocks_1"):
+        netsurgeon.transform(netsurgeon.trace(model, (ids,), leaf_modules=["blocks.1"]), ["attention_shaping"],
+                             example_inputs=(ids,))
+
+    class Odd(nn.Module):  # scores passed through an op the pass cannot read
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            return torch.softmax(torch.tanh(q @ k.transpose(-2, -1)), dim=-1) @ v
+
+    with pytest.raises(UnsupportedNodeError, match="softmax.*tanh"):
+        netsurgeon.transform(Odd(), ["attention_shaping"], example_inputs=(torch.randn(2, 5, 16),))
+
+    class Padded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+
+        def forward(self, x, mask):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    mask = torch.ones(2, 5, 5, dtype=torch.bool)
+    mask[1, :, 3:] = False
+    with pytest.raises(UnsupportedNodeError, match="padding"):
+        netsurgeon.transform(Padded(), ["attention_shaping"], example_inputs=(torch.randn(2, 5, 16), mask))
+
+
+def test_cross_attention_is_left_and_reported() -> None:
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.kv = nn.Linear(16, 16), nn.Linear(16, 32)
+
+        def forward(self, x, memory):
+            k, v = self.kv(memory).chunk(2, dim=-1)
+            return F.scaled_dot_product_attention(self.q(x), k, v)
+
+    gm = netsurgeon.transform(Cross(), ["attention_shaping"], example_inputs=(torch.randn(2, 5, 16),
+                                                                            torch.randn(2, 5, 16)))
+    rec = get_report(gm).passes[-1]
+    assert not _modules(gm) and "cross-attention" in rec.skipped[0].why
+
+
+def test_no_attention_is_a_note() -> None:
+    gm = netsurgeon.transform(nn.Sequential(nn.Linear(4, 4)), ["attention_shaping"],
+                              example_inputs=(torch.randn(2, 4),))
+    assert "no self-attention" in get_report(gm).passes[-1].notes[0]
+
+
+# ------------------------------------------------------------------------------------------ real models
+
+def test_timm_vit_bidirectional_pipeline() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10, depth=4)
+    x = torch.randn(2, 3, 32, 32)
+    gm = netsurgeon.transform(model, ["remove_norms", "remove_skips", "input_norm", "attention_shaping", "tat"],
+                              example_inputs=(x,))
+    mods = _modules(gm)
+    assert len(mods) == 4 and not any(m.causal for m in mods) and mods[0].length == 5  # 4 patches + cls
+    first = mods[0].init_matrix()[0].numpy()
+    assert np.allclose(first, first.T, atol=1e-6)  # bidirectional patterns are symmetric square roots
+    assert torch.isfinite(gm(x)).all()
+
+
+def test_transformer_encoder_pipeline() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True, norm_first=True)
+    model = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+    x = torch.randn(2, 10, 32)
+    gm = netsurgeon.trace(model, (x,))
+    assert len(trace_info(gm).written_out) == 4  # nn.MultiheadAttention written out
+    model.eval()
+    gm.eval()
+    assert torch.allclose(gm(x), model(x), atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 4 layers are too shallow for eta = 0.9: tat says so
+        out = netsurgeon.transform(model, ["remove_norms", "remove_skips", "input_norm", "attention_shaping", "tat"],
+                                   example_inputs=(x,))
+    assert len(_modules(out)) == 4 and torch.isfinite(out(x)).all()
+    rec = {p.name: p for p in get_report(out).passes}
+    assert len(rec["remove_skips"].changes) == 8  # both residuals of every layer
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
+def test_hugging_face_pipelines(name: str) -> None:
+    pytest.importorskip("transformers", reason="Hugging Face models need the 'hf' extra (transformers)")
+    from harness.broad_zoo import _hf_model
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _hf_model(name)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    gm = netsurgeon.transform(model, ["remove_norms", "remove_skips", "input_norm", "attention_shaping", "tat"],
+                              example_inputs=(ids,))
+    mods = _modules(gm)
+    assert len(mods) == 2 and all(m.causal == (name != "bert") for m in mods)
+    out = gm(ids)
+    out = out["logits"] if "logits" in out else out["last_hidden_state"]
+    assert torch.isfinite(out).all()
+
+
+def test_mode_dependent_attention_dropout_is_kept() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10, depth=2, attn_drop_rate=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    gm = netsurgeon.trace(model, (x,))
+    info = trace_info(gm)
+    assert not info.auto_leaves and len(info.mode_dropouts) == 2  # attention stays in the graph
+    gm.eval()
+    model.eval()
+    assert torch.equal(gm(x), model(x))
+    gm.train()
+    assert not torch.equal(gm(x), gm(x))  # dropout acts in training mode
+
+
+def test_orthogonal_init_after_shaping_keeps_the_zeroed_query() -> None:
+    model, ids = _lm()
+    gm = netsurgeon.transform(model, ["attention_shaping", ("orthogonal_init", {"seed": 0})], example_inputs=(ids,))
+    qkv = gm.get_submodule("blocks.2.qkv")
+    assert torch.count_nonzero(qkv.weight[:64]) == 0 and torch.count_nonzero(qkv.weight[64:]) > 0
+    assert any("query rows" in n for n in get_report(gm).passes[-1].notes)
