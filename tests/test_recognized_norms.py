@@ -2,6 +2,8 @@
 RMSNorms and a user's own, so that the analysis has their rule and ``remove_norms`` finds them."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -76,3 +78,30 @@ def test_llama_rms_norms_are_found_and_removed():
     gm2 = netsurgeon.transform(model, ["remove_norms"], example_inputs=ids)
     assert Topology(gm2).nodes_of(OpKind.NORM) == []
     assert torch.isfinite(gm2(ids).logits if hasattr(gm2(ids), "logits") else gm2(ids)["logits"]).all()
+
+
+# ---------------------------------------------------------------------------------------------- activations
+
+class _NewGelu(nn.Module):  # Hugging Face's NewGELUActivation, written out
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class _Configured(nn.Module):  # computes what its instance says: its type stands for no one activation
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        return torch.relu(x) if self.kind == "relu" else torch.tanh(x)
+
+
+def test_parameter_free_activation_classes_are_recognized_by_what_they_compute():
+    from netsurgeon.graph.state import trace_info
+    model = nn.Sequential(nn.Linear(8, 8), _NewGelu(), nn.Linear(8, 8), _Configured("relu"), nn.Linear(8, 8),
+                          _Configured("tanh"))
+    gm = netsurgeon.trace(model, torch.randn(2, 8))
+    assert trace_info(gm).recognized_activations == ["_NewGelu (as GELU(approximate='tanh'))"]
+    topo = netsurgeon.topology(gm)
+    acts = [topo.info(n).activation.name for n in topo.nodes_of(netsurgeon.OpKind.ACTIVATION)]
+    assert acts == ["gelu_tanh", "relu", "tanh"]  # the configured class is traced through, per instance

@@ -2,11 +2,13 @@
 traced shape, as ``nn.TransformerEncoder`` has them (``_get_seq_len``)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import netsurgeon
+import netsurgeon.graph.tracer
 from netsurgeon.errors import TraceError
 from netsurgeon.graph.state import trace_info
 
@@ -53,3 +55,27 @@ def test_transformer_encoder_traces_exactly(norm_first):
     gm = netsurgeon.trace(model, x)
     for ref, got in train_eval_outputs(model, gm, x).values():  # dropout draws the same masks
         torch.testing.assert_close(got, ref)
+
+
+class _SlicedMask(nn.Module):
+    """nanoGPT's causal mask: a buffer sliced by the traced sequence length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("tril", torch.tril(torch.ones(32, 32)))
+
+    def forward(self, s):
+        t = s.shape[-1]
+        return s.masked_fill(self.tril[:t, :t] == 0, float("-inf")).softmax(-1) \
+            + torch.from_numpy(np.ones(t, dtype=np.float32))
+
+
+def test_a_traced_size_used_as_an_integer_is_read_on_the_example():
+    model = _SlicedMask()
+    x = torch.randn(2, 7, 7)
+    gm = netsurgeon.trace(model, x)
+    torch.testing.assert_close(gm(x), model(x))
+    decisions = trace_info(gm).specialized
+    assert sum("size or index = 7" in d for d in decisions) == 2  # the slice bound and numpy's length
+    with pytest.raises(TypeError, match="example_inputs"):  # without example inputs it fails, and says why
+        netsurgeon.graph.tracer.NetsurgeonTracer().trace(_SlicedMask())

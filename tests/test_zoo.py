@@ -130,8 +130,8 @@ def test_deciding_control_flow_leaves_the_model_untouched():
 
 
 class _NumpyHead(nn.Module):
-    def forward(self, x):  # numpy on a traced size: fails under fx, not control flow
-        return x + torch.from_numpy(np.ones(x.shape[-1], dtype=np.float32))
+    def forward(self, x):  # numpy on traced values: fails under fx, not control flow
+        return x + torch.from_numpy(x.detach().numpy().copy())
 
 
 class _WithNumpyHead(nn.Module):

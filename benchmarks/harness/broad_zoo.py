@@ -271,7 +271,12 @@ def _analyze(model, x):
     netsurgeon.analyze(model, x)
 
 
-def pipeline_passes(middle: str) -> list:
+def pipeline_passes(middle: str, attention: bool = False) -> list:
+    """The shaping pipeline; with self-attention, also the issue-17 steps: LayerNorm/RMSNorm removed
+    and every self-attention block shaped (E-SPA), after the orthogonal init it must not undo."""
+    if attention:
+        return [("strip_bn", {"mode": "remove"}), "remove_norms", middle, "maxpool_to_avgpool", "input_norm",
+                ("orthogonal_init", {"seed": 0}), "attention_shaping", "tat"]
     return [("strip_bn", {"mode": "remove"}), middle, "maxpool_to_avgpool", "input_norm",
             ("orthogonal_init", {"seed": 0}), "tat"]
 
@@ -329,6 +334,42 @@ def verify_shaping(gm: torch.fx.GraphModule, x: torch.Tensor) -> None:
         raise VerificationError("non-finite output after the pipeline")
 
 
+def verify_attention(gm: torch.fx.GraphModule, x: Any) -> None:
+    """Every self-attention is shaped: each ShapedAttention gets an exactly zero query on ``x`` and its
+    matrix at initialization carries the schedule's token kernel to the next one (A Σ_{l-1} Aᵀ = Σ_l)."""
+    import numpy as np
+    from netsurgeon.kernels import attention as pat
+    from netsurgeon.layers import ShapedAttention
+    opts = next(p.options for p in netsurgeon.report(gm).passes if p.name == "attention_shaping")
+    mods = {name: m for name, m in gm.named_modules() if isinstance(m, ShapedAttention)}
+    if not mods:  # a softmax that is not self-attention (split attention's radix softmax): nothing to shape
+        from netsurgeon.passes.attention import find_attention
+        left = find_attention(gm)[0]
+        if left:
+            raise VerificationError(f"self-attention {left[0].node.name} was not shaped")
+        return
+    queries: dict[str, torch.Tensor] = {}
+
+    class Spy(torch.fx.Interpreter):
+        def call_module(self, target, args, kwargs):
+            if target in mods:
+                queries[target] = args[0]
+            return super().call_module(target, args, kwargs)
+
+    with torch.no_grad():
+        Spy(gm).run(*(x if isinstance(x, tuple) else (x,)))
+    for l, (name, m) in enumerate(mods.items(), start=1):
+        if name not in queries or torch.count_nonzero(queries[name]) != 0:
+            raise VerificationError(f"{name}: its query is not zero at initialization")
+        t = m.length
+        rhos = pat.schedule(opts["mode"], t, len(mods), opts["final_cosine"])
+        a = m.init_matrix()[0].numpy()
+        got = a @ pat.family_kernel(opts["mode"], t, rhos[l - 1]) @ a.T
+        err = float(np.abs(got - pat.family_kernel(opts["mode"], t, rhos[l])).max())
+        if err > 1e-4:
+            raise VerificationError(f"{name}: A Σ Aᵀ misses the schedule's kernel by {err:.2e}")
+
+
 def _passes_run(gm: torch.fx.GraphModule) -> list[str]:
     return [p.name for p in netsurgeon.report(gm).passes]
 
@@ -341,17 +382,21 @@ def _product_maps(gm, der) -> dict:
 
 def _pipeline(middle):
     def run(model, x):
+        attention = has_attention(netsurgeon.trace(model, x))
+        passes = pipeline_passes(middle, attention)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                gm = netsurgeon.transform(model, pipeline_passes(middle), example_inputs=x)
+                gm = netsurgeon.transform(model, passes, example_inputs=x)
             except NetsurgeonError as e:
                 if "cannot take a TAT transform" not in str(e) and "TAT cannot shape this activation" not in str(e):
                     raise
                 # TAT needs C''(1); activations with kinks (hard-swish) cannot have it, and no TAT transform
                 # exists for some (StarReLU's relu(x)²): DKS instead, as the refusal advises
-                gm = netsurgeon.transform(model, pipeline_passes(middle)[:-1] + ["dks"], example_inputs=x)
+                gm = netsurgeon.transform(model, passes[:-1] + ["dks"], example_inputs=x)
         verify_shaping(gm.eval(), x)
+        if attention:
+            verify_attention(gm.eval(), x)
     return run
 
 

@@ -2,10 +2,12 @@
 
 fx keeps modules of ``torch.nn`` as leaves; ``nn.MultiheadAttention`` then hides its projections
 and its attention matrix from the analysis and the passes. :func:`write_out_multihead_attention`
-replaces each call by ``F.linear`` (in-projection), a head split, ``F.scaled_dot_product_attention``
-(its dropout rate following the mode through a :class:`~netsurgeon.layers.ModeConstant`), a head
-merge and ``F.linear`` (out-projection), reading the module's parameters: the same function (in
-training mode dropout draws its masks in another order). A call it cannot write out (separate
+replaces each call by ``F.linear`` (in-projection), a head split, the attention the module computes
+(``F.scaled_dot_product_attention`` with ``need_weights=False``, its dropout rate following the mode
+through a :class:`~netsurgeon.layers.ModeConstant`; ``softmax(q kᵀ / sqrt(d) + mask)``, dropout and
+``@ v`` otherwise, the weights being unused), a head merge and ``F.linear`` (out-projection) computed
+sequence-first as the module does, reading the module's parameters: the same function, and the same
+dropout masks. A call it cannot write out (separate
 q/k/v weights, ``bias_k``, ``add_zero_attn``, attention weights used) stays a leaf, with the reason.
 """
 from __future__ import annotations
@@ -83,7 +85,8 @@ def write_out_multihead_attention(gm: fx.GraphModule) -> tuple[list[tuple[str, s
         holder = f"{node.target}_dropout".replace(".", "_")
         while hasattr(gm, holder):
             holder += "_"
-        gm.add_submodule(holder, ModeConstant(float(m.dropout), 0.0))
+        gm.add_submodule(holder, nn.Dropout(float(m.dropout)) if b.get("need_weights", True)
+                         else ModeConstant(float(m.dropout), 0.0))
         heads, e = m.num_heads, m.embed_dim
         with g.inserting_before(node):
             def batch_first(x: fx.Node) -> fx.Node:
@@ -107,13 +110,25 @@ def write_out_multihead_attention(gm: fx.GraphModule) -> tuple[list[tuple[str, s
             mask = None
             if b.get("attn_mask") is not None or b.get("key_padding_mask") is not None:
                 mask = g.call_function(_mask, (b.get("attn_mask"), b.get("key_padding_mask"), torch.float32))
-            p = g.call_module(holder, ())
-            y = g.call_function(F.scaled_dot_product_attention, (q, k, v), {"attn_mask": mask, "dropout_p": p})
-            y = g.call_method("flatten", (g.call_method("transpose", (y, 1, 2)), -2))
+            if b.get("need_weights", True):  # its weights path: softmax(q kᵀ / sqrt(d) + mask), dropout, @ v
+                s = g.call_function(torch.matmul, (g.call_function(operator.mul, (q, float(m.head_dim) ** -0.5)),
+                                                   g.call_method("transpose", (k, -2, -1))))
+                if mask is not None:
+                    s = g.call_function(operator.add, (s, mask))
+                w = g.call_function(F.softmax, (s,), {"dim": -1})
+                if m.dropout > 0:
+                    w = g.call_module(holder, (w,))
+                y = g.call_function(torch.matmul, (w, v))
+            else:
+                p = g.call_module(holder, ())
+                y = g.call_function(F.scaled_dot_product_attention, (q, k, v), {"attn_mask": mask, "dropout_p": p})
+            # sequence-first, as nn.MultiheadAttention computes it: the output has its memory layout, so a
+            # dropout after it draws the same mask
+            y = g.call_method("flatten", (g.call_method("permute", (y, 2, 0, 1, 3)), -2))
             ow = g.get_attr(f"{node.target}.out_proj.weight")
             ob = g.get_attr(f"{node.target}.out_proj.bias") if m.out_proj.bias is not None else None
             out = g.call_function(F.linear, (y, ow, ob))
-            if not m.batch_first:
+            if m.batch_first:
                 out = g.call_method("transpose", (out, 0, 1))
         for u in list(node.users):
             if u.args[1] == 0:

@@ -106,9 +106,17 @@ def _prototypes() -> list[nn.Module]:
 _ACT_CHECKED: dict[type, nn.Module | None] = {}
 
 
+_MODULE_STATE = frozenset(vars(nn.Module()))
+
+
 def _same_activation(m: nn.Module) -> nn.Module | None:
-    """The prototype whose values ``m`` reproduces on random inputs, else None."""
+    """The prototype whose values ``m`` reproduces on random inputs, else None. Only classes whose
+    instances hold no state of their own qualify: an ``Act(kind)`` class computes what its instance
+    says, so its type cannot stand for one activation. Boolean flags (``inplace``, Hugging Face's
+    ``_is_hf_initialized``) do not change the values."""
     if any(True for _ in m.parameters()) or any(True for _ in m.buffers()) or any(True for _ in m.children()):
+        return None
+    if any(not isinstance(v, bool) for k, v in vars(m).items() if k not in _MODULE_STATE):  # flags allowed
         return None
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64) * 3.0
