@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import netsurgeon
+from netsurgeon.layers import LocationNorm
 from netsurgeon.ops import OpKind
 
 from structure_pass_models import _record, _x
@@ -51,3 +52,33 @@ def test_input_norm_channels_last():
     gm = netsurgeon.transform(m, [("input_norm", {"dim": -1})])
     x = _x(2, 5, 6) * 7
     torch.testing.assert_close(gm.get_submodule("input_norm")(x).pow(2).sum(-1), torch.full((2, 5), 6.0))
+
+
+def test_token_models_are_normalized_where_their_signal_starts():
+    """Token ids have no scale: the norm goes after the embedding lookup and what is added to it
+    (positions, token types, dropout), over the features, with eps relative to their mean square."""
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok, self.typ = nn.Embedding(50, 16), nn.Embedding(2, 16)
+            nn.init.normal_(self.tok.weight, std=0.02)  # GPT-2's scale: q = 4e-4
+            self.pos = nn.Parameter(torch.randn(1, 8, 16) * 0.02)
+            self.drop, self.fc = nn.Dropout(0.1), nn.Linear(16, 16)
+            self.register_buffer("types", torch.zeros(1, 8, dtype=torch.long))  # BERT's default token types
+
+        def forward(self, ids):
+            x = self.tok(ids) + self.typ(self.types) + self.pos
+            return self.fc(self.drop(x))
+
+    model = LM().eval()
+    ids = torch.randint(0, 50, (3, 8))
+    gm = netsurgeon.transform(model, ["input_norm"], example_inputs=(ids,)).eval()
+    norms = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), LocationNorm)]
+    assert len(norms) == 1 and norms[0].args[0].target == "drop"  # after the sum and its dropout
+    captured = {}
+    gm.get_submodule(norms[0].target).register_forward_hook(lambda m, i, o: captured.setdefault("x", o))
+    gm(ids)
+    q = captured["x"].pow(2).mean(-1)
+    assert torch.allclose(q, torch.ones_like(q), atol=1e-4)  # q = 1 at every token despite the 0.02 scale
+    rec = netsurgeon.report(gm).passes[-1]
+    assert "after the token embeddings" in rec.changes[0].what and rec.skipped[0].node == "ids"
