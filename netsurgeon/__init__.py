@@ -10,8 +10,8 @@ Example:
     exact_eval
 """
 from ._version import __version__
-from .analysis import (Analysis, KernelContext, NodeKernel, analyze, measure, register_function_op,
-                       register_module_op)
+from .analysis import (Analysis, KernelContext, NodeKernel, TokenAnalysis, analyze, measure, register_function_op,
+                       register_module_op, token_kernels)
 from .checkpoint import convert, load
 from .errors import (CheckpointError, ExampleInputError, InvalidArgumentError, MissingAnalysisError, ModelSpecError,
                      NetsurgeonError, OutputExistsError, PassError, PassOptionError, RecipeError, TraceError,
@@ -28,7 +28,7 @@ __all__ = [
     # the pipeline
     "trace", "topology", "transform", "report", "op_info", "derivation", "Topology",
     # analysis
-    "analyze", "measure", "Analysis",
+    "analyze", "measure", "Analysis", "token_kernels", "TokenAnalysis",
     # conversion directories and models
     "convert", "load", "read_recipe", "create_model", "default_input_shape", "example_inputs",
     # passes and extension points

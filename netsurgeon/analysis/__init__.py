@@ -8,6 +8,8 @@ from . import op_rules as _op_rules  # noqa: F401  (registers the rules)
 from . import products as _products  # noqa: F401  (registers the product-of-signals kernel rule)
 from . import tokens as _tokens  # noqa: F401  (registers the token-embedding rule)
 from .rules import KernelContext, NodeKernel, register_function_op, register_module_op
+from .token_kernels import NoTokenAxisError, TokenAnalysis, token_kernels
 
 __all__ = ["Analysis", "GradientEnergy", "KernelContext", "Measurement", "NodeKernel", "NodeStats", "OperatorNormBound",
-           "analyze", "measure", "operator_norm_bound", "register_function_op", "register_module_op"]
+           "NoTokenAxisError", "TokenAnalysis", "analyze", "measure", "operator_norm_bound", "register_function_op",
+           "register_module_op", "token_kernels"]

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .._fileio import write_atomic
 from .._validate import problem_list, require_bool, short_list
-from ..errors import InvalidArgumentError, UnknownNodeError, UnsupportedNodeError
+from ..errors import InvalidArgumentError, MissingAnalysisError, UnknownNodeError, UnsupportedNodeError
 from ..graph import Topology, op_info, trace
 from ..graph.state import default_inputs
 from ..graph.running import eval_mode, example_run
@@ -47,24 +47,38 @@ class _Row:
     c_slope_1: float
     status: str
     reason: str
+    token_cos: float | None = None  # predicted mean token cosine (analyze(..., tokens=True)), None elsewhere
 
 
 class AnalysisTable(list):
-    """Rows of (name, kind, q, c, C'(1), status); readable ``str`` and notebook HTML."""
+    """Rows of (name, kind, q, c, C'(1), status), and the predicted mean token cosine when the
+    analysis has token kernels; readable ``str`` and notebook HTML."""
+
+    def _tokens(self) -> bool:
+        return any(r.token_cos is not None for r in self)
 
     def __str__(self) -> str:
-        head = f"{'node':34s} {'kind':11s} {'q':>10s} {'c':>8s} {'C_prime_1':>10s}  status"
+        tokens = self._tokens()
+        head = f"{'node':34s} {'kind':11s} {'q':>10s} {'c':>8s} {'C_prime_1':>10s}" \
+            + (f" {'token cos':>9s}" if tokens else "") + "  status"
         lines = [head, "-" * len(head)]
         for r in self:
-            lines.append(f"{r.name[:34]:34s} {r.kind:11s} {r.q:10.4g} {r.c:8.4f} {r.c_slope_1:10.4g}  {r.status}"
+            cos = "" if not tokens else f" {r.token_cos:9.4f}" if r.token_cos is not None else f" {'':9s}"
+            lines.append(f"{r.name[:34]:34s} {r.kind:11s} {r.q:10.4g} {r.c:8.4f} {r.c_slope_1:10.4g}{cos}  {r.status}"
                          + (f" ({r.reason})" if r.reason and r.status != EXACT else ""))
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
+        tokens = self._tokens()
+
+        def cos(r: _Row) -> str:
+            return "" if not tokens else f"<td>{r.token_cos:.4f}</td>" if r.token_cos is not None else "<td></td>"
+
         cells = "".join(f"<tr><td>{r.name}</td><td>{r.kind}</td><td>{r.q:.4g}</td><td>{r.c:.4f}</td>"
-                        f"<td>{r.c_slope_1:.4g}</td><td>{r.status}</td><td>{r.reason}</td></tr>" for r in self)
-        return ("<table><tr><th>node</th><th>kind</th><th>q</th><th>c</th><th>C'(1)</th><th>status</th>"
-                f"<th>reason</th></tr>{cells}</table>")
+                        f"<td>{r.c_slope_1:.4g}</td>{cos(r)}<td>{r.status}</td><td>{r.reason}</td></tr>" for r in self)
+        return ("<table><tr><th>node</th><th>kind</th><th>q</th><th>c</th><th>C'(1)</th>"
+                + ("<th>token cos</th>" if tokens else "")
+                + f"<th>status</th><th>reason</th></tr>{cells}</table>")
 
 
 class Analysis:
@@ -78,6 +92,7 @@ class Analysis:
         self.grid = grid
         self.q_in = q_in
         self.c_in = c_in
+        self.tokens: Any = None  # a TokenAnalysis after analyze(..., tokens=True) on a model with a token axis
 
     def _get(self, node: str) -> NodeKernel:
         if node not in self.kernels:
@@ -149,11 +164,23 @@ class Analysis:
                 f"nodes: " + ", ".join(f"{v} {k}" for k, v in statuses.items()))
 
     def table(self) -> AnalysisTable:
+        """One row per node; with token kernels (``analyze(..., tokens=True)``) a "token cos" column
+        holds the predicted mean token cosine of the nodes that have a token axis."""
         rows = AnalysisTable()
+        tokens = self.tokens.nodes if self.tokens is not None else {}
         for name, k in self.kernels.items():
             kind = str(self.topology.graph.nodes[name]["kind"])
-            rows.append(_Row(name, kind, k.q, self.c(name), self.c_slope_1(name), k.status, k.reason))
+            rows.append(_Row(name, kind, k.q, self.c(name), self.c_slope_1(name), k.status, k.reason,
+                             tokens[name].predicted_cos if name in tokens else None))
         return rows
+
+    def plot_token_cosines(self, nodes: Sequence[str] | None = None) -> Any:
+        """Predicted and measured mean token cosine along the token nodes (a matplotlib figure;
+        see :meth:`TokenAnalysis.plot <netsurgeon.analysis.token_kernels.TokenAnalysis.plot>`)."""
+        if self.tokens is None:
+            raise MissingAnalysisError("this analysis has no token kernels: run analyze(model, example_inputs, "
+                                       "tokens=True) on a model with a token axis")
+        return self.tokens.plot(nodes)
 
 
 def _dims(node: fx.Node) -> int | None:
@@ -646,7 +673,8 @@ def _propagate(gm: fx.GraphModule, topo: Topology, grid: np.ndarray, q_in: float
 
 def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None, *,
             q_in: float = 1.0, c_in: float = 0.0, grid_size: int = 201, empirical_points: int = 21,
-            empirical_batch: int | None = None, seed: int = 0, local_measure: bool = True) -> Analysis:
+            empirical_batch: int | None = None, seed: int = 0, local_measure: bool = True,
+            tokens: bool = False) -> Analysis:
     """Predict q, q', k, c and the cumulative ``C'(1)`` at every node (docs/theory.md §3).
 
     Nodes without a kernel map (max pooling, products of signals, train-mode batch
@@ -677,6 +705,12 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
             linear op's predicted kernel, on a 32-per-axis patch (see
             :mod:`netsurgeon.analysis.local_measure`); False runs the network instead.
             Default: True.
+        tokens: also measure and predict the token kernels of a sequence model (the ``T x T``
+            Gram of one sequence's tokens at every node with a token axis, docs/transformers.md)
+            on ``example_inputs``, as ``Analysis.tokens`` (a
+            :class:`~netsurgeon.analysis.token_kernels.TokenAnalysis`; None, with a warning, when
+            the model has no token axis), a "token cos" column of ``table()`` and
+            ``plot_token_cosines()``. Default: False.
 
     Raises:
         UnsupportedNodeError: ops without a map and no ``example_inputs`` to measure them, or
@@ -686,6 +720,7 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
         InvalidArgumentError: ``q_in``/``c_in`` out of range, ``local_measure`` not a bool.
     """
     require_bool("analyze", "local_measure", local_measure)
+    require_bool("analyze", "tokens", tokens)
     if not (0.0 < q_in < math.inf and -1.0 <= c_in <= 1.0):
         raise InvalidArgumentError(f"analyze needs q_in > 0 (finite) and -1 <= c_in <= 1; got q_in={q_in!r}, "
                                    f"c_in={c_in!r}")
@@ -730,6 +765,24 @@ def analyze(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Ten
                 raise UnsupportedNodeError(f"{len(missing)} node(s) have no kernel map and cannot be measured: "
                                            f"{problem_list(why)}", nodes=missing)
             kernels, _ = _propagate(gm, topo, grid, q_in, measured, cgrid, cache, how, correlated, kernels, elements)
-    return Analysis(topo, kernels, grid, q_in, c_in)
+    analysis = Analysis(topo, kernels, grid, q_in, c_in)
+    if tokens:
+        analysis.tokens = _token_analysis(gm, topo, example_inputs)
+    return analysis
+
+
+def _token_analysis(gm: fx.GraphModule, topo: Topology, example_inputs: Sequence[torch.Tensor] | None) -> Any:
+    """:func:`~.token_kernels.token_kernels` on the example inputs, or None (warned) without a token axis."""
+    import warnings
+
+    from .token_kernels import NoTokenAxisError, token_kernels
+
+    if example_inputs is None:
+        raise InvalidArgumentError("analyze(..., tokens=True) needs example_inputs (token ids, tokens or images)")
+    try:
+        return token_kernels(gm, example_inputs, topology=topo)
+    except NoTokenAxisError as exc:
+        warnings.warn(f"analyze(..., tokens=True): {exc}; Analysis.tokens is None", stacklevel=3)
+        return None
 
 
