@@ -350,3 +350,50 @@ def test_orthogonal_init_after_shaping_keeps_the_zeroed_query() -> None:
     qkv = gm.get_submodule("blocks.2.qkv")
     assert torch.count_nonzero(qkv.weight[:64]) == 0 and torch.count_nonzero(qkv.weight[64:]) > 0
     assert any("query rows" in n for n in get_report(gm).passes[-1].notes)
+
+
+def test_conv_projections_position_biases_and_a_shared_query_fall_back_by_name():
+    """A 1x1-conv query projection is zeroed by its output channels; a model's own relative position
+    bias is subtracted from the pattern's at initialization (so softmax(B + M) is the pattern); a query
+    without rows of its own starts at zero through a logit gain, and the block says why."""
+    class ConvAttn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Conv2d(16, 48, 1)
+            self.rel = nn.Parameter(torch.randn(2, 9, 9))  # a per-head relative position bias, trainable
+
+        def forward(self, x):
+            b, c, h, w = x.shape
+            q, k, v = self.qkv(x).reshape(b, 3, 2, 8, h * w).transpose(-2, -1).unbind(1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.rel)
+            return y.transpose(-2, -1).reshape(b, c, h, w)
+
+    class Shared(nn.Module):  # the query is the input itself: no projection of its own
+        def __init__(self) -> None:
+            super().__init__()
+            self.kv = nn.Linear(16, 32)
+
+        def forward(self, x):
+            k, v = self.kv(x).chunk(2, dim=-1)
+            return F.scaled_dot_product_attention(x, k, v)
+
+    torch.manual_seed(0)
+    model, x = ConvAttn(), torch.randn(2, 16, 3, 3)
+    gm = netsurgeon.transform(model, ["attention_shaping"], example_inputs=(x,))
+    (mod,) = _modules(gm)
+    assert torch.count_nonzero(gm.get_submodule("qkv").weight[:16]) == 0  # the query channels
+    assert torch.count_nonzero(gm.get_submodule("qkv").weight[16:]) > 0
+    want = pat.transition(np.eye(9), pat.family_kernel("e-spa", 9, pat.schedule("e-spa", 9, 1, 0.3)[1]), False)
+    assert np.abs(mod.init_matrix().numpy() - want).max() < 1e-5  # the offset included
+    cap = _Inputs(gm)
+    cap.run(x)
+    (args,) = cap.args.values()
+    logits = mod.bias + model.rel  # what the call adds at initialization (zero query-key logits)
+    a = torch.softmax(logits.double(), -1) * mod.row_scale[:, None].double()
+    assert torch.allclose(a[0], torch.tensor(want), atol=1e-5) and torch.allclose(a[1], torch.tensor(want), atol=1e-5)
+    assert "own position bias" in get_report(gm).passes[-1].changes[0].what
+
+    gs = netsurgeon.transform(Shared(), ["attention_shaping"], example_inputs=(torch.randn(2, 5, 16),))
+    (mod,) = _modules(gs)
+    what = get_report(gs).passes[-1].changes[0].what
+    assert mod.logit_gain is not None and "logit gain 0" in what and "no linear projection" in what

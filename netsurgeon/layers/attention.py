@@ -42,6 +42,9 @@ class ShapedAttention(nn.Module):
         dropout: attention dropout in training mode (used when the call passes no ``dropout_p``).
         mode: ``"e-spa"`` or ``"u-spa"``, for reports.
         enable_gqa: passed to ``scaled_dot_product_attention`` (fewer key/value heads).
+        offset: ``[heads, T, T]``, the additive position bias the call's own mask adds at
+            initialization (relative positions, ALiBi); ``log_pattern`` has it subtracted, and
+            :meth:`init_matrix` adds it back.
 
     Attribute ``zeroed_query`` (set by the pass, not saved in the state dict): ``(weight, axis, rows,
     bias)`` of the query projection rows it zeroed, which ``orthogonal_init`` keeps at zero.
@@ -51,16 +54,20 @@ class ShapedAttention(nn.Module):
 
     def __init__(self, log_pattern: torch.Tensor, row_scale: torch.Tensor, heads: int = 1, causal: bool = False,
                  scale: float | None = None, dropout: float = 0.0, mode: str = "e-spa",
-                 enable_gqa: bool = False, logit_gain: float | None = None) -> None:
+                 enable_gqa: bool = False, logit_gain: float | None = None, offset: torch.Tensor | None = None
+                 ) -> None:
         super().__init__()
         t = log_pattern.shape[-1]
-        if log_pattern.shape != (t, t) or row_scale.shape != (t,):
-            raise ValueError(f"pattern must be [T, T] and row_scale [T]; got {tuple(log_pattern.shape)}, "
-                             f"{tuple(row_scale.shape)}")
-        allowed = torch.isfinite(log_pattern)
+        if log_pattern.shape[-2:] != (t, t) or log_pattern.dim() not in (2, 3) or row_scale.shape != (t,):
+            raise ValueError(f"pattern must be [T, T] or [heads, T, T] and row_scale [T]; got "
+                             f"{tuple(log_pattern.shape)}, {tuple(row_scale.shape)}")
+        allowed = torch.isfinite(log_pattern.reshape(-1, t, t)[0])
         self.register_buffer("allowed", allowed)
         self.bias = nn.Parameter(torch.where(allowed, log_pattern, torch.zeros(())).float()
                                  .expand(heads, t, t).clone())
+        # the model's own additive position bias at initialization (added by the call): init_matrix adds it
+        self.register_buffer("offset", None if offset is None else offset.float().expand(heads, t, t).clone(),
+                             persistent=False)
         self.register_buffer("row_scale", row_scale.float().clone())
         self.causal, self.scale, self.dropout, self.mode = bool(causal), scale, float(dropout), mode
         self.enable_gqa = bool(enable_gqa)
@@ -98,7 +105,10 @@ class ShapedAttention(nn.Module):
     def init_matrix(self, t: int | None = None) -> torch.Tensor:
         """``[heads, t, t]``: the attention matrix at zero query-key logits, ``diag(d) softmax(B)``."""
         t = self.length if t is None else t
-        return torch.softmax(self._bias(t, t, torch.float64), dim=-1) * self.row_scale[:t, None].double()
+        logits = self._bias(t, t, torch.float64)
+        if self.offset is not None:
+            logits = logits + self.offset[:, :t, :t].double()
+        return torch.softmax(logits, dim=-1) * self.row_scale[:t, None].double()
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode!r}, heads={self.bias.shape[0]}, length={self.length}, causal={self.causal}, "

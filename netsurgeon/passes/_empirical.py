@@ -57,10 +57,11 @@ def measure_product_maps(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor,
     from the analysis' product rule where it applies (``mode="rule"``) or measured (``"empirical"``)."""
     from ..analysis import analyze  # the analysis imports the passes' layers; import late
     from ..analysis.rules import KERNEL_RULES
-    from ..analysis.targets import main_operand, mapped_merges, q_reference
+    from ..analysis.targets import gate_nodes, main_operand, mapped_merges, q_reference
 
     topo = Topology(gm)
-    names = mapped_merges(topo)
+    gates = gate_nodes(topo)  # products on gate paths (shaped attention's rotary query) reach no output: no map
+    names = [n for n in mapped_merges(topo) if n not in gates]
     if not names:
         return {}
     undo = KERNEL_RULES.add(OpKind.MULTIPLY, lambda ctx, ins: None) if mode == "empirical" else None

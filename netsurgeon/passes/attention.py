@@ -233,25 +233,30 @@ def find_attention(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str], list
 
 # --------------------------------------------------------------------------------------------- projections
 
-def _projection(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Parameter, nn.Parameter | None, int] | None:
-    """``(weight, bias, output axis of the weight)`` when ``node`` is a linear projection."""
+def _projection(gm: fx.GraphModule, node: fx.Node
+                ) -> tuple[nn.Parameter, nn.Parameter | None, int, int] | None:
+    """``(weight, bias, output axis of the weight, channel axis of the output)`` when ``node`` is a
+    linear projection (``nn.Linear``, ``F.linear``, ``addmm``, Hugging Face's ``Conv1D``, or an
+    ungrouped ``nn.Conv1d/2d/3d``, whose channels are axis 1 of its output)."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         if isinstance(m, nn.Linear):
-            return m.weight, m.bias, 0
+            return m.weight, m.bias, 0, -1
+        if isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1 and not m.transposed:
+            return m.weight, m.bias, 0, 1
         if type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.dim() == 2:
-            return m.weight, getattr(m, "bias", None), 1  # Hugging Face GPT-2: x @ W + b, W is [in, out]
+            return m.weight, getattr(m, "bias", None), 1, -1  # Hugging Face GPT-2: x @ W + b, W is [in, out]
     if node.op == "call_function" and node.target is F.linear:
         w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         if isinstance(w, fx.Node) and w.op == "get_attr":
             bias = gm.get_parameter(b.target) if isinstance(b, fx.Node) and b.op == "get_attr" else None
-            return gm.get_parameter(w.target), bias, 0
+            return gm.get_parameter(w.target), bias, 0, -1
     if node.op == "call_function" and node.target is torch.addmm:
         b, w = node.args[0], node.args[2]
         if isinstance(w, fx.Node) and w.op == "get_attr":
             bias = gm.get_parameter(b.target) if isinstance(b, fx.Node) and b.op == "get_attr" else None
-            return gm.get_parameter(w.target), bias, 1
+            return gm.get_parameter(w.target), bias, 1, -1
     return None
 
 
@@ -362,7 +367,8 @@ class _Capture(fx.Interpreter):
         return out
 
 
-def _rows(values: dict[fx.Node, Any], out: fx.Node, projs: list[fx.Node], seed: int) -> dict[fx.Node, torch.Tensor]:
+def _rows(gm: fx.GraphModule, values: dict[fx.Node, Any], out: fx.Node, projs: list[fx.Node], seed: int
+          ) -> dict[fx.Node, torch.Tensor]:
     """``{projection: bool mask of its output features that ``out`` depends on}``."""
     y = values[out]
     gen = torch.Generator().manual_seed(seed)
@@ -372,7 +378,8 @@ def _rows(values: dict[fx.Node, Any], out: fx.Node, projs: list[fx.Node], seed: 
     rows = {}
     for p, g in zip(projs, grads):
         if g is not None:
-            used = g.detach().abs().reshape(-1, g.shape[-1]).sum(0) > 0
+            g = g.detach().abs().movedim(_projection(gm, p)[3], -1)
+            used = g.reshape(-1, g.shape[-1]).sum(0) > 0
             if bool(used.any()):
                 rows[p] = used
     return rows
@@ -472,11 +479,14 @@ class AttentionShaping(Pass):
             plan = {"site": s}
             try:
                 plan.update(self._read(gm, s, values))
-                if self._zero_weights and self.mode != "value-skipinit":
-                    plan["rows"] = self._query_rows(gm, s, values, projs[s], kv_projs[s], calls)
             except _Refuse as e:
                 refusals[s.node.name] = str(e)
                 continue
+            if self._zero_weights and self.mode != "value-skipinit":
+                try:
+                    plan["rows"] = self._query_rows(gm, s, values, projs[s], kv_projs[s], calls)
+                except _Refuse as e:  # the product starts at zero through a gain instead, and the block says why
+                    plan["gain"] = str(e)
             plans.append(plan)
         if refusals:
             raise UnsupportedNodeError(
@@ -530,8 +540,9 @@ class AttentionShaping(Pass):
         else:
             raise _Refuse("its mask is neither causal nor empty on the example inputs (padding?): shape the "
                           "model with unpadded example inputs")
-        if not bias_free:
-            raise _Refuse("its mask adds a position bias (ALiBi, relative positions); the pattern would not be exact")
+        offset = None
+        if not bias_free:  # a position bias (relative positions, ALiBi): the pattern's bias starts at log P - M
+            offset = self._offset(s, values, q.dtype, tq, tk, heads, allowed)
         scale = s.scale
         if s.written_out:
             scale = 1.0
@@ -544,7 +555,7 @@ class AttentionShaping(Pass):
                 if not isinstance(val, (int, float)):
                     raise _Refuse(f"the scores are scaled by {val!r}")
                 scale = scale / float(val) if kind == "div" else scale * float(val)
-        return {"t": tq, "heads": heads, "causal": causal, "scale": scale}
+        return {"t": tq, "heads": heads, "causal": causal, "scale": scale, "offset": offset}
 
     @staticmethod
     def _mask_value(kind: str, m: Any, values: dict[fx.Node, Any], dtype: torch.dtype, tq: int, tk: int
@@ -579,24 +590,48 @@ class AttentionShaping(Pass):
             raise _Refuse("its mask differs between examples or heads (padding?): shape with unpadded inputs")
         return allowed[0], free
 
+    @staticmethod
+    def _offset(s: Site, values: dict[fx.Node, Any], dtype: torch.dtype, tq: int, tk: int, heads: int,
+                allowed: torch.Tensor) -> torch.Tensor:
+        """The additive masks' values ``M`` per head ``[H, T, T]`` (0 where masked), the same for every
+        example (else: refused), so that ``softmax(log P - M + M) = P`` at initialization."""
+        total = torch.zeros(1, tq, tk, dtype=torch.float64)
+        for kind, m in s.masks:
+            val = values.get(m, m) if kind == "add" and isinstance(m, fx.Node) else None
+            if not isinstance(val, torch.Tensor) or val.dtype == torch.bool:
+                continue
+            v = val.detach().double().cpu()
+            v = v.reshape((1,) * (4 - v.dim()) + tuple(v.shape)) if v.dim() < 4 else v.reshape(-1, *v.shape[-3:])
+            if v.shape[1] not in (1, heads):
+                if v.shape[0] == 1 and v.shape[1] % heads == 0:  # [1, B*H, T, S]
+                    v = v.reshape(-1, heads, *v.shape[-2:])
+                else:
+                    raise _Refuse(f"its position bias has shape {tuple(val.shape)}, not per head")
+            v = v.expand(v.shape[0], v.shape[1], tq, tk)
+            if not bool(torch.isclose(v, v[:1]).all()):
+                raise _Refuse("its additive mask differs between examples (it depends on the input)")
+            total = total + v[0]
+        total = torch.where(allowed, total, torch.zeros((), dtype=torch.float64))
+        return total.expand(heads, tq, tk).clone() if total.shape[0] == 1 else total
+
     def _query_rows(self, gm: fx.GraphModule, s: Site, values: dict[fx.Node, Any], projs: list[fx.Node],
                     kv: list[fx.Node], calls: Any) -> dict[fx.Node, torch.Tensor]:
         if not projs:
-            raise _Refuse("its query has no linear projection (use query='zero-gain')")
-        rows = _rows(values, s.q, projs, seed=1)
+            raise _Refuse("its query has no linear projection ")
+        rows = _rows(gm, values, s.q, projs, seed=1)
         if not rows:
-            raise _Refuse("its query does not depend on a linear projection's output (use query='zero-gain')")
-        krows = _rows(values, s.k, [p for p in set(projs) | set(kv)], seed=2)
-        vrows = _rows(values, s.v, [p for p in set(projs) | set(kv)], seed=3)
+            raise _Refuse("its query does not depend on a linear projection's output ")
+        krows = _rows(gm, values, s.k, [p for p in set(projs) | set(kv)], seed=2)
+        vrows = _rows(gm, values, s.v, [p for p in set(projs) | set(kv)], seed=3)
         for p, used in rows.items():
             if not _private(p, s):
-                raise _Refuse(f"its query projection {p.name} is used outside this attention (use query='zero-gain')")
+                raise _Refuse(f"its query projection {p.name} is used outside this attention ")
             if p.op == "call_module" and calls[p.target] > 1:
                 raise _Refuse(f"its query projection {p.target} is called {calls[p.target]} times "
-                              f"(use query='zero-gain')")
+                              f"")
             for other in (krows.get(p), vrows.get(p)):
                 if other is not None and bool((used & other).any()):
-                    raise _Refuse(f"query and key/value share output features of {p.name} (use query='zero-gain')")
+                    raise _Refuse(f"query and key/value share output features of {p.name} ")
         return rows
 
     def _pattern(self, l: int, blocks: int, t: int, causal: bool) -> tuple[np.ndarray, np.ndarray, float, float]:
@@ -622,17 +657,23 @@ class AttentionShaping(Pass):
             what = f"value-skipinit: α I + β A with α = 1, β = 0 per head ({heads}), causal={causal}"
         else:
             d, b, r0, r1 = self._pattern(l, blocks, t, causal)
-            module = ShapedAttention(torch.tensor(b), torch.tensor(d), heads=heads, causal=causal, scale=scale,
+            gain = not self._zero_weights or "gain" in plan
+            offset = plan.get("offset")
+            log_p = torch.tensor(b) if offset is None else torch.tensor(b)[None] - offset
+            module = ShapedAttention(log_p, torch.tensor(d), heads=heads, causal=causal, scale=scale,
                                      dropout=s.dropout_rate, mode=self.mode, enable_gqa=s.enable_gqa,
-                                     logit_gain=0.0 if not self._zero_weights else None)
+                                     logit_gain=0.0 if gain else None, offset=offset)
             zeroed = self._zero_query(gm, plan.get("rows", {}))
             module.zeroed_query = []  # (weight, axis, rows, bias): orthogonal_init keeps them at zero
             for p, used in plan.get("rows", {}).items():
-                weight, bias, axis = _projection(gm, p)
+                weight, bias, axis, _ = _projection(gm, p)
                 module.zeroed_query.append((weight, axis, used.nonzero().flatten().tolist(), bias))
+            how = f"query rows zeroed: {zeroed}" if not gain else "logit gain 0 per head" + (
+                f" (the query rows cannot be zeroed: {plan['gain']})" if "gain" in plan else "")
             what = (f"{self.mode} block {l}/{blocks}: token kernel ρ {r0:.4g} -> {r1:.4g} over T={t}, "
-                    f"{heads} head(s), causal={causal}; "
-                    + (f"query rows zeroed: {zeroed}" if self._zero_weights else "logit gain 0 per head"))
+                    f"{heads} head(s), causal={causal}; {how}"
+                    + ("; the model's own position bias is subtracted from the pattern's at initialization"
+                       if offset is not None else ""))
         ref = next(iter(gm.parameters()), None)
         if ref is not None:
             module.to(device=ref.device)
@@ -680,7 +721,7 @@ class AttentionShaping(Pass):
     def _zero_query(gm: fx.GraphModule, rows: dict[fx.Node, torch.Tensor]) -> str:
         done = []
         for p, used in rows.items():
-            weight, bias, axis = _projection(gm, p)
+            weight, bias, axis, _ = _projection(gm, p)
             idx = used.nonzero().flatten().to(weight.device)
             weight.index_fill_(axis, idx, 0.0)
             if bias is not None:

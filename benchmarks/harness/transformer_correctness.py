@@ -1,0 +1,147 @@
+"""Issue 17 §3: after the normalization- and skip-free pipeline, predicted and measured token kernels
+agree at every attention block over independently initialized networks, and the output's token
+cosines stay where the prediction puts them instead of collapsing.
+
+Used by ``tests/test_transformer_correctness.py`` and ``benchmarks/transformer_correctness.py``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import netsurgeon
+
+WIDTH = 256
+PIPELINE = ["remove_norms", "remove_skips", "input_norm", "orthogonal_init", "attention_shaping", "tat"]
+VANILLA = ["remove_norms", "remove_skips"]
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.h = h
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).reshape(b, t, 3, self.h, c // self.h).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class CausalLM(nn.Module):
+    """A hand-written Pre-LN causal transformer (token + position embeddings, 24 blocks by default)."""
+
+    def __init__(self, vocab: int = 8192, d: int = WIDTH, depth: int = 24, heads: int = 4, t: int = 32) -> None:
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.randn(1, t, d) * 0.02)
+        self.blocks = nn.Sequential(*[_Block(d, heads) for _ in range(depth)])
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ln(self.blocks(self.emb(ids) + self.pos)))
+
+
+def _distinct_ids(vocab: int, batch: int, t: int, seed: int) -> torch.Tensor:
+    """Token ids with no repeats in a sequence: the independent tokens the patterns are built for."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    return torch.stack([torch.randperm(vocab, generator=g)[:t] for _ in range(batch)])
+
+
+def _hf(name: str) -> Callable[[int], tuple[nn.Module, tuple[torch.Tensor, ...]]]:
+    def build(seed: int):
+        import transformers as tf
+        torch.manual_seed(seed)
+        small = dict(hidden_size=WIDTH, num_hidden_layers=4, num_attention_heads=4, intermediate_size=4 * WIDTH,
+                     vocab_size=4096, max_position_embeddings=64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if name == "bert":
+                model = tf.BertModel(tf.BertConfig(**small))
+            elif name == "gpt2":
+                model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=WIDTH, n_layer=4, n_head=4, vocab_size=4096,
+                                                         n_positions=64))
+            else:
+                model = tf.LlamaForCausalLM(tf.LlamaConfig(**small, num_key_value_heads=2))
+        return model.eval(), (_distinct_ids(4096, 8, 32, seed),)
+    return build
+
+
+def _timm(name: str) -> Callable[[int], tuple[nn.Module, tuple[torch.Tensor, ...]]]:
+    def build(seed: int):
+        import timm
+        torch.manual_seed(seed)
+        model = timm.create_model(name, img_size=64, num_classes=10, embed_dim=WIDTH, num_heads=4)
+        x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1000 + seed))
+        return model.eval(), (x,)
+    return build
+
+
+def _causal(seed: int):
+    torch.manual_seed(seed)
+    return CausalLM().eval(), (_distinct_ids(8192, 8, 32, seed),)
+
+
+FAMILIES: dict[str, Callable[[int], tuple[nn.Module, tuple[torch.Tensor, ...]]]] = {
+    "causal24": _causal, "vit_tiny": _timm("vit_tiny_patch16_224"), "deit_tiny": _timm("deit_tiny_patch16_224"),
+    "gpt2": _hf("gpt2"), "llama": _hf("llama"), "bert": _hf("bert"),
+}
+
+
+@dataclass
+class Result:
+    family: str
+    blocks: list[str]
+    predicted: np.ndarray  # [seeds, blocks]: mean token cosine after each attention block, and the output
+    measured: np.ndarray
+    vanilla_output: list[float] = field(default_factory=list)  # measured output cosine, untransformed
+
+    def z(self) -> np.ndarray:
+        """Per block: (mean measured - mean predicted) / its standard error over the seeds."""
+        diff = self.measured - self.predicted
+        se = diff.std(axis=0, ddof=1) / math.sqrt(diff.shape[0])
+        return diff.mean(axis=0) / np.maximum(se, 1e-12)
+
+    def worst(self) -> tuple[str, float, float]:
+        """The block with the largest |z|, its z and its mean |difference|."""
+        z = self.z()
+        i = int(np.argmax(np.abs(z)))
+        return self.blocks[i], float(z[i]), float(np.abs((self.measured - self.predicted).mean(axis=0))[i])
+
+
+def run(family: str, seeds: int = 16, vanilla: bool = True) -> Result:
+    """The pipeline on ``seeds`` networks of ``family``; token kernels after every attention block
+    (and at the last token node) predicted and measured on each network's own example batch."""
+    build = FAMILIES[family]
+    pred, meas, names, van = [], [], None, []
+    for seed in range(seeds):
+        model, inputs = build(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            passes = [p if p != "orthogonal_init" else ("orthogonal_init", {"seed": seed}) for p in PIPELINE]
+            gm = netsurgeon.transform(model, passes, example_inputs=inputs)
+            tk = netsurgeon.token_kernels(gm, inputs)
+        rows = {r.node: r for r in tk.table()}
+        last = list(rows)[-1]
+        blocks = list(tk.attention) + [last]
+        names = names or blocks
+        pred.append([rows[b].predicted_cos for b in blocks])
+        meas.append([rows[b].measured_cos for b in blocks])
+        if vanilla and seed < 4:
+            model, inputs = build(seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                g0 = netsurgeon.transform(model, VANILLA, example_inputs=inputs)
+                t0 = netsurgeon.token_kernels(g0, inputs)
+            van.append(float(t0.table()[-1].measured_cos))
+    return Result(family, names, np.array(pred), np.array(meas), van)
