@@ -397,3 +397,20 @@ def test_conv_projections_position_biases_and_a_shared_query_fall_back_by_name()
     (mod,) = _modules(gs)
     what = get_report(gs).passes[-1].changes[0].what
     assert mod.logit_gain is not None and "logit gain 0" in what and "no linear projection" in what
+
+
+def test_tat_refits_the_rows_so_every_token_keeps_its_q():
+    """The MLPs between shaped blocks raise the cosines the patterns were built for, so q would grow
+    with depth and position; tat refits each block's row scales to the kernel it now receives."""
+    torch.manual_seed(0)
+    model = LM(vocab=4096, d=128, depth=8)
+    ids = torch.randperm(4096, generator=torch.Generator().manual_seed(1))[:64].reshape(4, 16)
+    passes = ["remove_norms", "remove_skips", "input_norm", ("orthogonal_init", {"seed": 0}), "attention_shaping",
+              "tat"]
+    gm = netsurgeon.transform(model, passes, example_inputs=(ids,))
+    note = next(n for n in get_report(gm).passes[-1].notes if "rows rescaled" in n)
+    assert float(note.split("removed: ")[1].split("x")[0]) > 1.01  # there was a spread to remove
+    tk = netsurgeon.token_kernels(gm, (ids,), start="independent")
+    for node in tk.attention:
+        q = np.diag(tk.matrix(node, "predicted"))
+        assert q.max() / q.min() < 1 + 1e-6 and abs(q.mean() - 1) < 0.05, node  # this network's own gains

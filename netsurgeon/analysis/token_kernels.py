@@ -44,7 +44,7 @@ import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -65,7 +65,7 @@ from .rules import APPROX, EXACT, NodeKernel, reasons, worse
 from .sums import correlated_sums, dependent_products
 from .tokens import embedding_sources
 
-__all__ = ["MEASURED", "NoTokenAxisError", "TokenAnalysis", "TokenNode", "TokenRow", "TokenTable", "token_kernels"]
+__all__ = ["describe_fit", "fit_shaped_attention", "MEASURED", "NoTokenAxisError", "TokenAnalysis", "TokenNode", "TokenRow", "TokenTable", "token_kernels"]
 
 MEASURED = "measured"
 _SOURCE = "first token node: the tokens start here"
@@ -840,7 +840,8 @@ class _P:
 
 
 def _predict(gm: fx.GraphModule, topo: Topology, m: _Measured, sites: dict[str, _Site], order: list[str],
-             start: str | None, start_kernel: np.ndarray | None, signal: set[str]) -> dict[str, _P]:
+             start: str | None, start_kernel: np.ndarray | None, signal: set[str],
+             fit: Callable[[fx.Node, nn.Module, np.ndarray], None] | None = None) -> dict[str, _P]:
     """The predicted token kernel of every token node, in graph order."""
     nodes = {n.name: n for n in gm.graph.nodes}
     signals = signal_nodes(gm)
@@ -865,7 +866,7 @@ def _predict(gm: fx.GraphModule, topo: Topology, m: _Measured, sites: dict[str, 
         why = _site_problem(name, sites, m, out) if name in sites else skip.get(name) \
             or _mixing(node, gm, m, signal, signals)
         if why is None and name in sites:
-            out[name] = _attention_rule(gm, node, sites[name], m, out, clean)
+            out[name] = _attention_rule(gm, node, sites[name], m, out, clean, fit)
             continue
         if why is None:
             ins = [a for a in node.all_input_nodes if a.name in signal]
@@ -968,9 +969,17 @@ def _site_problem(name: str, sites: dict[str, _Site], m: _Measured, out: dict[st
 
 
 def _attention_rule(gm: fx.GraphModule, node: fx.Node, site: _Site, m: _Measured, out: dict[str, _P],
-                    clean: set[str]) -> _P:
-    """``Σ -> mean over heads (and examples) of A Σ_v Aᵀ`` (docs/transformers.md)."""
+                    clean: set[str], fit: Callable[[fx.Node, nn.Module, np.ndarray], None] | None = None) -> _P:
+    """``Σ -> mean over heads (and examples) of A Σ_v Aᵀ`` (docs/transformers.md). With ``fit``, a
+    ShapedAttention is first fitted to the value kernel it receives (:func:`fit_shaped_attention`)."""
     rec = m.attn[site.node]
+    mod = gm.get_submodule(node.target) if site.kind == "module" else None
+    if fit is not None and isinstance(mod, ShapedAttention) and rec.fixed is not None:
+        fit(node, mod, out[site.value].sigma)
+        init = mod.init_matrix(rec.fixed.shape[-1]).numpy()
+        p = _P(_attend(_Attn(fixed=init), out[site.value].sigma), EXACT,
+               f"attention: A = {type(mod).__name__}.init_matrix(), rows fitted to its value kernel")
+        return _inherit(p, [(site.value, out[site.value])], clean)
     status, why = APPROX, "attention: A measured on the inputs, A Σ Aᵀ averaged over heads and examples"
     if rec.fixed is not None and site.kind == "module":
         mod = gm.get_submodule(node.target)
@@ -1109,3 +1118,68 @@ def token_kernels(model: nn.Module, example_inputs: Sequence[torch.Tensor] | tor
         nodes[name] = TokenNode(name, int(m.shapes[name][ax.token]), (ax.batch, ax.token), m.grams[name],
                                 m.cos[name], np.asarray(p.sigma, dtype=float), p.status, p.reason, name in sites)
     return TokenAnalysis(nodes, start_node, attention, n)
+
+
+def fit_shaped_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | torch.Tensor
+                         ) -> list[tuple[str, float, float]]:
+    """Rescale the rows of every :class:`~netsurgeon.layers.ShapedAttention` of ``gm``, in graph order,
+    so that every token leaves the block with the mean q of the value kernel it receives
+    (:func:`netsurgeon.kernels.attention.fit_rows`), the pattern's softmax kept. The kernels are
+    predicted from independent tokens at the start node (the patterns' assumption) through the
+    blocks already fitted and the MLPs as they are.
+
+    Returns:
+        ``[(node, largest/smallest token q the block gave before, after)]`` per fitted block.
+    """
+    from ..kernels.attention import fit_rows
+
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    fitted: list[tuple[str, float, float]] = []
+
+    def fit(node: fx.Node, mod: nn.Module, sigma: np.ndarray) -> None:
+        t = mod.length
+        if sigma.shape[0] != t or not np.isfinite(sigma).all():
+            return
+        with torch.no_grad():
+            p = mod.init_matrix(t)[0].numpy()
+            p = p / p.sum(axis=1, keepdims=True)
+        before = np.einsum("ij,jk,ik->i", mod.init_matrix(t)[0].numpy(), sigma, mod.init_matrix(t)[0].numpy())
+        d = fit_rows(p, sigma)
+        mod.set_rows(torch.tensor(d))
+        after = np.einsum("ij,jk,ik->i", d[:, None] * p, sigma, d[:, None] * p)
+        fitted.append((node.name, float(before.max() / before.min()), float(after.max() / after.min())))
+
+    with eval_mode(gm):
+        with example_run(gm.__class__.__name__, example_inputs):
+            topology = Topology(gm, example_inputs)
+        signal = {name for name, d in topology.graph.nodes(data=True) if d["signal"]}
+        sites, weights = _find_sites(gm, signal)
+        run = _Run(gm, int(example_inputs[0].shape[0]), signal, sites, weights)
+        with torch.no_grad(), example_run(gm.__class__.__name__, example_inputs):
+            run.run(*example_inputs)
+    m = run.m
+    order = [node.name for node in gm.graph.nodes if node.name in m.grams]
+    attention = [s for s in order if s in sites]
+    if not attention:
+        return fitted
+    first = _predict(gm, topology, m, sites, order, None, None, signal)
+    start_node = order[0]
+    for name in reversed(order[:order.index(attention[0])]):
+        if first[name].measured and _dominates(gm, name, attention[0], signal):
+            start_node = name
+            break
+    kernel = float(np.mean(np.diag(m.grams[start_node]))) * np.eye(m.grams[start_node].shape[0])
+    _predict(gm, topology, m, sites, order, start_node, kernel, signal, fit)
+    return fitted
+
+
+def describe_fit(fitted: list[tuple[str, float, float]]) -> str:
+    """One line on :func:`fit_shaped_attention`'s result."""
+    if not fitted:
+        return "no shaped attention block was fitted"
+    worst = max(fitted, key=lambda f: f[1])
+    return (f"{len(fitted)} shaped attention block(s): rows rescaled to the token kernels they receive (predicted "
+            f"from independent tokens through the MLPs as they are now), so every token leaves with the same q; the "
+            f"largest spread of token q it removed: {worst[1]:.4g}x at {worst[0]}")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["FAMILIES", "family_kernel", "mean_off_diagonal", "final_rho", "schedule", "transition",
-           "as_softmax", "PatternError"]
+           "as_softmax", "fit_rows", "PatternError"]
 
 FAMILIES = ("e-spa", "u-spa")
 _LOG_FLOOR = -80.0  # a bias this low gives a weight of e^-80 relative: zero for the pattern, still a number
@@ -118,3 +118,17 @@ def as_softmax(a: np.ndarray, causal: bool) -> tuple[np.ndarray, np.ndarray]:
     if causal:
         b = np.where(np.tril(np.ones_like(b, dtype=bool)), b, -np.inf)
     return d, b
+
+
+def fit_rows(p: np.ndarray, sigma_in: np.ndarray) -> np.ndarray:
+    """Row scales ``d`` with ``diag(d P Σ_in Pᵀ d) = q̄`` (``q̄`` the mean diagonal of ``Σ_in``).
+
+    The pattern's rows ``P`` (a softmax: each row sums to 1) keep their shape. The scheduled patterns
+    assume a block receives the previous block's scheduled kernel; the MLPs in between raise the
+    cosines (an activation's C map), and a row built for the schedule then gives its token a larger q,
+    the more so the later the position. Rescaling the rows to the kernel actually received gives
+    every token the same q again, and keeps every weight non-negative.
+    """
+    out = np.einsum("ij,jk,ik->i", p, sigma_in, p)
+    q = float(np.mean(np.diag(sigma_in)))
+    return np.sqrt(q / np.clip(out, 1e-300, None))

@@ -74,6 +74,13 @@ class ShapedAttention(nn.Module):
         self.logit_gain = None if logit_gain is None else nn.Parameter(torch.full((heads, 1, 1), float(logit_gain)))
         self.zeroed_query: list[tuple[torch.Tensor, int, list[int], torch.Tensor | None]] = []
 
+    @torch.no_grad()
+    def set_rows(self, row_scale: torch.Tensor) -> None:
+        """New per-position rescaling ``d`` (the position bias is kept)."""
+        if row_scale.shape != self.row_scale.shape:
+            raise ValueError(f"row_scale must be {tuple(self.row_scale.shape)}, got {tuple(row_scale.shape)}")
+        self.row_scale.copy_(row_scale.to(self.row_scale))
+
     @property
     def length(self) -> int:
         return self.bias.shape[-1]

@@ -41,6 +41,7 @@ import torch.nn as nn
 
 from ..analysis.op_rules import composite_activation
 from ..analysis.targets import IdealGraph, ProductMap, gate_nodes, mapped_merges
+from ..analysis.token_kernels import NoTokenAxisError, describe_fit, fit_shaped_attention
 from .._validate import short_list
 from ..errors import InvalidArgumentError, UnsupportedNodeError
 from ..graph import Topology
@@ -49,7 +50,7 @@ from ..kernels import LocalMaps, activation_entry, get_activation
 from ..kernels.bisection import bisect
 from ..kernels.transforms import (Transform, TransformError, solve_dks, solve_dks_leaky, solve_tat, transformed,
                                   trelu_c_map, trelu_gain)
-from ..layers import ShapedActivation
+from ..layers import ShapedActivation, ShapedAttention
 from ..ops import ActivationSpec, OpKind, PoolType, activation_module, pool_type
 from ..report import PassRecord, Preservation
 from ._edit import set_submodule
@@ -165,6 +166,21 @@ def _prepare(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | None
     return ideal, sites
 
 
+def _fit_attention(gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None) -> None:
+    """Shaped attention rows refitted to the token kernels the reshaped MLPs now give them."""
+    if not any(isinstance(m, ShapedAttention) for m in gm.modules()):
+        return
+    inputs = example_inputs if example_inputs is not None else default_inputs(gm)
+    if inputs is None:
+        record.note("shaped attention rows not refitted to the reshaped MLPs: no example inputs")
+        return
+    gm.recompile()
+    try:
+        record.note(describe_fit(fit_shaped_attention(gm, inputs)))
+    except NoTokenAxisError as e:  # noqa: F841 - tokens folded into the batch: the patterns stay as built
+        record.note("shaped attention rows not refitted: the model's token axis could not be followed")
+
+
 class _Shaping(Pass):
     """What dks and tat share: ``products="rule"`` (default) or ``"empirical"`` iterates product maps."""
 
@@ -176,6 +192,7 @@ class _Shaping(Pass):
         products = mapped_merges(Topology(gm))
         if self.products not in ("rule", "empirical") or not products:
             self._shape(gm, record, example_inputs, None)
+            _fit_attention(gm, record, example_inputs)
             return gm
         maps = iterate_product_maps(gm, example_inputs, lambda g, r, m: self._shape(g, r, example_inputs, m),
                                     self.products)
@@ -188,6 +205,7 @@ class _Shaping(Pass):
                     f"own activation, whose mean carries the signal through the product): "
                     f"{', '.join(gates[:8]) or 'none'}{' ...' if len(gates) > 8 else ''}")
         derivation(gm, self.name)["product_maps"] = {k: v._asdict() for k, v in maps.items()}
+        _fit_attention(gm, record, example_inputs)
         return gm
 
     def _finish(self, gm: fx.GraphModule, record: PassRecord, maps: dict[str, ProductMap] | None) -> None:
