@@ -41,9 +41,9 @@ import torch.nn as nn
 
 from ..analysis.op_rules import composite_activation
 from ..analysis.targets import IdealGraph, ProductMap, gate_nodes, mapped_merges
-from ..analysis.token_kernels import NoTokenAxisError, describe_fit, fit_shaped_attention
+from ..analysis.token_kernels import describe_fit, fit_shaped_attention
 from .._validate import short_list
-from ..errors import InvalidArgumentError, UnsupportedNodeError
+from ..errors import InvalidArgumentError, NetsurgeonError, UnsupportedNodeError
 from ..graph import Topology
 from ..graph.state import default_inputs, derivation, nodes_by_name, set_derivation
 from ..kernels import LocalMaps, activation_entry, get_activation
@@ -177,8 +177,8 @@ def _fit_attention(gm: fx.GraphModule, record: PassRecord, example_inputs: tuple
     gm.recompile()
     try:
         record.note(describe_fit(fit_shaped_attention(gm, inputs)))
-    except NoTokenAxisError as e:  # noqa: F841 - tokens folded into the batch: the patterns stay as built
-        record.note("shaped attention rows not refitted: the model's token axis could not be followed")
+    except NetsurgeonError as e:  # tokens folded into the batch (NoTokenAxisError) and the like
+        record.note(f"shaped attention rows not refitted (the patterns stay as built): {str(e).splitlines()[0]}")
 
 
 class _Shaping(Pass):
