@@ -2,6 +2,7 @@
 timm, Hugging Face and ``nn.TransformerEncoder`` transformers; the pattern math; refusals by name."""
 from __future__ import annotations
 
+import operator
 import warnings
 
 import numpy as np
@@ -414,3 +415,33 @@ def test_tat_refits_the_rows_so_every_token_keeps_its_q():
     for node in tk.attention:
         q = np.diag(tk.matrix(node, "predicted"))
         assert q.max() / q.min() < 1 + 1e-6 and abs(q.mean() - 1) < 0.05, node  # this network's own gains
+
+
+def test_unshaped_cross_attention_is_a_product_whose_value_carries_the_signal():
+    """CaiT/CrossViT-style class attention (one query over all tokens) is left by attention_shaping;
+    tat then follows it as a product of signals whose main operand is the value, not the softmax."""
+    from netsurgeon.analysis.targets import main_operand
+
+    class ClassAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.kv, self.fc = nn.Linear(16, 16), nn.Linear(16, 32), nn.Linear(16, 16)
+
+        def forward(self, x):
+            q = self.q(x[:, :1])
+            k, v = self.kv(x).chunk(2, dim=-1)
+            a = torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1)
+            return self.fc(torch.relu(a @ v))
+
+    x = torch.randn(2, 6, 16)
+    gm = netsurgeon.transform(ClassAttention(), ["attention_shaping"], example_inputs=(x,))
+    assert "cross-attention" in get_report(gm).passes[-1].skipped[0].why
+    topo = netsurgeon.topology(gm)
+    product = next(n for n in topo.graph if topo.info(n).kind is netsurgeon.OpKind.MULTIPLY
+                   and topo.graph.nodes[n]["signal_operands"][0].startswith("softmax"))
+    v = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.getitem and n.args[1] == 1
+             and n.args[0].op == "call_method" and n.args[0].target == "chunk")
+    assert main_operand(topo, product) == v.name  # v, the chunk's second half
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        netsurgeon.transform(ClassAttention(), ["input_norm", "tat"], example_inputs=(x,))  # completes

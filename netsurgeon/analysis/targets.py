@@ -90,7 +90,22 @@ def main_operand(topo: Topology, product: str) -> str:
     for a in ops:
         if all(b == a or a in nx.ancestors(g, b) for b in ops):
             return a
+    weights = [a for a in ops if _attention_weights(g, a)]
+    if len(weights) == 1 and len(ops) == 2:  # ``softmax(q kᵀ) @ v`` not shaped (cross-attention): v carries it
+        return next(a for a in ops if a != weights[0])
     return ops[0]
+
+
+def _attention_weights(g: nx.DiGraph, name: str, depth: int = 4) -> bool:
+    """Whether ``name`` is a softmax's output, through dropout, casts and reshapes."""
+    for _ in range(depth):
+        d = g.nodes[name]
+        if d["info"].name == "softmax":
+            return True
+        if not d["kind"].traits.unchanged or len(d["signal_operands"]) != 1:
+            return False
+        name = d["signal_operands"][0]
+    return False
 
 
 def q_reference(topo: Topology, merge: str) -> str:

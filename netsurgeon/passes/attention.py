@@ -361,8 +361,10 @@ class _Capture(fx.Interpreter):
         else:
             out = super().run_node(n)
         if n in self.leaves and isinstance(out, torch.Tensor) and out.is_floating_point():
-            out = out.detach().requires_grad_(True)
-        if n in self.keep or n in self.leaves:
+            leaf = out.detach().requires_grad_(True)
+            self.values[n] = leaf
+            return leaf.clone()  # not a leaf itself: the model may write into it in place
+        if n in self.keep:
             self.values[n] = out
         return out
 
@@ -520,8 +522,8 @@ class AttentionShaping(Pass):
 
     def _read(self, gm: fx.GraphModule, s: Site, values: dict[fx.Node, Any]) -> dict[str, Any]:
         q, k = values[s.q], values[s.k]
-        if not isinstance(q, torch.Tensor) or q.dim() < 2:
-            raise _Refuse("the query is not a [..., T, d] tensor")
+        if not isinstance(q, torch.Tensor) or q.dim() < 3:
+            raise _Refuse("the query is not a [batch, ..., T, d] tensor")
         tq, tk = q.shape[-2], k.shape[-2]
         heads = q.shape[-3] if q.dim() >= 4 else 1
         allowed = torch.ones(tq, tk, dtype=torch.bool)
