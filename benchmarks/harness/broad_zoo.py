@@ -335,8 +335,9 @@ def verify_shaping(gm: torch.fx.GraphModule, x: torch.Tensor) -> None:
 
 
 def verify_attention(gm: torch.fx.GraphModule, x: Any) -> None:
-    """Every self-attention is shaped: each ShapedAttention gets an exactly zero query on ``x`` and its
-    matrix at initialization carries the schedule's token kernel to the next one (A Σ_{l-1} Aᵀ = Σ_l)."""
+    """Every self-attention is shaped: each ShapedAttention gets an exactly zero query on ``x`` (or has a
+    zero logit gain) and the softmax of its bias, its pattern's shape, carries the schedule's token kernel to
+    the next one up to the row scales that tat refits (A Σ_{l-1} Aᵀ = Σ_l with A's rows renormalized)."""
     import numpy as np
     from netsurgeon.kernels import attention as pat
     from netsurgeon.layers import ShapedAttention
@@ -359,15 +360,20 @@ def verify_attention(gm: torch.fx.GraphModule, x: Any) -> None:
     with torch.no_grad():
         Spy(gm).run(*(x if isinstance(x, tuple) else (x,)))
     for l, (name, m) in enumerate(mods.items(), start=1):
-        if name not in queries or torch.count_nonzero(queries[name]) != 0:
+        if m.logit_gain is not None:  # the block starts from a zero logit gain (its query has no rows of its own)
+            if float(m.logit_gain.detach().abs().max()) != 0.0:
+                raise VerificationError(f"{name}: its logit gain is not zero at initialization")
+        elif name not in queries or torch.count_nonzero(queries[name]) != 0:
             raise VerificationError(f"{name}: its query is not zero at initialization")
         t = m.length
         rhos = pat.schedule(opts["mode"], t, len(mods), opts["final_cosine"])
-        a = m.init_matrix()[0].numpy()
-        got = a @ pat.family_kernel(opts["mode"], t, rhos[l - 1]) @ a.T
-        err = float(np.abs(got - pat.family_kernel(opts["mode"], t, rhos[l])).max())
+        p = m.init_matrix()[0].numpy()
+        p = p / p.sum(axis=1, keepdims=True)
+        a = pat.transition(pat.family_kernel(opts["mode"], t, rhos[l - 1]), pat.family_kernel(opts["mode"], t, rhos[l]),
+                           m.causal)
+        err = float(np.abs(p - a / a.sum(axis=1, keepdims=True)).max())  # the pattern, before the row scales
         if err > 1e-4:
-            raise VerificationError(f"{name}: A Σ Aᵀ misses the schedule's kernel by {err:.2e}")
+            raise VerificationError(f"{name}: its pattern misses the schedule's by {err:.2e}")
 
 
 def _passes_run(gm: torch.fx.GraphModule) -> list[str]:
