@@ -76,7 +76,7 @@ from harness import (RunResult, add_output_args, command_line, environment, log,
                      torch_threads, train_run, write_table_md)
 from harness.data import load_splits
 from harness.optimizers import LM_OPTIONS, optimizer_spec
-from harness.stats import mean_sd
+from harness.stats import loss_at, mean_sd
 from harness.sweeps import lr_cell, seeds_cell, selected_curves
 
 __all__ = ["CONFIGS", "FAMILIES", "LM_OPTIONS", "optimizer_spec", "FamilyBudget", "Shaping", "ConfigResult", "build_network", "make_model_fn",
@@ -262,14 +262,6 @@ class ConfigResult:
     def best_at_edge(self) -> bool:
         """True when the selected lr is the smallest or largest of a grid of 2 or more."""
         return len(self.scores) > 1 and self.best_lr in (min(self.scores), max(self.scores))
-
-
-def loss_at(run: RunResult, step: int) -> float:
-    """Mean minibatch training loss over the last 5% (at least 1) of the first ``step`` steps."""
-    if run.diverged and run.diverged_at is not None and run.diverged_at <= step:
-        return math.inf
-    k = max(1, math.ceil(0.05 * step))
-    return float(np.mean(run.train_loss[step - k:step]))
 
 
 def acc_at(run: RunResult, step: int) -> float | None:

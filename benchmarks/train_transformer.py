@@ -91,7 +91,7 @@ from harness import (RunResult, add_output_args, command_line, environment, log,
                      output_paths, plot_curves, run_record, save_json, save_text, steps_to_loss, subset_text,
                      torch_threads, train_run, write_table_md)
 from harness.data import load_splits
-from harness.stats import mean_sd
+from harness.stats import loss_at, mean_sd
 from harness.sweeps import lr_cell, seeds_cell, selected_curves
 from harness.text import load_char_splits
 from harness.transformer_models import CharTransformer, VisionTransformer
@@ -262,14 +262,6 @@ class ConfigResult:
     def best_at_edge(self) -> bool:
         """True when the selected lr is the smallest or largest of a grid of 2 or more."""
         return len(self.scores) > 1 and self.best_lr in (min(self.scores), max(self.scores))
-
-
-def loss_at(run: RunResult, step: int) -> float:
-    """Mean minibatch training loss over the last 5% (at least 1) of the first ``step`` steps; inf if diverged."""
-    if run.diverged and run.diverged_at is not None and run.diverged_at <= step:
-        return math.inf
-    k = max(1, math.ceil(0.05 * step))
-    return float(np.mean(run.train_loss[step - k:step]))
 
 
 def metric_at(run: RunResult, step: int, task: str) -> float | None:

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["finite", "mean_sd", "sd"]
+__all__ = ["finite", "loss_at", "mean_sd", "sd"]
 
 
 def finite(values: Sequence[float | None]) -> list[float]:
@@ -36,3 +36,12 @@ def mean_sd(values: Sequence[float | None], fmt: str) -> str:
     if not vals:
         return "–"
     return f"{np.mean(vals):{fmt}}" + (f" ± {np.std(vals, ddof=1):{fmt}}" if len(vals) > 1 else "")
+
+
+def loss_at(run, step: int) -> float:
+    """Mean minibatch training loss of a ``harness.train.RunResult`` over the last 5% (at least 1) of
+    its first ``step`` steps; inf if it diverged by then."""
+    if run.diverged and run.diverged_at is not None and run.diverged_at <= step:
+        return math.inf
+    k = max(1, math.ceil(0.05 * step))
+    return float(np.mean(run.train_loss[step - k:step]))
