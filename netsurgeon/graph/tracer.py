@@ -30,8 +30,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import linecache
+import operator
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -146,6 +148,10 @@ class NetsurgeonTracer(fx.Tracer):
         if self.example_inputs is None:
             return None
         value = self._concrete(obj)
+        if isinstance(value, float) and value.is_integer():  # int(math.sqrt(n)) of a traced n
+            value = int(value)
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             return None
         self._record(f"size or index = {value}")
@@ -241,6 +247,26 @@ def _sdpa_dropout_only_diff(a: fx.Node, b: fx.Node) -> bool:
     return ra == rb and isinstance(pa, (int, float)) and isinstance(pb, (int, float)) and pa != pb
 
 
+def _alike(a: fx.Graph, b: fx.Graph) -> bool:
+    """Whether two traces differ only where the merge knows how (functional and attention dropout)."""
+    na, nb = list(a.nodes), list(b.nodes)
+    return len(na) == len(nb) and all(_key(x) == _key(y) or _dropout_only_diff(x, y) or _sdpa_dropout_only_diff(x, y)
+                                      for x, y in zip(na, nb))
+
+
+def _without_unused_reads(g_train: fx.Graph, g_eval: fx.Graph) -> tuple[fx.Graph, fx.Graph]:
+    """The two traces without unused attribute reads when that makes them alike, else as they are:
+    code that only inspects (nn.TransformerEncoderLayer's fast-path checks read parameters and devices
+    in eval mode) is no mode difference, but a module whose reads differ among other changes keeps
+    the first difference where it is (so the right module becomes a leaf)."""
+    if _alike(g_train, g_eval):
+        return g_train, g_eval
+    a, b = copy.deepcopy(g_train), copy.deepcopy(g_eval)
+    _drop_unused_reads(a)
+    _drop_unused_reads(b)
+    return (a, b) if _alike(a, b) else (g_train, g_eval)
+
+
 def _drop_unused_reads(graph: fx.Graph) -> None:
     """Erase unused attribute and shape reads: code that only inspects (nn.TransformerEncoderLayer's
     fast-path checks read parameters and devices in eval mode) must not count as a mode difference."""
@@ -250,10 +276,12 @@ def _drop_unused_reads(graph: fx.Graph) -> None:
         for n in reversed(list(graph.nodes)):
             if n.users:
                 continue
-            reads = n.op == "get_attr" or (n.op == "call_function" and (n.target is getattr or
-                                                                        getattr(n.target, "__module__", "") in
-                                                                        ("_operator", "operator"))) \
-                or (n.op == "call_method" and n.target in ("size", "dim"))
+            # parameters and attributes other than shapes (devices, is_nested, requires_grad); unused shape
+            # reads stay, as both traces make them alike
+            reads = n.op == "get_attr" or (n.op == "call_function" and n.target is getattr and len(n.args) > 1
+                                           and n.args[1] not in ("shape",)) \
+                or (n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node)
+                    and n.args[0].op == "get_attr")
             if reads:
                 graph.erase_node(n)
                 changed = True
@@ -621,8 +649,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             g_train, constants = _trace_leafing_notrace(model, leaves, info, fixed, shadow, defaults)
             _set_modes(model, False)
             g_eval, _ = _trace_leafing_notrace(model, leaves, info, fixed, shadow, defaults)
-            _drop_unused_reads(g_train)
-            _drop_unused_reads(g_eval)
+            g_train, g_eval = _without_unused_reads(g_train, g_eval)
             dropout_fix: set[int] = set()
             sdpa_fix: dict[int, tuple[float, float]] = {}
             new_leaf = None
