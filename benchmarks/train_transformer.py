@@ -87,7 +87,7 @@ import torch
 import torch.nn as nn
 
 import netsurgeon
-from harness import (RunResult, add_output_args, command_line, environment, log, lr_sweep, machine_text, new_parser,
+from harness import (RunResult, mean_curve, add_output_args, command_line, environment, log, lr_sweep, machine_text, new_parser,
                      output_paths, plot_curves, run_record, save_json, save_text, steps_to_loss, subset_text,
                      torch_threads, train_run, write_table_md)
 from harness.data import load_splits
@@ -270,16 +270,6 @@ def metric_at(run: RunResult, step: int, task: str) -> float | None:
         return None
     i = run.eval_steps.index(step)
     return run.test_loss[i] / math.log(2) if task == "lm" else run.test_acc[i]
-
-
-def mean_curve(runs: Sequence[RunResult]) -> RunResult | None:
-    """A RunResult whose ``smoothed_loss`` is the mean over the non-diverged runs' smoothed losses."""
-    ok = [r for r in runs if not r.diverged]
-    if not ok:
-        return None
-    n = min(len(r.smoothed_loss) for r in ok)
-    mean = np.mean([r.smoothed_loss[:n] for r in ok], axis=0)
-    return RunResult(ok[0].optimizer, ok[0].lr, -1, ok[0].batch_size, n, smoothed_loss=[float(v) for v in mean])
 
 
 def _horizon(config: str, steps: int, factor: float | None) -> int:

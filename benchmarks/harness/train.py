@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from netsurgeon.errors import InvalidArgumentError
 
 __all__ = ["RunResult", "SweepResult", "ModelOptimizer", "train_run", "lr_sweep", "steps_to_loss", "smooth",
-           "DIVERGENCE_FACTOR"]
+           "mean_curve", "DIVERGENCE_FACTOR"]
 
 DIVERGENCE_FACTOR = 1e3
 """A run diverges when its loss is non-finite or exceeds this multiple of the first loss."""
@@ -310,3 +310,13 @@ def lr_sweep(model_fn: Callable[[int], nn.Module], data: tuple[torch.Tensor, ...
 def steps_to_loss(run: RunResult, target: float) -> int | None:
     """The first step (counting from 1) at which the smoothed training loss is ≤ target, else None."""
     return next((i for i, v in enumerate(run.smoothed_loss, 1) if v <= target), None)
+
+
+def mean_curve(runs: Sequence[RunResult]) -> RunResult | None:
+    """A RunResult whose ``smoothed_loss`` is the mean over the non-diverged runs' smoothed losses."""
+    ok = [r for r in runs if not r.diverged]
+    if not ok:
+        return None
+    n = min(len(r.smoothed_loss) for r in ok)
+    mean = np.mean([r.smoothed_loss[:n] for r in ok], axis=0)
+    return RunResult(ok[0].optimizer, ok[0].lr, -1, ok[0].batch_size, n, smoothed_loss=[float(v) for v in mean])

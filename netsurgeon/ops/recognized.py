@@ -76,16 +76,23 @@ def _rule(family: NormFamily):
 def recognize_norms(model: nn.Module) -> list[str]:
     """Register the norm classes inside ``model`` that no rule covers but that compute an RMS or a
     layer norm over the last axis; returns ``"Class (family)"`` for the newly registered ones."""
+    return _recognize(model, _CHECKED, _family, _rule, lambda family: str(family))
+
+
+def _recognize(model: nn.Module, checked: dict, identify, rule_for, label) -> list[str]:
+    """One pass over ``model``'s module types outside torch that no rule covers: ``identify`` (run
+    once per type, remembered in ``checked``) says what a type computes, or None; a type that computes
+    something gets ``rule_for(it)``. Returns ``"Class (label)"`` for the types registered now."""
     found = []
     for m in model.modules():
         t = type(m)
-        if t in _CHECKED or module_rule(m) is not None or t.__module__.startswith("torch."):
+        if t in checked or module_rule(m) is not None or t.__module__.startswith("torch."):
             continue
-        family = _family(m)
-        _CHECKED[t] = family
-        if family is not None:
-            add_module_rule(t, _rule(family))
-            found.append(f"{t.__name__} ({family})")
+        what = identify(m)
+        checked[t] = what
+        if what is not None:
+            add_module_rule(t, rule_for(what))
+            found.append(f"{t.__name__} ({label(what)})")
     return found
 
 
@@ -131,7 +138,7 @@ def _same_activation(m: nn.Module) -> nn.Module | None:
         with torch.no_grad():
             ref = proto.double()(x.clone())
         if torch.allclose(out.double(), ref, rtol=1e-6, atol=1e-7):
-            return proto
+            return proto if module_rule(proto) is not None else None
     return None
 
 
@@ -148,14 +155,4 @@ def _as(proto: nn.Module):
 def recognize_activations(model: nn.Module) -> list[str]:
     """Register the parameter-free activation classes inside ``model`` that no rule covers but that
     compute a known activation elementwise; returns ``"Class (activation)"`` for the new ones."""
-    found = []
-    for m in model.modules():
-        t = type(m)
-        if t in _ACT_CHECKED or module_rule(m) is not None or t.__module__.startswith("torch."):
-            continue
-        proto = _same_activation(m)
-        _ACT_CHECKED[t] = proto
-        if proto is not None and module_rule(proto) is not None:
-            add_module_rule(t, _as(proto))
-            found.append(f"{t.__name__} (as {proto!r})")
-    return found
+    return _recognize(model, _ACT_CHECKED, _same_activation, _as, lambda proto: f"as {proto!r}")
