@@ -4,9 +4,11 @@ For each family (a hand-written 24-block causal transformer, timm's vit_tiny and
 Face GPT-2, Llama and BERT; width 256 by default) and each of ``--seeds`` independently initialized
 networks: ``remove_norms, remove_skips, input_norm, orthogonal_init, attention_shaping, tat``, then
 ``netsurgeon.token_kernels`` on the network's own example batch. Per attention block (and the last
-token node) the table gives the mean over networks of the predicted and of the measured mean token
-cosine, the largest |z| (mean difference over its standard error across the networks) and the
-untransformed vanilla network's output cosine (``remove_norms, remove_skips`` only, 4 networks).
+token node) each network gives three statistics of its predicted and its measured token kernel (means
+over its examples): the mean token q and the mean off-diagonal entry k (entries of the kernel itself)
+and the mean token cosine (their ratio). The table gives the largest |z| (mean difference over its
+standard error across the networks) of q and k, of the cosine, the output cosine and the untransformed
+vanilla network's output cosine (``remove_norms, remove_skips`` only, 4 networks).
 
     python benchmarks/transformer_correctness.py --seeds 16 --threads 1
 """
@@ -41,24 +43,28 @@ def main(argv=None) -> dict:
         for fam in args.families:
             t = time.perf_counter()
             r = tc.run(fam, seeds=args.seeds)
-            node, z, diff = r.worst()
-            rows[fam] = {"blocks": r.blocks, "predicted": r.predicted.tolist(), "measured": r.measured.tolist(),
-                         "z": r.z().tolist(), "worst": [node, z, diff], "vanilla_output": r.vanilla_output,
-                         "seconds": time.perf_counter() - t}
-            print(f"{fam}: worst |z| {abs(z):.2f} at {node} (mean |diff| {diff:.4f}), output predicted "
-                  f"{r.predicted[:, -1].mean():.3f} measured {r.measured[:, -1].mean():.3f}, vanilla "
+            node, stat, z, diff = r.worst()
+            rows[fam] = {"blocks": r.blocks, "predicted": {s: v.tolist() for s, v in r.predicted.items()},
+                         "measured": {s: v.tolist() for s, v in r.measured.items()},
+                         "z": {s: r.z(s).tolist() for s in tc.STATS}, "worst": [node, stat, z, diff],
+                         "vanilla_output": r.vanilla_output, "seconds": time.perf_counter() - t}
+            print(f"{fam}: worst |z| {abs(z):.2f} ({stat} at {node}, mean diff {diff:+.4g}), output cosine predicted "
+                  f"{r.predicted['cos'][:, -1].mean():.3f} measured {r.measured['cos'][:, -1].mean():.3f}, vanilla "
                   f"{np.mean(r.vanilla_output):.4f}", flush=True)
     record = {"command": command_line("transformer_correctness.py", argv), "environment": environment(args.threads),
               "width": args.width, "seeds": args.seeds, "families": rows}
     json_path.write_text(json.dumps(record, indent=1))
     lines = [f"`{record['command']}` (width {args.width}, {args.seeds} networks per family)", "",
-             "| family | attention blocks | output cosine predicted | measured | worst \\|z\\| (block) | "
-             "mean \\|diff\\| there | blocks with \\|z\\| > 3 | vanilla output cosine |", "|---|---:|---:|---:|---|---:|---:|---:|"]
+             "| family | attention blocks | output cosine predicted | measured | worst kernel \\|z\\| (stat, block) | "
+             "mean diff there | blocks with kernel \\|z\\| > 3 | worst cosine \\|z\\| | vanilla output cosine |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for fam, r in rows.items():
-        z = np.abs(np.array(r["z"]))
-        pred, meas = np.array(r["predicted"]), np.array(r["measured"])
+        zk = np.maximum(np.abs(np.array(r["z"]["q"])), np.abs(np.array(r["z"]["k"])))
+        zc = np.abs(np.array(r["z"]["cos"]))
+        pred, meas = np.array(r["predicted"]["cos"]), np.array(r["measured"]["cos"])
+        node, stat, z, diff = r["worst"]
         lines.append(f"| {fam} | {len(r['blocks']) - 1} | {pred[:, -1].mean():.3f} | {meas[:, -1].mean():.3f} | "
-                     f"{abs(r['worst'][1]):.2f} ({r['worst'][0]}) | {r['worst'][2]:.4f} | {int((z > 3).sum())} | "
+                     f"{abs(z):.2f} ({stat}, {node}) | {diff:+.4g} | {int((zk > 3).sum())} | {zc.max():.2f} | "
                      f"{np.mean(r['vanilla_output']):.4f} |")
     md_path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

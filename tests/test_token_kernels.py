@@ -159,20 +159,111 @@ def test_uniform_causal_attention_is_exact_and_carries_per_token_q():
         assert abs(node.measured_cos - node.predicted_cos) < 4 * node.se + 1e-3
 
 
-def test_unequal_token_q_through_a_non_homogeneous_activation_is_approximate():
+def test_unequal_token_q_through_a_non_homogeneous_activation_is_exact():
     class Mix(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return F.gelu(F.scaled_dot_product_attention(x * 0.0, x, x, is_causal=True))
 
     tk = token_kernels(Mix(), torch.randn(4, 8, 64, generator=torch.Generator().manual_seed(0)), start="independent")
     node = tk.nodes["gelu"]
-    assert node.status == "approximate" and "tokens' q differ" in node.reason
-    q = np.diag(tk.matrix("scaled_dot_product_attention"))
-    # the diagonal is exact: E[gelu(sqrt(q_i) z)^2], by quadrature
-    z, w = np.polynomial.hermite_e.hermegauss(80)
+    assert node.status == "exact", node.reason
+    s = tk.matrix("scaled_dot_product_attention")
+    q = np.diag(s)
+    assert np.ptp(q) > 0.5 * q.mean()  # the causal average gives the tokens very different q
+    # every pair at its own two q: E[gelu(sqrt(q_i) u) gelu(sqrt(q_j) v)], corr(u, v) = c_ij, by quadrature
+    z, w = np.polynomial.hermite_e.hermegauss(60)
+    w = w / math.sqrt(2 * math.pi)
     gelu = lambda v: 0.5 * v * (1 + np.vectorize(math.erf)(v / math.sqrt(2)))  # noqa: E731
-    want = [float(np.sum(w * gelu(math.sqrt(qi) * z) ** 2) / math.sqrt(2 * math.pi)) for qi in q]
-    np.testing.assert_allclose(np.diag(tk.matrix("gelu")), want, rtol=1e-6)
+    want = np.empty_like(s)
+    for i in range(len(q)):
+        for j in range(len(q)):
+            c = s[i, j] / math.sqrt(q[i] * q[j])
+            u = z[:, None] + 0 * z[None, :]
+            v = c * z[:, None] + math.sqrt(max(1 - c * c, 0.0)) * z[None, :]
+            want[i, j] = float(np.sum(w[:, None] * w[None, :] * gelu(math.sqrt(q[i]) * u) * gelu(math.sqrt(q[j]) * v)))
+    np.testing.assert_allclose(tk.matrix("gelu"), want, rtol=1e-5, atol=1e-7)
+
+
+def test_examples_are_predicted_one_by_one():
+    """Examples whose tokens have different q: a per-token RMS norm and a fixed attention are exact
+    per example, so the mean of the predicted kernels is the mean of the measured ones. (The
+    example-mean kernel pushed through the norm is not: its tokens' q are averaged first.)"""
+    class Mix(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = netsurgeon.layers.LocationNorm(dim=-1, eps=1e-12)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.norm(x)
+            return F.scaled_dot_product_attention(y * 0.0, y, y, is_causal=True)
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 1, 64, generator=g)
+    x = base + 0.7 * torch.randn(6, 10, 64, generator=g)  # correlated tokens
+    x = x * torch.linspace(0.2, 3.0, 6)[:, None, None] * torch.linspace(0.5, 2.0, 10)[None, :, None]
+    tk = token_kernels(Mix(), x)
+    for name in ("norm", "scaled_dot_product_attention"):
+        assert tk.nodes[name].status == "exact"
+        np.testing.assert_allclose(tk.matrix(name), tk.matrix(name, "measured"), rtol=1e-5, atol=1e-7)
+    # the example-mean kernel's own normalization differs visibly: what the per-example rule avoids
+    s = tk.matrix("x", "measured")
+    d = np.sqrt(np.diag(s))
+    assert np.abs(s / np.outer(d, d) - tk.matrix("norm", "measured")).max() > 1e-2
+
+
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's projection: ``x @ W + b`` with ``W`` ``[in, out]``, through ``view(-1, C)``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.size()[:-1] + (self.weight.shape[1],)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(out)
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, width: int = 128, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.c_attn, self.c_proj = Conv1D(3 * width, width), Conv1D(width, width)
+        self.c_fc, self.c_out = Conv1D(2 * width, width), Conv1D(width, 2 * width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.c_attn(x).split(c, dim=2)
+        q, k, v = (a.view(b, t, self.heads, -1).transpose(1, 2) for a in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, c)
+        return self.c_out(F.gelu(self.c_fc(self.c_proj(y))))
+
+
+def test_projections_that_fold_tokens_into_the_batch_keep_the_token_axis():
+    """GPT-2's Conv1D flattens [B, T, C] to [B*T, C] around an addmm: the tokens are followed through
+    the merge, orthogonal_init initializes the addmm weights, and the query rows of the fused
+    projection are known, so every node is predicted exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(GPT2Block(), GPT2Block()).eval()
+    x = torch.randn(4, 12, 128, generator=torch.Generator().manual_seed(1))
+    gm = netsurgeon.transform(model, [("orthogonal_init", {"seed": 0}), "attention_shaping"], example_inputs=(x,))
+    w = gm.get_parameter("0.c_fc.weight").detach().double()  # [in, out] = [128, 256]: W Wᵀ = 2 I (gain sqrt 2)
+    np.testing.assert_allclose((w @ w.T).numpy(), 2 * np.eye(128), atol=1e-6)
+    tk = token_kernels(gm, (x,))
+    assert len(tk.attention) == 2
+    addmm = [n for n in tk.nodes if n.startswith("addmm")]
+    assert len(addmm) == 8 and all(tk.nodes[n].tokens == 12 for n in addmm)
+    values = [n for n in tk.nodes if n.startswith("getitem") and tk.nodes[n].reason.startswith("outputs 256:384 of addmm")]
+    assert len(values) == 2  # the v of each block's fused projection, by its rows
+    bad = {n: tk.nodes[n].reason for n in tk.nodes if tk.nodes[n].status == "approximate"}
+    assert not bad, bad
+    # the linear rule reads Conv1D's [in, out] weight the right way round: σw² = in · mean(W²)
+    w = gm.get_parameter("0.c_attn.weight").detach().double()
+    sw = w.shape[0] * float(w.pow(2).mean())
+    assert 0.6 < sw < 0.7  # 2/3: the zeroed query third of an orthogonal projection that keeps q
+    np.testing.assert_allclose(tk.matrix("addmm"), sw * tk.matrix("input_1", "measured"), rtol=1e-6)
+    a = netsurgeon.analyze(gm, (x,))
+    assert a.status("addmm")[0] == "exact"
 
 
 # ---------------------------------------------------------------- (2) E-SPA
@@ -246,11 +337,15 @@ def test_written_out_attention_uses_its_measured_softmax():
     assert not any(n.startswith("softmax") or n.startswith("mul") for n in tk.nodes)  # attention weights
     with torch.no_grad():  # the softmax by hand, in float64
         q, k, v = model.qkv(x).double().reshape(5, 9, 3, 4, 16).permute(2, 0, 3, 1, 4).unbind(0)
-        p = torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1).reshape(-1, 9, 9).numpy()
+        p = torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1).numpy()  # [B, H, T, T]
+        w, bias = model.qkv.weight[128:].double(), model.qkv.bias[128:].double()
+        xd = x.double()
+        # each example's value kernel: the linear rule of the v rows on its own input Gram
+        sv = (64 * w.pow(2).mean() * (xd @ xd.transpose(1, 2)) / 64 + bias.pow(2).mean()).numpy()
     v_node = [n for n in tk.nodes if n.startswith("getitem")][-1]
-    sv = tk.matrix(v_node)
-    want = np.mean([a @ sv @ a.T for a in p], axis=0)
-    np.testing.assert_allclose(tk.matrix(out), want, rtol=1e-4)
+    np.testing.assert_allclose(tk.matrix(v_node), sv.mean(0), rtol=1e-6)
+    want = np.mean([np.mean([a @ sv[b] @ a.T for a in p[b]], axis=0) for b in range(5)], axis=0)
+    np.testing.assert_allclose(tk.matrix(out), want, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- (3) ViTs through analyze

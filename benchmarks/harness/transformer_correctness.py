@@ -2,7 +2,7 @@
 agree at every attention block over independently initialized networks, and the output's token
 cosines stay where the prediction puts them instead of collapsing.
 
-Used by ``tests/test_transformer_correctness.py`` and ``benchmarks/transformer_correctness.py``.
+Used by ``benchmarks/transformer_correctness.py``.
 """
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ class _Block(nn.Module):
 class CausalLM(nn.Module):
     """A hand-written Pre-LN causal transformer (token + position embeddings, 24 blocks by default)."""
 
-    def __init__(self, vocab: int = 8192, d: int = WIDTH, depth: int = 24, heads: int = 4, t: int = 32) -> None:
+    def __init__(self, vocab: int = 8192, d: int | None = None, depth: int = 24, heads: int = 4, t: int = 32) -> None:
         super().__init__()
+        d = WIDTH if d is None else d  # read at call time: the benchmark's --width sets WIDTH
         self.emb, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.randn(1, t, d) * 0.02)
         self.blocks = nn.Sequential(*[_Block(d, heads) for _ in range(depth)])
         self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
@@ -98,32 +99,53 @@ FAMILIES: dict[str, Callable[[int], tuple[nn.Module, tuple[torch.Tensor, ...]]]]
 }
 
 
+def _offdiag(m: np.ndarray) -> float:
+    return float(m[~np.eye(m.shape[0], dtype=bool)].mean())
+
+
+STATS = ("q", "k", "cos")  # mean token q, mean off-diagonal kernel entry, mean token cosine
+
+
 @dataclass
 class Result:
+    """Per network (rows) and block (columns): each statistic of the predicted and the measured
+    token kernel (means over the network's examples). ``q`` and ``k`` are entries of the kernel itself
+    (unbiased at finite width through a linear layer); ``cos`` is their ratio (biased at O(1/width))."""
+
     family: str
     blocks: list[str]
-    predicted: np.ndarray  # [seeds, blocks]: mean token cosine after each attention block, and the output
-    measured: np.ndarray
+    predicted: dict[str, np.ndarray]  # stat -> [seeds, blocks]
+    measured: dict[str, np.ndarray]
     vanilla_output: list[float] = field(default_factory=list)  # measured output cosine, untransformed
 
-    def z(self) -> np.ndarray:
-        """Per block: (mean measured - mean predicted) / its standard error over the seeds."""
-        diff = self.measured - self.predicted
+    def z(self, stat: str) -> np.ndarray:
+        """Per block: (mean measured - mean predicted) / its standard error over the networks; a
+        difference below the float32 resolution of the measured Gram (``1e-6`` relative) counts as 0."""
+        diff = self.measured[stat] - self.predicted[stat]
         se = diff.std(axis=0, ddof=1) / math.sqrt(diff.shape[0])
-        return diff.mean(axis=0) / np.maximum(se, 1e-12)
+        floor = 1e-6 * np.abs(self.measured[stat]).mean(axis=0)
+        mean = diff.mean(axis=0)
+        return np.where(np.abs(mean) <= floor, 0.0, mean / np.maximum(se, 1e-300))
 
-    def worst(self) -> tuple[str, float, float]:
-        """The block with the largest |z|, its z and its mean |difference|."""
-        z = self.z()
-        i = int(np.argmax(np.abs(z)))
-        return self.blocks[i], float(z[i]), float(np.abs((self.measured - self.predicted).mean(axis=0))[i])
+    def worst(self, stats: tuple[str, ...] = ("q", "k")) -> tuple[str, str, float, float]:
+        """``(block, stat, z, mean difference)`` with the largest |z| over ``stats``."""
+        best = ("", "", 0.0, 0.0)
+        for stat in stats:
+            z = self.z(stat)
+            i = int(np.argmax(np.abs(z)))
+            if abs(z[i]) >= abs(best[2]):
+                best = (self.blocks[i], stat, float(z[i]),
+                        float((self.measured[stat] - self.predicted[stat]).mean(axis=0)[i]))
+        return best
 
 
 def run(family: str, seeds: int = 16, vanilla: bool = True) -> Result:
     """The pipeline on ``seeds`` networks of ``family``; token kernels after every attention block
     (and at the last token node) predicted and measured on each network's own example batch."""
     build = FAMILIES[family]
-    pred, meas, names, van = [], [], None, []
+    pred = {s: [] for s in STATS}
+    meas = {s: [] for s in STATS}
+    names, van = None, []
     for seed in range(seeds):
         model, inputs = build(seed)
         with warnings.catch_warnings():
@@ -131,12 +153,14 @@ def run(family: str, seeds: int = 16, vanilla: bool = True) -> Result:
             passes = [p if p != "orthogonal_init" else ("orthogonal_init", {"seed": seed}) for p in PIPELINE]
             gm = netsurgeon.transform(model, passes, example_inputs=inputs)
             tk = netsurgeon.token_kernels(gm, inputs)
-        rows = {r.node: r for r in tk.table()}
-        last = list(rows)[-1]
+        last = list(tk.nodes)[-1]
         blocks = list(tk.attention) + [last]
         names = names or blocks
-        pred.append([rows[b].predicted_cos for b in blocks])
-        meas.append([rows[b].measured_cos for b in blocks])
+        for kind, out in (("predicted", pred), ("measured", meas)):
+            mats = [tk.matrix(b, kind) for b in blocks]
+            out["q"].append([float(np.mean(np.diag(m))) for m in mats])
+            out["k"].append([_offdiag(m) for m in mats])
+            out["cos"].append([tk.cos(b, kind) for b in blocks])
         if vanilla and seed < 4:
             model, inputs = build(seed)
             with warnings.catch_warnings():
@@ -144,4 +168,5 @@ def run(family: str, seeds: int = 16, vanilla: bool = True) -> Result:
                 g0 = netsurgeon.transform(model, VANILLA, example_inputs=inputs)
                 t0 = netsurgeon.token_kernels(g0, inputs)
             van.append(float(t0.table()[-1].measured_cos))
-    return Result(family, names, np.array(pred), np.array(meas), van)
+    return Result(family, names, {s: np.array(v) for s, v in pred.items()}, {s: np.array(v) for s, v in meas.items()},
+                  van)

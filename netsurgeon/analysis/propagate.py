@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..ops import NormFamily, OpInfo, OpKind, batch_norm_affine, pool_type
+from ..ops import NormFamily, OpInfo, OpKind, batch_norm_affine, linear_parameters, pool_type
 from .affine import AffineMap, affine_map, affine_moments, signal_nodes
 from .rules import (APPROX, EXACT, KERNEL_RULES, UNSUPPORTED, KernelContext, NodeKernel, kernel_rule, reasons,
                     worse)
@@ -142,7 +142,16 @@ def _global_pool_size(node: fx.Node) -> int | None:
 
 @kernel_rule(OpKind.LINEAR, OpKind.CONV)
 def _layer(ctx: KernelContext, inputs: list[NodeKernel]) -> NodeKernel | None:
-    """``q ← σw² q + σb²`` from the module's own weights; functional layers have no map."""
+    """``q ← σw² q + σb²`` from the layer's own weights: a module's, or the parameters of a functional
+    dense layer (``F.linear``, ``addmm``: :func:`~netsurgeon.ops.linear_parameters`); other functional
+    layers have no map."""
+    dense = linear_parameters(ctx.gm, ctx.node)
+    if dense is not None:
+        w, b, out_axis = dense
+        cache = ctx.cache if ctx.cache is not None else {}
+        if id(w) not in cache:  # keyed by the weight (a module's key is the module: no clash)
+            cache[id(w)] = (*weight_stats(w if out_axis == 0 else w.t(), b), True)
+        return inputs[0].linear(*cache[id(w)][:2], EXACT, "")
     m = ctx.module
     if m is None:
         return None

@@ -11,16 +11,19 @@ transformer keeps its token geometry; its mean off-diagonal cosine going to 1 is
 * **Measured**: the traced model runs in eval mode on the example inputs (or on random inputs of
   the same kind, one batch per seed); every token node records the Gram per example, its mean over
   examples, and the spread of the per-example mean token cosines.
-* **Predicted**: from the measured kernel at the start node (the last measured node in front of
-  the first attention through which every path to it goes: the embedding, or the patch embedding
-  with its position embedding added) the kernel is propagated node by node. Token-pointwise nodes
-  (linear layers, activations, norms over the features, constant scales, sums, reshapes that
-  split features into heads) take the engine's own rules (:func:`~.propagate.propagate_node`),
-  with the token pairs as the grid: ``k`` is the vector of all ``Σ_ij``. Attention maps
+* **Predicted**: from each example's measured kernel at the start node (the last measured node in
+  front of the first attention through which every path to it goes: the embedding, or the patch
+  embedding with its position embedding added) the kernels are propagated node by node, example by
+  example (examples differ in their tokens' q, and a per-token normalization or an activation of
+  their mean kernel is not the mean of theirs); the table compares the means over examples.
+  Token-pointwise nodes (linear layers, activations, norms over the features, constant scales,
+  sums, reshapes that split features into heads) take the engine's own rules
+  (:func:`~.propagate.propagate_node`), with the token pairs as the grid: ``k`` is the vector of
+  all ``Σ_ij``; activations take every pair at its two tokens' own q. Attention maps
   ``Σ -> A Σ Aᵀ``: exactly with ``A = init_matrix()`` for ``ShapedAttention`` / ``ValueSkipInit``
   whose logits are zero, and for ``scaled_dot_product_attention`` or a written-out
   ``softmax(q kᵀ) v`` whose queries (or keys) are zero; approximately, with ``A`` measured on the
-  inputs and ``A Σ Aᵀ`` averaged over heads and examples, otherwise. Every other token-mixing node
+  inputs (each example's own) and ``A Σ Aᵀ`` averaged over heads, otherwise. Every other token-mixing node
   (pooling, a cls-token concat, a position-dependent shift, a conv along the sequence) takes its
   measured kernel.
 
@@ -57,7 +60,7 @@ from ..errors import InvalidArgumentError, UnknownNodeError
 from ..graph import Topology, op_info, trace
 from ..graph.running import eval_mode, example_run
 from ..layers import ShapedAttention, ValueSkipInit
-from ..ops import NormFamily, OpKind
+from ..ops import NormFamily, OpKind, linear_parameters
 from .activation_maps import maps_for
 from .affine import affine_map, signal_nodes
 from .propagate import propagate_node
@@ -288,8 +291,21 @@ def _mean_cos(s: np.ndarray | None) -> float:
 # ---------------------------------------------------------------- axes
 @dataclass(frozen=True)
 class _Axes:
+    """Where a tensor keeps its examples and tokens. ``token == batch``: both merged into one axis,
+    examples outer (``x.view(-1, C)`` in front of a matmul), ``tokens`` of them per example."""
+
     batch: int
     token: int | None
+    tokens: int | None = None
+
+    @property
+    def merged(self) -> bool:
+        return self.token is not None and self.token == self.batch
+
+
+def _token_count(m: "_Measured", name: str) -> int:
+    ax = m.axes[name]
+    return int(ax.tokens) if ax.merged else int(m.shapes[name][ax.token])
 
 
 def _contiguous_strides(shape: Sequence[int]) -> list[int]:
@@ -303,8 +319,20 @@ def _contiguous_strides(shape: Sequence[int]) -> list[int]:
 def _map_axes(shape: Sequence[int], axes: _Axes, out: torch.Tensor, n: int) -> _Axes | None:
     """Where ``axes`` of a contiguous tensor of ``shape`` went in ``out`` (a view or copy of it
     computed on the meta device): the axis of ``out`` with the same stride and size (or a smaller
-    size: a slice); None when the batch axis is lost or merged."""
+    size: a slice); the examples and tokens merged into one axis (examples outer) or split back
+    out of it; None when the batch axis is lost or merged otherwise."""
     strides = _contiguous_strides(shape)
+
+    def axis(stride: int, size: int) -> int | None:
+        return next((b for b in range(out.dim()) if out.stride(b) == stride and out.shape[b] == size), None)
+
+    if axes.merged:
+        t, s = int(axes.tokens), strides[axes.batch]
+        kept = axis(s, n * t)
+        if kept is not None:
+            return _Axes(kept, kept, t)
+        b, tok = axis(s * t, n), axis(s, t)
+        return _Axes(b, tok) if b is not None and tok is not None else None
 
     def find(a: int) -> int | None:
         cands = [b for b in range(out.dim()) if out.stride(b) == strides[a] and out.shape[b] > 0]
@@ -314,6 +342,11 @@ def _map_axes(shape: Sequence[int], axes: _Axes, out: torch.Tensor, n: int) -> _
 
     b = find(axes.batch)
     if b is None or out.shape[b] != n:
+        tok = axes.token
+        if tok is not None and shape[tok] >= 2 and strides[axes.batch] == shape[tok] * strides[tok]:
+            merged = axis(strides[tok], n * int(shape[tok]))
+            if merged is not None:
+                return _Axes(merged, merged, int(shape[tok]))
         return None
     t = find(axes.token) if axes.token is not None else None
     return _Axes(b, t if t != b else None)
@@ -427,7 +460,7 @@ class _Attn:
 class _Measured:
     axes: dict[str, Any] = field(default_factory=dict)  # node -> _Axes | list | None
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    grams: dict[str, np.ndarray] = field(default_factory=dict)  # mean Gram
+    grams: dict[str, np.ndarray] = field(default_factory=dict)  # [B, T, T]: each example's Gram
     cos: dict[str, np.ndarray] = field(default_factory=dict)  # per-example mean cosine
     attn: dict[str, _Attn] = field(default_factory=dict)
     zero: dict[str, bool] = field(default_factory=dict)  # scores node -> an operand is zero
@@ -463,7 +496,8 @@ class _Run(fx.Interpreter):
         axes = self._axes(node, args, kwargs, out)
         self.m.axes[node.name] = axes
         if isinstance(axes, _Axes) and axes.token is not None and _is_float(out) and node.name in self.signal \
-                and node.name not in self.weights and node.op != "output" and out.shape[axes.token] >= 2:
+                and node.name not in self.weights and node.op != "output" \
+                and (axes.tokens if axes.merged else out.shape[axes.token]) >= 2:
             self._gram(node.name, out, axes)
         if node.name in self.scores:
             self.m.zero[node.name] = any(_is_float(a) and not bool(a.any()) for a in args[:2])
@@ -478,10 +512,10 @@ class _Run(fx.Interpreter):
         part of its features (the ``v`` of a fused ``qkv``) is known by the rows that make it."""
         kind = op_info(node).kind
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        if node.op == "call_module" and isinstance(self.module.get_submodule(node.target), nn.Linear) \
+        if _linear_weights(self.module, node) is not None \
                 and _is_float(out) and any(op_info(u).kind in (OpKind.RESHAPE, OpKind.IDENTITY) for u in node.users):
             index = torch.arange(out.shape[-1], dtype=torch.int32, device=out.device)
-            self.rows[node.name] = (node.name, index.expand(out.shape))
+            self.rows[node.name] = (node.name, index.expand(out.shape).contiguous())  # views need real strides
             self.width[node.name] = int(out.shape[-1])
             self.numel[node.name] = out.numel()
         elif src is not None and src.name in self.rows and node.op in ("call_method", "call_function") \
@@ -553,7 +587,7 @@ class _Run(fx.Interpreter):
         """The axes of an op that keeps its input's layout (elementwise, linear, attention...)."""
         if not isinstance(out, torch.Tensor):
             return None
-        if out.dim() == len(shape) and out.shape[axes.batch] == self.n:
+        if out.dim() == len(shape) and out.shape[axes.batch] == self.n * (axes.tokens if axes.merged else 1):
             return axes
         if out.dim() == len(shape) + 1 and tuple(out.shape[:-1]) == tuple(shape):  # an embedding lookup
             return axes
@@ -577,12 +611,16 @@ class _Run(fx.Interpreter):
 
     # measurements ---------------------------------------------------------
     def _gram(self, name: str, out: torch.Tensor, axes: _Axes) -> None:
-        t = out.shape[axes.token]
-        x = out.detach().movedim((axes.batch, axes.token), (0, 1)).reshape(self.n, t, -1).double()
+        if axes.merged:
+            t = int(axes.tokens)
+            x = out.detach().movedim(axes.batch, 0).reshape(self.n, t, -1).double()
+        else:
+            t = out.shape[axes.token]
+            x = out.detach().movedim((axes.batch, axes.token), (0, 1)).reshape(self.n, t, -1).double()
         if x.shape[2] == 0:
             return
         g = x @ x.transpose(1, 2) / x.shape[2]
-        self.m.grams[name] = g.mean(0).cpu().numpy()
+        self.m.grams[name] = g.cpu().numpy()
         d = torch.diagonal(g, dim1=1, dim2=2)
         c = g / (d[:, :, None] * d[:, None, :]).sqrt()
         off = ~torch.eye(t, dtype=torch.bool)
@@ -640,6 +678,10 @@ def _is_sdpa(node: fx.Node) -> bool:
 
 
 # ---------------------------------------------------------------- prediction
+# matmul-like functions: the position of the right-hand matrix among the args
+_RIGHT_OPERAND = {operator.matmul: 1, torch.matmul: 1, torch.mm: 1, torch.bmm: 1, torch.addmm: 2, torch.baddbmm: 2}
+
+
 def _mixing(node: fx.Node, gm: fx.GraphModule, m: _Measured, signal: set[str], signals: set[fx.Node]) -> str | None:
     """Why ``node`` mixes tokens (so it is measured), or None for a token-pointwise node."""
     info = op_info(node)
@@ -663,9 +705,8 @@ def _mixing(node: fx.Node, gm: fx.GraphModule, m: _Measured, signal: set[str], s
     for a in ins:
         if a not in tokens:
             return f"its input {a.name} has no token axis"
-        ax = m.axes[a.name]
-        if m.shapes[a.name][ax.token] != out_shape[t]:
-            return f"changes the number of tokens ({m.shapes[a.name][ax.token]} -> {out_shape[t]})"
+        if _token_count(m, a.name) != _token_count(m, node.name):
+            return f"changes the number of tokens ({_token_count(m, a.name)} -> {_token_count(m, node.name)})"
     if _name(node) in _REORDER:
         return f"{_name(node)} reorders or gathers entries"
     first = ins[0]
@@ -673,6 +714,12 @@ def _mixing(node: fx.Node, gm: fx.GraphModule, m: _Measured, signal: set[str], s
     if kind is OpKind.LINEAR:
         if in_axes.token == len(m.shapes[first.name]) - 1:
             return "a linear map over the token axis"
+        right = _RIGHT_OPERAND.get(node.target) if node.op == "call_function" else None
+        if right is not None and len(node.args) > right and node.args[right] is first:
+            # the signal as a matmul's right operand: contracted along its second-to-last axis
+            dim = len(m.shapes[first.name]) - 2
+            if dim in (in_axes.token, in_axes.batch):
+                return "a linear map over the token axis"
         return None
     if kind is OpKind.CONV:
         mod = gm.get_submodule(node.target) if node.op == "call_module" else None
@@ -709,7 +756,7 @@ def _norm_mixing(node: fx.Node, gm: fx.GraphModule, info: Any, axes: _Axes, shap
     if spec is None or mod is None:
         return "a normalization without a module"
     if spec.family is NormFamily.BATCH:
-        return "batch norm over the token axis" if axes.token == 1 else None
+        return "batch norm over the token axis" if axes.token == 1 or axes.merged else None
     if spec.family in (NormFamily.LAYER, NormFamily.RMS):
         dims = getattr(mod, "normalized_shape", None)
         count = len(dims) if isinstance(dims, (tuple, list, torch.Size)) else 1
@@ -740,32 +787,49 @@ def _same_q(d: np.ndarray) -> bool:
     return top == 0.0 or float(np.max(d) - np.min(d)) <= _SAME_Q * top
 
 
-def _homogeneous(node: fx.Node) -> bool:
-    """An activation with ``φ(a x) = a φ(x)`` for ``a > 0`` (ReLU, leaky ReLU, identity)."""
-    spec = op_info(node).activation
-    if spec is None or spec.transform is not None:
-        return False
-    maps = maps_for(spec)
-    return maps is not None and maps.local.activation.leaky_slope is not None
-
-
 def _rule(node: fx.Node, gm: fx.GraphModule, sigmas: list[np.ndarray], dims: list[int], out_dims: int,
           cache: dict) -> tuple[np.ndarray, str, str] | None:
-    """The engine's rule of ``node`` applied to token kernels: with the token pairs as its grid
-    (one call, exact when the rule reads no q or every token has the same q), else row by row
-    at each token's own q and the two orders of every pair combined by their geometric mean."""
+    """The engine's rule of ``node`` applied to the examples' token kernels (``[B, T, T]`` each):
+    with every example's token pairs as its grid (one call, exact when the rule reads no q or every
+    token has the same q); an activation at every pair with its two tokens' own q (exact); any
+    other rule row by row at each token's own q, the two orders of every pair combined by their
+    geometric mean (approximate)."""
     info = op_info(node)
-    t = sigmas[0].shape[0]
-    if info.kind in _Q_FREE or all(_same_q(np.diag(s)) for s in sigmas):
+    shape = sigmas[0].shape
+    if info.kind in _Q_FREE or all(_same_q(np.diagonal(s, axis1=-2, axis2=-1)) for s in sigmas):
         ins = []
         for s, n in zip(sigmas, dims):
-            q = float(np.mean(np.diag(s)))
+            q = float(np.mean(np.diagonal(s, axis1=-2, axis2=-1)))
             ins.append(NodeKernel(q, q, s.ravel().copy(), 1.0, EXACT, "", n))
         out = propagate_node(node, info, gm, ins, maps_for, out_dims, cache)
         if out is None:
             return None
-        k = np.asarray(out.k, dtype=float).reshape(t, t)
-        return 0.5 * (k + k.T), out.status, out.reason
+        k = np.asarray(out.k, dtype=float).reshape(shape)
+        return 0.5 * (k + np.swapaxes(k, -1, -2)), out.status, out.reason
+    if len(sigmas) == 1 and info.kind is OpKind.ACTIVATION:
+        found = _pairwise(info, sigmas[0])
+        if found is not None:
+            return found
+    per, status, reason = [], EXACT, ""
+    for b in range(shape[0]):
+        found = _row_rule(node, info, gm, [s[b] for s in sigmas], dims, out_dims, cache)
+        if found is None:
+            return None
+        per.append(found[0])
+        status, reason = worse(status, found[1]), reasons(reason, found[2])
+    if info.kind is not OpKind.NORM and info.attrs.get("op_key") != "op:normalize":
+        d = np.concatenate([np.diagonal(s, axis1=-2, axis2=-1).ravel() for s in sigmas])
+        spread = float((d.max() - d.min()) / max(abs(d.mean()), 1e-300))
+        status = worse(status, APPROX)
+        reason = reasons(reason, f"tokens' q differ (spread {spread:.2g}): each pair taken at equal q, "
+                                 f"geometric mean of both orders")
+    return np.stack(per), status, reason
+
+
+def _row_rule(node: fx.Node, info: Any, gm: fx.GraphModule, sigmas: list[np.ndarray], dims: list[int],
+              out_dims: int, cache: dict) -> tuple[np.ndarray, str, str] | None:
+    """:func:`_rule`'s row-by-row path on one example's ``[T, T]`` kernels."""
+    t = sigmas[0].shape[0]
     rows, status, reason = [], EXACT, ""
     cos = []
     for s in sigmas:
@@ -785,31 +849,41 @@ def _rule(node: fx.Node, gm: fx.GraphModule, sigmas: list[np.ndarray], dims: lis
     prod = r * r.T
     sym = np.where(prod > 0, np.sign(r) * np.sqrt(np.abs(prod)), 0.5 * (r + r.T))
     np.fill_diagonal(sym, np.diag(r))
-    if info.kind is not OpKind.NORM and not (info.kind is OpKind.ACTIVATION and _homogeneous(node)) \
-            and info.attrs.get("op_key") != "op:normalize":
-        d = np.concatenate([np.diag(s) for s in sigmas])
-        spread = float((d.max() - d.min()) / max(abs(d.mean()), 1e-300))
-        status = worse(status, APPROX)
-        reason = reasons(reason, f"tokens' q differ (spread {spread:.2g}): each pair taken at equal q, "
-                                 f"geometric mean of both orders")
     return sym, status, reason
 
 
-def _attend(rec: _Attn, sigma: np.ndarray) -> np.ndarray:
-    """``mean over heads (and examples) of A Σ Aᵀ``."""
-    def summed(a: np.ndarray) -> np.ndarray:  # sum over m of A_m Σ A_mᵀ, as one matrix product
-        t, s = a.shape[-2:]
-        left = (a @ sigma).transpose(1, 0, 2).reshape(t, -1)
-        return left @ a.transpose(1, 0, 2).reshape(t, -1).T
+def _pairwise(info: Any, s: np.ndarray) -> tuple[np.ndarray, str, str] | None:
+    """An activation at every token pair with each token's own q (``s``: ``[B, T, T]``): its local
+    maps take the two points' mean squares separately (docs/theory.md §2), so this is as exact as
+    the maps are."""
+    maps = maps_for(info.activation) if info.activation is not None else None
+    if maps is None:
+        return None
+    d = np.diagonal(s, axis1=-2, axis2=-1)
+    q1, q2 = (np.ascontiguousarray(a) for a in np.broadcast_arrays(d[..., :, None], d[..., None, :]))
+    bound = np.sqrt(np.abs(q1 * q2))  # measured upstream values may step outside |k| <= sqrt(q q')
+    k = np.asarray(maps.kernel_map(q1, q2, np.clip(s, -bound, bound)), dtype=float)
+    t = s.shape[-1]
+    k[..., np.arange(t), np.arange(t)] = np.asarray(maps.q_map(d), dtype=float)
+    return 0.5 * (k + np.swapaxes(k, -1, -2)), EXACT, ""
 
-    if rec.fixed is not None:
-        return summed(np.ascontiguousarray(rec.fixed)) / rec.fixed.shape[0]
-    total, count = 0.0, 0
-    for chunk in rec.per_example.split(16):
-        a = chunk.double().reshape(-1, *chunk.shape[-2:]).numpy()
-        total = total + summed(a)
-        count += a.shape[0]
-    return total / count
+
+def _attend(rec: _Attn, sigma: np.ndarray) -> np.ndarray:
+    """Each example's ``mean over heads of A Σ Aᵀ`` (``sigma``: ``[B, S, S]``; ``A``: fixed
+    ``[H, T, S]`` or per example ``[B, H, T, S]``)."""
+    a = rec.fixed[None] if rec.fixed is not None else rec.per_example.double().numpy()
+    out = []
+    for b in range(sigma.shape[0]):
+        ab = a[0] if a.shape[0] == 1 else a[b]
+        out.append(np.mean(ab @ sigma[b] @ np.swapaxes(ab, -1, -2), axis=0))
+    return np.stack(out)
+
+
+def _independent(grams: np.ndarray) -> np.ndarray:
+    """Independent tokens with the measured mean q, for every example of ``grams`` ``[B, T, T]``."""
+    b, t = grams.shape[:2]
+    q = float(np.mean(np.diagonal(grams, axis1=-2, axis2=-1)))
+    return np.repeat((q * np.eye(t))[None], b, axis=0)
 
 
 def _dominates(gm: fx.GraphModule, d: str, target: str, signal: set[str]) -> bool:
@@ -909,16 +983,25 @@ def _part_rule(gm: fx.GraphModule, nodes: dict[str, fx.Node], part: tuple[str, n
     the linear rule with those rows' weights, ``Σ ← fan_in · mean(W_rows²) Σ + mean(b_rows²)``."""
     lin, rows = part
     node = nodes[lin]
-    src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-    if src is None or src.name not in out:
+    src = next((a for a in node.all_input_nodes if a.name in out), None)  # addmm's input is its second arg
+    if src is None:
         return None
-    mod = gm.get_submodule(node.target)
+    weight, bias = _linear_weights(gm, node)
     idx = torch.as_tensor(rows, dtype=torch.long)
-    w = mod.weight.detach().double().cpu()[idx]
+    w = weight.detach().double().cpu()[idx]
     sw = w.shape[1] * float(w.pow(2).mean())
-    sb = float(mod.bias.detach().double().cpu()[idx].pow(2).mean()) if mod.bias is not None else 0.0
+    sb = float(bias.detach().double().cpu()[idx].pow(2).mean()) if bias is not None else 0.0
     p = _P(sw * out[src.name].sigma + sb, EXACT, f"outputs {_ranges(rows)} of {lin}")
     return _inherit(p, [(src.name, out[src.name])], clean)
+
+
+def _linear_weights(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight [out, in], bias or None)`` of a linear layer node (:func:`~netsurgeon.ops.linear_parameters`)."""
+    found = linear_parameters(gm, node)
+    if found is None:
+        return None
+    w, b, out_axis = found
+    return (w if out_axis == 0 else w.t()), b
 
 
 def _ranges(rows: np.ndarray) -> str:
@@ -943,15 +1026,16 @@ def _split_item(node: fx.Node, m: _Measured, out: dict[str, _P], clean: set[str]
         return None
     ax, sax = m.axes.get(node.name), m.axes.get(src.name)
     if not (isinstance(ax, _Axes) and isinstance(sax, _Axes)) \
-            or m.shapes[node.name][ax.token] != m.shapes[src.name][sax.token]:
+            or _token_count(m, node.name) != _token_count(m, src.name):
         return None
     p = _P(out[src.name].sigma, APPROX, f"a part of the features of {src.name}, taken alike", origin=node.name)
     return _inherit(p, [(src.name, out[src.name])], clean)
 
 
 def _per_example(m: _Measured, name: str) -> int:
-    shape = m.shapes[name]
-    return int(math.prod(shape) // max(shape[m.axes[name].batch], 1))
+    shape, ax = m.shapes[name], m.axes[name]
+    examples = shape[ax.batch] // int(ax.tokens) if ax.merged else shape[ax.batch]
+    return int(math.prod(shape) // max(examples, 1))
 
 
 def _site_problem(name: str, sites: dict[str, _Site], m: _Measured, out: dict[str, _P]) -> str | None:
@@ -963,14 +1047,14 @@ def _site_problem(name: str, sites: dict[str, _Site], m: _Measured, out: dict[st
     if not np.isfinite(out[site.value].sigma).all():
         return "attention: its value's kernel is not finite"
     a = rec.fixed if rec.fixed is not None else rec.per_example
-    if a.shape[-1] != out[site.value].sigma.shape[0]:
+    if a.shape[-1] != out[site.value].sigma.shape[-1]:
         return "attention: its value's tokens do not match the keys"
     return None
 
 
 def _attention_rule(gm: fx.GraphModule, node: fx.Node, site: _Site, m: _Measured, out: dict[str, _P],
                     clean: set[str], fit: Callable[[fx.Node, nn.Module, np.ndarray], None] | None = None) -> _P:
-    """``Σ -> mean over heads (and examples) of A Σ_v Aᵀ`` (docs/transformers.md). With ``fit``, a
+    """Each example's ``Σ -> mean over heads of A Σ_v Aᵀ`` (docs/transformers.md). With ``fit``, a
     ShapedAttention is first fitted to the value kernel it receives (:func:`fit_shaped_attention`)."""
     rec = m.attn[site.node]
     mod = gm.get_submodule(node.target) if site.kind == "module" else None
@@ -980,7 +1064,7 @@ def _attention_rule(gm: fx.GraphModule, node: fx.Node, site: _Site, m: _Measured
         p = _P(_attend(_Attn(fixed=init), out[site.value].sigma), EXACT,
                f"attention: A = {type(mod).__name__}.init_matrix(), rows fitted to its value kernel")
         return _inherit(p, [(site.value, out[site.value])], clean)
-    status, why = APPROX, "attention: A measured on the inputs, A Σ Aᵀ averaged over heads and examples"
+    status, why = APPROX, "attention: A measured on the inputs, A Σ Aᵀ per example averaged over heads"
     if rec.fixed is not None and site.kind == "module":
         mod = gm.get_submodule(node.target)
         t = rec.fixed.shape[-2]
@@ -1105,18 +1189,19 @@ def token_kernels(model: nn.Module, example_inputs: Sequence[torch.Tensor] | tor
                 break
     kernel = None
     if isinstance(start, np.ndarray):
-        t = m.grams[start_node].shape[0]
+        b, t = m.grams[start_node].shape[:2]
         if start.shape != (t, t):
             raise InvalidArgumentError(f"token_kernels: start must be [{t}, {t}] at {start_node}, got {start.shape}")
-        kernel = np.asarray(start, dtype=float)
+        kernel = np.repeat(np.asarray(start, dtype=float)[None], b, axis=0)
     elif start == "independent":
-        kernel = float(np.mean(np.diag(m.grams[start_node]))) * np.eye(m.grams[start_node].shape[0])
+        kernel = _independent(m.grams[start_node])
     pred = _predict(gm, topology, m, sites, order, start_node, kernel, signal)
     nodes: dict[str, TokenNode] = {}
     for name in order:
         p, ax = pred[name], m.axes[name]
-        nodes[name] = TokenNode(name, int(m.shapes[name][ax.token]), (ax.batch, ax.token), m.grams[name],
-                                m.cos[name], np.asarray(p.sigma, dtype=float), p.status, p.reason, name in sites)
+        nodes[name] = TokenNode(name, _token_count(m, name), (ax.batch, ax.token), m.grams[name].mean(0),
+                                m.cos[name], np.asarray(p.sigma, dtype=float).mean(0), p.status, p.reason,
+                                name in sites)
     return TokenAnalysis(nodes, start_node, attention, n)
 
 
@@ -1140,6 +1225,7 @@ def fit_shaped_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tens
 
     def fit(node: fx.Node, mod: nn.Module, sigma: np.ndarray) -> None:
         t = mod.length
+        sigma = sigma.mean(0)  # one set of rows for every example: fitted to their mean kernel
         if sigma.shape[0] != t or not np.isfinite(sigma).all():
             return
         with torch.no_grad():
@@ -1170,7 +1256,7 @@ def fit_shaped_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tens
         if first[name].measured and _dominates(gm, name, attention[0], signal):
             start_node = name
             break
-    kernel = float(np.mean(np.diag(m.grams[start_node]))) * np.eye(m.grams[start_node].shape[0])
+    kernel = _independent(m.grams[start_node])
     _predict(gm, topology, m, sites, order, start_node, kernel, signal, fit)
     return fitted
 

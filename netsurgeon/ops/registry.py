@@ -19,8 +19,10 @@ import inspect
 import operator
 from typing import Any, Callable, Protocol, TypeVar
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .._registration import put_undoable
 from .kinds import OpInfo, OpKind
@@ -85,6 +87,39 @@ def arg(node: fx.Node, pos: int, name: str, default: Any = None) -> Any:
     if name in node.kwargs:
         return node.kwargs[name]
     return node.args[pos] if len(node.args) > pos else default
+
+
+def linear_parameters(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, Any, int] | None:
+    """``(weight, bias or None, output axis of the weight)`` of a dense linear layer node: an
+    ``nn.Linear`` (``[out, in]``), Hugging Face's ``Conv1D`` module (``x @ W + b``, ``W`` ``[in, out]``),
+    or ``F.linear`` / ``torch.addmm`` (what tracing through ``Conv1D`` leaves) whose weight is a
+    parameter of ``gm``. None for anything else."""
+    def param(a: Any) -> Any:
+        if not (isinstance(a, fx.Node) and a.op == "get_attr"):
+            return None
+        try:
+            return gm.get_parameter(a.target)
+        except AttributeError:
+            return None
+
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if isinstance(m, nn.Linear):
+            return m.weight, m.bias, 0
+        w = getattr(m, "weight", None)
+        if type(m).__name__ == "Conv1D" and w is not None and w.dim() == 2:
+            return w, getattr(m, "bias", None), 1
+        return None
+    if node.op != "call_function":
+        return None
+    if node.target is F.linear:
+        w = param(arg(node, 1, "weight"))
+        return (w, param(arg(node, 2, "bias")), 0) if w is not None and w.dim() == 2 else None
+    if node.target is torch.addmm and not node.kwargs and len(node.args) == 3:
+        w, b = param(node.args[2]), param(node.args[0])
+        if w is not None and w.dim() == 2 and (b is None or (b.dim() == 1 and b.shape[0] == w.shape[1])):
+            return (w, b, 1) if b is not None or node.args[0] is None else None
+    return None
 
 
 def add_module_rule(module_type: type, rule: ModuleRule) -> Callable[[], None]:

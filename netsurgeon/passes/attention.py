@@ -47,6 +47,7 @@ from ..graph.running import eval_mode
 from ..graph.state import default_inputs
 from ..kernels import attention as patterns
 from ..layers import ShapedAttention, ValueSkipInit
+from ..ops import linear_parameters
 from ..report import PassRecord, Preservation
 from ._edit import call_sites
 from .base import Pass, register_pass
@@ -238,25 +239,13 @@ def _projection(gm: fx.GraphModule, node: fx.Node
     """``(weight, bias, output axis of the weight, channel axis of the output)`` when ``node`` is a
     linear projection (``nn.Linear``, ``F.linear``, ``addmm``, Hugging Face's ``Conv1D``, or an
     ungrouped ``nn.Conv1d/2d/3d``, whose channels are axis 1 of its output)."""
+    found = linear_parameters(gm, node)
+    if found is not None:
+        return (*found, -1)
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
-        if isinstance(m, nn.Linear):
-            return m.weight, m.bias, 0, -1
         if isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1 and not m.transposed:
             return m.weight, m.bias, 0, 1
-        if type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.dim() == 2:
-            return m.weight, getattr(m, "bias", None), 1, -1  # Hugging Face GPT-2: x @ W + b, W is [in, out]
-    if node.op == "call_function" and node.target is F.linear:
-        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        if isinstance(w, fx.Node) and w.op == "get_attr":
-            bias = gm.get_parameter(b.target) if isinstance(b, fx.Node) and b.op == "get_attr" else None
-            return gm.get_parameter(w.target), bias, 0, -1
-    if node.op == "call_function" and node.target is torch.addmm:
-        b, w = node.args[0], node.args[2]
-        if isinstance(w, fx.Node) and w.op == "get_attr":
-            bias = gm.get_parameter(b.target) if isinstance(b, fx.Node) and b.op == "get_attr" else None
-            return gm.get_parameter(w.target), bias, 1, -1
     return None
 
 

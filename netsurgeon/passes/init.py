@@ -43,11 +43,9 @@ from typing import Literal, Optional
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..graph import Topology, op_info
-from ..ops import layer_forward, pads_same, plain_layer
-from ..ops import arg
+from ..ops import layer_forward, linear_parameters, pads_same, plain_layer
 from ..layers import ShapedAttention
 from ..report import PassRecord, Preservation
 from .base import Pass, register_pass
@@ -116,24 +114,14 @@ def _fill(w: torch.Tensor, bias: torch.Tensor | None, groups: int, scheme: str, 
     return g
 
 
-def _graph_parameter(gm: fx.GraphModule, value: object) -> nn.Parameter | None:
-    """The parameter a ``get_attr`` node reads, or None (a buffer, a computed tensor, no tensor)."""
-    if not isinstance(value, fx.Node) or value.op != "get_attr":
-        return None
-    try:
-        return gm.get_parameter(value.target)
-    except AttributeError:
-        return None
-
-
 @register_pass
 @dataclasses.dataclass
 class OrthogonalInit(Pass):
     """Scaled uniform orthogonal init of every linear layer, delta-orthogonal of every conv.
 
     Covers ``nn.Linear`` / ``nn.Conv{1,2,3}d`` modules (also inside opaque leaves), timm's
-    ``Linear`` and ``Conv2dSame``, and ``F.linear`` nodes whose weight is a parameter
-    (what tracing leaves of a linear subclass with its own forward).
+    ``Linear`` and ``Conv2dSame``, and ``F.linear`` / ``addmm`` nodes whose weight is a parameter
+    (what tracing leaves of a linear subclass with its own forward, or of Hugging Face's ``Conv1D``).
 
     Args:
         gain: an extra factor on top of the shape gain ``max(1, sqrt(out/in))``; must be
@@ -203,20 +191,23 @@ class OrthogonalInit(Pass):
 
     def _init_functional(self, gm: fx.GraphModule, done: set[int], generator: torch.Generator | None,
                          record: PassRecord) -> None:
-        """``F.linear`` nodes with a parameter weight are initialized; other functional layers are named."""
+        """Functional dense layers with parameter weights (``F.linear``, ``addmm``: what tracing leaves of
+        a linear subclass with its own forward or of Hugging Face's ``Conv1D``) are initialized; other
+        functional layers are named."""
         for node in gm.graph.nodes:
             info = op_info(node)
             if not info.kind.traits.weighted or node.op == "call_module":
                 continue
-            w = _graph_parameter(gm, arg(node, 1, "weight"))
-            if w is not None and id(w) in done:
+            dense = linear_parameters(gm, node)
+            if dense is not None and id(dense[0]) in done:
                 continue
-            if node.target is not F.linear or w is None or w.dim() != 2:
-                record.skip(node.name, f"functional {info.name}: only F.linear with a parameter weight is "
+            if dense is None:
+                record.skip(node.name, f"functional {info.name}: only F.linear / addmm with a parameter weight are "
                                        f"initialized; left as is ({node.format_node()})")
                 continue
-            g = _fill(w, _graph_parameter(gm, arg(node, 2, "bias")), 1, "orthogonal", *w.shape, float(self.gain),
-                      generator)
+            w, bias, out_axis = dense
+            view = w if out_axis == 0 else w.t()  # [out, in]; a transposed view writes into w
+            g = _fill(view, bias, 1, "orthogonal", *view.shape, float(self.gain), generator)
             done.add(id(w))
-            record.change(node.name, f"orthogonal {list(w.shape)} (functional linear), gain {g:.4g}, zero bias",
-                          f"[{w.shape[0]}, {w.shape[1]}] orthogonal matrix: q_out = q_in")
+            record.change(node.name, f"orthogonal {list(view.shape)} (functional linear), gain {g:.4g}, zero bias",
+                          f"[{view.shape[0]}, {view.shape[1]}] orthogonal matrix: q_out = q_in")
