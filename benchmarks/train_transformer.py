@@ -278,9 +278,10 @@ def _horizon(config: str, steps: int, factor: float | None) -> int:
 
 def run_config(task: str, config: str, data: tuple[torch.Tensor, ...], budget: TaskBudget, dims: Dims,
                seeds: Sequence[int], select_seeds: int, horizon: float | None = None, vocab_size: int = 0,
-               drop: Sequence[str] = (), options: dict[str, dict[str, Any]] | None = None) -> ConfigResult:
+               drop: Sequence[str] = (), options: dict[str, dict[str, Any]] | None = None,
+               cache: str | os.PathLike | None = None) -> ConfigResult:
     """Sweep the lr grid for ``sweep_steps`` on the first ``select_seeds`` seeds, then train every seed for the
-    configuration's horizon at the best lr."""
+    configuration's horizon at the best lr. ``cache``: ``harness.train_run``'s directory of finished runs."""
     start = time.perf_counter()
     total = _horizon(config, budget.steps, horizon)
     sweep_steps = min(budget.sweep_steps or budget.steps, total)
@@ -291,7 +292,7 @@ def run_config(task: str, config: str, data: tuple[torch.Tensor, ...], budget: T
         first = build_model(task, config, seeds[0], dims, vocab_size, drop, options)
     transform_s = time.perf_counter() - t0
     report = netsurgeon.report(first).to_dict() if isinstance(first, torch.fx.GraphModule) else None
-    kw = dict(optimizer="adam", batch_size=budget.batch_size)
+    kw = dict(optimizer="adam", batch_size=budget.batch_size, cache=cache)
     reuse = sweep_steps == total
     sweep_data = data
     if not reuse and budget.sweep_test_subset is not None:
@@ -319,7 +320,8 @@ def load_task_data(task: str, budget: TaskBudget, dims: Dims) -> tuple[tuple[tor
 def run_task(task: str, budget: TaskBudget, dims: Dims, configs: Sequence[str], seeds: Sequence[int],
              select_seeds: int, horizon: float | None = None, drop: Sequence[str] = (),
              options: dict[str, dict[str, Any]] | None = None, keep_going: bool = False,
-             log: Callable[[str], None] = print) -> tuple[dict[str, ConfigResult], dict[str, str], int]:
+             log: Callable[[str], None] = print, cache: str | os.PathLike | None = None
+             ) -> tuple[dict[str, ConfigResult], dict[str, str], int]:
     """Every configuration of ``task``: ``({config: result}, {config: refusal message}, vocab_size)``.
 
     Each pipeline is built once before any training, so a pass that is missing or refuses the model stops the
@@ -338,7 +340,8 @@ def run_task(task: str, budget: TaskBudget, dims: Dims, configs: Sequence[str], 
     for config in configs:
         if config in refused:
             continue
-        res = run_config(task, config, data, budget, dims, seeds, select_seeds, horizon, vocab_size, drop, options)
+        res = run_config(task, config, data, budget, dims, seeds, select_seeds, horizon, vocab_size, drop, options,
+                         cache)
         results[config] = res
         losses = ", ".join(f"{loss_at(r, res.steps):.4g}" for r in res.runs) or "all diverged"
         log(f"[{task}/{config}] best lr {res.best_lr}, loss@{res.steps}: {losses} ({res.wall_time_s:.0f} s)")
@@ -539,6 +542,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="remove this pass from every pipeline (debugging; the table marks it); repeatable")
     p.add_argument("--set", action="append", default=[], metavar="PASS.OPTION=VALUE", dest="set_options",
                    help="a pass option for every pipeline that runs the pass, e.g. tat.tau=0.1; repeatable")
+    p.add_argument("--cache-dir", type=Path, help="directory of finished runs, content-addressed (harness.train_run's "
+                   "cache=): a run already there is read back, so a long run can be split over several invocations "
+                   "(e.g. --configs subsets in parallel processes, then all configurations to assemble the tables)")
     p.add_argument("--keep-going", action="store_true",
                    help="record a configuration whose pipeline fails to build as refused and run the others "
                         "(default: stop at once)")
@@ -610,7 +616,8 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         budget = _budget(task, args)
         results, refused, vocab_size = run_task(task, budget, args.dims, args.configs, seeds, args.select_seeds,
-                                                args.horizon, args.drop_pass, args.options, args.keep_going, log=log)
+                                                args.horizon, args.drop_pass, args.options, args.keep_going, log=log,
+                                                cache=args.cache_dir)
         wall = time.perf_counter() - start
         rows = summary_rows(task, results, refused, args.drop_pass)
         all_rows[task] = rows

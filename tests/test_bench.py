@@ -173,3 +173,31 @@ def test_save_json_is_atomic_and_strict(tmp_path, monkeypatch):
     monkeypatch.undo()
     save_json({"new": 1}, path)
     assert json.loads(path.read_text()) == {"new": 1} and os.listdir(path.parent) == ["results.json"]
+
+
+def test_run_cache_reads_back_the_same_run_and_keys_on_model_data_and_settings(tmp_path, monkeypatch):
+    import harness.train as ht
+
+    data = toy_data()
+    kw = dict(optimizer="adam", lr=1e-2, steps=20, batch_size=32, seed=0, eval_every=10, cache=tmp_path)
+    first = train_run(linear, data, **kw)
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    calls = []
+    real = ht._train
+    monkeypatch.setattr(ht, "_train", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = train_run(linear, data, **kw)
+    assert calls == [] and again == first  # read back, not trained
+    train_run(linear, data, **{**kw, "lr": 2e-2})  # another setting: another run
+
+    def shifted(seed: int) -> nn.Module:  # same class and seed, other weights: another run
+        m = nn.Linear(10, 2)
+        with torch.no_grad():
+            m.bias.add_(1.0)
+        return m
+
+    train_run(shifted, data, **kw)
+    other = (data[0] + 1.0, *data[1:])  # other data: another run
+    train_run(linear, other, **kw)
+    assert len(calls) == 3 and len(list(tmp_path.glob("*.json"))) == 4
+    with pytest.raises(InvalidArgumentError, match="cache= needs"):
+        train_run(linear, data, **{**kw, "optimizer": lambda p, lr: torch.optim.SGD(p, lr)})

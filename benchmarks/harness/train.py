@@ -1,10 +1,15 @@
 """Training runs and learning-rate sweeps: :func:`train_run`, :func:`lr_sweep`, :class:`RunResult`."""
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -14,7 +19,7 @@ import torch.nn.functional as F
 
 from netsurgeon.errors import InvalidArgumentError
 
-__all__ = ["RunResult", "SweepResult", "ModelOptimizer", "train_run", "lr_sweep", "steps_to_loss", "smooth",
+__all__ = ["RunResult", "SweepResult", "ModelOptimizer", "train_run", "lr_sweep", "run_key", "steps_to_loss", "smooth",
            "mean_curve", "DIVERGENCE_FACTOR"]
 
 DIVERGENCE_FACTOR = 1e3
@@ -181,7 +186,8 @@ def train_run(model_fn: Callable[[int], nn.Module],
               data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], *,
               optimizer: OptimizerSpec, lr: float, steps: int, batch_size: int, seed: int,
               eval_every: int | None, device: str | torch.device = "cpu", momentum: float = 0.9,
-              weight_decay: float = 0.0, loss: LossSpec = "cross_entropy", smoothing: float = 0.9) -> RunResult:
+              weight_decay: float = 0.0, loss: LossSpec = "cross_entropy", smoothing: float = 0.9,
+              cache: str | os.PathLike | None = None) -> RunResult:
     """Train ``model_fn(seed)`` for ``steps`` minibatch steps and record the run.
 
     The model is built and trained under a forked RNG seeded with ``seed`` (torch,
@@ -209,6 +215,10 @@ def train_run(model_fn: Callable[[int], nn.Module],
         loss: "cross_entropy", "mse" or a callable ``(output, target) -> scalar``.
             Default: "cross_entropy".
         smoothing: EMA factor beta of ``smoothed_loss`` (:func:`smooth`). Default: 0.9.
+        cache: a directory of finished runs, content-addressed (:func:`run_key`): a run whose
+            key is there is read back instead of trained; a trained run is written there
+            (atomically). Only for the built-in optimizers and losses (named by string).
+            Default: None (no cache).
 
     Returns:
         The :class:`RunResult`.
@@ -226,11 +236,61 @@ def train_run(model_fn: Callable[[int], nn.Module],
     try:
         with torch.random.fork_rng(devices=devices):
             random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)  # noqa: E702
-            return _train(model_fn(seed).to(device), (x_train, y_train, x_test, y_test), optimizer, lr, steps,
-                          batch_size, seed, eval_every or steps, momentum, weight_decay, loss_fn, smoothing)
+            model = model_fn(seed).to(device)
+            path = None
+            if cache is not None:
+                if not (isinstance(optimizer, str) and isinstance(loss, str)):
+                    raise InvalidArgumentError("cache= needs a built-in optimizer and loss (named by string)")
+                key = run_key(model, (x_train, y_train, x_test, y_test), optimizer=optimizer, lr=lr, steps=steps,
+                              batch_size=batch_size, seed=seed, eval_every=eval_every or steps, momentum=momentum,
+                              weight_decay=weight_decay, loss=loss, smoothing=smoothing, device=str(device))
+                path = Path(cache) / f"{key}.json"
+                if path.is_file():
+                    return RunResult(**json.loads(path.read_text()))
+            res = _train(model, (x_train, y_train, x_test, y_test), optimizer, lr, steps,
+                         batch_size, seed, eval_every or steps, momentum, weight_decay, loss_fn, smoothing)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps(asdict(res)))
+                os.replace(tmp, path)
+            return res
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
+
+
+def run_key(model: nn.Module, data: Sequence[torch.Tensor], **settings: Any) -> str:
+    """The content address of a run: SHA-256 of the model as built (its class, its code when it is a
+    ``GraphModule``, every parameter and buffer), the data tensors, the settings, and the source of
+    this module's training loop. A run is a deterministic function of these (same machine type), so
+    two runs with one key are the same run, whatever code built the model."""
+    h = hashlib.sha256()
+    h.update(type(model).__qualname__.encode())
+    for m in model.modules():
+        if isinstance(m, torch.fx.GraphModule):
+            h.update(m.code.encode())
+    for name, t in list(model.state_dict(keep_vars=False).items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for t in data:
+        h.update(_tensor_digest(t))
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update(_LOOP_SOURCE)
+    return h.hexdigest()[:32]
+
+
+_DIGESTS: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], tuple[torch.Tensor, bytes]] = {}
+
+
+def _tensor_digest(t: torch.Tensor) -> bytes:
+    """SHA-256 of a data tensor, remembered per (storage, offset, shape, strides) with the tensor itself
+    kept (so its storage cannot be reused by another): the datasets are hashed once."""
+    k = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+    if k not in _DIGESTS:
+        _DIGESTS[k] = (t, hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).digest())
+    return _DIGESTS[k][1]
 
 
 def _train(model: nn.Module, data: tuple[torch.Tensor, ...], optimizer: OptimizerSpec, lr: float, steps: int,
@@ -320,3 +380,6 @@ def mean_curve(runs: Sequence[RunResult]) -> RunResult | None:
     n = min(len(r.smoothed_loss) for r in ok)
     mean = np.mean([r.smoothed_loss[:n] for r in ok], axis=0)
     return RunResult(ok[0].optimizer, ok[0].lr, -1, ok[0].batch_size, n, smoothed_loss=[float(v) for v in mean])
+
+
+_LOOP_SOURCE = "".join(inspect.getsource(f) for f in (_train, _evaluate, _make_optimizer, smooth)).encode()
