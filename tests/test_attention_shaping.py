@@ -285,12 +285,17 @@ def test_timm_vit_bidirectional_pipeline() -> None:
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10, depth=4)
     x = torch.randn(2, 3, 32, 32)
-    gm = netsurgeon.transform(model, ["remove_norms", "remove_skips", "input_norm", "attention_shaping", "tat"],
-                              example_inputs=(x,))
+    shaping = ["remove_norms", "remove_skips", "input_norm", "attention_shaping"]
+    gm = netsurgeon.transform(model, shaping, example_inputs=(x,))
     mods = _modules(gm)
     assert len(mods) == 4 and not any(m.causal for m in mods) and mods[0].length == 5  # 4 patches + cls
     first = mods[0].init_matrix()[0].numpy()
     assert np.allclose(first, first.T, atol=1e-6)  # bidirectional patterns are symmetric square roots
+    gm = netsurgeon.transform(model, shaping + ["tat"], example_inputs=(x,))
+    mods = _modules(gm)  # tat refits the rows to the tokens' kernel (the cls token's q differs): softmax kept
+    p = mods[0].init_matrix()[0].numpy()
+    p = p / p.sum(axis=1, keepdims=True)
+    assert np.allclose(p, first / first.sum(axis=1, keepdims=True), atol=1e-6)
     assert torch.isfinite(gm(x)).all()
 
 
@@ -402,7 +407,8 @@ def test_conv_projections_position_biases_and_a_shared_query_fall_back_by_name()
 
 def test_tat_refits_the_rows_so_every_token_keeps_its_q():
     """The MLPs between shaped blocks raise the cosines the patterns were built for, so q would grow
-    with depth and position; tat refits each block's row scales to the kernel it now receives."""
+    with depth and position; tat refits each block's row scales to the kernel it now receives from
+    the example tokens."""
     torch.manual_seed(0)
     model = LM(vocab=4096, d=128, depth=8)
     ids = torch.randperm(4096, generator=torch.Generator().manual_seed(1))[:64].reshape(4, 16)
@@ -411,7 +417,7 @@ def test_tat_refits_the_rows_so_every_token_keeps_its_q():
     gm = netsurgeon.transform(model, passes, example_inputs=(ids,))
     note = next(n for n in get_report(gm).passes[-1].notes if "rows rescaled" in n)
     assert float(note.split("removed: ")[1].split("x")[0]) > 1.01  # there was a spread to remove
-    tk = netsurgeon.token_kernels(gm, (ids,), start="independent")
+    tk = netsurgeon.token_kernels(gm, (ids,))  # the kernel of the example tokens, as the fit saw it
     for node in tk.attention:
         q = np.diag(tk.matrix(node, "predicted"))
         assert q.max() / q.min() < 1 + 1e-6 and abs(q.mean() - 1) < 0.05, node  # this network's own gains

@@ -1210,8 +1210,10 @@ def fit_shaped_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tens
     """Rescale the rows of every :class:`~netsurgeon.layers.ShapedAttention` of ``gm``, in graph order,
     so that every token leaves the block with the mean q of the value kernel it receives
     (:func:`netsurgeon.kernels.attention.fit_rows`), the pattern's softmax kept. The kernels are
-    predicted from independent tokens at the start node (the patterns' assumption) through the
-    blocks already fitted and the MLPs as they are.
+    predicted from the example tokens' measured kernel at the start node (position and token-type
+    embeddings shared by all sequences correlate the tokens, which independent tokens would miss)
+    through the blocks already fitted and the MLPs as they are; one set of rows is fitted to the
+    examples' mean kernel.
 
     Returns:
         ``[(node, largest/smallest token q the block gave before, after)]`` per fitted block.
@@ -1256,8 +1258,7 @@ def fit_shaped_attention(gm: fx.GraphModule, example_inputs: Sequence[torch.Tens
         if first[name].measured and _dominates(gm, name, attention[0], signal):
             start_node = name
             break
-    kernel = _independent(m.grams[start_node])
-    _predict(gm, topology, m, sites, order, start_node, kernel, signal, fit)
+    _predict(gm, topology, m, sites, order, start_node, None, signal, fit)
     return fitted
 
 
@@ -1267,5 +1268,5 @@ def describe_fit(fitted: list[tuple[str, float, float]]) -> str:
         return "no shaped attention block was fitted"
     worst = max(fitted, key=lambda f: f[1])
     return (f"{len(fitted)} shaped attention block(s): rows rescaled to the token kernels they receive (predicted "
-            f"from independent tokens through the MLPs as they are now), so every token leaves with the same q; the "
+            f"from the example tokens through the MLPs as they are now), so every token leaves with the same q; the "
             f"largest spread of token q it removed: {worst[1]:.4g}x at {worst[0]}")
