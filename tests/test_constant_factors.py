@@ -114,3 +114,31 @@ def test_concat_scale_reset_runs_before_the_sums_are_rewritten():
     """The reset walks the graph the topology describes; after the rewrite it met new sum nodes (KeyError)."""
     gm = netsurgeon.transform(DenseAfterResidual(), ["normalize_sums"], example_inputs=torch.randn(4, 16))
     assert bool((gm.get_parameter("gamma") == 1.0).all())
+
+
+class StrayLayerScale(nn.Module):
+    """MobileNetV5's block without a shortcut still ends in its layer scale (1e-5); the norm that
+    followed it made that harmless. A uniform 0.5 scale and a per-channel pattern are not layer scales."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+        self.gamma = nn.Parameter(1e-5 * torch.ones(width))
+        self.mid = nn.Parameter(0.5 * torch.ones(width))
+        self.pattern = nn.Parameter(torch.linspace(0.01, 0.05, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x)) * self.gamma  # ends no residual branch
+        return torch.relu(self.fc2(h * self.mid)) * self.pattern
+
+
+@pytest.mark.parametrize("middle", ["remove_skips", "normalize_sums"])
+def test_layer_scale_ending_no_residual_branch_is_reset(middle):
+    gm = netsurgeon.transform(StrayLayerScale(), [middle], example_inputs=torch.randn(4, 16))
+    assert bool((gm.get_parameter("gamma") == 1.0).all())
+    assert any("layer scale gamma set to 1" in w and "ends no residual branch" in w for w in _changes(gm, middle))
+    assert float(gm.get_parameter("mid").max()) == 0.5  # uniform but not near zero: a real scale
+    assert float(gm.get_parameter("pattern").min()) == pytest.approx(0.01)  # not one value
+    kept = netsurgeon.transform(StrayLayerScale(), [(middle, {"reset_layer_scale": False})],
+                                example_inputs=torch.randn(4, 16))
+    assert float(kept.get_parameter("gamma").max()) == pytest.approx(1e-5)

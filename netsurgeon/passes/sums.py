@@ -210,8 +210,11 @@ class NormalizeSums(Pass):
             scale, ConvNeXt's ``gamma``, initialized near 0), or an operand of a concatenation
             (RDNet's dense blocks), to 1, reported per node, so that the new
             weights are the effective ones (a 1e-6 scale would keep the branch out of q, and the
-            activation after the sum would see q = w_s² instead of 1). Default: True, as for
-            ``remove_skips`` (False keeps them; they then multiply the new weight).
+            activation after the sum would see q = w_s² instead of 1). So is, anywhere on the
+            signal path, a per-channel scale parameter whose entries are all one value ``c``
+            with ``0 < |c| <= 0.1``: a layer scale that ends no residual branch (MobileNetV5's
+            blocks without a shortcut), which a removed norm after it used to undo. Default:
+            True, as for ``remove_skips`` (False keeps them; they then multiply the new weight).
     """
 
     name = "normalize_sums"
@@ -237,6 +240,7 @@ class NormalizeSums(Pass):
         dim_sums = _dim_sums(gm)
         for name, why in refused:
             record.skip(name, why)
+        stray = _stray_layer_scales(gm, topo) if self.reset_layer_scale else []
         if self.reset_layer_scale:  # on the graph the topology describes: before the sums are rewritten
             _reset_concat_scales(gm, topo, record)
         for node, n in dim_sums:
@@ -249,6 +253,7 @@ class NormalizeSums(Pass):
             _rewrite(gm, found, [(t.base, w) for t, w in zip(found.terms, weights)])
             record.change(found.root.name, f"{found.kind} sum of {len(found.terms)} terms: " + ", ".join(
                 f"{t.base.name} × {w:.4g}" for t, w in zip(found.terms, weights)), self._why(found))
+        _reset_stray_layer_scales(stray, record)
         if not sums and not refused and not dim_sums:
             record.note("no sum of signals in the model")
         return gm
@@ -308,6 +313,45 @@ def _reset_concat_scales(gm: fx.GraphModule, topo: Topology, record: PassRecord)
                     _reset_layer_scale(gm, topo, nodes[operand], record,
                                        why="a near-zero scale would leave these features out of the "
                                            "concatenation's q and C map")
+
+
+LAYER_SCALE_MAX = 0.1
+"""A per-channel scale parameter whose entries all hold one value of magnitude at most this is a
+layer scale (timm inits 1e-6 to 1e-1), wherever it sits."""
+
+
+def _stray_layer_scales(gm: fx.GraphModule, topo: Topology) -> list[tuple[str, str, torch.nn.Parameter]]:
+    """The layer scales anywhere on the signal path, as ``(node, parameter name, parameter)``: per-channel
+    scale parameters (``h * gamma``) whose entries are all one value ``c`` with ``0 < |c| <= 0.1``.
+    Collected on the graph the topology describes, before any rewrite; :func:`_reset_stray_layer_scales`
+    resets those not already reset as the end of a residual branch."""
+    out = []
+    for node in gm.graph.nodes:
+        if op_info(node).kind is not OpKind.AFFINE or not _scales(node) or not topo.graph.nodes[node.name]["signal"]:
+            continue
+        for const in (a for a in node.all_input_nodes if not topo.graph.nodes[a.name]["signal"]):
+            for attr in _get_attrs(const):
+                try:
+                    param = gm.get_parameter(attr.target)
+                except AttributeError:  # a buffer: a fixed scale, not a learned layer scale
+                    continue
+                if param.dim() >= 1 and param.numel() >= 2:
+                    out.append((node.name, attr.target, param))
+    return out
+
+
+def _reset_stray_layer_scales(found: list[tuple[str, str, torch.nn.Parameter]], record: PassRecord) -> None:
+    """Reset the layer scales that end no residual branch (MobileNetV5's blocks without a shortcut keep
+    theirs: ``x = layer_scale(x)`` before ``if self.has_skip``). With a norm after them they did nothing;
+    with the norms removed a 1e-5 scale multiplies q by 1e-10."""
+    for node, target, param in found:
+        first = param.detach().reshape(-1)[0]
+        if not (0 < abs(float(first)) <= LAYER_SCALE_MAX) or not bool((param == first).all()):
+            continue  # not one small value (or already reset as the end of a residual branch)
+        with torch.no_grad():
+            param.fill_(1.0)
+        record.change(node, f"layer scale {target} set to 1 (every entry was {float(first):.3g}; it ends no "
+                            f"residual branch)", "with the norm after it removed, it would multiply q by its square")
 
 
 def _reset_layer_scale(gm: fx.GraphModule, topo: Topology, node: fx.Node, record: PassRecord,
@@ -389,9 +433,11 @@ class RemoveSkips(Pass):
             scale, ConvNeXt's ``gamma``, initialized near 0 so the block starts as its
             shortcut) gets that parameter set to 1, reported per node: without the shortcut a
             1e-6 scale would pass nothing on. So does a scale ending an operand of a concatenation
-            (RDNet's dense blocks), which the concatenation would otherwise leave out. Constant
-            factors ending the branch (NF-Net's ``alpha`` and gains) become their sign, since they
-            only rescale q. Default: True.
+            (RDNet's dense blocks), which the concatenation would otherwise leave out, and any
+            per-channel scale parameter whose entries are all one value ``c`` with
+            ``0 < |c| <= 0.1`` (a layer scale ending no residual branch, as in MobileNetV5's
+            blocks without a shortcut). Constant factors ending the branch (NF-Net's ``alpha``
+            and gains) become their sign, since they only rescale q. Default: True.
     """
 
     name = "remove_skips"
@@ -410,6 +456,7 @@ class RemoveSkips(Pass):
             if block.kind is BlockKind.CONCAT:
                 record.skip(block.merge, "concatenation: its inputs all reach the consumers' channels; "
                                          "not a skip connection that can be dropped")
+        stray = _stray_layer_scales(gm, topo) if self.reset_layer_scale else []
         if self.reset_layer_scale:
             _reset_concat_scales(gm, topo, record)
         for found in sums:
@@ -429,6 +476,7 @@ class RemoveSkips(Pass):
             _rewrite(gm, found, [(t.base, c) for t, c in zip(branches, coefs)])
             record.change(found.root.name, f"removed {found.shortcut_kind} shortcut {shortcut.operand.name}; "
                                            f"kept {', '.join(t.base.name for t in branches)}")
+        _reset_stray_layer_scales(stray, record)
         if not record.changes and not record.skipped:
             record.note("no residual block in the model")
         return gm
