@@ -286,7 +286,8 @@ def _q_change(graph: IdealGraph, name: str, q: dict[str, float]) -> str:
                   if r is not None and r.options.get("reset_layer_scale")]
         if resets:
             return (f"{head}, and {resets[0].name} (reset_layer_scale=True) did not reset it: it is not a layer "
-                    f"scale ending a residual branch; set it to 1 or fold it into the layer before")
+                    f"scale (one ending a residual branch, or one small value on every channel); set it to 1 or "
+                    f"fold it into the layer before")
         return (f"{head}: a layer scale initialized near 0? Set it to 1: normalize_sums with "
                 f"reset_layer_scale=True does so for the scales ending residual branches (remove_skips does by "
                 f"default)")
