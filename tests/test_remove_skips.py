@@ -52,3 +52,24 @@ def test_remove_skips_keeps_concat_and_branch_merge_and_says_why():
 def test_remove_skips_on_three_term_sum_keeps_both_branches():
     m, x = _Three().eval(), _x(2, 4, 5, 5)
     torch.testing.assert_close(netsurgeon.transform(m, ["remove_skips"])(x), m.f(x) + m.g(x))
+
+
+class BroadcastSum(nn.Module):
+    """SAM's decomposed relative-position bias: ``rel_h[..., None] + rel_w[..., None, :]``, a sum whose
+    operands broadcast to the output; one of them reads like a shortcut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return h[:, :, None] + self.fc2(h)[:, None, :]
+
+
+def test_remove_skips_leaves_a_broadcasting_sum():
+    x = torch.randn(2, 6)
+    gm = netsurgeon.transform(BroadcastSum(), ["remove_skips"], example_inputs=(x,))
+    assert gm(x).shape == (2, 6, 6)
+    skipped = {s.node: s.why for s in _record(gm, "remove_skips").skipped}
+    assert any("broadcasts" in why and "not a skip connection" in why for why in skipped.values()), skipped

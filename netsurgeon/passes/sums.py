@@ -320,6 +320,17 @@ LAYER_SCALE_MAX = 0.1
 layer scale (timm inits 1e-6 to 1e-1), wherever it sits."""
 
 
+def _broadcast_terms(topo: Topology, found: _Sum, terms: list[_Term]) -> str:
+    """The terms of ``found`` whose shape is not the sum's (a broadcasting add, such as SAM's
+    ``rel_h[..., None] + rel_w[..., None, :]``), described; "" when all match or shapes are unknown."""
+    out = topo.graph.nodes[found.root.name].get("shape")
+    if out is None:
+        return ""
+    bad = [(t.operand.name, topo.graph.nodes[t.operand.name].get("shape")) for t in terms]
+    return ", ".join(f"{name} {tuple(shape)} to {tuple(out)}" for name, shape in bad
+                     if shape is not None and tuple(shape) != tuple(out))
+
+
 def _stray_layer_scales(gm: fx.GraphModule, topo: Topology) -> list[tuple[str, str, torch.nn.Parameter]]:
     """The layer scales anywhere on the signal path, as ``(node, parameter name, parameter)``: per-channel
     scale parameters (``h * gamma``) whose entries are all one value ``c`` with ``0 < |c| <= 0.1``.
@@ -465,6 +476,12 @@ class RemoveSkips(Pass):
                                              f"projection shortcut: left as is")
                 continue
             shortcut, branches = found.terms[0], found.terms[1:]
+            broadcast = _broadcast_terms(topo, found, branches)
+            if broadcast:
+                record.skip(found.root.name, f"the sum broadcasts {broadcast}: dropping {shortcut.operand.name} "
+                                             f"would change the output's shape, so it is not a skip connection "
+                                             f"(left as is)")
+                continue
             coefs = [t.coef for t in branches]
             if self.reset_layer_scale:
                 for t in branches:
