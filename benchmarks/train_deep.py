@@ -71,8 +71,8 @@ import torch
 import torch.nn as nn
 
 import netsurgeon
-from harness import (RunResult, mean_curve, add_output_args, command_line, environment, log, lr_grid_text, lr_sweep, machine_text,
-                     new_parser, output_paths, plot_curves, run_record, save_json, steps_to_loss, subset_text,
+from harness import (RunResult, add_output_args, command_line, environment, log, lr_grid_text, lr_sweep, machine_text,
+                     new_parser, output_paths, plot_curves, run_record, save_json, steps_to_reference, subset_text,
                      torch_threads, train_run, write_table_md)
 from harness.data import load_splits
 from harness.optimizers import LM_OPTIONS, optimizer_spec
@@ -332,15 +332,12 @@ def goal_rows(results: dict[str, ConfigResult], goal_factor: float) -> dict[str,
     ``harness.steps_to_loss``) divided by the reference's own first step there.
     """
     ref = results.get("reference")
-    ref_curve = mean_curve(ref.runs) if ref is not None else None
-    if ref_curve is None:
+    found = steps_to_reference(ref.runs, ref.steps, {c: r.runs for c, r in results.items()}) if ref else None
+    if found is None:
         return {c: {"target": None, "steps_to_target": None, "ratio": None, "goal_met": None} for c in results}
-    target = ref_curve.smoothed_loss[ref.steps - 1]
-    ref_steps = steps_to_loss(ref_curve, target)
+    target, ref_steps, reached = found
     out = {}
-    for config, res in results.items():
-        curve = mean_curve(res.runs)
-        n = steps_to_loss(curve, target) if curve is not None else None
+    for config, n in reached.items():
         out[config] = {"target": target, "reference_steps": ref_steps, "steps_to_target": n,
                        "ratio": None if n is None else n / ref_steps,
                        "goal_met": None if config == "reference" else n is not None and n <= goal_factor * ref_steps}

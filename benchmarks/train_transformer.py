@@ -87,8 +87,8 @@ import torch
 import torch.nn as nn
 
 import netsurgeon
-from harness import (RunResult, mean_curve, add_output_args, command_line, environment, log, lr_sweep, machine_text, new_parser,
-                     output_paths, plot_curves, run_record, save_json, save_text, steps_to_loss, subset_text,
+from harness import (RunResult, add_output_args, command_line, environment, log, lr_sweep, machine_text, new_parser,
+                     output_paths, plot_curves, run_record, save_json, save_text, steps_to_reference, subset_text,
                      torch_threads, train_run, write_table_md)
 from harness.data import load_splits
 from harness.stats import loss_at, mean_sd
@@ -355,16 +355,13 @@ def goal_rows(results: dict[str, ConfigResult]) -> dict[str, dict[str, Any]]:
     ``goal_met``: reached within the goal factor (``GOALS``); for ``vanilla``, *not* reached within it
     (it stalls); None where there is no goal or no reference."""
     ref = results.get("pre-ln")
-    ref_curve = mean_curve(ref.runs) if ref is not None else None
-    if ref is None or ref_curve is None:
+    found = steps_to_reference(ref.runs, ref.steps, {c: r.runs for c, r in results.items()}) if ref else None
+    if found is None:
         return {c: {"target": None, "reference_steps": None, "steps_to_target": None, "ratio": None,
                     "goal": GOALS.get(c), "goal_met": None} for c in results}
-    target = ref_curve.smoothed_loss[ref.steps - 1]
-    ref_steps = steps_to_loss(ref_curve, target)
+    target, ref_steps, reached = found
     out = {}
-    for config, res in results.items():
-        curve = mean_curve(res.runs)
-        n = steps_to_loss(curve, target) if curve is not None else None
+    for config, n in reached.items():
         goal = GOALS.get(config)
         within = n is not None and goal is not None and n <= goal * ref_steps
         met = None if goal is None else (not within if config == "vanilla" else within)

@@ -10,6 +10,7 @@ import importlib
 import os
 from pathlib import Path
 from types import ModuleType
+from typing import Sequence
 
 import pytest
 import torch
@@ -97,9 +98,10 @@ def expected_data_files() -> list[str]:
     return files
 
 
-def missing_data_reason() -> str | None:
-    """None when every dataset file the tests read is present, else a one-line reason that
-    says where the files were looked for and how to point the tests at them."""
+def missing_data_reason(files: Sequence[str] = ()) -> str | None:
+    """None when every dataset file the tests read (and ``files``, relative to the data root) is
+    present, else a one-line reason that says where the files were looked for and how to point the
+    tests at them."""
     import harness.data as nd
     from netsurgeon.errors import DataNotFoundError
 
@@ -111,19 +113,19 @@ def missing_data_reason() -> str | None:
         root = nd.data_root()
     except DataNotFoundError:
         return f"dataset directory not found: {where}; {fix}"
-    missing = [f for f in expected_data_files() if not (root / f).is_file()]
+    missing = [f for f in [*expected_data_files(), *files] if not (root / f).is_file()]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         return f"dataset files not found in {where}: {shown}; {fix}"
     return None
 
 
-def require_data() -> Path:
-    """The data root. When the datasets are missing: skip with the reason, or fail with it
-    when NETSURGEON_REQUIRE_DATA=1 (so that CI cannot pass by skipping)."""
+def require_data(files: Sequence[str] = ()) -> Path:
+    """The data root. When the datasets (or ``files``, relative to it) are missing: skip with the
+    reason, or fail with it when NETSURGEON_REQUIRE_DATA=1 (so that CI cannot pass by skipping)."""
     from harness.data import data_root
 
-    reason = missing_data_reason()
+    reason = missing_data_reason(files)
     if reason is None:
         return data_root()
     if data_required():

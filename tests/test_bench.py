@@ -201,3 +201,16 @@ def test_run_cache_reads_back_the_same_run_and_keys_on_model_data_and_settings(t
     assert len(calls) == 3 and len(list(tmp_path.glob("*.json"))) == 4
     with pytest.raises(InvalidArgumentError, match="cache= needs"):
         train_run(linear, data, **{**kw, "optimizer": lambda p, lr: torch.optim.SGD(p, lr)})
+
+
+def test_steps_to_reference_reads_the_target_off_the_reference_curve():
+    from harness import steps_to_reference
+
+    def run(losses: list[float], diverged: bool = False) -> RunResult:
+        return RunResult("sgd", 0.1, 0, 8, len(losses), train_loss=losses, smoothed_loss=losses, diverged=diverged)
+
+    ref = [run([4.0, 3.0, 2.0, 1.0]), run([4.0, 3.0, 2.0, 3.0])]  # mean curve 4, 3, 2, 2: target 2 at step 4
+    target, ref_steps, reached = steps_to_reference(ref, 4, {"fast": [run([3.0, 1.5, 1.0, 1.0])],
+                                                             "slow": [run([5.0, 4.0, 3.0, 2.5])]})
+    assert (target, ref_steps, reached) == (2.0, 3, {"fast": 2, "slow": None})
+    assert steps_to_reference([run([1.0], diverged=True)], 1, {}) is None

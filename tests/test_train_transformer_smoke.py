@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import data_required, load_benchmark, require_data
+from conftest import load_benchmark, require_data
 
 from harness.text import CharVocab, char_windows, load_char_splits, load_text
 from netsurgeon.errors import DataFormatError, DataNotFoundError, InvalidArgumentError
@@ -23,14 +23,7 @@ CONFIGS = ["pre-ln", "nf+shaped+tat", "vanilla+shaped+tat", "value-skipinit", "v
 
 
 def _require_shakespeare() -> Path:
-    root = require_data()
-    missing = [s for s in ("train", "test") if not (root / "shakespeare" / f"{s}.txt.gz").is_file()]
-    if missing:
-        reason = f"shakespeare/{missing[0]}.txt.gz not found in {root}"
-        if data_required():
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
-    return root
+    return require_data(("shakespeare/train.txt.gz", "shakespeare/test.txt.gz"))
 
 
 @pytest.mark.timeout(120)

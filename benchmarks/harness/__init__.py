@@ -33,9 +33,9 @@ from .cli import (add_output_args, add_sweep_args, command_line, environment, fi
 from .report import (lr_grid_text, machine_text, plot_accuracy, plot_curves, publish, run_record, save_json,
                      save_text, subset_text, write_table_md)
 from .train import (DIVERGENCE_FACTOR, ModelOptimizer, RunResult, SweepResult, lr_sweep, mean_curve, smooth,
-                    steps_to_loss, train_run)
+                    steps_to_loss, steps_to_reference, train_run)
 
-__all__ = ["RunResult", "SweepResult", "ModelOptimizer", "train_run", "lr_sweep", "steps_to_loss", "smooth",
+__all__ = ["RunResult", "SweepResult", "ModelOptimizer", "train_run", "lr_sweep", "steps_to_loss", "steps_to_reference", "smooth",
            "mean_curve", "write_table_md", "plot_curves", "plot_accuracy", "run_record", "save_json", "save_text", "publish",
            "machine_text", "subset_text", "lr_grid_text", "environment", "torch_threads", "log", "new_parser",
            "add_output_args", "output_paths", "command_line", "add_sweep_args", "finish_sweep_args",

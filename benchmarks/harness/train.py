@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from netsurgeon.errors import InvalidArgumentError
 
-__all__ = ["RunResult", "SweepResult", "ModelOptimizer", "train_run", "lr_sweep", "run_key", "steps_to_loss", "smooth",
+__all__ = ["RunResult", "SweepResult", "ModelOptimizer", "train_run", "lr_sweep", "run_key", "steps_to_loss",
+           "steps_to_reference", "smooth",
            "mean_curve", "DIVERGENCE_FACTOR"]
 
 DIVERGENCE_FACTOR = 1e3
@@ -380,6 +381,23 @@ def mean_curve(runs: Sequence[RunResult]) -> RunResult | None:
     n = min(len(r.smoothed_loss) for r in ok)
     mean = np.mean([r.smoothed_loss[:n] for r in ok], axis=0)
     return RunResult(ok[0].optimizer, ok[0].lr, -1, ok[0].batch_size, n, smoothed_loss=[float(v) for v in mean])
+
+
+def steps_to_reference(reference: Sequence[RunResult], steps: int, others: dict[str, Sequence[RunResult]]
+                       ) -> tuple[float, int | None, dict[str, int | None]] | None:
+    """The goal check of the training benchmarks: the target is the reference's mean smoothed loss at
+    step ``steps``; returns ``(target, the reference's own first step at or below it, {name: the first
+    step of each set of runs' mean smoothed curve at or below it})``, or None when the reference has no
+    curve (every run diverged)."""
+    ref_curve = mean_curve(reference)
+    if ref_curve is None:
+        return None
+    target = ref_curve.smoothed_loss[steps - 1]
+    reached = {}
+    for name, runs in others.items():
+        curve = mean_curve(runs)
+        reached[name] = steps_to_loss(curve, target) if curve is not None else None
+    return target, steps_to_loss(ref_curve, target), reached
 
 
 _LOOP_SOURCE = "".join(inspect.getsource(f) for f in (_train, _evaluate, _make_optimizer, smooth)).encode()

@@ -32,13 +32,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..ops import NormFamily, OpInfo, OpKind, batch_norm_affine, linear_parameters, pool_type
+from ..ops import NormFamily, OpInfo, OpKind, batch_norm_affine, dense_weights, pool_type
 from .affine import AffineMap, affine_map, affine_moments, signal_nodes
 from .rules import (APPROX, EXACT, KERNEL_RULES, UNSUPPORTED, KernelContext, NodeKernel, kernel_rule, reasons,
                     worse)
 
 __all__ = ["AffineMap", "NodeKernel", "EXACT", "APPROX", "UNSUPPORTED", "affine_map", "affine_moments",
-           "propagate_node", "signal_nodes", "weight_stats"]
+           "activation_kernel", "propagate_node", "signal_nodes", "weight_stats"]
 
 _worse, _reasons = worse, reasons  # the names earlier code and tests import
 
@@ -143,15 +143,16 @@ def _global_pool_size(node: fx.Node) -> int | None:
 @kernel_rule(OpKind.LINEAR, OpKind.CONV)
 def _layer(ctx: KernelContext, inputs: list[NodeKernel]) -> NodeKernel | None:
     """``q ← σw² q + σb²`` from the layer's own weights: a module's, or the parameters of a functional
-    dense layer (``F.linear``, ``addmm``: :func:`~netsurgeon.ops.linear_parameters`); other functional
+    dense layer (``F.linear``, ``addmm``: :func:`~netsurgeon.ops.dense_weights`); other functional
     layers have no map."""
-    dense = linear_parameters(ctx.gm, ctx.node)
+    dense = dense_weights(ctx.gm, ctx.node)
     if dense is not None:
-        w, b, out_axis = dense
+        w, b = dense
         cache = ctx.cache if ctx.cache is not None else {}
-        if id(w) not in cache:  # keyed by the weight (a module's key is the module: no clash)
-            cache[id(w)] = (*weight_stats(w if out_axis == 0 else w.t(), b), True)
-        return inputs[0].linear(*cache[id(w)][:2], EXACT, "")
+        key = id(w._base if w._base is not None else w)  # the parameter (a module's key is the module: no clash)
+        if key not in cache:
+            cache[key] = (*weight_stats(w, b), True)
+        return inputs[0].linear(*cache[key][:2], EXACT, "")
     m = ctx.module
     if m is None:
         return None
@@ -257,14 +258,19 @@ def _norm(m: nn.Module, info: OpInfo, k: NodeKernel, activation_maps: Callable[[
     return out
 
 
+def activation_kernel(maps: Any, q1: np.ndarray, q2: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """``E φ(u) φ(v)`` for ``E u² = q1``, ``E v² = q2``, ``E uv = k`` (arrays alike), ``k`` first clipped to
+    ``|k| <= sqrt(q1 q2)``: rounding or measured values upstream may step outside it."""
+    bound = np.sqrt(np.abs(q1 * q2))
+    return np.asarray(maps.kernel_map(q1, q2, np.clip(k, -bound, bound)), dtype=float)
+
+
 def _activation(maps: Any, k: NodeKernel, dims: int | None) -> NodeKernel | None:
     """The local maps of docs/theory.md §2 applied to ``k``; None when the activation has no maps."""
     if maps is None:
         return None
     q1, q2 = float(maps.q_map(np.array([k.q]))[0]), float(maps.q_map(np.array([k.q2]))[0])
-    bound = np.sqrt(k.q * k.q2)  # rounding or measured values may step outside |k| <= sqrt(q q')
-    kout = np.asarray(maps.kernel_map(np.full_like(k.k, k.q), np.full_like(k.k, k.q2),
-                                      np.clip(k.k, -bound, bound)), dtype=float)
+    kout = activation_kernel(maps, np.full_like(k.k, k.q), np.full_like(k.k, k.q2), k.k)
     # at c = 1 both inputs share q; measured values upstream leave q and q' a little apart
     near = abs(k.q - k.q2) <= 0.05 * max(k.q, k.q2)
     slope = float(maps.kernel_slope_at_one(float(np.sqrt(k.q * k.q2)))) if near else float("nan")

@@ -60,10 +60,10 @@ from ..errors import InvalidArgumentError, UnknownNodeError
 from ..graph import Topology, op_info, trace
 from ..graph.running import eval_mode, example_run
 from ..layers import ShapedAttention, ValueSkipInit
-from ..ops import NormFamily, OpKind, linear_parameters
+from ..ops import NormFamily, OpKind, dense_weights
 from .activation_maps import maps_for
 from .affine import affine_map, signal_nodes
-from .propagate import propagate_node
+from .propagate import activation_kernel, propagate_node
 from .rules import APPROX, EXACT, NodeKernel, reasons, worse
 from .sums import correlated_sums, dependent_products
 from .tokens import embedding_sources
@@ -512,7 +512,7 @@ class _Run(fx.Interpreter):
         part of its features (the ``v`` of a fused ``qkv``) is known by the rows that make it."""
         kind = op_info(node).kind
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        if _linear_weights(self.module, node) is not None \
+        if dense_weights(self.module, node) is not None \
                 and _is_float(out) and any(op_info(u).kind in (OpKind.RESHAPE, OpKind.IDENTITY) for u in node.users):
             index = torch.arange(out.shape[-1], dtype=torch.int32, device=out.device)
             self.rows[node.name] = (node.name, index.expand(out.shape).contiguous())  # views need real strides
@@ -861,8 +861,7 @@ def _pairwise(info: Any, s: np.ndarray) -> tuple[np.ndarray, str, str] | None:
         return None
     d = np.diagonal(s, axis1=-2, axis2=-1)
     q1, q2 = (np.ascontiguousarray(a) for a in np.broadcast_arrays(d[..., :, None], d[..., None, :]))
-    bound = np.sqrt(np.abs(q1 * q2))  # measured upstream values may step outside |k| <= sqrt(q q')
-    k = np.asarray(maps.kernel_map(q1, q2, np.clip(s, -bound, bound)), dtype=float)
+    k = activation_kernel(maps, q1, q2, s)
     t = s.shape[-1]
     k[..., np.arange(t), np.arange(t)] = np.asarray(maps.q_map(d), dtype=float)
     return 0.5 * (k + np.swapaxes(k, -1, -2)), EXACT, ""
@@ -986,22 +985,13 @@ def _part_rule(gm: fx.GraphModule, nodes: dict[str, fx.Node], part: tuple[str, n
     src = next((a for a in node.all_input_nodes if a.name in out), None)  # addmm's input is its second arg
     if src is None:
         return None
-    weight, bias = _linear_weights(gm, node)
+    weight, bias = dense_weights(gm, node)
     idx = torch.as_tensor(rows, dtype=torch.long)
     w = weight.detach().double().cpu()[idx]
     sw = w.shape[1] * float(w.pow(2).mean())
     sb = float(bias.detach().double().cpu()[idx].pow(2).mean()) if bias is not None else 0.0
     p = _P(sw * out[src.name].sigma + sb, EXACT, f"outputs {_ranges(rows)} of {lin}")
     return _inherit(p, [(src.name, out[src.name])], clean)
-
-
-def _linear_weights(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """``(weight [out, in], bias or None)`` of a linear layer node (:func:`~netsurgeon.ops.linear_parameters`)."""
-    found = linear_parameters(gm, node)
-    if found is None:
-        return None
-    w, b, out_axis = found
-    return (w if out_axis == 0 else w.t()), b
 
 
 def _ranges(rows: np.ndarray) -> str:

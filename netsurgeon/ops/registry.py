@@ -122,6 +122,16 @@ def linear_parameters(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, Any, int]
     return None
 
 
+def dense_weights(gm: fx.GraphModule, node: fx.Node) -> tuple[Any, Any] | None:
+    """``(weight as [out, in], bias or None)`` of :func:`linear_parameters`' layers (a transposed view
+    of an ``[in, out]`` weight, which writes into it)."""
+    found = linear_parameters(gm, node)
+    if found is None:
+        return None
+    w, b, out_axis = found
+    return (w if out_axis == 0 else w.t()), b
+
+
 def add_module_rule(module_type: type, rule: ModuleRule) -> Callable[[], None]:
     """Register ``rule`` for ``module_type`` (also a leaf when tracing); returns the undo step."""
     return put_undoable(_MODULE_RULES, module_type, rule)

@@ -336,18 +336,21 @@ def _stray_layer_scales(gm: fx.GraphModule, topo: Topology) -> list[tuple[str, s
     scale parameters (``h * gamma``) whose entries are all one value ``c`` with ``0 < |c| <= 0.1``.
     Collected on the graph the topology describes, before any rewrite; :func:`_reset_stray_layer_scales`
     resets those not already reset as the end of a residual branch."""
+    return [(node.name, target, param) for node in gm.graph.nodes
+            if op_info(node).kind is OpKind.AFFINE and _scales(node) and topo.graph.nodes[node.name]["signal"]
+            for target, param in _scale_parameters(gm, topo, node) if param.dim() >= 1 and param.numel() >= 2]
+
+
+def _scale_parameters(gm: fx.GraphModule, topo: Topology, node: fx.Node) -> list[tuple[str, torch.nn.Parameter]]:
+    """``(name, parameter)`` of the learned parameters a scaling node's constant operand is computed
+    from (buffers are fixed scales, not learned layer scales)."""
     out = []
-    for node in gm.graph.nodes:
-        if op_info(node).kind is not OpKind.AFFINE or not _scales(node) or not topo.graph.nodes[node.name]["signal"]:
-            continue
-        for const in (a for a in node.all_input_nodes if not topo.graph.nodes[a.name]["signal"]):
-            for attr in _get_attrs(const):
-                try:
-                    param = gm.get_parameter(attr.target)
-                except AttributeError:  # a buffer: a fixed scale, not a learned layer scale
-                    continue
-                if param.dim() >= 1 and param.numel() >= 2:
-                    out.append((node.name, attr.target, param))
+    for const in (a for a in node.all_input_nodes if not topo.graph.nodes[a.name]["signal"]):
+        for attr in _get_attrs(const):
+            try:
+                out.append((attr.target, gm.get_parameter(attr.target)))
+            except AttributeError:
+                continue
     return out
 
 
@@ -386,18 +389,12 @@ def _reset_layer_scale(gm: fx.GraphModule, topo: Topology, node: fx.Node, record
                                      f"{math.copysign(1.0, factor):g}", "without the shortcut it only rescales q, "
                                                                         "which the shaping passes set themselves")
         if kind is OpKind.AFFINE and _scales(node):  # a learned shift (``h + b``, hgnetv2) is not a layer scale
-            for const in (a for a in node.all_input_nodes if not signal(a)):
-                for attr in _get_attrs(const):
-                    try:
-                        param = gm.get_parameter(attr.target)
-                    except AttributeError:  # a buffer: a fixed scale, not a learned layer scale
-                        continue
-                    if param.dim() >= 1 and not bool((param == 1.0).all()):
-                        before = float(param.detach().abs().mean())
-                        with torch.no_grad():
-                            param.fill_(1.0)
-                        record.change(node.name, f"layer scale {attr.target} set to 1 (mean |value| was "
-                                                 f"{before:.3g})", why)
+            for target, param in _scale_parameters(gm, topo, node):
+                if param.dim() >= 1 and not bool((param == 1.0).all()):
+                    before = float(param.detach().abs().mean())
+                    with torch.no_grad():
+                        param.fill_(1.0)
+                    record.change(node.name, f"layer scale {target} set to 1 (mean |value| was {before:.3g})", why)
         signals = [a for a in node.all_input_nodes if signal(a)]
         if len(signals) != 1:
             return
