@@ -304,16 +304,18 @@ def test_options_are_validated():
 
 
 class _GatedNet(nn.Module):
-    """``act(o(h * sigmoid(g(h))))`` with ``h = act(l(x))``: a squeeze-excite-like gate."""
+    """``act(o(h * sigmoid(g2(relu(g1(h))))))`` with ``h = act(l(x))``: a squeeze-excite-like gate (two
+    layers; ``h * sigmoid(g(h))`` would be a gated linear unit, whose gate dks/tat reshape: test_gated_units)."""
 
     def __init__(self, act: type[nn.Module] = nn.Tanh, width: int = 256) -> None:
         super().__init__()
-        self.l, self.g, self.o = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.l, self.o = nn.Linear(width, width), nn.Linear(width, width)
+        self.g1, self.g2 = nn.Linear(width, width // 4), nn.Linear(width // 4, width)
         self.act1, self.act2 = act(), act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act1(self.l(x))
-        return self.act2(self.o(h * torch.sigmoid(self.g(h))))
+        return self.act2(self.o(h * torch.sigmoid(self.g2(torch.relu(self.g1(h))))))
 
 
 @pytest.mark.parametrize("shaping", [("dks", {"products": "empirical"}),
@@ -326,7 +328,7 @@ def test_empirical_products_keep_q_and_leave_the_gate_alone(shaping):
     rec = netsurgeon.report(gm).passes[-1]
     assert any("products='empirical'" in n and "sigmoid" in n for n in rec.notes), rec.notes
     code = gm.code
-    assert "torch.sigmoid(g)" in code  # the gate's sigmoid is not reshaped
+    assert "torch.sigmoid(g2)" in code and "torch.relu(g1)" in code  # the gate's activations are not reshaped
     assert sum(isinstance(m, ShapedActivation) for m in gm.modules()) == 2
     pm = gm.meta["netsurgeon"][shaping[0]]["product_maps"]["mul"]
     assert 0.05 < pm["q_ratio"] < 0.5  # E[h² σ(g)²] / E[h²]: well below 1, hence the rescale

@@ -48,8 +48,8 @@ from .propagate import affine_moments
 from .rules import IDEAL_RULES, KERNEL_RULES
 from .sums import correlated_sums
 
-__all__ = ["ActRule", "IdealGraph", "IdealRule", "PRODUCT_MODES", "ProductMap", "Subnetwork", "gate_nodes", "mapped_merges",
-           "ideal_rule", "main_operand", "q_reference"]
+__all__ = ["ActRule", "IdealGraph", "IdealRule", "PRODUCT_MODES", "ProductMap", "Subnetwork", "gate_nodes", "glu_gates",
+           "mapped_merges", "ideal_rule", "main_operand", "q_reference"]
 
 # how dks/tat treat products of signals: maps from the analysis' rule (measured where the rule does not
 # apply), measured maps, pass-throughs, or a refusal
@@ -84,12 +84,16 @@ class ProductMap:
 
 def main_operand(topo: Topology, product: str) -> str:
     """The operand of a product that carries the signal: the one the other operands are computed
-    from (``h`` in ``h * gate(h)`` or ``gate(h) * h``), else the first signal operand (``φ(W₁x) * W₂x``)."""
+    from (``h`` in ``h * gate(h)`` or ``gate(h) * h``), the linear operand of a gated linear unit
+    (``W₂x`` in ``φ(W₁x) * W₂x`` and ``W₂x * φ(W₁x)``: :func:`glu_gates`), else the first signal operand."""
     g = topo.graph
     ops = list(dict.fromkeys(g.nodes[product]["signal_operands"]))
     for a in ops:
         if all(b == a or a in nx.ancestors(g, b) for b in ops):
             return a
+    glu = glu_gates(topo).get(product)
+    if glu is not None:
+        return glu[0]
     weights = [a for a in ops if _attention_weights(g, a)]
     if len(weights) == 1 and len(ops) == 2:  # ``softmax(q kᵀ) @ v`` not shaped (cross-attention): v carries it
         return next(a for a in ops if a != weights[0])
@@ -106,6 +110,66 @@ def _attention_weights(g: nx.DiGraph, name: str, depth: int = 4) -> bool:
             return False
         name = d["signal_operands"][0]
     return False
+
+
+# what may lie between a gated linear unit's shared input and its operands besides the one activation
+_GLU_CHAIN = (OpKind.LINEAR, OpKind.CONV, OpKind.RESHAPE, OpKind.IDENTITY, OpKind.AFFINE)
+
+
+def glu_gates(topo: Topology) -> dict[str, tuple[str, str]]:
+    """``{product: (linear operand, gate activation)}`` for every gated linear unit ``φ(W₁x) ⊙ W₂x``
+    (GLU, SwiGLU, GeGLU; ``x1 * φ(x2)`` after one projection split in two): an elementwise product of
+    two signals that an independent weight separates (:func:`.sums.dependent_products` does not
+    list it), each operand reached from their shared input by one chain of linear maps, reshapes and
+    constant affines, and exactly one activation on one chain, none on the other. dks and tat reshape
+    that activation as a gate (``transforms.solve_gate``); the linear operand carries the signal.
+    Computed once per topology."""
+    cache = topo.__dict__.setdefault("_netsurgeon_cache", {})
+    if "glu_gates" not in cache:
+        cache["glu_gates"] = _glu_gates(topo)
+    return cache["glu_gates"]
+
+
+def _glu_gates(topo: Topology) -> dict[str, tuple[str, str]]:
+    from .products import ELEMENTWISE_PRODUCTS
+    from .sums import dependent_products
+
+    g = topo.graph
+    dependent = dependent_products(topo)
+    out: dict[str, tuple[str, str]] = {}
+    for name, d in g.nodes(data=True):
+        if d["kind"] is not OpKind.MULTIPLY or not d["signal"] or d["info"].name not in ELEMENTWISE_PRODUCTS \
+                or name in dependent:
+            continue
+        ops = list(dict.fromkeys(d["signal_operands"]))
+        if len(ops) != 2:
+            continue
+        chains = [_chain_to(g, ops[0], nx.ancestors(g, ops[1]) | {ops[1]}),
+                  _chain_to(g, ops[1], nx.ancestors(g, ops[0]) | {ops[0]})]
+        if any(c is None for c in chains):
+            continue
+        acts = [[n for n in c if g.nodes[n]["kind"] is OpKind.ACTIVATION] for c in chains]
+        counts = sorted(len(a) for a in acts)
+        if counts != [0, 1]:
+            continue
+        gate = 0 if acts[0] else 1
+        out[name] = (ops[1 - gate], acts[gate][0])
+    return out
+
+
+def _chain_to(g: nx.DiGraph, start: str, stop: set[str]) -> list[str] | None:
+    """The nodes from ``start`` up its single signal operands until one in ``stop`` (excluded); None
+    when the chain branches, ends elsewhere, or passes a node that is neither an activation nor in
+    ``_GLU_CHAIN``."""
+    chain, name = [], start
+    while name not in stop:
+        d = g.nodes[name]
+        ins = list(dict.fromkeys(d["signal_operands"]))
+        if len(ins) != 1 or not (d["kind"] is OpKind.ACTIVATION or d["kind"] in _GLU_CHAIN):
+            return None
+        chain.append(name)
+        name = ins[0]
+    return chain
 
 
 def q_reference(topo: Topology, merge: str) -> str:
@@ -188,6 +252,9 @@ class IdealGraph:
         self.products = products
         self.product_maps = dict(product_maps or {})
         self.gates = gate_nodes(topo) if products in ("rule", "empirical") or attention_values(topo) else set()
+        # gated linear units whose gate dks/tat reshape: the unit counts as one activation (C'(1) = ξ, C''(1) = κ)
+        self.glu = {p: v for p, v in glu_gates(topo).items() if p not in self.gates} \
+            if products in ("rule", "empirical") else {}
         self.order = [n for n in topo.gm.graph.nodes if (topo.graph.nodes[n.name]["signal"]
                       or topo.graph.nodes[n.name]["kind"] is OpKind.OUTPUT) and n.name not in self.gates]
         self.problems: list[tuple[str, str]] = []
@@ -259,13 +326,14 @@ class IdealGraph:
             ins = [a for a in d["signal_operands"] if a in q]
             if not ins:
                 continue
-            if name in self.product_maps:
+            if name in self.product_maps or name in self.glu:
                 first, ref = main_operand(self.topo, name), q_reference(self.topo, name)
                 if first not in q or ref not in q:
                     continue
                 # the pass rescales the product by 1 / sqrt(q_ratio): q returns to q[ref] once the rescale
                 # follows the product (after the pass) or will follow it (while the pass derives its targets)
-                q[name] = q[ref] * (self.product_maps[name].q_ratio if self._rescaled(name) else 1.0)
+                rescaled = name in self.product_maps and self._rescaled(name)
+                q[name] = q[ref] * (self.product_maps[name].q_ratio if rescaled else 1.0)
                 v[name] = product(name, v[first]) if product is not None else v[first]
                 continue
             q[name], v[name] = self.rules[name].apply(self, node, d, ins, q, v, act)
@@ -298,10 +366,21 @@ class IdealGraph:
                     best, where = value, f"{sub.name} (at {sink})"
         return best, where
 
+    def product_slope(self, name: str, xi: float) -> float:
+        """A product's local ``C'(1)``: ``ξ`` for a gated linear unit (its gate is solved for it), else
+        its map's (1 until it has one)."""
+        if name in self.glu:
+            return xi
+        return self.product_maps[name].slope if name in self.product_maps else 1.0
+
+    def product_c_map(self, name: str, c: float) -> float:
+        """A product's cosine at its main operand's cosine ``c``: its map's, or ``c`` until it has one."""
+        return self.product_maps[name].c_map(c) if name in self.product_maps else c
+
     def max_slope(self, xi: float) -> float:
-        """The maximal slope function: ``max_f C'_f(1)`` when every activation has ``C'(1) = ξ``."""
+        """The maximal slope function: ``max_f C'_f(1)`` when every activation (and gated unit) has ``C'(1) = ξ``."""
         return self.max_over_subnetworks(lambda _n, v: xi * v, 1.0,
-                                         lambda n, v: self.product_maps[n].slope * v)[0]
+                                         lambda n, v: self.product_slope(n, xi) * v)[0]
 
     def solve_slope(self, zeta: float) -> float:
         """The local ``ξ`` with ``max_f C'_f(1) = ζ``, by bisection (the function increases with ξ).
@@ -311,12 +390,12 @@ class IdealGraph:
         """
         if not zeta > 1.0:
             raise UnsupportedNodeError(f"zeta must exceed 1, got {zeta!r}")
-        if not self.activations or self.max_slope(zeta / min(1.0, self._min_product_slope())) < zeta:
+        if not (self.activations or self.glu) or self.max_slope(zeta / min(1.0, self._min_product_slope())) < zeta:
             # without products, slope ξ^k with k >= 1 reaches ζ by ξ = ζ; measured products scale it
             raise UnsupportedNodeError("no activation lies on a path from an input to an output: nothing to shape")
         if self.max_slope(1.0) > zeta:
             floor, where = self.max_over_subnetworks(lambda _n, v: v, 1.0,
-                                                     lambda n, v: self.product_maps[n].slope * v)
+                                                     lambda n, v: self.product_slope(n, 1.0) * v)
             steep = sorted((n for n, pm in self.product_maps.items() if pm.slope > 1.0),
                            key=lambda n: -self.product_maps[n].slope)
             names = ", ".join(f"{n} ({self.product_maps[n].slope:.4g})" for n in steep[:5]) + \
@@ -329,15 +408,20 @@ class IdealGraph:
                       tol=1e-15)
 
     def _min_product_slope(self) -> float:
-        slopes = [pm.slope for pm in self.product_maps.values() if pm.slope > 0]
+        slopes = [pm.slope for n, pm in self.product_maps.items() if pm.slope > 0 and n not in self.glu]
         return min(slopes) ** max(1, len(slopes)) if slopes else 1.0
 
     def max_curvature_count(self) -> tuple[float, str]:
-        """``max_f C''_f(1)`` when every activation has ``C'(1) = 1`` and ``C''(1) = 1`` (TAT's κ = τ / this)."""
-        return self.max_over_subnetworks(lambda _n, v: v + 1.0, 0.0,
-                                         lambda n, v: self.product_maps[n].slope * v + self.product_maps[n].curvature)
+        """``max_f C''_f(1)`` when every activation (and gated unit) has ``C'(1) = 1`` and ``C''(1) = 1``
+        (TAT's κ = τ / this); other products add their map's curvature."""
+        def product(n: str, v: float) -> float:
+            if n in self.glu:
+                return v + 1.0
+            pm = self.product_maps.get(n)
+            return v if pm is None else pm.slope * v + pm.curvature
+        return self.max_over_subnetworks(lambda _n, v: v + 1.0, 0.0, product)
 
     def network_c0(self, c_map: ActRule) -> float:
         """The whole network's ``C_f(0)`` (largest over its outputs) with each activation's C map."""
-        values = self.propagate(self.subnetworks()[0], c_map, 0.0, lambda n, c: self.product_maps[n].c_map(c))
+        values = self.propagate(self.subnetworks()[0], c_map, 0.0, self.product_c_map)
         return max(values.values()) if values else 0.0

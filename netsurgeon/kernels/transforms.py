@@ -9,6 +9,10 @@ Pure math: the transformed :class:`Activation`, and the solvers for its constant
   the RMS slope, DeepMind dks' ``α·γ < 2``; then nearest ``(1, 0, 1, 0)``).
 * :func:`solve_tat`: ``γ`` for ``Q(1) = 1`` and ``(α, β, δ)`` with ``Q'(1) = 1``,
   ``C'(1) = 1``, ``C''(1) = κ`` (smooth activations).
+* :func:`solve_gate`: the gate ``ψ`` of a gated linear unit ``ψ(W₁x) ⊙ W₂x`` (SwiGLU, GeGLU):
+  ``Q'(1) = 0`` (so the unit's Q map, ``Q_ψ(q)·q``, has slope 1 at ``q = 1``), ``γ`` for
+  ``Q(1) = 1``, and either ``C'(1) = s`` (the unit's ``C'(1)`` is ``1 + s``: dks' ``ξ``) or the
+  unit's ``C''(1) = C''_ψ(1) + 2 C'_ψ(1) = κ`` (tat); β from a fixed list, the smallest that solves.
 * :func:`trelu_gain` and :func:`trelu_c_map`: TAT's tailored leaky ReLU
   ``sqrt(2/(1+a²)) · leaky_relu(x, a)``.
 
@@ -32,8 +36,8 @@ from ..errors import InvalidArgumentError, TransformError
 from .activations import Activation
 from .quadrature import Piecewise, gauss_expectation
 
-__all__ = ["Transform", "transformed", "solve_dks", "solve_dks_leaky", "leaky_dks_slope", "peak_ratio", "solve_tat",
-           "trelu_gain", "trelu_c_map", "TransformError"]
+__all__ = ["Transform", "transformed", "solve_dks", "solve_dks_leaky", "leaky_dks_slope", "peak_ratio", "solve_gate",
+           "solve_tat", "trelu_gain", "trelu_c_map", "TransformError"]
 
 _SOLVE_TOL = 1e-11  # residual accepted from the root finder
 _TAME = 2.0  # a solution is tame when its peak_ratio is below this (DeepMind dks: α·γ < 2)
@@ -332,6 +336,54 @@ def solve_tat(act: Activation, kappa: float) -> Transform:
         raise TransformError(f"no (alpha, beta, delta) gives Q'(1) = 1, C'(1) = 1, C''(1) = {kappa:.6g} for {act}; "
                              f"TAT cannot shape this activation (try the dks pass, or a different activation)")
     return _choose(act, [complete(s) for s in sols], 1.0)
+
+
+_GATE_BETAS = (0.0, 0.5, -0.5, 1.0, -1.0, 1.5, -1.5, 2.0, -2.0)  # tried in turn; odd φ (tanh) need β != 0
+
+
+def solve_gate(act: Activation, c_slope: float | None = None, unit_curvature: float | None = None) -> Transform:
+    """Constants of the gate ``ψ = γ (φ(α x + β) + δ)`` of a gated linear unit ``u = ψ(W₁x) ⊙ W₂x``
+    (docs/theory.md §5.4). With independent weights and input q = 1 the unit's maps are
+    ``Q_u(q) = Q_ψ(q)·q`` and ``C_u(c) = C_ψ(c)·c``; ``Q_ψ(1) = 1`` and ``Q'_ψ(1) = 0`` give ``Q_u(1) = 1``
+    with slope 1 (slope 2 with an ordinary activation: finite-width deviations of q then double
+    at every unit), and ``C_u(0) = 0`` holds whatever ψ is. The remaining condition is one of:
+
+    * ``c_slope = s > 0``: ``C'_ψ(1) = s``, the unit's ``C'(1) = 1 + s`` (dks: ``s = ξ - 1``);
+    * ``unit_curvature = κ > 0``: the unit's ``C''(1) = C''_ψ(1) + 2 C'_ψ(1) = κ`` (tat; the unit's
+      ``C'(1)`` is then ``1 + C'_ψ(1)``, about ``1 + κ/2``: a gate's slope cannot be 0 unless it is constant).
+
+    ``β`` is taken from ``0, ±0.5, ±1, ...``, the first that solves (``(α, δ)`` by root finding).
+
+    Raises:
+        TransformError: both or neither target given, a target <= 0, φ (or, for a curvature, φ')
+            jumps, or no solution for any β.
+    """
+    if (c_slope is None) == (unit_curvature is None):
+        raise TransformError("solve_gate needs exactly one of c_slope and unit_curvature")
+    target = float(c_slope if c_slope is not None else unit_curvature)
+    what = "C'(1)" if c_slope is not None else "unit C''(1)"
+    if not (target > 0 and math.isfinite(target)):
+        raise TransformError(f"the gate's {what} target must be positive and finite, got {target!r}")
+    _check_continuous(act, "gate", derivative=unit_curvature is not None)
+
+    for beta in _GATE_BETAS:
+        def residual(v: np.ndarray) -> np.ndarray:
+            try:
+                m = _moments(act, float(v[0]), beta, float(v[1])) if v[0] > 0 else None
+            except _Degenerate:
+                m = None
+            if m is None:
+                return np.array([1e3, 1e3])
+            reached = m["c_slope"] if c_slope is not None else m["c_curv"] + 2.0 * m["c_slope"]
+            return np.array([m["q_slope"], reached - target])
+
+        starts = itertools.product((0.3 * math.sqrt(target), math.sqrt(target), 1.0, 0.1, 3.0), (-1.0, 0.0, 1.0, -0.3))
+        sols = _search(residual, starts, lambda found: bool(found))
+        if sols:
+            alpha, delta = map(float, sols[0])
+            return Transform(alpha, beta, 1.0 / math.sqrt(_moments(act, alpha, beta, delta)["q1"]), delta)
+    raise TransformError(f"no (alpha, delta) with beta in {_GATE_BETAS} gives Q'(1) = 0 and {what} = {target:.6g} "
+                         f"for the gate {act}")
 
 
 def trelu_gain(a: float) -> float:

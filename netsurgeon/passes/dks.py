@@ -48,8 +48,8 @@ from ..graph import Topology
 from ..graph.state import default_inputs, derivation, nodes_by_name, set_derivation
 from ..kernels import LocalMaps, activation_entry, get_activation
 from ..kernels.bisection import bisect
-from ..kernels.transforms import (Transform, TransformError, solve_dks, solve_dks_leaky, solve_tat, transformed,
-                                  trelu_c_map, trelu_gain)
+from ..kernels.transforms import (Transform, TransformError, solve_dks, solve_dks_leaky, solve_gate, solve_tat,
+                                  transformed, trelu_c_map, trelu_gain)
 from ..layers import ShapedActivation, ShapedAttention
 from ..ops import ActivationSpec, OpKind, PoolType, activation_module, pool_type
 from ..report import PassRecord, Preservation
@@ -67,6 +67,7 @@ class _Site:
     spec: ActivationSpec
     rebuild: bool = False  # build φ from ``spec`` instead of reusing the node's module (ReLU -> TReLU)
     composite: bool = False  # a norm+activation composite: φ is its module's ``.act``
+    gate: bool = False  # the gate of a gated linear unit (``targets.glu_gates``): solved by ``solve_gate``
 
 
 def _topology(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | None) -> Topology:
@@ -82,13 +83,14 @@ def _topology(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | Non
 
 
 def _sites(gm: fx.GraphModule, topo: Topology, ideal: IdealGraph) -> list[_Site]:
-    """The activation nodes to reshape (identity activations are left alone)."""
+    """The activation nodes to reshape (identity activations are left alone), gated units' gates last."""
     out = []
-    for name in ideal.activations:
+    gates = {act for _, act in ideal.glu.values()}
+    for name in [*ideal.activations, *sorted(gates)]:
         info = topo.info(name)
         composite = composite_activation(info)
         spec = info.activation if composite is None else composite
-        if spec is None or spec.name == "identity":
+        if spec is None or spec.name == "identity" or (name in gates and composite is not None):
             continue
         if spec.transform is not None:
             raise UnsupportedNodeError(f"activation {name} is already reshaped ({spec}); apply dks/tat once, to the "
@@ -96,7 +98,7 @@ def _sites(gm: fx.GraphModule, topo: Topology, ideal: IdealGraph) -> list[_Site]
         if any(isinstance(v, tuple) for _, v in spec.params):
             raise UnsupportedNodeError(f"activation {name} ({spec.name}) has per-channel parameters; no single "
                                        f"kernel map exists", nodes=[name])
-        out.append(_Site(_node(gm, name), spec, composite=composite is not None))
+        out.append(_Site(_node(gm, name), spec, composite=composite is not None, gate=name in gates))
     return out
 
 
@@ -118,12 +120,18 @@ def _base_module(gm: fx.GraphModule, site: _Site) -> nn.Module:
 
 
 def _install(gm: fx.GraphModule, sites: list[_Site], constants: dict[ActivationSpec, Transform],
-             record: PassRecord) -> None:
-    """Replace every site by a ShapedActivation; module call sites keep their path."""
+             record: PassRecord, gate_constants: dict[ActivationSpec, Transform] | None = None) -> None:
+    """Replace every site by a ShapedActivation; module call sites keep their path (a module called
+    both as a gate and elsewhere gets a new module at its gate calls)."""
     done: dict[str, ShapedActivation] = {}
+    roles = {}
+    for site in sites:
+        if site.node.op == "call_module" and not site.composite:
+            roles.setdefault(site.node.target, set()).add(site.gate)
     for i, site in enumerate(sites):
-        node, t = site.node, constants[site.spec]
-        if site.composite or (node.op == "call_module" and not site.rebuild):
+        node, t = site.node, (gate_constants if site.gate else constants)[site.spec]
+        shared = node.op == "call_module" and len(roles.get(node.target, ())) > 1 and site.gate
+        if site.composite or (node.op == "call_module" and not site.rebuild and not shared):
             path = f"{node.target}.act" if site.composite else node.target  # a composite keeps its call, new .act
             if path not in done:
                 done[path] = ShapedActivation(_base_module(gm, site), *t)
@@ -138,8 +146,8 @@ def _install(gm: fx.GraphModule, sites: list[_Site], constants: dict[ActivationS
             new.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
-        record.change(node.name, f"{site.spec} -> {t.gamma:.6g}*(φ({t.alpha:.6g}*x{t.beta:+.6g}){t.delta:+.6g})",
-                      f"module {path}")
+        record.change(node.name, f"{site.spec} -> {t.gamma:.6g}*(φ({t.alpha:.6g}*x{t.beta:+.6g}){t.delta:+.6g})"
+                      + (" (gate of a gated linear unit: Q'(1) = 0)" if site.gate else ""), f"module {path}")
 
 
 def _prepare(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...] | None, products: str,
@@ -242,11 +250,12 @@ class DKS(_Shaping):
                maps: dict[str, ProductMap] | None) -> None:
         ideal, sites = _prepare(gm, example_inputs, self.products, "dks", maps)
         xi = ideal.solve_slope(float(self.zeta))
-        _, where = ideal.max_over_subnetworks(lambda _n, v: xi * v, 1.0,
-                                              lambda n, v: ideal.product_maps[n].slope * v)
+        _, where = ideal.max_over_subnetworks(lambda _n, v: xi * v, 1.0, lambda n, v: ideal.product_slope(n, xi) * v)
         constants: dict[ActivationSpec, Transform] = {}
+        sites, gate_constants = _solve_gates(sites, lambda act: solve_gate(act, c_slope=xi - 1.0), "dks", record)
         for site in sites:
-            _solve_dks_site(site, xi, constants)
+            if not site.gate:
+                _solve_dks_site(site, xi, constants)
         q_slopes = {str(s): LocalMaps(transformed(_activation(s), *constants[s])).q_slope_1() for s in constants}
         # ReLU (no slope to solve) and other positively homogeneous activations (StarReLU) cannot reach it
         missed = {k: v for k, v in q_slopes.items() if abs(v - 1.0) > 1e-6}
@@ -258,11 +267,12 @@ class DKS(_Shaping):
                      "activation")
             warnings.warn(msg, stacklevel=2)
             record.note(msg)
-        _install(gm, sites, constants, record)
+        _install(gm, sites, constants, record, gate_constants)
         record.note(f"zeta = {self.zeta}: local C'(1) target xi = {xi:.10f}, reached by {where}; "
                     f"{len(ideal.subnetworks())} subnetworks considered")
         set_derivation(gm, "dks", {"zeta": float(self.zeta), "xi": xi, "argmax": where,
-                           "constants": {str(k): v._asdict() for k, v in constants.items()}})
+                           "constants": {str(k): v._asdict() for k, v in constants.items()},
+                           "gate_constants": {str(k): v._asdict() for k, v in gate_constants.items()}})
         self._finish(gm, record, maps)
 
 
@@ -300,22 +310,25 @@ class TAT(_Shaping):
         ideal, sites = _prepare(gm, example_inputs, self.products, "tat", maps)
         constants: dict[ActivationSpec, Transform] = {}
         derivation: dict[str, Any] = {"eta": float(self.eta), "tau": float(self.tau)}
-        smooth = [s for s in sites if not _leaky(s.spec)]
-        leaky = [s for s in sites if _leaky(s.spec)]
+        gate_constants: dict[ActivationSpec, Transform] = {}
+        smooth = [s for s in sites if not _leaky(s.spec) and not s.gate]
+        leaky = [s for s in sites if _leaky(s.spec) and not s.gate]
         if not smooth:
             record.note(f"tau = {self.tau} unused: no smooth activation to shape (the leaky-ReLU family uses eta)")
         if not leaky:
             record.note(f"eta = {self.eta} unused: no activation of the leaky-ReLU family (smooth ones use tau)")
-        if smooth:
+        if smooth or any(s.gate for s in sites):
             count, where = ideal.max_curvature_count()
             if not count > _MIN_CURVATURE_COUNT:  # the activations' curvature does not reach an output
-                names = short_list([s.node.name for s in smooth])
+                names = short_list([s.node.name for s in sites if s in smooth or s.gate])
                 raise UnsupportedNodeError(
                     f"tat: the activations {names} carry almost no curvature to any output (max C''_f(1) = "
                     f"{count:.3g} with C''(1) = 1 at each): their signal is scaled away or bypassed on the way "
                     f"(a near-zero scale, a product that passes only its other operand); set such scales to 1, or "
-                    f"leave tat out", nodes=[s.node.name for s in smooth])
+                    f"leave tat out", nodes=[s.node.name for s in sites if s in smooth or s.gate])
             kappa = float(self.tau) / count
+            sites, gate_constants = _solve_gates(sites, lambda act: solve_gate(act, unit_curvature=kappa), "tat",
+                                                 record)
             for site in smooth:
                 if site.spec not in constants:
                     constants[site.spec] = _solve(site, lambda act: solve_tat(act, kappa), "tat")
@@ -344,10 +357,39 @@ class TAT(_Shaping):
             if reached is None:
                 record.note(f"eta = {self.eta}: TReLU negative slope a = {a:.10f} gives the network C_f(0) = "
                             f"{self.eta}")
-        _install(gm, sites, constants, record)
+        _install(gm, sites, constants, record, gate_constants)
         derivation["constants"] = {str(k): v._asdict() for k, v in constants.items()}
+        derivation["gate_constants"] = {str(k): v._asdict() for k, v in gate_constants.items()}
         set_derivation(gm, "tat", derivation)
         self._finish(gm, record, maps)
+
+
+def _solve_gates(sites: list[_Site], solver: Callable[[Any], Transform], what: str, record: PassRecord
+                 ) -> tuple[list[_Site], dict[ActivationSpec, Transform]]:
+    """Gate constants (``transforms.solve_gate``) per gate activation type; a gate that cannot take
+    them (tat's curvature condition on a ReLU gate, whose C''(1) is infinite) keeps its form, named
+    in a warning and the report. Returns the sites still to install and the constants."""
+    constants: dict[ActivationSpec, Transform] = {}
+    kept: list[str] = []
+    reasons: dict[str, str] = {}
+    out = []
+    for site in sites:
+        if site.gate and site.spec not in constants:
+            try:
+                constants[site.spec] = solver(_activation(site.spec))
+            except (TransformError, ValueError) as exc:
+                reasons[str(site.spec)] = str(exc).splitlines()[0]
+        if site.gate and site.spec not in constants:
+            kept.append(site.node.name)
+            continue
+        out.append(site)
+    if kept:
+        msg = (f"{what}: {len(kept)} gate(s) of gated linear units keep their form ({short_list(kept)}): "
+               + "; ".join(f"{k}: {v}" for k, v in reasons.items())
+               + " (their products follow measured maps; a smooth gate such as silu or gelu can be shaped)")
+        warnings.warn(msg, stacklevel=3)
+        record.note(msg)
+    return out, constants
 
 
 def _neutralize_factors(gm: fx.GraphModule, record: PassRecord) -> None:
