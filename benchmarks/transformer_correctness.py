@@ -47,10 +47,11 @@ def main(argv=None) -> dict:
             rows[fam] = {"blocks": r.blocks, "predicted": {s: v.tolist() for s, v in r.predicted.items()},
                          "measured": {s: v.tolist() for s, v in r.measured.items()},
                          "z": {s: r.z(s).tolist() for s in tc.STATS}, "worst": [node, stat, z, diff],
-                         "vanilla_output": r.vanilla_output, "seconds": time.perf_counter() - t}
+                         "vanilla_output": r.vanilla_output, "vanilla_vanished": r.vanilla_vanished,
+                         "seconds": time.perf_counter() - t}
             print(f"{fam}: worst |z| {abs(z):.2f} ({stat} at {node}, mean diff {diff:+.4g}), output cosine predicted "
                   f"{r.predicted['cos'][:, -1].mean():.3f} measured {r.measured['cos'][:, -1].mean():.3f}, vanilla "
-                  f"{np.mean(r.vanilla_output):.4f}", flush=True)
+                  f"{_vanilla({'vanilla_output': r.vanilla_output, 'vanilla_vanished': r.vanilla_vanished})}", flush=True)
     record = {"command": command_line("transformer_correctness.py", argv), "environment": environment(args.threads),
               "width": args.width, "seeds": args.seeds, "families": rows}
     json_path.write_text(json.dumps(record, indent=1))
@@ -65,10 +66,20 @@ def main(argv=None) -> dict:
         node, stat, z, diff = r["worst"]
         lines.append(f"| {fam} | {len(r['blocks']) - 1} | {pred[:, -1].mean():.3f} | {meas[:, -1].mean():.3f} | "
                      f"{abs(z):.2f} ({stat}, {node}) | {diff:+.4g} | {int((zk > 3).sum())} | {zc.max():.2f} | "
-                     f"{np.mean(r['vanilla_output']):.4f} |")
+                     f"{_vanilla(r)} |")
     md_path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return record
+
+
+def _vanilla(row: dict) -> str:
+    """The vanilla networks' mean output cosine, or where their signal vanished (q = 0 in float32)."""
+    gone = [g for g in row.get("vanilla_vanished", []) if g is not None]
+    text = f"{np.mean(row['vanilla_output']):.4f}"
+    if gone:
+        text += (f" at {gone[0]} in {len(gone)}/{len(row['vanilla_output'])} networks: q is 0 in float32 after it "
+                 f"(the signal vanishes)")
+    return text
 
 
 if __name__ == "__main__":

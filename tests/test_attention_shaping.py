@@ -33,8 +33,9 @@ class Block(nn.Module):
     def attn(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).reshape(b, t, 3, self.h, c // self.h).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.written:  # nanoGPT's form
-            s = q @ k.transpose(-2, -1) * (c // self.h) ** -0.5
+        if self.written:  # nanoGPT's form; "permuted": LeViT's key, permuted to [b, h, d, t] without a transpose
+            kt = k.permute(0, 1, 3, 2) if self.written == "permuted" else k.transpose(-2, -1)
+            s = q @ kt * (c // self.h) ** -0.5
             s = s.masked_fill(self.tril[:t, :t] == 0, float("-inf"))
             y = F.softmax(s, dim=-1) @ v
         else:
@@ -172,6 +173,18 @@ def test_sdpa_and_written_out_attention_become_the_same_function() -> None:
     b.load_state_dict(a.state_dict())
     ga = netsurgeon.transform(a, ["attention_shaping"], example_inputs=(ids,))
     gb = netsurgeon.transform(b, ["attention_shaping"], example_inputs=(ids,))
+    assert torch.allclose(ga(ids), gb(ids), atol=1e-5)
+
+
+def test_a_key_permuted_to_d_by_t_is_read_as_the_key() -> None:
+    """``q @ k.permute(0, 1, 3, 2)`` (LeViT writes ``k.permute(0, 2, 3, 1)``): the right operand is ``kᵀ``
+    whatever op made it; the pass transposes it back and shapes the site like the sdpa one."""
+    a, ids = _lm(False)
+    b, _ = _lm("permuted")
+    b.load_state_dict(a.state_dict())
+    ga = netsurgeon.transform(a, ["attention_shaping"], example_inputs=(ids,))
+    gb = netsurgeon.transform(b, ["attention_shaping"], example_inputs=(ids,))
+    assert len(_modules(gb)) == 4
     assert torch.allclose(ga(ids), gb(ids), atol=1e-5)
 
 

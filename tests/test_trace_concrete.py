@@ -79,3 +79,24 @@ def test_a_traced_size_used_as_an_integer_is_read_on_the_example():
     assert sum("size or index = 7" in d for d in decisions) == 2  # the slice bound and numpy's length
     with pytest.raises(TypeError, match="example_inputs"):  # without example inputs it fails, and says why
         netsurgeon.graph.tracer.NetsurgeonTracer().trace(_SlicedMask())
+
+
+def test_attention_that_caches_its_bias_unless_jit_tracing_is_traced_through():
+    """timm's TinyViT attention (LeViT's, EfficientViT's and EfficientFormerV2's alike) computes its
+    position bias directly ``if torch.jit.is_tracing() or self.training`` and otherwise caches it by
+    ``str(device)``: the train and eval traces differed and the attention became an opaque leaf. fx
+    tracing now answers ``torch.jit.is_tracing()`` with True (and restores it): the attention's
+    layers are in the graph, exact in both modes."""
+    import timm.models.tiny_vit as tiny_vit
+
+    torch.manual_seed(0)
+    attn, x = tiny_vit.Attention(16, 4, num_heads=2, attn_ratio=2, resolution=(3, 3)), torch.randn(2, 9, 16)
+    model = nn.Sequential(attn, nn.Linear(16, 16))  # inside a model, as in TinyViT
+    gm = netsurgeon.trace(model, x)
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert "0.proj" in called and "0" not in called
+    assert any("softmax" in str(n.target) or "scaled_dot_product" in str(n.target) for n in gm.graph.nodes)
+    for mode in (True, False):
+        model.train(mode), gm.train(mode)
+        torch.testing.assert_close(gm(x), model(x))
+    assert torch.jit.is_tracing() is False

@@ -117,6 +117,9 @@ class Result:
     predicted: dict[str, np.ndarray]  # stat -> [seeds, blocks]
     measured: dict[str, np.ndarray]
     vanilla_output: list[float] = field(default_factory=list)  # measured output cosine, untransformed
+    # per vanilla network: the last node whose measured q is still positive in float32 (its cosine is the
+    # one in vanilla_output), when the signal vanishes before the output (Llama's gated MLPs square q)
+    vanilla_vanished: list[str | None] = field(default_factory=list)
 
     def z(self, stat: str) -> np.ndarray:
         """Per block: (mean measured - mean predicted) / its standard error over the networks; a
@@ -145,7 +148,7 @@ def run(family: str, seeds: int = 16, vanilla: bool = True) -> Result:
     build = FAMILIES[family]
     pred = {s: [] for s in STATS}
     meas = {s: [] for s in STATS}
-    names, van = None, []
+    names, van, gone = None, [], []
     for seed in range(seeds):
         model, inputs = build(seed)
         with warnings.catch_warnings():
@@ -167,6 +170,9 @@ def run(family: str, seeds: int = 16, vanilla: bool = True) -> Result:
                 warnings.simplefilter("ignore")
                 g0 = netsurgeon.transform(model, VANILLA, example_inputs=inputs)
                 t0 = netsurgeon.token_kernels(g0, inputs)
-            van.append(float(t0.table()[-1].measured_cos))
+            rows = t0.table()
+            alive = [r for r in rows if r.measured_q > 0 and math.isfinite(r.measured_cos)]
+            van.append(float(alive[-1].measured_cos) if alive else math.nan)
+            gone.append(None if alive and alive[-1] is rows[-1] else (alive[-1].node if alive else "input"))
     return Result(family, names, {s: np.array(v) for s, v in pred.items()}, {s: np.array(v) for s, v in meas.items()},
-                  van)
+                  van, gone)

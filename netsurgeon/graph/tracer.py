@@ -493,7 +493,8 @@ def _trace_once(model: nn.Module, leaves: set[str], concrete_args: dict[str, Any
     tracer = _tracer_class(model)(leaves, example_inputs)
     tracer.defaulted = frozenset(defaulted)
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        with _reporting_tracing():
+            graph = tracer.trace(model, concrete_args=concrete_args)
         _concrete_values_as_defaults(graph, concrete_args)
         if decisions is not None:
             decisions.extend(d for d in tracer.decisions if d not in decisions)
@@ -508,6 +509,22 @@ def _trace_once(model: nn.Module, leaves: set[str], concrete_args: dict[str, Any
             if k in added or isinstance(v, fx.Proxy):
                 delattr(model, k)
     return graph, added
+
+
+@contextlib.contextmanager
+def _reporting_tracing() -> Iterator[None]:
+    """``torch.jit.is_tracing()`` answers True while fx traces. Models test it to leave out what a
+    trace cannot record: timm's LeViT, TinyViT, EfficientViT and EfficientFormerV2 attention
+    compute their position bias directly ``if torch.jit.is_tracing() or self.training`` and otherwise
+    cache it in a dict keyed by ``str(device)`` (which a proxy cannot give), so without this the
+    eval-mode trace failed inside them and their attention became an opaque leaf. The direct path
+    computes what the cache holds."""
+    original = torch.jit.is_tracing
+    torch.jit.is_tracing = lambda: True
+    try:
+        yield
+    finally:
+        torch.jit.is_tracing = original
 
 
 _MAX_FAILURE_LEAVES = 16  # module types made leaves because tracing failed inside them

@@ -343,7 +343,7 @@ _GATE_BETAS = (0.0, 0.5, -0.5, 1.0, -1.0, 1.5, -1.5, 2.0, -2.0)  # tried in turn
 
 def solve_gate(act: Activation, c_slope: float | None = None, unit_curvature: float | None = None) -> Transform:
     """Constants of the gate ``ψ = γ (φ(α x + β) + δ)`` of a gated linear unit ``u = ψ(W₁x) ⊙ W₂x``
-    (docs/theory.md §5.4). With independent weights and input q = 1 the unit's maps are
+    (docs/theory.md §4.9). With independent weights and input q = 1 the unit's maps are
     ``Q_u(q) = Q_ψ(q)·q`` and ``C_u(c) = C_ψ(c)·c``; ``Q_ψ(1) = 1`` and ``Q'_ψ(1) = 0`` give ``Q_u(1) = 1``
     with slope 1 (slope 2 with an ordinary activation: finite-width deviations of q then double
     at every unit), and ``C_u(0) = 0`` holds whatever ψ is. The remaining condition is one of:

@@ -75,6 +75,8 @@ class Site:
         scale: the logits' scale (None: ``1/sqrt(d)``).
         enable_gqa: the sdpa call's ``enable_gqa``.
         written_out: whether the site is a written-out softmax attention.
+        key_transposed: ``k`` is the scores' right operand itself, ``kᵀ`` in ``[..., d, T]`` layout
+            (LeViT's ``k.permute(0, 2, 3, 1)``); the pass inserts ``k.transpose(-2, -1)`` before reading it.
     """
 
     node: fx.Node
@@ -88,6 +90,7 @@ class Site:
     scale: Any = None
     enable_gqa: bool = False
     written_out: bool = False
+    key_transposed: bool = False
     factors: list[tuple[str, Any]] = dataclasses.field(default_factory=list)
 
 
@@ -180,11 +183,25 @@ def _written_out(gm: fx.GraphModule, softmax: fx.Node) -> Site | str | None:
             return f"{cur.name} ({cur.op} {getattr(cur.target, '__name__', cur.target)}) between q @ kᵀ and softmax"
     if not isinstance(cur, fx.Node):
         return None
-    k = _transposed_key(cur.args[1]) if isinstance(cur.args[1], fx.Node) else None
-    if k is None:
-        return f"{cur.name}: the scores are not q @ k.transpose(-2, -1)"
-    return Site(end, cur.args[0], k, end.args[1], masks=masks, dropout_rate=rate, written_out=True,
-                factors=factors)
+    if not isinstance(cur.args[1], fx.Node):
+        return f"{cur.name}: the scores' right operand is not a tensor of the graph"
+    k = _transposed_key(cur.args[1])
+    return Site(end, cur.args[0], cur.args[1] if k is None else k, end.args[1], masks=masks, dropout_rate=rate,
+                written_out=True, factors=factors, key_transposed=k is None)
+
+
+_KEY_TRANSPOSE = "netsurgeon_key_transpose"  # node meta: a key transpose _with_key inserted
+
+
+def _with_key(gm: fx.GraphModule, site: Site) -> Site:
+    """``site`` with ``k`` in ``[..., T, d]`` layout: for scores ``q @ r`` whose right operand ``r`` is
+    not a transpose, a node ``k = r.transpose(-2, -1)`` is inserted after ``r`` (``q @ r = q @ kᵀ``)."""
+    if not site.key_transposed:
+        return site
+    with gm.graph.inserting_after(site.k):
+        k = gm.graph.call_method("transpose", (site.k, -2, -1))
+    k.meta[_KEY_TRANSPOSE] = True
+    return dataclasses.replace(site, k=k, key_transposed=False)
 
 
 def _upstream_of_matmul(node: fx.Node, depth: int = 12) -> bool:
@@ -404,9 +421,20 @@ class AttentionShaping(Pass):
 
     def run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
             ) -> fx.GraphModule:
+        gm = self._run(gm, record, example_inputs)
+        unused = [n for n in gm.graph.nodes if n.meta.get(_KEY_TRANSPOSE) and not n.users]
+        for n in unused:  # keys of sites left as they are (cross-attention)
+            gm.graph.erase_node(n)
+        if unused:
+            gm.recompile()
+        return gm
+
+    def _run(self, gm: fx.GraphModule, record: PassRecord, example_inputs: tuple[torch.Tensor, ...] | None
+             ) -> fx.GraphModule:
         for name, what in write_out_multihead_attention(gm)[0]:  # graphs not traced by netsurgeon.trace
             record.change(name, what, "its attention can be shaped")
         sites, problems, leaves = find_attention(gm)
+        sites = [_with_key(gm, s) for s in sites]
         inputs = example_inputs if example_inputs is not None else default_inputs(gm)
         values: dict[fx.Node, Any] = {}
         if inputs is not None:  # one run: the values the rewrite reads, and leaves that compute attention

@@ -15,7 +15,10 @@ Every activation node becomes a :class:`~netsurgeon.layers.ShapedActivation`
 
 Products of signals (squeeze-excite and other gates) follow their maps: by default
 (``products="rule"``) from the independence rule of docs/theory.md §3.8, see
-:mod:`._empirical`; the activations on a gate path keep their form. Both refuse, naming the
+:mod:`._empirical`; the activations on a gate path keep their form, except the gate of a
+gated linear unit ``ψ(W₁x) ⊙ W₂x`` (SwiGLU, GeGLU: ``targets.glu_gates``), solved as a gate
+(``transforms.solve_gate``: ``Q'(1) = 0``, and the unit's ``C'(1) = ξ`` or ``C''(1) = κ``; the
+unit counts as one activation in the targets, docs/theory.md §4.9). Both refuse, naming the
 nodes: batch norm (run ``strip_bn``), max pooling (run ``maxpool_to_avgpool``),
 un-normalized sums (run ``normalize_sums``). The transforms assume the other DKS
 conditions too (``input_norm``, ``orthogonal_init``); ``netsurgeon.analyze`` checks
