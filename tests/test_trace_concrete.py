@@ -100,3 +100,58 @@ def test_attention_that_caches_its_bias_unless_jit_tracing_is_traced_through():
         model.train(mode), gm.train(mode)
         torch.testing.assert_close(gm(x), model(x))
     assert torch.jit.is_tracing() is False
+
+
+class _Assigns(nn.Module):
+    """Item assignment during a trace: into a tensor sized by the traced token count (ConViT's
+    relative positions) and into a slice of a signal (MViTv2 adds relative positions that way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        pos = torch.zeros(1, n, 2)
+        pos[:, :, 0] = torch.arange(n, dtype=torch.float32)
+        s = self.fc(x) @ x.transpose(1, 2)
+        s[:, 1:, 1:] = s[:, 1:, 1:] + 1.0
+        return s.sum(-1, keepdim=True) + pos[..., :1]
+
+
+class _CachesInBuffer(nn.Module):
+    """Caches what it builds from the token count in a buffer (ConViT's GPSA)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("rel", torch.zeros(1, 1, 4), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        if self.rel.shape[1] != n:
+            self.rel = torch.arange(n, dtype=torch.float32).view(1, n, 1).expand(1, n, 4) * 0.1
+        return x + self.rel
+
+
+def test_item_assignments_are_traced_as_copies_and_exact():
+    model, x = nn.Sequential(_Assigns()), torch.randn(2, 5, 4)
+    gm = netsurgeon.trace(model, x)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert netsurgeon.graph.tracer.assign_items in targets and not any("setitem" in str(t) for t in targets)
+    for mode in (True, False):
+        model.train(mode), gm.train(mode)
+        torch.testing.assert_close(gm(x), model(x))
+    netsurgeon.analyze(gm, x)  # no in-place node the analysis cannot follow
+
+
+def test_a_submodule_caching_a_traced_value_is_traced_through_and_put_back():
+    """The train trace stores a proxy in the buffer; put back, the eval trace builds its own and the
+    two graphs agree (before, the eval trace read the train trace's proxy and the module became a leaf)."""
+    inner = _CachesInBuffer()
+    model, x = nn.Sequential(inner, nn.Linear(4, 4)), torch.randn(2, 5, 4)
+    gm = netsurgeon.trace(model, x)
+    assert "0" not in {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert isinstance(inner.rel, torch.Tensor)
+    for mode in (True, False):
+        model.train(mode), gm.train(mode)
+        torch.testing.assert_close(gm(x), model(x))

@@ -53,7 +53,7 @@ from ..layers import ModeConstant
 from .attention import write_out_multihead_attention
 from .state import has_trace, random_batch, set_trace_info
 
-__all__ = ["trace", "NetsurgeonTracer", "TraceInfo"]
+__all__ = ["trace", "NetsurgeonTracer", "TraceInfo", "assign_items"]
 
 
 _DROPOUT_MODULES: dict[Any, type[nn.Module]] = {
@@ -176,12 +176,30 @@ class _Proxy(fx.Proxy):
         n = self.tracer.length(self) if isinstance(self.tracer, NetsurgeonTracer) else None
         return super().__len__() if n is None else n
 
+    def __setitem__(self, index: Any, value: Any) -> None:
+        """``t[index] = value`` on a traced tensor (ConViT builds its relative positions in a tensor
+        whose size is a traced token count; MViTv2 adds its relative positions into a slice of the
+        logits): recorded as ``t' = assign_items(t, index, value)``, a copy, and this proxy now stands
+        for ``t'``, so later reads of ``t`` see the assignment as in eager code and the graph stays free
+        of in-place writes (which the analysis cannot follow). A view of ``t`` taken before the
+        assignment would not see it; the trace's check against the eager model catches that."""
+        new = self.tracer.create_proxy("call_function", assign_items, (self, index, value), {})
+        self.node = new.node
+
     def __index__(self) -> int:
         n = self.tracer.index(self) if isinstance(self.tracer, NetsurgeonTracer) else None
         if n is None:
             raise TypeError(f"a traced value ({self.node.name}) is used as an integer; pass example_inputs "
                             f"so netsurgeon.trace can read it, or make the module a leaf")
         return n
+
+
+def assign_items(tensor: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
+    """``tensor`` with ``tensor[index] = value`` applied to a copy: how a traced item assignment
+    appears in a netsurgeon graph."""
+    out = tensor.clone()
+    out[index] = value
+    return out
 
 
 def _run_untraced(root: nn.Module, graph: fx.Graph, inputs: tuple[torch.Tensor, ...]) -> Any:
@@ -490,6 +508,8 @@ def _trace_once(model: nn.Module, leaves: set[str], concrete_args: dict[str, Any
     attributes on the root; they are taken off again (and returned) so that the model is
     left as it was and a second trace numbers its constants the same way."""
     before = set(model.__dict__)
+    saved = {name: {**m.__dict__, **{f"_buffers.{k}": v for k, v in m._buffers.items()}}
+             for name, m in model.named_modules()}
     tracer = _tracer_class(model)(leaves, example_inputs)
     tracer.defaulted = frozenset(defaulted)
     try:
@@ -508,7 +528,25 @@ def _trace_once(model: nn.Module, leaves: set[str], concrete_args: dict[str, Any
         for k, v in new.items():
             if k in added or isinstance(v, fx.Proxy):
                 delattr(model, k)
+        _restore_proxy_attributes(model, saved)
     return graph, added
+
+
+def _restore_proxy_attributes(model: nn.Module, saved: dict[str, dict[str, Any]]) -> None:
+    """Put back what ``forward`` cached on a submodule as a proxy, an attribute or a buffer (ConViT's
+    GPSA stores the relative positions it builds from the token count in a buffer): the next trace
+    would read the stale proxy of this one, and the train and eval graphs differ."""
+    for name, m in model.named_modules():
+        old = saved.get(name)
+        if old is None or m is model:
+            continue
+        for store, prefix in ((m.__dict__, ""), (m._buffers, "_buffers.")):
+            for k, v in list(store.items()):
+                if isinstance(v, fx.Proxy):
+                    if prefix + k in old:
+                        store[k] = old[prefix + k]
+                    else:
+                        del store[k]
 
 
 @contextlib.contextmanager
@@ -744,13 +782,33 @@ def _as_tuple(x: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, .
     return (x,) if isinstance(x, torch.Tensor) else tuple(x)
 
 
+@contextlib.contextmanager
+def _tensors_kept(model: nn.Module) -> Iterator[None]:
+    """Put back every buffer and tensor attribute a run of ``model`` replaced (caches filled by
+    ``forward``: ConViT's GPSA keeps the relative positions of the last token count in a buffer), so
+    tracing leaves the user's model as it was and a later trace of it takes the same paths."""
+    saved = [(m, dict(m._buffers), {k: v for k, v in m.__dict__.items() if v is None or isinstance(v, torch.Tensor)})
+             for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, buffers, attrs in saved:
+            for k in list(m._buffers):
+                if k in buffers:
+                    m._buffers[k] = buffers[k]
+                else:
+                    del m._buffers[k]
+            for k, v in attrs.items():
+                m.__dict__[k] = v
+
+
 def _check_against_eager(model: nn.Module, gm: fx.GraphModule, example_inputs: Any,
                          concrete_args: dict[str, Any] | None = None) -> None:
     inputs = _as_tuple(example_inputs)
     # the trace is specialized to the fixed arguments: the eager model gets them too (fx placeholders aside)
     fixed = {k: v for k, v in (concrete_args or {}).items() if not isinstance(v, fx._symbolic_trace.PHBase)}
     with eval_mode(model), eval_mode(gm), torch.no_grad(), example_run(type(model).__name__, inputs), \
-            _mha_fastpath(False):  # the trace is the general path nn.TransformerEncoderLayer takes with grad on
+            _mha_fastpath(False), _tensors_kept(model):  # the general path nn.TransformerEncoderLayer takes with grad
         ref = model(*inputs, **fixed)
     with eval_mode(gm), torch.no_grad():
         try:  # the run records node shapes: a topology on inputs of these shapes then needs no run
