@@ -152,11 +152,46 @@ class _Glu(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("products", ["rule", "neutral"])
-def test_gate_only_activations_are_refused_by_name(products):
+def test_gate_only_activations_are_refused_by_name_when_products_pass_through():
     with pytest.raises(UnsupportedNodeError, match=r"silu") as err:
-        netsurgeon.transform(_Glu(), [("tat", {"products": products})], example_inputs=torch.randn(8, 16))
+        netsurgeon.transform(_Glu(), [("tat", {"products": "neutral"})], example_inputs=torch.randn(8, 16))
     assert "silu" in " ".join(err.value.nodes) and "leave" in str(err.value)
+
+
+def test_a_glu_split_from_one_projection_is_a_gated_unit():
+    """``a, b = fc1(x).chunk(2, -1); a * silu(b)``: the halves come from disjoint rows of one weight,
+    hence independent; the product is a gated linear unit and tat shapes its gate (it refused the
+    model before: its only activations were on gate paths)."""
+    from netsurgeon.analysis.sums import dependent_products
+    from netsurgeon.analysis.targets import glu_gates
+
+    topo = netsurgeon.topology(_Glu())
+    assert dependent_products(topo) == {} and len(glu_gates(topo)) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = netsurgeon.transform(_Glu(width=256), ["input_norm", ("orthogonal_init", {"seed": 0}), "tat"],
+                                  example_inputs=torch.randn(64, 256))
+    d = netsurgeon.derivation(gm, "tat")
+    assert "silu" in d["gate_constants"] and d["kappa"] == pytest.approx(0.1, rel=1e-9)  # τ / 3 units
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0].name
+    assert netsurgeon.analyze(gm, torch.randn(64, 256)).q(out) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_pieces_of_a_split_along_tokens_are_still_dependent():
+    """Rows of one weight make the features independent, not the tokens: halves of the token axis
+    share every row, so their product stays measured."""
+    from netsurgeon.analysis.sums import dependent_products
+
+    class TokenHalves(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a, b = self.fc(x).chunk(2, dim=1)
+            return a * torch.sigmoid(b)
+
+    assert list(dependent_products(netsurgeon.topology(TokenHalves(), torch.randn(2, 6, 8)))) == ["mul"]
 
 
 def test_a_measured_table_past_one_is_clipped():

@@ -9,6 +9,10 @@ of ``ancestors(b) - ancestors(a)`` differ). Otherwise they are correlated, for e
 * ``x + relu(x)``, ``pool(x) - x`` (PoolFormer): no weight between the two terms;
 * ``f(x) + f(relu(x))`` with one shared ``f``: the same weight on both sides.
 
+Disjoint pieces of one weight's output along its output features (``a, b = fc(x).chunk(2, -1)``,
+timm's ``GluMlp``) come from disjoint sets of independent rows, so each piece counts as a weight of
+its own (``key#piece``).
+
 The analysis measures such sums (status unsupported, with this reason) and the DKS/TAT
 target computation refuses them, instead of applying the uncorrelated rule silently.
 
@@ -21,6 +25,8 @@ Example:
     ['add']
 """
 from __future__ import annotations
+
+import operator
 
 import networkx as nx
 import torch.fx as fx
@@ -99,4 +105,37 @@ def _correlated(topo: Topology, anc_a: set[str], anc_b: set[str]) -> bool:
     g = topo.graph
     only_a = {_weight_key(topo, n) for n in anc_a - anc_b if g.nodes[n]["kind"].traits.weighted}
     only_b = {_weight_key(topo, n) for n in anc_b - anc_a if g.nodes[n]["kind"].traits.weighted}
+    only_a |= {k for k in map(lambda n: _piece_key(topo, n), anc_a - anc_b) if k is not None}
+    only_b |= {k for k in map(lambda n: _piece_key(topo, n), anc_b - anc_a) if k is not None}
     return not only_a ^ only_b
+
+
+_SPLITS = ("chunk", "split", "tensor_split", "split_with_sizes")
+
+
+def _piece_key(topo: Topology, name: str) -> str | None:
+    """``"<weight key>#piece<i>"`` when ``name`` is piece ``i`` (``getitem``) of a split of a Linear's
+    output along its last axis or a Conv's along its channels (``fc(x).chunk(2, -1)[i]``), through
+    dropout and casts between the layer and the split; else None."""
+    node = nodes_by_name(topo.gm).get(name)
+    if node is None or node.op != "call_function" or node.target is not operator.getitem \
+            or not isinstance(node.args[1], int) or not isinstance(node.args[0], fx.Node):
+        return None
+    split = node.args[0]
+    if split.op not in ("call_method", "call_function") or getattr(split.target, "__name__", split.target) not in _SPLITS:
+        return None
+    dim = split.kwargs.get("dim", split.args[2] if len(split.args) > 2 else 0)
+    base = split.args[0] if split.args and isinstance(split.args[0], fx.Node) else None
+    g = topo.graph
+    while base is not None and base.name in g and g.nodes[base.name]["kind"] is OpKind.IDENTITY \
+            and len(g.nodes[base.name]["signal_operands"]) == 1:
+        base = nodes_by_name(topo.gm)[g.nodes[base.name]["signal_operands"][0]]
+    if base is None or base.name not in g or not isinstance(dim, int):
+        return None
+    kind = g.nodes[base.name]["kind"]
+    shape = g.nodes[base.name].get("shape")
+    rank = len(shape) if shape is not None else None
+    last = dim == -1 or (rank is not None and dim == rank - 1)
+    if (kind is OpKind.LINEAR and last) or (kind is OpKind.CONV and (dim == 1 or (rank is not None and dim == 1 - rank))):
+        return f"{_weight_key(topo, base.name)}#piece{node.args[1]}"
+    return None
