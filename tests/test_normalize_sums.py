@@ -142,3 +142,26 @@ def test_normalized_sums_keep_q_order_one_with_depth():
             assert all(0.05 < measured[n].q < 2.0 for n in adds)
     assert qs[True] == pytest.approx([1.0] * 8, rel=1e-6)
     assert qs[False][-1] > 8 * qs[False][0] / 2  # grows by about 1.2 per block
+
+
+class _NestedThree(nn.Module):
+    """A normalized sum of three written as normalize_sums writes it: ``(w·a + w·b) + w·c``, w² = 1/3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = 3 ** -0.5
+        return self.o(torch.tanh((w * self.a(x) + w * self.b(x)) + w * self.c(x)))
+
+
+def test_a_subnetwork_reaching_a_nested_sum_through_one_term_takes_the_others_alike():
+    """CoaT: a lone branch reaches the outer sum through ``w·c`` only. The missing operand is the inner
+    sum, whose nominal share of q is 2/3 (not its weight 1²): the activation after it sees q = 1, not 4/3."""
+    from netsurgeon.analysis.targets import IdealGraph, Subnetwork
+
+    graph = IdealGraph(netsurgeon.topology(_NestedThree()))
+    for sub in (Subnetwork("c alone", ("c",), ("o",)), graph.subnetworks()[0]):
+        values = graph.propagate(sub, lambda _n, v: v + 1.0, 0.0)
+        assert values == {"o": pytest.approx(1.0)}

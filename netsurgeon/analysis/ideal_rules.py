@@ -360,27 +360,53 @@ def _sum_check(graph: IdealGraph, node: fx.Node, d: dict) -> str | None:
     return graph.correlated.get(node.name)
 
 
+def sum_terms(g: Any, name: str) -> list[tuple[float, str]]:
+    """``[(coefficient, operand)]`` of a sum node ``Σ w_i h_i``: its q when the terms are uncorrelated is
+    ``Σ coefficient · q(operand)``; a term written ``c·h`` carries c in its own q already, so its
+    coefficient is ``(w / c)²``."""
+    d = g.nodes[name]
+    out = []
+    for w, a in zip(d["info"].attrs["weights"], d["signal_operands"]):
+        factor = g.nodes[a]["info"].constant_factor
+        out.append(((float(w) / (1.0 if factor is None else factor)) ** 2, a))
+    return out
+
+
 @ideal_rule(OpKind.ADD, check=_sum_check)
 def _sum(graph: IdealGraph, node: fx.Node, d: dict, ins: list[str], q: dict[str, float],
          v: dict[str, float], act: ActRule) -> tuple[float, float]:
     """``Σ w_i h_i`` where a term written ``c·h`` carries c in its own q already."""
     g = graph.topo.graph
     terms, present, total = [], 0.0, 0.0
-    for w, a in zip(d["info"].attrs["weights"], d["signal_operands"]):
-        total += float(w) ** 2
+    for (c, a), w in zip(sum_terms(g, node.name), d["info"].attrs["weights"]):
+        share = float(w) ** 2 * _nominal_q(g, below_factors(g, a))
+        total += share
         if a not in q:
             continue
-        present += float(w) ** 2
-        factor = g.nodes[a]["info"].constant_factor
-        terms.append(((float(w) / (1.0 if factor is None else factor)) ** 2, a))
+        present += share
+        terms.append((c, a))
     return _partial(_weighted(terms, q, v), present, total)
+
+
+def _nominal_q(g: Any, name: str, depth: int = 0) -> float:
+    """The q of ``name`` when everything before it is normalized: 1, or for a sum the shares of its terms
+    (``normalize_sums`` writes a sum of three as ``(w·a + w·b) + w·c``: the inner sum's share is 2/3)."""
+    d = g.nodes[name]
+    if d["kind"] is not OpKind.ADD or depth > 8:
+        return 1.0
+    weights = d["info"].attrs.get("weights")
+    if weights is None or any(w is None for w in weights):
+        return 1.0
+    return sum(float(w) ** 2 * _nominal_q(g, below_factors(g, a), depth + 1)
+               for w, a in zip(weights, d["signal_operands"]))
 
 
 def _partial(qv: tuple[float, float], present: float, total: float) -> tuple[float, float]:
     """A merge reached by only some of its operands: a subnetwork that starts inside the graph (a lone
     residual branch) runs on past its end into a merge with signals from outside it. Those values are
-    never read, but the missing operands are taken at the present ones' mean q, so that q is not
-    misreported downstream (``present``, ``total``: the present and all operands' weights)."""
+    never read, but the missing operands are taken alike to the present ones, so that q is not
+    misreported downstream (``present``, ``total``: the present and all operands' nominal shares of q,
+    ``w² ·`` the q each would have with everything before it normalized)."""
     if present <= 0 or present == total:
         return qv
     return qv[0] * total / present, qv[1]

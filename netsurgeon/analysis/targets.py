@@ -60,8 +60,9 @@ PRODUCT_RESCALE_PREFIX = "ns_product_rescale"  # the buffers of the rescale dks/
 @dataclass(frozen=True)
 class ProductMap:
     """A product of signals' measured local map, relative to its main operand (:func:`main_operand`):
-    ``q_ratio = q(product) / q(reference)`` (:func:`q_reference`: the main operand, below constant
-    factors for a sum), ``slope`` its local ``C'(1)`` (a secant over the
+    ``q_ratio = q(product) / q(reference)`` (:func:`q_reference`: the main operand; for a sum of
+    correlated terms the q its terms would give uncorrelated, ``Σ w_i² q(h_i)``, so a normalized sum
+    nested in another keeps its share), ``slope`` its local ``C'(1)`` (a secant over the
     last measured cosine interval), and the C map as the pairs ``(c_in, c_out)``. The pass
     that uses it rescales the product by ``1 / sqrt(q_ratio)``, so q passes through."""
 
@@ -330,10 +331,14 @@ class IdealGraph:
                 first, ref = main_operand(self.topo, name), q_reference(self.topo, name)
                 if first not in q or ref not in q:
                     continue
-                # the pass rescales the product by 1 / sqrt(q_ratio): q returns to q[ref] once the rescale
-                # follows the product (after the pass) or will follow it (while the pass derives its targets)
+                # the pass rescales the merge by 1 / sqrt(q_ratio): q returns to its reference's once the
+                # rescale follows it (after the pass) or will follow it (while the pass derives its targets);
+                # a correlated sum's reference is the q its terms would give uncorrelated (sum_terms)
+                target = q[ref]
+                if d["kind"] is OpKind.ADD:  # the sum rule (uncorrelated terms; a lone branch's missing ones taken alike)
+                    target = self.rules[name].apply(self, node, d, ins, q, v, act)[0]
                 rescaled = name in self.product_maps and self._rescaled(name)
-                q[name] = q[ref] * (self.product_maps[name].q_ratio if rescaled else 1.0)
+                q[name] = target * (self.product_maps[name].q_ratio if rescaled else 1.0)
                 v[name] = product(name, v[first]) if product is not None else v[first]
                 continue
             q[name], v[name] = self.rules[name].apply(self, node, d, ins, q, v, act)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from ..analysis.ideal_rules import sum_terms
 from ..analysis.targets import PRODUCT_RESCALE_PREFIX, ProductMap
 from ..errors import UnsupportedNodeError
 from ..graph import Topology
@@ -74,8 +75,9 @@ def measure_product_maps(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor,
         if undo is not None:
             undo()
     grid = np.asarray(a.grid)
-    # a correlated sum is measured while its terms follow rules: its q ratio is measured directly
-    sums = {n: q_reference(topo, n) for n in names if topo.graph.nodes[n]["kind"] is OpKind.ADD}
+    # a correlated sum is measured while its terms follow rules: its q ratio is measured directly, against
+    # the q its terms would give uncorrelated (Σ w_i² q(h_i): a normalized sum nested in another keeps its share)
+    sums = {n: sum_terms(topo.graph, n) for n in names if topo.graph.nodes[n]["kind"] is OpKind.ADD}
     measured = measured_q_ratios(gm, sums, example_inputs)
     out = {}
     for name in names:
@@ -93,8 +95,9 @@ def measure_product_maps(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor,
         # C''(1) >= 0; a negative fit is noise of the measured or interpolated map near c = 1
         curvature = max(0.0, float(fit[1])) if np.isfinite(fit[1]) else 0.0
         c_in, c_out = monotone_table(c_first, c_prod)
-        ref = q_reference(topo, name)  # a sum's term below its weight: the rescale restores its q
-        q_ratio = measured.get(name, a.q(name) / a.q(ref) if a.q(ref) > 0 else 1.0)
+        # the q the rescale restores: the main operand's, or a sum's terms' taken uncorrelated
+        base = sum(c * a.q(t) for c, t in sums[name]) if name in sums else a.q(q_reference(topo, name))
+        q_ratio = measured.get(name, a.q(name) / base if base > 0 else 1.0)
         if not (math.isfinite(q_ratio) and q_ratio > 0 and math.isfinite(slope)):
             raise UnsupportedNodeError(f"products={mode!r}: product {name} has q ratio {q_ratio:.3g} and "
                                        f"slope {slope:.3g}; no usable map (an operand zero at init? "
@@ -103,15 +106,15 @@ def measure_product_maps(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor,
     return out
 
 
-def measured_q_ratios(gm: fx.GraphModule, pairs: dict[str, str],
+def measured_q_ratios(gm: fx.GraphModule, pairs: dict[str, list[tuple[float, str]]],
                       example_inputs: tuple[torch.Tensor, ...] | None, draws: int = 4) -> dict[str, float]:
-    """``{node: q(node) / q(reference)}`` for ``pairs = {node: reference}``, from runs of ``gm`` (eval
-    mode) on standard Gaussian inputs shaped like the floating-point ``example_inputs`` (the
-    analysis' inputs, q = 1). Empty without such inputs."""
+    """``{node: q(node) / Σ c·q(reference)}`` for ``pairs = {node: [(c, reference), ...]}``, from runs of
+    ``gm`` (eval mode) on standard Gaussian inputs shaped like the floating-point ``example_inputs``
+    (the analysis' inputs, q = 1). Empty without such inputs."""
     if not pairs or not example_inputs or not all(isinstance(t, torch.Tensor) and t.is_floating_point()
                                                   for t in example_inputs):
         return {}
-    wanted = set(pairs) | set(pairs.values())
+    wanted = set(pairs) | {r for refs in pairs.values() for _, r in refs}
     totals = dict.fromkeys(wanted, 0.0)
 
     class _Recorder(fx.Interpreter):
@@ -131,7 +134,12 @@ def measured_q_ratios(gm: fx.GraphModule, pairs: dict[str, str],
                                     for t in example_inputs))
     finally:
         gm.train(was)
-    return {n: totals[n] / totals[r] for n, r in pairs.items() if totals[r] > 0 and totals[n] > 0}
+    out = {}
+    for n, refs in pairs.items():
+        base = sum(c * totals[r] for c, r in refs)
+        if base > 0 and totals[n] > 0:
+            out[n] = totals[n] / base
+    return out
 
 
 def insert_rescales(gm: fx.GraphModule, maps: dict[str, ProductMap], record: PassRecord | None = None) -> None:
