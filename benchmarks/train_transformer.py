@@ -279,7 +279,7 @@ def _horizon(config: str, steps: int, factor: float | None) -> int:
 def run_config(task: str, config: str, data: tuple[torch.Tensor, ...], budget: TaskBudget, dims: Dims,
                seeds: Sequence[int], select_seeds: int, horizon: float | None = None, vocab_size: int = 0,
                drop: Sequence[str] = (), options: dict[str, dict[str, Any]] | None = None,
-               cache: str | os.PathLike | None = None) -> ConfigResult:
+               cache: str | os.PathLike | None = None, descending: bool = False) -> ConfigResult:
     """Sweep the lr grid for ``sweep_steps`` on the first ``select_seeds`` seeds, then train every seed for the
     configuration's horizon at the best lr. ``cache``: ``harness.train_run``'s directory of finished runs."""
     start = time.perf_counter()
@@ -302,8 +302,11 @@ def run_config(task: str, config: str, data: tuple[torch.Tensor, ...], budget: T
     runs: list[RunResult] = []
     if sweep.best_lr is not None:
         done = list(sweep.best_runs) if reuse else []
-        runs = done + [train_run(fn, data, lr=sweep.best_lr, steps=total, seed=s, eval_every=budget.steps, **kw)
-                       for s in seeds[len(done):]]
+        rest = list(seeds[len(done):])
+        order = rest[::-1] if descending else rest  # a second process sharing the cache starts at the other end
+        trained = {s: train_run(fn, data, lr=sweep.best_lr, steps=total, seed=s, eval_every=budget.steps, **kw)
+                   for s in order}
+        runs = done + [trained[s] for s in rest]
     return ConfigResult(task, config, budget.steps, total, sweep_steps, sweep.scores, sweep.best_lr, sweep.runs,
                         runs, pipeline(config, seeds[0], drop, options), report, transform_s,
                         time.perf_counter() - start)
@@ -320,7 +323,7 @@ def load_task_data(task: str, budget: TaskBudget, dims: Dims) -> tuple[tuple[tor
 def run_task(task: str, budget: TaskBudget, dims: Dims, configs: Sequence[str], seeds: Sequence[int],
              select_seeds: int, horizon: float | None = None, drop: Sequence[str] = (),
              options: dict[str, dict[str, Any]] | None = None, keep_going: bool = False,
-             log: Callable[[str], None] = print, cache: str | os.PathLike | None = None
+             log: Callable[[str], None] = print, cache: str | os.PathLike | None = None, descending: bool = False
              ) -> tuple[dict[str, ConfigResult], dict[str, str], int]:
     """Every configuration of ``task``: ``({config: result}, {config: refusal message}, vocab_size)``.
 
@@ -341,7 +344,7 @@ def run_task(task: str, budget: TaskBudget, dims: Dims, configs: Sequence[str], 
         if config in refused:
             continue
         res = run_config(task, config, data, budget, dims, seeds, select_seeds, horizon, vocab_size, drop, options,
-                         cache)
+                         cache, descending)
         results[config] = res
         losses = ", ".join(f"{loss_at(r, res.steps):.4g}" for r in res.runs) or "all diverged"
         log(f"[{task}/{config}] best lr {res.best_lr}, loss@{res.steps}: {losses} ({res.wall_time_s:.0f} s)")
@@ -542,6 +545,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, help="directory of finished runs, content-addressed (harness.train_run's "
                    "cache=): a run already there is read back, so a long run can be split over several invocations "
                    "(e.g. --configs subsets in parallel processes, then all configurations to assemble the tables)")
+    p.add_argument("--seeds-descending", action="store_true",
+                   help="train the seeds after the lr sweep from the last to the first (the results are the same): "
+                        "a second process on the same --cache-dir then works from the other end")
     p.add_argument("--keep-going", action="store_true",
                    help="record a configuration whose pipeline fails to build as refused and run the others "
                         "(default: stop at once)")
@@ -614,7 +620,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         budget = _budget(task, args)
         results, refused, vocab_size = run_task(task, budget, args.dims, args.configs, seeds, args.select_seeds,
                                                 args.horizon, args.drop_pass, args.options, args.keep_going, log=log,
-                                                cache=args.cache_dir)
+                                                cache=args.cache_dir, descending=args.seeds_descending)
         wall = time.perf_counter() - start
         rows = summary_rows(task, results, refused, args.drop_pass)
         all_rows[task] = rows
