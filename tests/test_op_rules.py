@@ -218,24 +218,6 @@ def test_unfold_fold_and_shuffles():
     assert a.status("unfold_1")[0] == "approximate"
 
 
-class _Windows(nn.Module):
-    """HaloNet's local windows: ``Tensor.unfold`` (sliding windows of the input's entries, no padding)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = _delta_conv(16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.conv(x))
-        return h.unfold(2, 4, 2).unfold(3, 4, 2).reshape(x.shape[0], 16, -1)
-
-
-def test_tensor_unfold_is_a_rearrangement():
-    a, m = _analysis(_Windows(), (64, 16, 12, 12))
-    assert a.status("unfold") == ("exact", "") and a.status("unfold_1") == ("exact", "")
-    _agrees(a, m, ["unfold", "unfold_1", "reshape"], rel_q=0.01, abs_c=0.01)
-
-
 # ---------------------------------------------------------------- drop-path
 def test_stochastic_depth_is_an_identity_and_shapes():
     from torchvision.ops import StochasticDepth

@@ -43,8 +43,7 @@ def _identity_fn(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
 # ---------------------------------------------------------------- reshaping
 _RESHAPE_METHODS = ("view", "reshape", "flatten", "permute", "transpose", "unsqueeze", "squeeze", "expand",
                     "expand_as", "unbind", "chunk", "split", "narrow", "unflatten", "movedim", "repeat",
-                    "view_as", "reshape_as", "t", "roll", "flip", "tensor_split", "split_with_sizes",
-                    "unfold")  # Tensor.unfold: sliding windows of the input's own entries, like repeat (HaloNet)
+                    "view_as", "reshape_as", "t", "roll", "flip", "tensor_split", "split_with_sizes")
 _RESHAPE_FNS = (torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.unsqueeze, torch.squeeze,
                 torch.unbind, torch.chunk, torch.split, torch.narrow, torch.movedim, torch.roll, torch.flip,
                 torch.tensor_split, torch.swapaxes, torch.t)
