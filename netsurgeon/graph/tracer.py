@@ -508,12 +508,10 @@ def _trace_once(model: nn.Module, leaves: set[str], concrete_args: dict[str, Any
     attributes on the root; they are taken off again (and returned) so that the model is
     left as it was and a second trace numbers its constants the same way."""
     before = set(model.__dict__)
-    saved = {name: {**m.__dict__, **{f"_buffers.{k}": v for k, v in m._buffers.items()}}
-             for name, m in model.named_modules()}
     tracer = _tracer_class(model)(leaves, example_inputs)
     tracer.defaulted = frozenset(defaulted)
     try:
-        with _reporting_tracing():
+        with _reporting_tracing(), _tensors_kept(model, root=False):  # a proxy cached on a submodule (ConViT's GPSA)
             graph = tracer.trace(model, concrete_args=concrete_args)
         _concrete_values_as_defaults(graph, concrete_args)
         if decisions is not None:
@@ -528,25 +526,7 @@ def _trace_once(model: nn.Module, leaves: set[str], concrete_args: dict[str, Any
         for k, v in new.items():
             if k in added or isinstance(v, fx.Proxy):
                 delattr(model, k)
-        _restore_proxy_attributes(model, saved)
     return graph, added
-
-
-def _restore_proxy_attributes(model: nn.Module, saved: dict[str, dict[str, Any]]) -> None:
-    """Put back what ``forward`` cached on a submodule as a proxy, an attribute or a buffer (ConViT's
-    GPSA stores the relative positions it builds from the token count in a buffer): the next trace
-    would read the stale proxy of this one, and the train and eval graphs differ."""
-    for name, m in model.named_modules():
-        old = saved.get(name)
-        if old is None or m is model:
-            continue
-        for store, prefix in ((m.__dict__, ""), (m._buffers, "_buffers.")):
-            for k, v in list(store.items()):
-                if isinstance(v, fx.Proxy):
-                    if prefix + k in old:
-                        store[k] = old[prefix + k]
-                    else:
-                        del store[k]
 
 
 @contextlib.contextmanager
@@ -783,12 +763,17 @@ def _as_tuple(x: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, .
 
 
 @contextlib.contextmanager
-def _tensors_kept(model: nn.Module) -> Iterator[None]:
-    """Put back every buffer and tensor attribute a run of ``model`` replaced (caches filled by
-    ``forward``: ConViT's GPSA keeps the relative positions of the last token count in a buffer), so
-    tracing leaves the user's model as it was and a later trace of it takes the same paths."""
-    saved = [(m, dict(m._buffers), {k: v for k, v in m.__dict__.items() if v is None or isinstance(v, torch.Tensor)})
-             for m in model.modules()]
+def _tensors_kept(model: nn.Module, root: bool = True) -> Iterator[None]:
+    """Put back every buffer and tensor attribute a run or a trace of ``model`` replaced, and drop the
+    tensors and proxies it added (caches filled by ``forward``: ConViT's GPSA keeps the relative
+    positions of the last token count in a buffer; traced, a proxy), so tracing leaves the user's model
+    as it was and a later trace of it takes the same paths. ``root=False`` leaves the root module
+    alone (a trace's own constants live there until ``_trace_once`` takes them off)."""
+    def cached(v: Any) -> bool:
+        return v is None or isinstance(v, (torch.Tensor, fx.Proxy))
+
+    saved = [(m, dict(m._buffers), {k: v for k, v in m.__dict__.items() if cached(v)})
+             for m in model.modules() if root or m is not model]
     try:
         yield
     finally:
@@ -798,8 +783,11 @@ def _tensors_kept(model: nn.Module) -> Iterator[None]:
                     m._buffers[k] = buffers[k]
                 else:
                     del m._buffers[k]
-            for k, v in attrs.items():
-                m.__dict__[k] = v
+            for k, v in list(m.__dict__.items()):
+                if k in attrs:
+                    m.__dict__[k] = attrs[k]
+                elif cached(v) and v is not None:
+                    del m.__dict__[k]
 
 
 def _check_against_eager(model: nn.Module, gm: fx.GraphModule, example_inputs: Any,
