@@ -29,11 +29,17 @@ class Block(nn.Module):
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
         self.register_buffer("tril", torch.tril(torch.ones(64, 64)))
+        self.softmax = nn.Softmax(dim=-1)  # "temperature": Swin's softmax module and XCA's per-head temperature
+        self.temperature = nn.Parameter(0.5 + torch.rand(h, 1, 1))
 
     def attn(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).reshape(b, t, 3, self.h, c // self.h).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.written:  # nanoGPT's form; "permuted": LeViT's key, permuted to [b, h, d, t] without a transpose
+        if self.written == "temperature":
+            s = (q @ k.transpose(-2, -1)) * self.temperature * (c // self.h) ** -0.5
+            s = s.masked_fill(self.tril[:t, :t] == 0, float("-inf"))
+            y = self.softmax(s) @ v
+        elif self.written:  # nanoGPT's form; "permuted": LeViT's key, permuted to [b, h, d, t] without a transpose
             kt = k.permute(0, 1, 3, 2) if self.written == "permuted" else k.transpose(-2, -1)
             s = q @ kt * (c // self.h) ** -0.5
             s = s.masked_fill(self.tril[:t, :t] == 0, float("-inf"))
@@ -186,6 +192,42 @@ def test_a_key_permuted_to_d_by_t_is_read_as_the_key() -> None:
     gb = netsurgeon.transform(b, ["attention_shaping"], example_inputs=(ids,))
     assert len(_modules(gb)) == 4
     assert torch.allclose(ga(ids), gb(ids), atol=1e-5)
+
+
+def test_a_softmax_module_and_a_per_head_temperature_are_read() -> None:
+    """``nn.Softmax`` modules (timm's Swin, DaViT) are softmax attention like the functional form (they were
+    missed: the pass reported no attention and left the blocks unshaped); a per-head temperature ``[h, 1, 1]``
+    on the scores (XCA, Swin V2's logit scale) moves onto the query: ``(t ⊙ q) kᵀ = t ⊙ (q kᵀ)``, exactly."""
+    a, ids = _lm(False)
+    b, _ = _lm("temperature")
+    b.load_state_dict(a.state_dict())
+    ga = netsurgeon.transform(a, ["attention_shaping"], example_inputs=(ids,))
+    gb = netsurgeon.transform(b, ["attention_shaping"], example_inputs=(ids,))
+    assert len(_modules(gb)) == 4
+    assert torch.allclose(ga(ids), gb(ids), atol=1e-5)
+    # the temperature is applied, not dropped: with the logit gain at 1 and the pattern's bias and row scales
+    # neutral, the shaped block computes the original attention
+    c, _ = _lm("temperature")
+    c.load_state_dict(b.state_dict())
+    gc = netsurgeon.transform(c, [("attention_shaping", {"query": "zero-gain"})], example_inputs=(ids,))
+    with torch.no_grad():
+        for m in _modules(gc):
+            m.logit_gain.fill_(1.0)
+            m.bias.zero_()
+            m.row_scale.fill_(1.0)
+    assert torch.allclose(gc(ids), c(ids), atol=1e-5)
+
+    class Keyed(nn.Module):  # a scale that varies along the keys cannot move onto the query
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv, self.w = nn.Linear(16, 48), nn.Parameter(torch.rand(5))
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            return torch.softmax((q @ k.transpose(-2, -1)) * self.w, dim=-1) @ v
+
+    with pytest.raises(UnsupportedNodeError, match="matmul.*varies along the keys"):
+        netsurgeon.transform(Keyed(), ["attention_shaping"], example_inputs=(torch.randn(2, 5, 16),))
 
 
 def test_zero_gain_matches_zero_weights_at_init_and_keeps_the_weights() -> None:

@@ -104,9 +104,17 @@ def _is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is F.scaled_dot_product_attention
 
 
-def _is_softmax(node: fx.Node) -> bool:
+def _is_softmax(gm: fx.GraphModule, node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in _SOFTMAX) or \
-        (node.op == "call_method" and node.target == "softmax")
+        (node.op == "call_method" and node.target == "softmax") or \
+        (node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Softmax)
+
+
+def _softmax_dim(gm: fx.GraphModule, softmax: fx.Node) -> Any:
+    """The axis a softmax node normalizes (an ``nn.Softmax`` module's ``dim``, else the call's)."""
+    if softmax.op == "call_module":
+        return gm.get_submodule(softmax.target).dim
+    return softmax.kwargs.get("dim", softmax.args[1] if len(softmax.args) > 1 else None)
 
 
 def _is_matmul(node: fx.Node) -> bool:
@@ -138,7 +146,7 @@ def _transposed_key(node: fx.Node) -> fx.Node | None:
 
 def _written_out(gm: fx.GraphModule, softmax: fx.Node) -> Site | str | None:
     """The site that ``softmax`` belongs to, a reason it cannot be one, or None (not attention)."""
-    dim = softmax.kwargs.get("dim", softmax.args[1] if len(softmax.args) > 1 else None)
+    dim = _softmax_dim(gm, softmax)
     if dim not in (-1, 3, 2):
         return None
     # downstream: casts and dropout, then ``P @ v``
@@ -231,7 +239,7 @@ def find_attention(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str], list
                               masks=[("add", mask)] if isinstance(mask, fx.Node) else [],
                               dropout=b.get("dropout_p", 0.0), causal=bool(b.get("is_causal", False)),
                               scale=b.get("scale"), enable_gqa=bool(b.get("enable_gqa", False))))
-        elif _is_softmax(node):
+        elif _is_softmax(gm, node):
             site = _written_out(gm, node)
             if isinstance(site, Site):
                 sites.append(site)
@@ -563,18 +571,27 @@ class AttentionShaping(Pass):
         if not bias_free:  # a position bias (relative positions, ALiBi): the pattern's bias starts at log P - M
             offset = self._offset(s, values, q.dtype, tq, tk, heads, allowed)
         scale = s.scale
+        query_factors: list[tuple[str, fx.Node]] = []
         if s.written_out:
             scale = 1.0
             for kind, f in s.factors:
                 val = values.get(f, f) if isinstance(f, fx.Node) else f
+                if isinstance(val, torch.Tensor) and val.numel() != 1:
+                    # a per-head (or per-query) temperature, constant along the keys: it scales the query rows
+                    # (XCA's temperature, Swin V2's logit scale), so the rewrite multiplies the query by it
+                    if not isinstance(f, fx.Node) or val.dim() < 1 or val.shape[-1] != 1 or val.dim() > q.dim() \
+                            or any(n not in (1, m) for n, m in zip(val.shape[::-1], q.shape[::-1])):
+                        raise _Refuse(f"the scores are scaled by a tensor of shape {tuple(val.shape)} that varies "
+                                      f"along the keys (only a per-head or per-query scale can move onto the query)")
+                    query_factors.append((kind, f))
+                    continue
                 if isinstance(val, torch.Tensor):
-                    if val.numel() != 1:
-                        raise _Refuse("the scores are scaled by a tensor")
                     val = float(val)
                 if not isinstance(val, (int, float)):
                     raise _Refuse(f"the scores are scaled by {val!r}")
                 scale = scale / float(val) if kind == "div" else scale * float(val)
-        return {"t": tq, "heads": heads, "causal": causal, "scale": scale, "offset": offset}
+        return {"t": tq, "heads": heads, "causal": causal, "scale": scale, "offset": offset,
+                "query_factors": query_factors}
 
     @staticmethod
     def _mask_value(kind: str, m: Any, values: dict[fx.Node, Any], dtype: torch.dtype, tq: int, tk: int
@@ -703,8 +720,11 @@ class AttentionShaping(Pass):
             kwargs["attn_mask"] = mask
         if not s.written_out:
             kwargs["dropout_p"] = s.dropout if s.dropout is not None else 0.0
+        q = s.q
         with gm.graph.inserting_before(s.node):
-            new = gm.graph.call_module(name, (s.q, s.k, s.v), kwargs)
+            for kind, f in plan.get("query_factors", []):  # (q · t) kᵀ = t ⊙ (q kᵀ) for t constant along the keys
+                q = gm.graph.call_function(operator.truediv if kind == "div" else operator.mul, (q, f))
+            new = gm.graph.call_module(name, (q, s.k, s.v), kwargs)
         new.meta = dict(s.node.meta)
         s.node.replace_all_uses_with(new)
         gm.graph.erase_node(s.node)
