@@ -109,3 +109,32 @@ def test_an_exception_escaping_a_pass_counts_as_a_crash_not_a_refusal():
     def refusing(model, x):
         netsurgeon.transform(model, [("input_norm", {"dim": 7})], example_inputs=x)
     assert _run_step(refusing, torch.nn.Linear(2, 2), torch.randn(1, 2)).status == "refused"
+
+
+def test_an_attention_site_the_pass_did_not_shape_is_a_wrong_result(monkeypatch):
+    """``verify_attention`` checks that every attention site left in the graph was reported as skipped
+    (cross-attention): a site the pass did not see, beside shaped ones, is a wrong result, not an ``ok``."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+    import netsurgeon.passes.attention as attention
+    from harness.broad_zoo import VerificationError, verify_attention
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 48), nn.Linear(16, 48)
+
+        def forward(self, x):
+            for qkv in (self.a, self.b):
+                q, k, v = qkv(x).chunk(3, dim=-1)
+                x = F.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1) @ v
+            return x
+
+    x = torch.randn(2, 6, 16)
+    verify_attention(netsurgeon.transform(Two(), ["attention_shaping"], example_inputs=(x,)).eval(), x)
+    find = attention.find_attention
+    monkeypatch.setattr(attention, "find_attention", lambda gm: (lambda s, p, l: (s[:1], p, l))(*find(gm)))
+    gm = netsurgeon.transform(Two(), ["attention_shaping"], example_inputs=(x,))
+    monkeypatch.undo()
+    with pytest.raises(VerificationError, match="was not shaped"):
+        verify_attention(gm.eval(), x)

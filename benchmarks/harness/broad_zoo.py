@@ -341,13 +341,18 @@ def verify_attention(gm: torch.fx.GraphModule, x: Any) -> None:
     import numpy as np
     from netsurgeon.kernels import attention as pat
     from netsurgeon.layers import ShapedAttention
-    opts = next(p.options for p in netsurgeon.report(gm).passes if p.name == "attention_shaping")
+    from netsurgeon.passes.attention import find_attention
+    record = next(p for p in netsurgeon.report(gm).passes if p.name == "attention_shaping")
+    opts = record.options
+    # every attention site left in the graph is one the pass reported as skipped (cross-attention); a site it
+    # did not see (DaViT's nn.Softmax windows beside its shaped channel attention) would pass the checks below
+    skipped = {s.node for s in record.skipped}
+    left = [s.node.name for s in find_attention(gm)[0] if s.node.name not in skipped]
+    if left:
+        raise VerificationError(f"self-attention {left[0]} was not shaped" +
+                                (f" (and {len(left) - 1} more)" if len(left) > 1 else ""))
     mods = {name: m for name, m in gm.named_modules() if isinstance(m, ShapedAttention)}
     if not mods:  # a softmax that is not self-attention (split attention's radix softmax): nothing to shape
-        from netsurgeon.passes.attention import find_attention
-        left = find_attention(gm)[0]
-        if left:
-            raise VerificationError(f"self-attention {left[0].node.name} was not shaped")
         return
     queries: dict[str, torch.Tensor] = {}
 
