@@ -230,6 +230,106 @@ def test_a_softmax_module_and_a_per_head_temperature_are_read() -> None:
         netsurgeon.transform(Keyed(), ["attention_shaping"], example_inputs=(torch.randn(2, 5, 16),))
 
 
+def test_values_on_the_left_are_read() -> None:
+    """``v @ Aᵀ`` with ``v`` in ``[.., d, T]`` layout (EfficientViT's cascaded group attention) is attention:
+    it was missed (the model passed as having none); the rewrite computes ``(A @ vᵀ)ᵀ``."""
+    class Att(nn.Module):
+        def __init__(self, left: bool) -> None:
+            super().__init__()
+            self.qkv, self.left = nn.Linear(16, 48), left
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            a = torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1)
+            return (v.transpose(-2, -1) @ a.transpose(-2, -1)).transpose(-2, -1) if self.left else a @ v
+
+    torch.manual_seed(0)
+    a, b = Att(False), Att(True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 6, 16)
+    ga = netsurgeon.transform(a, ["attention_shaping"], example_inputs=(x,))
+    gb = netsurgeon.transform(b, ["attention_shaping"], example_inputs=(x,))
+    assert len(_modules(gb)) == 1
+    assert torch.allclose(ga(x), gb(x), atol=1e-6)
+
+
+class _TalkingHeads(nn.Module):
+    """Talking-heads attention, CaiT's form (linear layers between permutes) or EfficientFormerV2's (1x1 convs
+    over the heads, a position bias added before the logit mix)."""
+
+    def __init__(self, conv: bool, h: int = 4, t: int = 6) -> None:
+        super().__init__()
+        self.qkv, self.conv, self.h = nn.Linear(16, 48), conv, h
+        self.pre = nn.Conv2d(h, h, 1) if conv else nn.Linear(h, h)
+        self.post = nn.Conv2d(h, h, 1) if conv else nn.Linear(h, h)
+        self.pos = nn.Parameter(torch.randn(h, t, t))
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.h, c // self.h).permute(2, 0, 3, 1, 4)
+        a = q @ k.transpose(-2, -1) * 0.5
+        if self.conv:
+            a = self.post(self.pre(a + self.pos).softmax(dim=-1))
+        else:
+            a = self.pre(a.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(dim=-1)
+            a = self.post(a.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return (a @ v).transpose(1, 2).reshape(b, t, c)
+
+
+class _Calls(torch.fx.Interpreter):
+    """Each attention module's arguments and keyword arguments."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.calls: dict[str, tuple] = {}
+
+    def call_module(self, target, args, kwargs):
+        if isinstance(self.module.get_submodule(target), ShapedAttention):
+            self.calls[target] = (args, kwargs)
+        return super().call_module(target, args, kwargs)
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["cait", "efficientformerv2"])
+def test_talking_heads_keep_their_mixes_and_start_at_the_pattern(conv: bool) -> None:
+    """Talking heads (a head mix between the scores and the softmax, and one after it) are shaped: the logit
+    mix is kept (with a position bias added before it mixed into the offset), the weight mix starts as the
+    identity, so the matrix at initialization is the pattern; with the query, the pattern's bias and the
+    weight mix put back, the block is the model's attention again."""
+    x = torch.randn(2, 6, 16)
+    torch.manual_seed(0)
+    model = _TalkingHeads(conv)
+    gm = netsurgeon.transform(copy_of(model), ["attention_shaping"], example_inputs=(x,))
+    (name, m), = [(n, m) for n, m in gm.named_modules() if isinstance(m, ShapedAttention)]
+    assert m.logit_mix is not None and torch.equal(m.weight_mix.detach(), torch.eye(4))
+    spy = _Calls(gm)
+    spy.run(x)
+    (q, k, v), kwargs = spy.calls[name]
+    assert torch.count_nonzero(q) == 0 and (("premix_mask" in kwargs) == conv)
+    assert torch.allclose(m(q, k, v, **kwargs), (m.init_matrix().float() @ v), atol=1e-5)  # the pattern, exactly
+    a = m.init_matrix().numpy()
+    rhos = pat.schedule("e-spa", 6, 1, 0.3)
+    want = pat.transition(pat.family_kernel("e-spa", 6, rhos[0]), pat.family_kernel("e-spa", 6, rhos[1]), False)
+    assert np.allclose(a[0] / a[0].sum(1, keepdims=True), want / want.sum(1, keepdims=True), atol=1e-6)
+
+    g2 = netsurgeon.transform(copy_of(model), [("attention_shaping", {"query": "zero-gain"})], example_inputs=(x,))
+    m2 = _modules(g2)[0]
+    with torch.no_grad():
+        m2.logit_gain.fill_(1.0)
+        m2.bias.zero_()
+        m2.row_scale.fill_(1.0)
+        w = model.post.weight[:, :, 0, 0] if conv else model.post.weight
+        m2.weight_mix.copy_(w)
+        m2.weight_mix_bias.copy_(model.post.bias)
+    assert torch.allclose(g2(x), model(x), atol=1e-5)
+    with pytest.raises(UnsupportedNodeError, match="talking heads.*value-skipinit"):
+        netsurgeon.transform(copy_of(model), [("attention_shaping", {"mode": "value-skipinit"})], example_inputs=(x,))
+
+
+def copy_of(model: nn.Module) -> nn.Module:
+    import copy
+    return copy.deepcopy(model)
+
+
 def test_zero_gain_matches_zero_weights_at_init_and_keeps_the_weights() -> None:
     a, ids = _lm()
     b, _ = _lm()

@@ -19,7 +19,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ShapedAttention", "ValueSkipInit"]
+__all__ = ["ShapedAttention", "ValueSkipInit", "mix_heads"]
+
+
+def mix_heads(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``[..., H, T, S]`` -> ``[..., G, T, S]``: ``out[g] = Σ_h weight[g, h] x[h]``, the head mixing of
+    talking-heads attention (Shazeer et al. arXiv:2003.02436); a head axis of 1 is broadcast first."""
+    if x.shape[-3] == 1:
+        x = x.expand(*x.shape[:-3], weight.shape[1], *x.shape[-2:])
+    return torch.einsum("gh,...hij->...gij", weight.to(x.dtype), x)
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -50,12 +58,17 @@ class ShapedAttention(nn.Module):
     bias)`` of the query projection rows it zeroed, which ``orthogonal_init`` keeps at zero.
         logit_gain: None, or the start of a trainable per-head gain on the query-key logits
             (0: the product starts at zero without touching the query weights).
+        logit_mix: None, or ``[heads, heads]``: talking heads' mixing of the logits before the softmax
+            (trainable, started from the model's). A mask passed as ``premix_mask`` is added before it.
+        weight_mix: whether talking heads mix the attention weights after the softmax: a trainable
+            ``[heads, heads]`` matrix and bias starting at the identity and zero, so the matrix at
+            initialization is still the pattern.
     """
 
     def __init__(self, log_pattern: torch.Tensor, row_scale: torch.Tensor, heads: int = 1, causal: bool = False,
                  scale: float | None = None, dropout: float = 0.0, mode: str = "e-spa",
-                 enable_gqa: bool = False, logit_gain: float | None = None, offset: torch.Tensor | None = None
-                 ) -> None:
+                 enable_gqa: bool = False, logit_gain: float | None = None, offset: torch.Tensor | None = None,
+                 logit_mix: torch.Tensor | None = None, weight_mix: bool = False) -> None:
         super().__init__()
         t = log_pattern.shape[-1]
         if log_pattern.shape[-2:] != (t, t) or log_pattern.dim() not in (2, 3) or row_scale.shape != (t,):
@@ -73,6 +86,13 @@ class ShapedAttention(nn.Module):
         self.enable_gqa = bool(enable_gqa)
         self.logit_gain = None if logit_gain is None else nn.Parameter(torch.full((heads, 1, 1), float(logit_gain)))
         self.zeroed_query: list[tuple[torch.Tensor, int, list[int], torch.Tensor | None]] = []
+        if (logit_mix is not None or weight_mix) and enable_gqa:
+            raise ValueError("talking heads (logit_mix, weight_mix) need one key/value head per query head")
+        if logit_mix is not None and tuple(logit_mix.shape) != (heads, heads):
+            raise ValueError(f"logit_mix must be [{heads}, {heads}], got {tuple(logit_mix.shape)}")
+        self.logit_mix = None if logit_mix is None else nn.Parameter(logit_mix.detach().float().clone())
+        self.weight_mix = nn.Parameter(torch.eye(heads)) if weight_mix else None
+        self.weight_mix_bias = nn.Parameter(torch.zeros(heads)) if weight_mix else None
 
     @torch.no_grad()
     def set_rows(self, row_scale: torch.Tensor) -> None:
@@ -94,7 +114,7 @@ class ShapedAttention(nn.Module):
         return b.to(dtype)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                dropout_p: float | None = None) -> torch.Tensor:
+                dropout_p: float | None = None, premix_mask: torch.Tensor | None = None) -> torch.Tensor:
         tq, tk = q.shape[-2], k.shape[-2]
         bias = self._bias(tq, tk, q.dtype)
         if q.dim() == 3:
@@ -105,7 +125,19 @@ class ShapedAttention(nn.Module):
         kw = {"enable_gqa": True} if self.enable_gqa else {}
         if self.logit_gain is not None:
             q = q * (self.logit_gain[0] if q.dim() == 3 else self.logit_gain).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.scale, **kw)
+        if self.logit_mix is None and self.weight_mix is None and premix_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.scale, **kw)
+        else:  # talking heads: the logits and/or the weights are mixed across heads, so no fused kernel
+            logits = (q @ k.transpose(-2, -1)) * (self.scale if self.scale is not None else q.shape[-1] ** -0.5)
+            if premix_mask is not None:
+                logits = logits + _additive(premix_mask, q.dtype)
+            if self.logit_mix is not None:
+                logits = mix_heads(self.logit_mix, logits)
+            a = torch.softmax(logits + mask, dim=-1)
+            a = F.dropout(a, p) if p > 0 else a
+            if self.weight_mix is not None:
+                a = mix_heads(self.weight_mix, a) + self.weight_mix_bias.to(a.dtype)[:, None, None]
+            out = a @ v
         return out * self.row_scale[tk - tq:tk, None].to(out.dtype)
 
     @torch.no_grad()
@@ -115,7 +147,10 @@ class ShapedAttention(nn.Module):
         logits = self._bias(t, t, torch.float64)
         if self.offset is not None:
             logits = logits + self.offset[:, :t, :t].double()
-        return torch.softmax(logits, dim=-1) * self.row_scale[:t, None].double()
+        a = torch.softmax(logits, dim=-1)
+        if self.weight_mix is not None:
+            a = mix_heads(self.weight_mix.double(), a) + self.weight_mix_bias.double()[:, None, None]
+        return a * self.row_scale[:t, None].double()
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode!r}, heads={self.bias.shape[0]}, length={self.length}, causal={self.causal}, "

@@ -47,6 +47,7 @@ from ..graph.running import eval_mode
 from ..graph.state import default_inputs
 from ..kernels import attention as patterns
 from ..layers import ShapedAttention, ValueSkipInit
+from ..layers.attention import mix_heads
 from ..ops import linear_parameters
 from ..report import PassRecord, Preservation
 from ._edit import call_sites
@@ -77,6 +78,11 @@ class Site:
         written_out: whether the site is a written-out softmax attention.
         key_transposed: ``k`` is the scores' right operand itself, ``kᵀ`` in ``[..., d, T]`` layout
             (LeViT's ``k.permute(0, 2, 3, 1)``); the pass inserts ``k.transpose(-2, -1)`` before reading it.
+        value_left: the output is ``v @ Aᵀ`` with ``v`` in ``[..., d, T]`` layout (EfficientViT); the
+            rewrite computes ``(A @ vᵀ)ᵀ``.
+        logit_mix, weight_mix: talking heads (CaiT, EfficientFormerV2): the linear layer or 1x1 conv that
+            mixes the heads of the logits before the softmax, or of the weights after it.
+        premix: the number of ``masks`` (the last ones, found walking up) added before ``logit_mix``.
     """
 
     node: fx.Node
@@ -91,6 +97,10 @@ class Site:
     enable_gqa: bool = False
     written_out: bool = False
     key_transposed: bool = False
+    value_left: bool = False
+    logit_mix: fx.Node | None = None
+    weight_mix: fx.Node | None = None
+    premix: int = 0
     factors: list[tuple[str, Any]] = dataclasses.field(default_factory=list)
 
 
@@ -144,6 +154,60 @@ def _transposed_key(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def _permutes(node: Any, dims: tuple[int, ...]) -> bool:
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "permute"):
+        return False
+    args = node.args[1:]
+    args = tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else tuple(args)
+    return args == dims
+
+
+def _mixer(gm: fx.GraphModule, node: Any) -> nn.Module | None:
+    """The module when ``node`` calls a square linear layer or an ungrouped square 1x1 conv (a head mix)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_module"):
+        return None
+    m = gm.get_submodule(node.target)
+    if type(m) is nn.Linear and m.in_features == m.out_features:
+        return m
+    if type(m) is nn.Conv2d and m.in_channels == m.out_channels and m.kernel_size == (1, 1) and m.groups == 1 \
+            and m.stride == (1, 1) and m.padding in ((0, 0), "valid") and m.dilation == (1, 1):
+        return m
+    return None
+
+
+def _mix_below(gm: fx.GraphModule, x: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(mix node, its output)`` when ``x`` [B, H, T, S] goes straight into a head mix: a 1x1 conv over
+    the heads, or ``permute(0, 2, 3, 1)``, a linear layer and ``permute(0, 3, 1, 2)`` (CaiT)."""
+    for u in x.users:
+        if isinstance(_mixer(gm, u), nn.Conv2d) and u.args[0] is x:
+            return u, u
+        if _permutes(u, (0, 2, 3, 1)) and len(u.users) == 1:
+            lin = next(iter(u.users))
+            if isinstance(_mixer(gm, lin), nn.Linear) and len(lin.users) == 1:
+                back = next(iter(lin.users))
+                if _permutes(back, (0, 3, 1, 2)):
+                    return lin, back
+    return None
+
+
+def _mix_above(gm: fx.GraphModule, y: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(mix node, its input)`` when ``y`` is the output of a head mix (see :func:`_mix_below`)."""
+    if isinstance(_mixer(gm, y), nn.Conv2d) and isinstance(y.args[0], fx.Node):
+        return y, y.args[0]
+    if _permutes(y, (0, 3, 1, 2)) and isinstance(_mixer(gm, y.args[0]), nn.Linear):
+        lin = y.args[0]
+        if _permutes(lin.args[0], (0, 2, 3, 1)) and len(lin.users) == 1 and len(lin.args[0].users) == 1:
+            return lin, lin.args[0].args[0]
+    return None
+
+
+def mix_matrix(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight [H, H], bias [H] or None)`` of a head-mix node found by :func:`_mix_below`."""
+    m = gm.get_submodule(node.target)
+    w = m.weight if isinstance(m, nn.Linear) else m.weight[:, :, 0, 0]
+    return w, m.bias
+
+
 def _written_out(gm: fx.GraphModule, softmax: fx.Node) -> Site | str | None:
     """The site that ``softmax`` belongs to, a reason it cannot be one, or None (not attention)."""
     dim = _softmax_dim(gm, softmax)
@@ -151,11 +215,23 @@ def _written_out(gm: fx.GraphModule, softmax: fx.Node) -> Site | str | None:
         return None
     # downstream: casts and dropout, then ``P @ v``
     cur, rate = softmax, 0.0
+    value_left = False
+    weight_mix = None
     while True:
         users = [u for u in cur.users]
+        mixed = _mix_below(gm, cur) if weight_mix is None else None
+        if mixed is not None and len(users) == 1:
+            weight_mix, cur = mixed
+            continue
         nxt = next((u for u in users if _is_matmul(u) and u.args[0] is cur), None)
         if nxt is not None:
             end = nxt
+            break
+        # ``v @ Aᵀ`` with v in [.., d, T] layout (EfficientViT's cascaded group attention): (A @ vᵀ)ᵀ
+        nxt = next((w for u in users if _transposed_key(u) is cur for w in u.users
+                    if _is_matmul(w) and w.args[1] is u and isinstance(w.args[0], fx.Node)), None)
+        if nxt is not None:
+            end, value_left = nxt, True
             break
         step = next((u for u in users if _is_cast(u) or _dropout_rate(gm, u) is not None), None)
         if step is None:
@@ -165,8 +241,13 @@ def _written_out(gm: fx.GraphModule, softmax: fx.Node) -> Site | str | None:
     # upstream: scales, masks and casts, then ``q @ kᵀ``
     masks: list[tuple[str, Any]] = []
     factors: list[tuple[str, Any]] = []
+    logit_mix, premix_at = None, 0
     cur = softmax.args[0] if softmax.args else softmax.kwargs.get("input")
     while isinstance(cur, fx.Node) and not _is_matmul(cur):
+        mixed = _mix_above(gm, cur) if logit_mix is None else None
+        if mixed is not None:
+            (logit_mix, cur), premix_at = mixed, len(masks)
+            continue
         if _is_cast(cur):
             cur = cur.args[0]
         elif cur.op == "call_function" and cur.target in (operator.mul, operator.truediv, torch.mul, torch.div):
@@ -194,8 +275,10 @@ def _written_out(gm: fx.GraphModule, softmax: fx.Node) -> Site | str | None:
     if not isinstance(cur.args[1], fx.Node):
         return f"{cur.name}: the scores' right operand is not a tensor of the graph"
     k = _transposed_key(cur.args[1])
-    return Site(end, cur.args[0], cur.args[1] if k is None else k, end.args[1], masks=masks, dropout_rate=rate,
-                written_out=True, factors=factors, key_transposed=k is None)
+    return Site(end, cur.args[0], cur.args[1] if k is None else k, end.args[0] if value_left else end.args[1],
+                masks=masks, dropout_rate=rate, written_out=True, factors=factors, key_transposed=k is None,
+                value_left=value_left, logit_mix=logit_mix, weight_mix=weight_mix,
+                premix=len(masks) - premix_at if logit_mix is not None else 0)
 
 
 _KEY_TRANSPOSE = "netsurgeon_key_transpose"  # node meta: a key transpose _with_key inserted
@@ -551,6 +634,10 @@ class AttentionShaping(Pass):
             raise _Refuse("the query is not a [batch, ..., T, d] tensor")
         tq, tk = q.shape[-2], k.shape[-2]
         heads = q.shape[-3] if q.dim() >= 4 else 1
+        if self.mode == "value-skipinit" and (s.logit_mix is not None or s.weight_mix is not None):
+            raise _Refuse(f"talking heads ({(s.logit_mix or s.weight_mix).name}): value-skipinit computes plain "
+                          f"attention, which would drop the head mix; use e-spa or u-spa")
+        values = self._premixed(gm, s, values, q, heads)
         allowed = torch.ones(tq, tk, dtype=torch.bool)
         bias_free = True
         for kind, m in s.masks:
@@ -592,6 +679,28 @@ class AttentionShaping(Pass):
                 scale = scale / float(val) if kind == "div" else scale * float(val)
         return {"t": tq, "heads": heads, "causal": causal, "scale": scale, "offset": offset,
                 "query_factors": query_factors}
+
+    @staticmethod
+    def _premixed(gm: fx.GraphModule, s: Site, values: dict[fx.Node, Any], q: torch.Tensor, heads: int
+                  ) -> dict[fx.Node, Any]:
+        """``values`` with each mask added before the talking heads' logit mix replaced by its mixed value
+        (what it adds to the logits the softmax sees)."""
+        if s.logit_mix is None and s.weight_mix is None:
+            return values
+        for mix in (s.logit_mix, s.weight_mix):
+            if mix is not None and (q.dim() != 4 or tuple(mix_matrix(gm, mix)[0].shape) != (heads, heads)):
+                raise _Refuse(f"its head mix {mix.name} does not act on the {heads} heads of [batch, heads, T, T] "
+                              f"scores")
+        values = dict(values)
+        for kind, m in s.masks[len(s.masks) - s.premix:]:
+            val = values.get(m, m) if kind == "add" and isinstance(m, fx.Node) else None
+            if not isinstance(val, torch.Tensor) or val.dtype == torch.bool or val.dim() < 3 \
+                    or not bool(torch.isfinite(val).all()):
+                raise _Refuse(f"a mask before the head mix {s.logit_mix.name} that is not a finite additive "
+                              f"[.., heads, T, T] tensor")
+            with torch.no_grad():
+                values[m] = mix_heads(mix_matrix(gm, s.logit_mix)[0], val)
+        return values
 
     @staticmethod
     def _mask_value(kind: str, m: Any, values: dict[fx.Node, Any], dtype: torch.dtype, tq: int, tk: int
@@ -698,7 +807,9 @@ class AttentionShaping(Pass):
             log_p = torch.tensor(b) if offset is None else torch.tensor(b)[None] - offset
             module = ShapedAttention(log_p, torch.tensor(d), heads=heads, causal=causal, scale=scale,
                                      dropout=s.dropout_rate, mode=self.mode, enable_gqa=s.enable_gqa,
-                                     logit_gain=0.0 if gain else None, offset=offset)
+                                     logit_gain=0.0 if gain else None, offset=offset,
+                                     logit_mix=None if s.logit_mix is None else mix_matrix(gm, s.logit_mix)[0],
+                                     weight_mix=s.weight_mix is not None)
             zeroed = self._zero_query(gm, plan.get("rows", {}))
             module.zeroed_query = []  # (weight, axis, rows, bias): orthogonal_init keeps them at zero
             for p, used in plan.get("rows", {}).items():
@@ -709,34 +820,46 @@ class AttentionShaping(Pass):
             what = (f"{self.mode} block {l}/{blocks}: token kernel ρ {r0:.4g} -> {r1:.4g} over T={t}, "
                     f"{heads} head(s), causal={causal}; {how}"
                     + ("; the model's own position bias is subtracted from the pattern's at initialization"
-                       if offset is not None else ""))
+                       if offset is not None else "")
+                    + (f"; talking heads: the logit mix {s.logit_mix.name} is kept (its bias, a constant per head "
+                       f"and row, cancels in the softmax)" if s.logit_mix is not None else "")
+                    + (f"; talking heads: the weight mix {s.weight_mix.name} starts as the identity (trainable)"
+                       if s.weight_mix is not None else ""))
         ref = next(iter(gm.parameters()), None)
         if ref is not None:
             module.to(device=ref.device)
         gm.add_submodule(name, module)
-        mask = self._mask_node(gm, s)
+        after = len(s.masks) - s.premix
+        mask = self._mask_node(gm, s, s.masks[:after])
         kwargs: dict[str, Any] = {}
         if mask is not None:
             kwargs["attn_mask"] = mask
+        premix = self._mask_node(gm, s, s.masks[after:])
+        if premix is not None:
+            kwargs["premix_mask"] = premix
         if not s.written_out:
             kwargs["dropout_p"] = s.dropout if s.dropout is not None else 0.0
         q = s.q
         with gm.graph.inserting_before(s.node):
             for kind, f in plan.get("query_factors", []):  # (q · t) kᵀ = t ⊙ (q kᵀ) for t constant along the keys
                 q = gm.graph.call_function(operator.truediv if kind == "div" else operator.mul, (q, f))
-            new = gm.graph.call_module(name, (q, s.k, s.v), kwargs)
-        new.meta = dict(s.node.meta)
-        s.node.replace_all_uses_with(new)
+            v = gm.graph.call_method("transpose", (s.v, -2, -1)) if s.value_left else s.v
+            new = gm.graph.call_module(name, (q, s.k, v), kwargs)
+            out = gm.graph.call_method("transpose", (new, -2, -1)) if s.value_left else new
+        out.meta = dict(s.node.meta)
+        if s.value_left:
+            new.meta = {k: v for k, v in s.node.meta.items() if k == "stack_trace"}
+        s.node.replace_all_uses_with(out)
         gm.graph.erase_node(s.node)
         record.change(s.node.name, what, "signal-propagation attention: the token kernel follows the schedule "
                                          "instead of collapsing (docs/theory.md §9)")
 
     @staticmethod
-    def _mask_node(gm: fx.GraphModule, s: Site) -> fx.Node | None:
-        """One additive/bool mask node equal to the site's masks (None when it had none)."""
+    def _mask_node(gm: fx.GraphModule, s: Site, masks: list[tuple[str, Any]]) -> fx.Node | None:
+        """One additive/bool mask node equal to ``masks`` (None when there are none)."""
         parts: list[fx.Node] = []
         with gm.graph.inserting_before(s.node):
-            for kind, m in s.masks:
+            for kind, m in masks:
                 if kind == "add":
                     if isinstance(m, fx.Node):
                         parts.append(m)
