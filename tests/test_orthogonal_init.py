@@ -113,3 +113,26 @@ def test_orthogonal_init_seed_is_reproducible_and_caller_model_untouched():
     assert all(torch.equal(sd[0][k], sd[1][k]) for k in sd[0])
     assert not torch.equal(sd[0]["0.weight"], sd[2]["0.weight"])
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_orthogonal_init_zeroes_layers_that_read_constants_only():
+    """A layer fed by constants only (XCiT's Fourier position encoding through a conv) adds an input-independent
+    term, a bias of the kernel theory: zeroed, so q is unchanged by the sum; the layers on the signal are not."""
+    class FourierPos(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 1)
+            self.proj = nn.Conv2d(4, 8, 1)
+
+        def forward(self, x):
+            b, _, h, w = x.shape
+            grid = torch.arange(h * w, dtype=x.dtype).reshape(1, 1, h, w) / (h * w)
+            feats = torch.cat([torch.sin(grid), torch.cos(grid), torch.sin(2 * grid), torch.cos(2 * grid)], 1)
+            return self.stem(x) + self.proj(feats).expand(b, -1, -1, -1)
+
+    x = torch.randn(2, 3, 5, 5)
+    gm = netsurgeon.transform(FourierPos(), [("orthogonal_init", {"seed": 0})], example_inputs=(x,))
+    assert torch.count_nonzero(gm.get_submodule("proj").weight) == 0 and torch.count_nonzero(gm.proj.bias) == 0
+    assert torch.count_nonzero(gm.get_submodule("stem").weight) > 0
+    changes = {c.node: c.what for c in netsurgeon.report(gm).passes[-1].changes}
+    assert "reads constants only" in changes["proj"]

@@ -158,9 +158,34 @@ class OrthogonalInit(Pass):
                     path, m, names.get(path, path), generator, record):
                 done.add(id(m.weight))
         self._init_functional(gm, done, generator, record)
+        self._zero_constant_layers(gm, record)
         self._keep_zeroed_queries(gm, record)
         record.note(f"initialized {len(record.changes)} layer(s), skipped {len(record.skipped)}; seed {self.seed}")
         return gm
+
+    @staticmethod
+    @torch.no_grad()
+    def _zero_constant_layers(gm: fx.GraphModule, record: PassRecord) -> None:
+        """A layer whose every call reads constants only (not the input: XCiT's and EdgeNeXt's Fourier position
+        encoding projected by a conv, Swin V2's relative-position MLP) makes an input-independent term, a bias
+        of the kernel theory: zero, like every bias here, so that adding it leaves q unchanged (with orthogonal
+        weights the Fourier encoding would add 0.5 to q at every token)."""
+        topo = Topology(gm)
+        signal = lambda n: isinstance(n, fx.Node) and topo.graph.nodes[n.name]["signal"]  # noqa: E731
+        calls: dict[str, list[fx.Node]] = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                calls.setdefault(node.target, []).append(node)
+        for path, nodes in calls.items():
+            m = gm.get_submodule(path)
+            if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or any(signal(a) for n in nodes
+                                                                              for a in n.all_input_nodes):
+                continue
+            m.weight.zero_()
+            if getattr(m, "bias", None) is not None:
+                m.bias.zero_()
+            record.change(nodes[0].name, f"{type(m).__name__} {path} reads constants only (not the input): zeroed",
+                          "its output is an input-independent term, a bias of the kernel theory (zero at init)")
 
     @staticmethod
     @torch.no_grad()
