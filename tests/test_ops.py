@@ -87,3 +87,21 @@ def test_subclass_with_own_forward_is_not_assumed_to_be_its_base():
     topo = netsurgeon.topology(nn.Sequential(nn.Linear(2, 2), Weird()))
     assert "activation" not in topo.kind_counts()
     assert topo.kind_counts()["reshape"] == 1  # traced through: its own forward (a flip) is what is seen
+
+
+class _BufferClamp(nn.Module):
+    """Gemma 4's clippable linear: a clamp whose bounds are buffers (±inf unless a checkpoint sets them)."""
+
+    def __init__(self, lo: float, hi: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.register_buffer("lo", torch.tensor(lo))
+        self.register_buffer("hi", torch.tensor(hi))
+
+    def forward(self, x):
+        return torch.clamp(self.fc(x), self.lo, self.hi)
+
+
+def test_clamp_bounds_in_buffers_are_read():
+    assert _only(_BufferClamp(float("-inf"), float("inf")), OpKind.IDENTITY).name == "clamp"
+    assert str(_only(_BufferClamp(-2.0, 3.0), OpKind.ACTIVATION).activation) == "hardtanh(min_val=-2, max_val=3)"

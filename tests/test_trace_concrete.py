@@ -77,8 +77,18 @@ def test_a_traced_size_used_as_an_integer_is_read_on_the_example():
     torch.testing.assert_close(gm(x), model(x))
     decisions = trace_info(gm).specialized
     assert sum("size or index = 7" in d for d in decisions) == 2  # the slice bound and numpy's length
-    with pytest.raises(TypeError, match="example_inputs"):  # without example inputs it fails, and says why
-        netsurgeon.graph.tracer.NetsurgeonTracer().trace(_SlicedMask())
+
+
+class _Repeated(nn.Module):
+    def forward(self, s):
+        return torch.stack([s for _ in range(s.shape[-1])])  # a traced length as a Python loop bound
+
+
+def test_a_traced_integer_without_example_inputs_fails_and_says_why():
+    with pytest.raises(TypeError, match="example_inputs"):
+        netsurgeon.graph.tracer.NetsurgeonTracer().trace(_Repeated())
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(netsurgeon.trace(_Repeated(), x)(x), _Repeated()(x))
 
 
 def test_attention_that_caches_its_bias_unless_jit_tracing_is_traced_through():
@@ -155,3 +165,29 @@ def test_a_submodule_caching_a_traced_value_is_traced_through_and_put_back():
     for mode in (True, False):
         model.train(mode), gm.train(mode)
         torch.testing.assert_close(gm(x), model(x))
+
+
+class _Rotary(nn.Module):
+    """Rotary frequencies in a buffer, expanded by the traced batch size (Gemma 4's 2-D rotary embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", torch.rand(4))
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        f = self.inv_freq[None, :, None].float().expand(x.shape[0], -1, 1)
+        return self.fc(x) * f.sum(dim=(1, 2))[:, None]
+
+
+def test_a_buffer_method_called_with_a_traced_size_traces_with_buffers_as_nodes():
+    """fx reads buffers as constant tensors, on which ``expand(x.shape[0], ...)`` fails: the trace is retried
+    with buffers as graph nodes (and says so) instead of leaving the module opaque."""
+    model, x = _Rotary(), torch.randn(3, 8)
+    gm = netsurgeon.trace(model, x)
+    info = trace_info(gm)
+    assert info.buffers_as_nodes and not info.untraceable_leaves and not info.auto_leaves
+    torch.testing.assert_close(gm(x), model(x))
+    y = torch.randn(5, 8)
+    torch.testing.assert_close(gm(y), model(y))  # the batch size stays symbolic
+    assert not trace_info(netsurgeon.trace(_SlicedMask(), torch.randn(2, 7, 7))).buffers_as_nodes

@@ -65,9 +65,6 @@ __all__ = ["HFTracing", "default_inputs"]
 
 _MISSING = object()  # a node whose concrete value could not be computed
 _CACHE_ARGS = ("use_cache",)
-# torch functions whose argument parser rejects proxies before ``__torch_function__`` is consulted
-# (``torch.ones(x.shape[0], n)``, ``torch.finfo(x.dtype)``): recorded as nodes while tracing
-_TORCH_FACTORIES = ("arange", "ones", "zeros", "full", "empty", "eye", "tensor", "as_tensor", "finfo", "iinfo")
 
 
 def default_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -159,40 +156,6 @@ def _untraced() -> Iterator[None]:
         nn.Module.__call__, nn.Module.__getattr__ = patched
 
 
-def _has_proxy(obj: Any) -> bool:
-    found = False
-
-    def look(x: Any) -> Any:
-        nonlocal found
-        found = found or isinstance(x, fx.Proxy)
-        return x
-
-    fx.node.map_aggregate(obj, look)
-    return found
-
-
-@contextlib.contextmanager
-def _factories_traced(tracer: fx.Tracer) -> Iterator[None]:
-    """``torch.<factory>`` called with a proxy among its arguments becomes a node (its target the
-    original function), as ``fx.wrap`` does for module-level functions."""
-    originals = {name: getattr(torch, name) for name in _TORCH_FACTORIES if hasattr(torch, name)}
-
-    def wrapped(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def factory(*args: Any, **kwargs: Any) -> Any:
-            if _has_proxy((args, kwargs)):
-                return tracer.create_proxy("call_function", fn, args, kwargs)
-            return fn(*args, **kwargs)
-        return factory
-
-    for name, fn in originals.items():
-        setattr(torch, name, wrapped(fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(torch, name, fn)
-
-
 @contextlib.contextmanager
 def _side_effects_undone(model: nn.Module, inputs: tuple[Any, ...]) -> Iterator[None]:
     """Runs inside the block (the shadow execution, the reference run) leave the RNG and the buffers
@@ -258,7 +221,7 @@ class HFTracing(fx.Tracer):
                 keys = _output_keys(root, inputs, dict(concrete_args or {}))
             self._root_fn, concrete_args = _root_forward(root, names, extra, keys), None
         try:
-            with _side_effects_undone(root, inputs), _factories_traced(self):
+            with _side_effects_undone(root, inputs):  # torch factories: NetsurgeonTracer.trace
                 return super().trace(root, concrete_args)
         finally:
             self._values.clear()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import traceback
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -17,7 +17,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from .._validate import non_finite, short_list
 from ..errors import ExampleInputError, InvalidArgumentError, NetsurgeonError
 
-__all__ = ["eval_mode", "example_run", "propagate_shapes", "require_finite", "outputs_match",
+__all__ = ["eval_mode", "example_run", "factories_traced", "has_proxy", "propagate_shapes", "require_finite", "outputs_match",
            "overflow_error", "run_recording_shapes", "shapes_current", "user_line"]
 
 
@@ -191,3 +191,43 @@ def overflow_error(what: str, model: nn.Module, ref: Any, out: Any) -> ExampleIn
                              f"outputs, {bad_out} in the traced ones), so the trace cannot be checked against "
                              f"it; inputs and parameters are finite{buffers}: the model overflows on these "
                              f"inputs; pass inputs of the scale and dtype it expects")
+
+
+# torch functions whose argument parser rejects proxies before ``__torch_function__`` is consulted
+# (``torch.ones(x.shape[0], n)``, ``torch.finfo(x.dtype)``): recorded as nodes while tracing
+_TORCH_FACTORIES = ("arange", "ones", "zeros", "full", "empty", "eye", "tensor", "as_tensor", "finfo", "iinfo")
+
+
+def has_proxy(obj: Any) -> bool:
+    found = False
+
+    def look(x: Any) -> Any:
+        nonlocal found
+        found = found or isinstance(x, fx.Proxy)
+        return x
+
+    fx.node.map_aggregate(obj, look)
+    return found
+
+
+@contextlib.contextmanager
+def factories_traced(tracer: fx.Tracer) -> Iterator[None]:
+    """``torch.<factory>`` called with a proxy among its arguments becomes a node (its target the
+    original function), as ``fx.wrap`` does for module-level functions: ``torch.ones(x.shape[0], n)``
+    (Hugging Face attention masks, Gemma 4's patch grid) fails in torch's argument parser otherwise."""
+    originals = {name: getattr(torch, name) for name in _TORCH_FACTORIES if hasattr(torch, name)}
+
+    def wrapped(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def factory(*args: Any, **kwargs: Any) -> Any:
+            if has_proxy((args, kwargs)):
+                return tracer.create_proxy("call_function", fn, args, kwargs)
+            return fn(*args, **kwargs)
+        return factory
+
+    for name, fn in originals.items():
+        setattr(torch, name, wrapped(fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)

@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from ..errors import NetsurgeonError, TraceError
 from ..models import default_input_shape
 from ..ops import module_rule, recognize_activations, recognize_norms, registered_python_functions
-from .running import (eval_mode, example_run, outputs_match, overflow_error, require_finite, run_recording_shapes,
-                      user_line)
+from .running import (eval_mode, example_run, factories_traced, outputs_match, overflow_error, require_finite,
+                      run_recording_shapes, user_line)
 from ..layers import ModeConstant
 from .attention import write_out_multihead_attention
 from .state import has_trace, random_batch, set_trace_info
@@ -84,6 +84,7 @@ class TraceInfo:
     recognized_norms: list[str] = field(default_factory=list)
     recognized_activations: list[str] = field(default_factory=list)
     written_out: list[str] = field(default_factory=list)  # nn.MultiheadAttention calls written out as graph ops
+    buffers_as_nodes: bool = False  # buffers traced as get_attr nodes (after a failure with them as constants)
 
 
 class NetsurgeonTracer(fx.Tracer):
@@ -105,6 +106,10 @@ class NetsurgeonTracer(fx.Tracer):
         if is_module and self.defaulted:
             root_fn = _forward_with_defaults(root_fn, self.defaulted)
         return super().create_args_for_root(root_fn, is_module, concrete_args)
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        with factories_traced(self):  # torch.ones(x.shape[0], n): a node, not a parser error
+            return super().trace(root, concrete_args)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
@@ -502,7 +507,7 @@ def _concrete_values_as_defaults(graph: fx.Graph, concrete_args: dict[str, Any] 
 
 def _trace_once(model: nn.Module, leaves: set[str], concrete_args: dict[str, Any] | None,
                 example_inputs: tuple[torch.Tensor, ...] | None = None, decisions: list[str] | None = None,
-                defaulted: Iterable[str] = ()) -> tuple[fx.Graph, dict[str, Any]]:
+                defaulted: Iterable[str] = (), buffers_as_nodes: bool = False) -> tuple[fx.Graph, dict[str, Any]]:
     """One trace, of ``forward`` without the ``defaulted`` parameters (they keep their defaults).
     fx stores tensor constants made in ``forward`` as ``_tensor_constantN``
     attributes on the root; they are taken off again (and returned) so that the model is
@@ -510,6 +515,8 @@ def _trace_once(model: nn.Module, leaves: set[str], concrete_args: dict[str, Any
     before = set(model.__dict__)
     tracer = _tracer_class(model)(leaves, example_inputs)
     tracer.defaulted = frozenset(defaulted)
+    if buffers_as_nodes:
+        tracer.proxy_buffer_attributes = True
     try:
         with _reporting_tracing(), _tensors_kept(model, root=False):  # a proxy cached on a submodule (ConViT's GPSA)
             graph = tracer.trace(model, concrete_args=concrete_args)
@@ -560,8 +567,20 @@ def _trace_leafing_notrace(model: nn.Module, leaves: set[str], info: TraceInfo, 
     failures = 0
     while True:
         try:
-            return _trace_once(model, leaves, concrete_args, shadow, info.specialized, defaulted)
+            return _trace_once(model, leaves, concrete_args, shadow, info.specialized, defaulted,
+                               buffers_as_nodes=info.buffers_as_nodes)
         except TraceError as err:
+            if not info.buffers_as_nodes and "pass example_inputs" not in str(err):
+                # fx reads buffers as constant tensors, and a constant's method called with a traced size
+                # fails (rotary embeddings: ``self.inv_freq[None, :, None].expand(x.shape[0], -1, 1)``): with
+                # buffers read as graph nodes instead, the trace may go through; else the error stands
+                try:
+                    out = _trace_once(model, leaves, concrete_args, shadow, info.specialized, defaulted,
+                                      buffers_as_nodes=True)
+                    info.buffers_as_nodes = True
+                    return out
+                except TraceError:
+                    pass
             path = getattr(err, "module_path", None)
             extra = _timm_notrace_leaves(model, path, leaves)
             if extra:
@@ -683,7 +702,11 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             _set_modes(model, True)
             g_train, constants = _trace_leafing_notrace(model, leaves, info, fixed, shadow, defaults)
             _set_modes(model, False)
+            as_nodes = info.buffers_as_nodes
             g_eval, _ = _trace_leafing_notrace(model, leaves, info, fixed, shadow, defaults)
+            if info.buffers_as_nodes != as_nodes:  # the eval trace needed buffers as nodes: so does the train one
+                _set_modes(model, True)
+                g_train, constants = _trace_leafing_notrace(model, leaves, info, fixed, shadow, defaults)
             g_train, g_eval = _without_unused_reads(g_train, g_eval)
             dropout_fix: set[int] = set()
             sdpa_fix: dict[int, tuple[float, float]] = {}

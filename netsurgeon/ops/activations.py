@@ -320,15 +320,29 @@ def _rrelu_module(m: nn.RReLU, node: fx.Node, ctx: ClassifyContext) -> OpInfo:
                   attrs={"train_dependent": True, "module": "RReLU"})
 
 
+def _buffer_scalar(ctx: ClassifyContext, value: Any) -> Any:
+    """A one-element buffer read by a ``get_attr`` node, as a float (a clamp bound kept in a buffer);
+    anything else as it is (a parameter may train away from its value: it stays a node)."""
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        t: Any = ctx.root
+        for part in str(value.target).split("."):
+            t = getattr(t, part, None)
+        if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.numel() == 1:
+            return float(t)
+    return value
+
+
 @register_method("clamp", "clamp_", "clip")
 @register_function(torch.clamp, torch.clip)
 def _clamp(node: fx.Node, ctx: ClassifyContext) -> OpInfo:
-    lo, hi = arg(node, 1, "min"), arg(node, 2, "max")
+    lo, hi = _buffer_scalar(ctx, arg(node, 1, "min")), _buffer_scalar(ctx, arg(node, 2, "max"))
     if isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
         return OpInfo(OpKind.OTHER, "clamp", known=False, attrs={"reason": "bounds computed at run time"})
     if lo == 0 and hi is None:
         return OpInfo(OpKind.ACTIVATION, "relu", activation=ActivationSpec("relu"))
     lo = float("-inf") if lo is None else float(lo)
     hi = float("inf") if hi is None else float(hi)
+    if lo == float("-inf") and hi == float("inf"):  # Gemma 4's clippable linear layers, clamps off
+        return OpInfo(OpKind.IDENTITY, "clamp", attrs={"reason": "infinite bounds"})
     return OpInfo(OpKind.ACTIVATION, "hardtanh",
                   activation=ActivationSpec("hardtanh", (("min_val", lo), ("max_val", hi))))
