@@ -326,6 +326,15 @@ def test_module_op_kernel_rule_reaches_analyze_and_dks():
     assert module_rule(UnitRMS()) is None and KERNEL_RULES.for_module(UnitRMS()) is None  # all taken back
 
 
+def test_an_infinite_q_is_named_where_it_starts():
+    """A rule that makes q infinite (a product against an operand zero at initialization, CoaT) is named,
+    with the op that received it, instead of failing inside the activation's map."""
+    with netsurgeon.register_module_op(Scale, kind=OpKind.AFFINE, kernel_rule=lambda ctx, ins: ins[0].linear(
+            float("inf")), lipschitz=lambda m: abs(m.s)):
+        with pytest.raises(UnsupportedNodeError, match=r"q is infinite at the input of _2: it becomes infinite at _1"):
+            netsurgeon.analyze(nn.Sequential(nn.Linear(32, 32), Scale(3.0), nn.Tanh()))
+
+
 def test_a_module_rule_that_changes_c_is_refused_by_dks():
     def squash(ctx, inputs):  # halves every cosine: not a DKS-transparent op
         k = inputs[0]

@@ -25,7 +25,7 @@ from .._fileio import write_atomic
 from .._validate import problem_list, require_bool, short_list
 from ..errors import InvalidArgumentError, MissingAnalysisError, UnknownNodeError, UnsupportedNodeError
 from ..graph import Topology, op_info, trace
-from ..graph.state import default_inputs
+from ..graph.state import default_inputs, nodes_by_name
 from ..graph.running import eval_mode, example_run
 from ..ops import OpKind
 from .activation_maps import maps_for
@@ -609,6 +609,17 @@ def _measure_locally(gm: fx.GraphModule, topo: Topology, pending: list[str], ker
 _RULE_PROBE_GRID = np.array([-1.0, 0.0, 1.0])  # stand-in inputs of nodes downstream of a pending one
 
 
+def _infinite_source(gm: fx.GraphModule, kernels: dict[str, Any], name: str) -> str:
+    """The first node above ``name`` (inclusive) whose q is infinite while its inputs' are finite."""
+    nodes = nodes_by_name(gm)
+    while True:
+        up = next((a.name for a in nodes[name].all_input_nodes if a.name in kernels and np.isinf(kernels[a.name].q)),
+                  None)
+        if up is None:
+            return name
+        name = up
+
+
 def _propagate(gm: fx.GraphModule, topo: Topology, grid: np.ndarray, q_in: float,
                measured: dict[str, list[NodeStats]], cgrid: np.ndarray, cache: dict[int, Any],
                how: dict[str, str] | None = None, correlated: dict[str, str] | None = None,
@@ -638,6 +649,13 @@ def _propagate(gm: fx.GraphModule, topo: Topology, grid: np.ndarray, q_in: float
             continue
         redone.add(node.name)
         ins = [kernels[a.name] for a in node.all_input_nodes if a.name in kernels]
+        infinite = [a.name for a in node.all_input_nodes if a.name in kernels and np.isinf(kernels[a.name].q)]
+        if infinite:  # name where q first became infinite, not the op that cannot take it
+            src = _infinite_source(gm, kernels, infinite[0])
+            raise UnsupportedNodeError(
+                f"q is infinite at the input of {node.name}: it becomes infinite at {src} "
+                f"({op_info(nodes_by_name(gm)[src]).describe()}), whose inputs have finite q (a product "
+                f"or rescale against an operand that is zero at initialization?)", nodes=[src, node.name])
         blocked = any(np.isnan(i.q) for i in ins)  # downstream of a pending node: find out whether a rule exists
         if blocked:  # (on three cosines: the values are dropped)
             ins = [NodeKernel(q_in, q_in, q_in * _RULE_PROBE_GRID, 1.0, EXACT, "", i.dims) for i in ins]

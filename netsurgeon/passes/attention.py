@@ -201,7 +201,7 @@ def _mix_above(gm: fx.GraphModule, y: fx.Node) -> tuple[fx.Node, fx.Node] | None
     return None
 
 
-def mix_matrix(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _mix_matrix(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(weight [H, H], bias [H] or None)`` of a head-mix node found by :func:`_mix_below`."""
     m = gm.get_submodule(node.target)
     w = m.weight if isinstance(m, nn.Linear) else m.weight[:, :, 0, 0]
@@ -688,7 +688,7 @@ class AttentionShaping(Pass):
         if s.logit_mix is None and s.weight_mix is None:
             return values
         for mix in (s.logit_mix, s.weight_mix):
-            if mix is not None and (q.dim() != 4 or tuple(mix_matrix(gm, mix)[0].shape) != (heads, heads)):
+            if mix is not None and (q.dim() != 4 or tuple(_mix_matrix(gm, mix)[0].shape) != (heads, heads)):
                 raise _Refuse(f"its head mix {mix.name} does not act on the {heads} heads of [batch, heads, T, T] "
                               f"scores")
         values = dict(values)
@@ -699,7 +699,7 @@ class AttentionShaping(Pass):
                 raise _Refuse(f"a mask before the head mix {s.logit_mix.name} that is not a finite additive "
                               f"[.., heads, T, T] tensor")
             with torch.no_grad():
-                values[m] = mix_heads(mix_matrix(gm, s.logit_mix)[0], val)
+                values[m] = mix_heads(_mix_matrix(gm, s.logit_mix)[0], val)
         return values
 
     @staticmethod
@@ -808,7 +808,7 @@ class AttentionShaping(Pass):
             module = ShapedAttention(log_p, torch.tensor(d), heads=heads, causal=causal, scale=scale,
                                      dropout=s.dropout_rate, mode=self.mode, enable_gqa=s.enable_gqa,
                                      logit_gain=0.0 if gain else None, offset=offset,
-                                     logit_mix=None if s.logit_mix is None else mix_matrix(gm, s.logit_mix)[0],
+                                     logit_mix=None if s.logit_mix is None else _mix_matrix(gm, s.logit_mix)[0],
                                      weight_mix=s.weight_mix is not None)
             zeroed = self._zero_query(gm, plan.get("rows", {}))
             module.zeroed_query = []  # (weight, axis, rows, bias): orthogonal_init keeps them at zero
