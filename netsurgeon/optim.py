@@ -1,4 +1,5 @@
-"""``LayerwiseLM``: the consistency paper's layer-wise second-order optimizer (docs/theory.md §8.1–§8.2).
+"""Second-order optimizers: ``LayerwiseLM``, the consistency paper's layer-wise step (docs/theory.md
+§8.1–§8.2), and ``KFAC``, Kronecker-factored approximate curvature (§8.7, at the end of this module).
 
 For every ``nn.Linear`` and ``nn.Conv{1,2,3}d`` weight the update direction is
 ``G (A + λI)^(-1)``, with ``A`` a moving average of the layer input's second-moment
@@ -38,16 +39,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .errors import InvalidArgumentError
 
-__all__ = ["LayerwiseLM"]
+__all__ = ["LayerwiseLM", "KFAC"]
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _check_real(name: str, value: Any, lo: float, hi: float = math.inf, *, lo_open: bool = False,
-                hi_open: bool = False, integer: bool = False) -> None:
+                hi_open: bool = False, integer: bool = False, owner: str = "LayerwiseLM") -> None:
     """Raise :class:`InvalidArgumentError` unless ``value`` is a finite number (an integer if
     ``integer``) between ``lo`` and ``hi``; ``*_open`` excludes that bound. Bools are rejected."""
     kind = numbers.Integral if integer else numbers.Real
@@ -58,7 +60,7 @@ def _check_real(name: str, value: Any, lo: float, hi: float = math.inf, *, lo_op
     if not ok:
         interval = ("(" if lo_open else "[") + f"{lo:g}, {hi:g}" + (")" if hi_open or hi == math.inf else "]")
         what = "an integer" if integer else "a number"
-        raise InvalidArgumentError(f"LayerwiseLM: {name}={value!r} is invalid; {name} must be {what} in {interval}")
+        raise InvalidArgumentError(f"{owner}: {name}={value!r} is invalid; {name} must be {what} in {interval}")
 
 
 def _numerically_singular(a: torch.Tensor) -> torch.Tensor:
@@ -92,21 +94,109 @@ def _block_diagonal_product(g: torch.Tensor, chunks: list[torch.Tensor], blocks:
     return torch.empty_like(g).index_copy_(1, perm, out)
 
 
-class _CaptureHook:
-    """The forward pre-hook: forwards to the optimizer through a weak reference, so a model
-    outlives its optimizer, and a deep copy of the model (an EMA copy, a snapshot) gets an
-    inert hook instead of a copy of the optimizer."""
+class _Hook:
+    """A module hook that forwards to ``owner.<method>`` through a weak reference, so a model outlives
+    its optimizer, and a deep copy of the model (an EMA copy, a snapshot) gets an inert hook instead of
+    a copy of the optimizer."""
 
-    def __init__(self, opt: "LayerwiseLM | None") -> None:
-        self._opt = weakref.ref(opt) if opt is not None else None
+    def __init__(self, owner: Any, method: str) -> None:
+        self._owner = weakref.ref(owner) if owner is not None else None
+        self._method = method
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        opt = self._opt() if self._opt is not None else None
-        if opt is not None:
-            opt._capture(module, args)
+    def __call__(self, *args: Any) -> None:
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None:
+            getattr(owner, self._method)(*args)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> "_CaptureHook":
-        return _CaptureHook(None)
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_Hook":
+        return _Hook(None, self._method)
+
+
+def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """``t`` averaged over the processes of ``torch.distributed`` (in place; unchanged without it)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+class _LayerStatistics:
+    """The per-batch statistics of a set of layers, collected by hooks; one mechanism for ``LayerwiseLM``
+    and ``KFAC``: the hooks (weakly referenced, inert in deep copies), the row subsampling, the
+    averaging over ``torch.distributed`` processes.
+
+    ``inputs[weight]`` is ``input_stat(module, x, every_kth)`` of the layer's input ``x`` on the last
+    train-mode forward with gradients enabled; with ``output_grads``, ``grads[weight]`` is
+    ``grad_stat(module, g)`` of the gradient ``g`` reaching the layer's output in a backward pass while
+    ``recording_grads`` is True.
+    """
+
+    def __init__(self, layers: dict[nn.Parameter, nn.Module], input_stat: Any, subsample: float,
+                 generator: torch.Generator, grad_stat: Any = None) -> None:
+        self.layers, self.input_stat, self.grad_stat = layers, input_stat, grad_stat
+        self.subsample, self.generator = subsample, generator
+        self.inputs: dict[nn.Parameter, torch.Tensor] = {}
+        self.grads: dict[nn.Parameter, torch.Tensor] = {}
+        self.recording_grads = False
+        self.hooks = []
+        for m in dict.fromkeys(layers.values()):
+            self.hooks.append(m.register_forward_pre_hook(_Hook(self, "_input")))
+            if grad_stat is not None:
+                self.hooks.append(m.register_forward_hook(_Hook(self, "_output")))
+
+    def _input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if module.training and torch.is_grad_enabled():
+            self.inputs[module.weight] = _all_reduce_mean(self.input_stat(module, args[0].detach(), self.every_kth))
+
+    def _output(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if module.training and torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(_GradHook(self, module))
+
+    def _grad(self, module: nn.Module, g: torch.Tensor) -> None:
+        if self.recording_grads:
+            self.grads[module.weight] = _all_reduce_mean(self.grad_stat(module, g.detach(), self.every_kth))
+
+    def every_kth(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """A uniform subsample of ``t`` along ``dim`` at rate ``subsample``: every k-th entry from a
+        random start (a strided view, so nothing is gathered)."""
+        if self.subsample >= 1:
+            return t
+        k = min(max(1, round(1 / self.subsample)), t.shape[dim])
+        start = int(torch.randint(k, (1,), generator=self.generator))
+        return t.narrow(dim, start, t.shape[dim] - start)[(slice(None),) * dim + (slice(None, None, k),)]
+
+    def clear(self) -> None:
+        self.inputs.clear()
+        self.grads.clear()
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+
+
+class _GradHook:
+    """A tensor hook on a layer's output that hands its gradient to the statistics (weakly referenced)."""
+
+    def __init__(self, stats: _LayerStatistics, module: nn.Module) -> None:
+        self._stats, self._module = weakref.ref(stats), weakref.ref(module)
+
+    def __call__(self, g: torch.Tensor) -> None:
+        stats, module = self._stats(), self._module()
+        if stats is not None and module is not None:
+            stats._grad(module, g)
+
+
+def _channel_moments(module: nn.Module, x: torch.Tensor, every_kth: Any) -> torch.Tensor:
+    """``LayerwiseLM``'s ``A``: the input's second-moment matrix over its features (convs: channels,
+    pixels pooled)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if isinstance(module, nn.Linear):
+        rows = every_kth(x.reshape(-1, x.shape[-1]), 0).to(dtype)
+        return rows.T @ rows / rows.shape[0]
+    f = x.reshape(x.shape[0], x.shape[1], -1)  # [B, C, L]: pixels pooled without moving channels last
+    f = every_kth(f, 2 if f.shape[2] > 1 else 0).to(dtype)
+    return torch.einsum("bcl,bdl->cd", f, f) / (f.shape[0] * f.shape[2])
 
 
 class LayerwiseLM(torch.optim.Optimizer):
@@ -154,40 +244,15 @@ class LayerwiseLM(torch.optim.Optimizer):
         self._gen = torch.Generator().manual_seed(seed)
         self._layers: dict[nn.Parameter, nn.Module] = {}
         self._names: dict[nn.Parameter, str] = {}  # for error messages
-        self._batch: dict[nn.Parameter, torch.Tensor] = {}
-        self._hooks = []
         for name, m in model.named_modules():
             if isinstance(m, _LAYERS) and getattr(m, "groups", 1) == 1 and m.weight.requires_grad:
                 self._layers[m.weight] = m
                 self._names[m.weight] = name or type(m).__name__
-                self._hooks.append(m.register_forward_pre_hook(_CaptureHook(self)))
+        self._stats = _LayerStatistics(self._layers, _channel_moments, subsample, self._gen)
 
-    # ------------------------------------------------------------------ statistics
-    def _capture(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if not module.training or not torch.is_grad_enabled():
-            return
-        x = args[0].detach()
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        if isinstance(module, nn.Linear):
-            rows = self._every_kth(x.reshape(-1, x.shape[-1]), 0).to(dtype)
-            a = rows.T @ rows / rows.shape[0]
-        else:  # [B, C, L]: pixels pooled without moving channels last (no copy of the input)
-            f = x.reshape(x.shape[0], x.shape[1], -1)
-            f = self._every_kth(f, 2 if f.shape[2] > 1 else 0).to(dtype)
-            a = torch.einsum("bcl,bdl->cd", f, f) / (f.shape[0] * f.shape[2])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(a)
-            a /= dist.get_world_size()
-        self._batch[module.weight] = a
-
-    def _every_kth(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        """A uniform subsample of ``t`` along ``dim`` at rate ``subsample``: every k-th entry from a
-        random start (a strided view, so nothing is gathered)."""
-        if self.subsample >= 1:
-            return t
-        k = min(max(1, round(1 / self.subsample)), t.shape[dim])
-        start = int(torch.randint(k, (1,), generator=self._gen))
-        return t.narrow(dim, start, t.shape[dim] - start)[(slice(None),) * dim + (slice(None, None, k),)]
+    @property
+    def _batch(self) -> dict[nn.Parameter, torch.Tensor]:
+        return self._stats.inputs
 
     def _chunks(self, state: dict[str, Any], n: int, device: torch.device) -> list[torch.Tensor]:
         if "chunks" not in state:
@@ -249,7 +314,7 @@ class LayerwiseLM(torch.optim.Optimizer):
                         g = buf
                     p.add_(g, alpha=-group["lr"])
         finally:
-            self._batch.clear()
+            self._stats.clear()
         return loss
 
     def _update_statistics(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
@@ -272,6 +337,270 @@ class LayerwiseLM(torch.optim.Optimizer):
 
     def remove_hooks(self) -> None:
         """Detach the statistics hooks from the model (after training)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        self._stats.remove()
+
+
+# ====================================================================================== K-FAC
+
+_KFAC_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[B, groups, in/groups · prod(kernel), L]``: the input patches a conv's weight multiplies (channel-major,
+    as the weight ``[out, in/groups, *kernel]`` flattens), padding applied as the layer pads."""
+    pads = module._reversed_padding_repeated_twice
+    if any(pads):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, pads, mode=mode)
+    k, s, d = module.kernel_size, module.stride, module.dilation
+    if isinstance(module, nn.Conv3d):  # Tensor.unfold per axis: [B, C, D', H', W', kd, kh, kw]
+        u = x
+        for axis, (kk, ss, dd) in enumerate(zip(k, s, d)):
+            u = u.unfold(2 + axis, (kk - 1) * dd + 1, ss)[..., ::dd]
+        b, c = u.shape[:2]
+        cols = u.permute(0, 1, 5, 6, 7, 2, 3, 4).reshape(b, c * math.prod(k), -1)
+    else:
+        if isinstance(module, nn.Conv1d):
+            x, k, s, d = x.unsqueeze(2), (1, k[0]), (1, s[0]), (1, d[0])
+        cols = F.unfold(x, k, dilation=d, stride=s)  # [B, C·prod(k), L]
+    g = module.groups
+    return cols.reshape(cols.shape[0], g, cols.shape[1] // g, cols.shape[2])
+
+
+def _kfac_inputs(module: nn.Module, x: torch.Tensor, every_kth: Any) -> torch.Tensor:
+    """K-FAC's ``A``: ``[groups, n, n]``, the mean over examples and locations of ``a aᵀ``, with ``a`` the
+    layer's input row (a linear layer) or patch (a conv), and a trailing 1 when the layer has a bias."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if isinstance(module, nn.Linear):
+        rows = every_kth(x.reshape(-1, x.shape[-1]), 0).to(dtype)[None]  # [1, N, in]
+    else:
+        cols = every_kth(_patches(module, x), 3).to(dtype)  # [B, G, n, L]
+        rows = cols.permute(1, 0, 3, 2).reshape(cols.shape[1], -1, cols.shape[2])  # [G, B·L, n]
+    if module.bias is not None:
+        rows = torch.cat([rows, rows.new_ones(*rows.shape[:2], 1)], dim=2)
+    return rows.transpose(1, 2) @ rows / rows.shape[1]
+
+
+def _kfac_grads(module: nn.Module, g: torch.Tensor, every_kth: Any) -> torch.Tensor:
+    """K-FAC's ``G``: ``[groups, m, m]``, ``B Σ_{examples, locations} g gᵀ`` for the gradient ``g`` of the
+    loss at the layer's output, ``B`` the batch (the leading axis): the per-example gradients are ``B g``
+    for a loss averaged over the batch, and the locations of one example add (docs/theory.md §8.7)."""
+    dtype = torch.promote_types(g.dtype, torch.float32)
+    batch = g.shape[0]
+    if isinstance(module, nn.Linear):
+        rows = g.reshape(-1, g.shape[-1])
+        total = rows.shape[0]
+        rows = every_kth(rows, 0).to(dtype)[None]
+    else:
+        f = g.reshape(batch, module.groups, g.shape[1] // module.groups, -1)  # [B, G, m, L]
+        total = batch * f.shape[3]
+        f = every_kth(f, 3).to(dtype)
+        rows = f.permute(1, 0, 3, 2).reshape(f.shape[1], -1, f.shape[2])
+    return batch * total * (rows.transpose(1, 2) @ rows) / rows.shape[1]
+
+
+class KFAC(torch.optim.Optimizer):
+    """Kronecker-factored approximate curvature (Martens & Grosse arXiv:1503.05671; convolutions: Grosse &
+    Martens arXiv:1602.01407) for ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layers, grouped and depthwise
+    included; every other parameter gets the base update (SGD with momentum). docs/theory.md §8.7.
+
+    For a layer with weight ``W`` (bias appended as a last input column) the Fisher block is approximated
+    by ``A ⊗ G``: ``A`` the second moment of the layer's input rows or patches, ``G`` that of the
+    loss gradient at its output (scaled to per-example gradients). Both are moving averages; their
+    eigendecompositions are refreshed every ``update_every`` steps, and the update direction is
+    ``(A ⊗ G + λ I)⁻¹ vec(∇W)`` computed in their eigenbases (damping ``λ`` on the Kronecker product's
+    eigenvalues, exact Tikhonov damping of the approximation).
+
+    Args:
+        model: the module whose parameters are optimized (its layers get hooks).
+        lr: learning rate, >= 0. Default: 1e-2.
+        momentum: heavy-ball momentum on the update direction, in [0, 1). Default: 0.9.
+        damping: λ, > 0. Default: 1e-3.
+        weight_decay: L2 added to every gradient before preconditioning, >= 0. Default: 0.
+        ema: weight of the old factors in the moving averages, in [0, 1). Default: 0.95.
+        update_every: steps between eigendecompositions, an integer >= 1. Default: 10.
+        fisher: ``"empirical"`` (``G`` from the gradients of the loss being minimized: any backward pass
+            before :meth:`step` records it) or ``"true"`` (``G`` from targets sampled from the model's
+            predictive distribution: call :meth:`sample_fisher` on the outputs before the loss's backward).
+            Default: "empirical".
+        likelihood: the predictive distribution for ``fisher="true"``: ``"categorical"`` (logits on axis 1)
+            or ``"gaussian"`` (unit variance). Default: "categorical".
+        kl_clip: None, or the bound ``κ`` of the KL-based step clipping of Ba et al. (arXiv:1611.06743 §3):
+            the directions are scaled by ``min(1, sqrt(κ / (lr² Σ Δ·∇)))``. Default: None.
+        subsample: fraction of input rows / locations used for the factors, in (0, 1]. Default: 1.
+        seed: seed of the subsampling and of ``sample_fisher``'s draws, an integer. Default: 0.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        >>> opt = KFAC(net, lr=0.1)
+        >>> loss = torch.nn.functional.cross_entropy(net(torch.randn(32, 8)), torch.randint(0, 3, (32,)))
+        >>> loss.backward(); opt.step()
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-2, momentum: float = 0.9, damping: float = 1e-3,
+                 weight_decay: float = 0.0, ema: float = 0.95, update_every: int = 10, fisher: str = "empirical",
+                 likelihood: str = "categorical", kl_clip: float | None = None, subsample: float = 1.0,
+                 seed: int = 0) -> None:
+        if not isinstance(model, nn.Module):
+            raise InvalidArgumentError(f"KFAC: model must be an nn.Module, got {type(model).__name__}")
+        check = lambda *a, **k: _check_real(*a, owner="KFAC", **k)  # noqa: E731
+        check("lr", lr, 0.0)
+        check("momentum", momentum, 0.0, 1.0, hi_open=True)
+        check("damping", damping, 0.0, lo_open=True)
+        check("weight_decay", weight_decay, 0.0)
+        check("ema", ema, 0.0, 1.0, hi_open=True)
+        check("update_every", update_every, 1, integer=True)
+        check("subsample", subsample, 0.0, 1.0, lo_open=True)
+        if kl_clip is not None:
+            check("kl_clip", kl_clip, 0.0, lo_open=True)
+        if fisher not in ("empirical", "true"):
+            raise InvalidArgumentError(f"KFAC: fisher={fisher!r} is invalid; fisher must be 'empirical' or 'true'")
+        if likelihood not in ("categorical", "gaussian"):
+            raise InvalidArgumentError(f"KFAC: likelihood={likelihood!r} is invalid; likelihood must be "
+                                       f"'categorical' or 'gaussian'")
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+            raise InvalidArgumentError(f"KFAC: seed={seed!r} is invalid; seed must be an integer")
+        defaults = dict(lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay, ema=ema)
+        super().__init__([p for p in model.parameters() if p.requires_grad], defaults)
+        self.update_every, self.fisher, self.likelihood, self.kl_clip = update_every, fisher, likelihood, kl_clip
+        self._gen = torch.Generator().manual_seed(seed)
+        self._layers: dict[nn.Parameter, nn.Module] = {
+            m.weight: m for m in model.modules() if isinstance(m, _KFAC_LAYERS) and m.weight.requires_grad
+            and (m.bias is None or m.bias.requires_grad)}
+        self._bias_of = {m.bias: w for w, m in self._layers.items() if m.bias is not None}
+        self._stats = _LayerStatistics(self._layers, _kfac_inputs, subsample, self._gen, grad_stat=_kfac_grads)
+        self._stats.recording_grads = fisher == "empirical"
+
+    # ------------------------------------------------------------------ the true Fisher
+    def sample_fisher(self, outputs: torch.Tensor) -> None:
+        """Record ``G`` for ``fisher="true"``: targets drawn from the model's predictive distribution at
+        ``outputs`` (the forward pass's outputs, whose graph is kept), and one backward pass of their loss
+        that leaves the parameters' ``.grad`` alone. Call it before the real loss's ``backward``."""
+        if self.fisher != "true":
+            raise InvalidArgumentError("KFAC.sample_fisher needs fisher='true' (with fisher='empirical' the "
+                                       "loss's own backward records the factors)")
+        if not isinstance(outputs, torch.Tensor) or not outputs.requires_grad:
+            raise InvalidArgumentError("KFAC.sample_fisher: outputs must be the model's output tensor, computed "
+                                       "with gradients enabled")
+        with torch.no_grad():
+            if self.likelihood == "categorical":
+                probs = torch.softmax(outputs.detach().float().movedim(1, -1), dim=-1)
+                flat = probs.reshape(-1, probs.shape[-1]).cpu()
+                target = torch.multinomial(flat, 1, generator=self._gen).reshape(probs.shape[:-1]).to(outputs.device)
+            else:
+                noise = torch.randn(outputs.shape, generator=self._gen).to(outputs)
+                target = outputs.detach() + noise
+        if self.likelihood == "categorical":
+            loss = F.cross_entropy(outputs, target)
+        else:
+            loss = 0.5 * (outputs - target).pow(2).sum() / outputs.shape[0]
+        weights = [w for w in self._layers]
+        self._stats.recording_grads = True
+        try:
+            torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
+        finally:
+            self._stats.recording_grads = False
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One update: factors folded into their averages (and decomposed when due) first, so an error
+        leaves the parameters unchanged; then the preconditioned directions, clipped, with momentum."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        try:
+            directions: dict[nn.Parameter, torch.Tensor] = {}
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None and p in self._layers and p in self._stats.inputs and p in self._stats.grads:
+                        self._update_factors(p, self.state[p], group)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None or p in self._bias_of:
+                        continue
+                    g = p.grad if not group["weight_decay"] else p.grad.add(p, alpha=group["weight_decay"])
+                    m = self._layers.get(p)
+                    if m is not None and "QA" in self.state[p]:
+                        b = m.bias
+                        gb = None if b is None or b.grad is None else \
+                            (b.grad if not group["weight_decay"] else b.grad.add(b, alpha=group["weight_decay"]))
+                        dw, db = self._precondition(p, m, g, gb, group["damping"])
+                        directions[p] = dw
+                        if db is not None:
+                            directions[b] = db
+                    else:
+                        directions[p] = g
+            for p, w in self._bias_of.items():  # a bias whose weight was not preconditioned: the base update
+                if p.grad is not None and p not in directions:
+                    wd = self._group(p)["weight_decay"]
+                    directions[p] = p.grad if not wd else p.grad.add(p, alpha=wd)
+            scale = self._clip(directions)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    d = directions.get(p)
+                    if d is None:
+                        continue
+                    d = d * scale if scale != 1.0 and (p in self._layers or p in self._bias_of) else d
+                    if group["momentum"]:
+                        st = self.state[p]
+                        buf = st.get("momentum_buffer")
+                        buf = d.clone() if buf is None else buf.mul_(group["momentum"]).add_(d)
+                        st["momentum_buffer"] = buf
+                        d = buf
+                    p.add_(d, alpha=-group["lr"])
+        finally:
+            self._stats.clear()
+        return loss
+
+    def _group(self, p: torch.Tensor) -> dict[str, Any]:
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+
+    def _update_factors(self, p: nn.Parameter, state: dict[str, Any], group: dict[str, Any]) -> None:
+        a, g = self._stats.inputs[p].to(p.device), self._stats.grads[p].to(p.device)
+        for key, new in (("A", a), ("G", g)):
+            state[key] = new if key not in state else state[key].mul_(group["ema"]).add_(new, alpha=1 - group["ema"])
+        state["steps"] = state.get("steps", 0) + 1
+        if "QA" not in state or (state["steps"] - 1) % self.update_every == 0:
+            for key in ("A", "G"):
+                f = state[key]
+                if not bool(torch.isfinite(f).all()):
+                    raise InvalidArgumentError(f"KFAC: the {key} factor of a {type(self._layers[p]).__name__} layer "
+                                               f"holds nan/inf: check the layer's inputs and the loss")
+                d, q = torch.linalg.eigh(f.double())
+                state["d" + key], state["Q" + key] = d.clamp_min(0).to(f.dtype), q.to(f.dtype)
+
+    def _precondition(self, p: nn.Parameter, m: nn.Module, g: torch.Tensor, gb: torch.Tensor | None, damping: float
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(A ⊗ G + λI)⁻¹`` applied to the weight's (and bias's) gradient, per group, in the eigenbases."""
+        st = self.state[p]
+        groups = st["QA"].shape[0]
+        mat = g.reshape(groups, g.shape[0] // groups, -1)  # [G, out/G, in/G · prod(k)]
+        if m.bias is not None:
+            bias = gb if gb is not None else torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
+            mat = torch.cat([mat, bias.reshape(groups, -1, 1)], dim=2)
+        qa, qg = st["QA"].to(mat.dtype), st["QG"].to(mat.dtype)
+        rotated = qg.transpose(1, 2) @ mat @ qa
+        rotated = rotated / (st["dG"].to(mat.dtype)[:, :, None] * st["dA"].to(mat.dtype)[:, None, :] + damping)
+        out = qg @ rotated @ qa.transpose(1, 2)
+        if m.bias is not None:
+            return out[:, :, :-1].reshape(g.shape), (out[:, :, -1].reshape(-1) if gb is not None else None)
+        return out.reshape(g.shape), None
+
+    def _clip(self, directions: dict[nn.Parameter, torch.Tensor]) -> float:
+        if self.kl_clip is None:
+            return 1.0
+        total = 0.0
+        for p, d in directions.items():
+            if (p in self._layers or p in self._bias_of) and p.grad is not None:
+                total += float((d * p.grad).sum()) * self._group(p)["lr"] ** 2
+        return min(1.0, math.sqrt(self.kl_clip / abs(total))) if total else 1.0
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`torch.optim.Optimizer.load_state_dict`, on a deep copy (no factor shared with the source)."""
+        super().load_state_dict(copy.deepcopy(state_dict))
+
+    def remove_hooks(self) -> None:
+        """Detach the statistics hooks from the model (after training)."""
+        self._stats.remove()

@@ -1,0 +1,242 @@
+"""``netsurgeon.optim.KFAC`` (issue 18 §1): factors against a brute-force per-example computation, the
+Gauss-Newton step of a linear model, option checks, state_dict, GraphModules, and DDP (2 gloo processes)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import netsurgeon
+from netsurgeon.errors import InvalidArgumentError
+from netsurgeon.optim import KFAC
+
+
+class _Net(nn.Module):
+    """A grouped conv with bias (padding 1), a depthwise conv without bias, and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1, groups=2)
+        self.dw = nn.Conv2d(4, 4, 3, groups=4, bias=False)
+        self.head = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x))
+        h = torch.tanh(self.dw(h))
+        return self.head(h.flatten(1))
+
+
+def _brute_patches(x: torch.Tensor, k: int, pad: int, groups: int, bias: bool) -> list[list[torch.Tensor]]:
+    """``[example][group] -> [locations, n]``: each location's patch, read index by index."""
+    xp = F.pad(x, (pad,) * 4)
+    b, c, h, w = xp.shape
+    cg = c // groups
+    out = []
+    for e in range(b):
+        per_group = []
+        for g in range(groups):
+            rows = []
+            for i in range(h - k + 1):
+                for j in range(w - k + 1):
+                    patch = [xp[e, g * cg + ch, i + di, j + dj] for ch in range(cg) for di in range(k) for dj in range(k)]
+                    rows.append(torch.stack(patch + ([torch.tensor(1.0)] if bias else [])))
+            per_group.append(torch.stack(rows))
+        out.append(per_group)
+    return out
+
+
+def test_factors_equal_a_brute_force_per_example_computation():
+    """A = mean over examples and locations of a aᵀ (bias: a trailing 1); G = B Σ_{examples, locations} g gᵀ
+    with g the mean loss's gradient at the layer's output (per-example gradient B g), per group."""
+    torch.manual_seed(0)
+    net = _Net()
+    opt = KFAC(net, lr=0.0, momentum=0.0, ema=0.0)
+    x, y = torch.randn(5, 2, 5, 5), torch.randint(0, 3, (5,))
+    outs: dict[str, torch.Tensor] = {}
+    ins: dict[str, torch.Tensor] = {}
+    def keep(name):
+        def hook(m, args, out):
+            ins[name], outs[name] = args[0].detach(), out
+            out.retain_grad()
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in (("conv", net.conv), ("dw", net.dw), ("head", net.head))]
+    F.cross_entropy(net(x), y).backward()
+    for h in hooks:
+        h.remove()
+    opt.step()
+    b = x.shape[0]
+    for name, m, k, pad, groups in (("conv", net.conv, 3, 1, 2), ("dw", net.dw, 3, 0, 4)):
+        patches = _brute_patches(ins[name], k, pad, groups, m.bias is not None)
+        g = outs[name].grad  # [B, out, H, W]
+        og = g.shape[1] // groups
+        for grp in range(groups):
+            rows = torch.cat([patches[e][grp] for e in range(b)])
+            a = rows.T @ rows / rows.shape[0]
+            gg = g[:, grp * og:(grp + 1) * og].permute(0, 2, 3, 1).reshape(-1, og)
+            torch.testing.assert_close(opt.state[m.weight]["A"][grp], a, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(opt.state[m.weight]["G"][grp], b * gg.T @ gg, rtol=1e-5, atol=1e-9)
+    rows = torch.cat([ins["head"], torch.ones(b, 1)], dim=1)
+    torch.testing.assert_close(opt.state[net.head.weight]["A"][0], rows.T @ rows / b, rtol=1e-5, atol=1e-6)
+    g = outs["head"].grad
+    torch.testing.assert_close(opt.state[net.head.weight]["G"][0], b * g.T @ g, rtol=1e-5, atol=1e-9)
+
+
+def test_one_step_on_a_linear_gaussian_model_is_the_gauss_newton_step():
+    """With a Gaussian likelihood the Fisher of a linear model is its Gauss-Newton matrix A ⊗ I; the true
+    Fisher's G is the identity in expectation (sampled here over 40 000 examples), so one step with tiny
+    damping, lr 1 and no momentum lands where the Gauss-Newton step does: W - ∇W A⁻¹."""
+    torch.manual_seed(0)
+    n, d_in, d_out = 40_000, 4, 2
+    x = torch.randn(n, d_in) @ torch.randn(d_in, d_in) + 0.5
+    lin = nn.Linear(d_in, d_out)
+    w_star = torch.randn(d_out, d_in + 1)
+    y = torch.cat([x, torch.ones(n, 1)], 1) @ w_star.T + 0.1 * torch.randn(n, d_out)
+    opt = KFAC(lin, lr=1.0, momentum=0.0, damping=1e-8, fisher="true", likelihood="gaussian", ema=0.0)
+    out = lin(x)
+    opt.sample_fisher(out)
+    assert lin.weight.grad is None  # sampling the Fisher leaves the gradients alone
+    loss = 0.5 * (out - y).pow(2).sum() / n
+    loss.backward()
+    w = torch.cat([lin.weight.detach(), lin.bias.detach()[:, None]], 1).clone()
+    grad = torch.cat([lin.weight.grad, lin.bias.grad[:, None]], 1).clone()
+    opt.step()
+    xa = torch.cat([x, torch.ones(n, 1)], 1).double()
+    a = xa.T @ xa / n
+    expected = (w.double() - grad.double() @ torch.linalg.inv(a)).float()
+    got = torch.cat([lin.weight.detach(), lin.bias.detach()[:, None]], 1)
+    assert float((got - expected).norm() / (expected - w).norm()) < 0.03  # sampling noise of G, ~1/sqrt(n)
+    torch.testing.assert_close(got, w_star, rtol=0.0, atol=0.05)  # and that step solves the least squares
+
+
+def test_bad_options_are_refused():
+    net = nn.Linear(3, 2)
+    for kwargs, what in [({"lr": -1.0}, "lr"), ({"damping": 0.0}, "damping"), ({"momentum": 1.0}, "momentum"),
+                         ({"ema": 1.0}, "ema"), ({"update_every": 0}, "update_every"), ({"subsample": 0.0}, "subsample"),
+                         ({"kl_clip": 0.0}, "kl_clip"), ({"fisher": "exact"}, "fisher"),
+                         ({"likelihood": "poisson"}, "likelihood"), ({"seed": 1.5}, "seed"),
+                         ({"weight_decay": float("nan")}, "weight_decay")]:
+        with pytest.raises(InvalidArgumentError, match=f"KFAC: {what}="):
+            KFAC(net, **kwargs)
+    with pytest.raises(InvalidArgumentError, match="model must be an nn.Module"):
+        KFAC([nn.Parameter(torch.zeros(2))])
+    opt = KFAC(net)
+    with pytest.raises(InvalidArgumentError, match="fisher='true'"):
+        opt.sample_fisher(net(torch.randn(4, 3)))
+
+
+def _steps(net: nn.Module, opt: KFAC, n: int, seed: int = 0, true_fisher: bool = False) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(n):
+        x, y = torch.randn(16, 2, 5, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
+        opt.zero_grad()
+        out = net(x)
+        if true_fisher:
+            opt.sample_fisher(out)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize("true_fisher", [False, True], ids=["empirical", "true"])
+def test_state_dict_round_trip_continues_identically(true_fisher: bool):
+    torch.manual_seed(0)
+    kw = dict(lr=0.05, update_every=2, damping=1e-2, kl_clip=1e-2, weight_decay=1e-4,
+              fisher="true" if true_fisher else "empirical")
+    net = _Net()
+    opt = KFAC(net, **kw)
+    _steps(net, opt, 3, true_fisher=true_fisher)
+    net2 = copy.deepcopy(net)
+    opt2 = KFAC(net2, **kw)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    opt2._gen.set_state(opt._gen.get_state())  # the Fisher's draws continue from the same point
+    _steps(net, opt, 3, seed=1, true_fisher=true_fisher)
+    _steps(net2, opt2, 3, seed=1, true_fisher=true_fisher)
+    for p, q in zip(net.parameters(), net2.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_trains_a_transformed_graph_module_and_preconditions_only_layers():
+    """A GraphModule from netsurgeon.transform trains; parameters that are not layer weights or their biases
+    (a free scale) get the base update; the loss falls on a fixed batch."""
+    torch.manual_seed(0)
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = _Net()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return self.body(x) * self.scale
+
+    gm = netsurgeon.transform(Scaled(), [("orthogonal_init", {"seed": 0})])
+    opt = KFAC(gm, lr=0.05, damping=1e-2, update_every=1)
+    assert gm.scale not in opt._layers and len(opt._layers) == 3
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(32, 2, 5, 5, generator=g), torch.randint(0, 3, (32,), generator=g)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = F.cross_entropy(gm(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+    assert "momentum_buffer" in opt.state[gm.scale] and "A" not in opt.state[gm.scale]
+
+
+def _ddp_kfac_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    import os
+    from datetime import timedelta
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+    try:
+        torch.manual_seed(0)
+        net = _Net()
+        model = DDP(net)
+        opt = KFAC(model, lr=0.05, damping=1e-2, update_every=2)
+        g = torch.Generator().manual_seed(7)
+        for _ in range(3):
+            x, y = torch.randn(8 * world_size, 2, 5, 5, generator=g), torch.randint(0, 3, (8 * world_size,), generator=g)
+            xs, ys = x.chunk(world_size)[rank] * (rank + 1), y.chunk(world_size)[rank]  # different shards
+            opt.zero_grad()
+            F.cross_entropy(model(xs), ys).backward()
+            opt.step()
+        torch.save({"factors": {n: (opt.state[m.weight]["A"], opt.state[m.weight]["G"])
+                                for n, m in (("conv", net.conv), ("dw", net.dw), ("head", net.head))},
+                    "params": {n: p.detach() for n, p in net.named_parameters()}}, Path(out_dir) / f"k{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_ddp_ranks_end_with_identical_factors_and_weights(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_kfac_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"k{r}.pt", weights_only=True) for r in range(2))
+    for n in r0["factors"]:
+        for f0, f1 in zip(r0["factors"][n], r1["factors"][n]):
+            torch.testing.assert_close(f0, f1)
+    for n in r0["params"]:
+        torch.testing.assert_close(r0["params"][n], r1["params"][n])
+    torch.manual_seed(0)
+    assert any(not torch.equal(p, q) for p, q in zip(r0["params"].values(), _Net().state_dict().values()))
