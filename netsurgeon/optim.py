@@ -138,6 +138,7 @@ class _LayerStatistics:
         self.inputs: dict[nn.Parameter, torch.Tensor] = {}
         self.grads: dict[nn.Parameter, torch.Tensor] = {}
         self.recording_grads = False
+        self.active = True  # False: the hooks do nothing (steps that do not update the statistics)
         self.hooks = []
         for m in dict.fromkeys(layers.values()):
             self.hooks.append(m.register_forward_pre_hook(_Hook(self, "_input")))
@@ -145,11 +146,12 @@ class _LayerStatistics:
                 self.hooks.append(m.register_forward_hook(_Hook(self, "_output")))
 
     def _input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if module.training and torch.is_grad_enabled():
+        if self.active and module.training and torch.is_grad_enabled():
             self.inputs[module.weight] = _all_reduce_mean(self.input_stat(module, args[0].detach(), self.every_kth))
 
     def _output(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        if module.training and torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad:
+        if self.active and module.training and torch.is_grad_enabled() and isinstance(out, torch.Tensor) \
+                and out.requires_grad:
             out.register_hook(_GradHook(self, module))
 
     def _grad(self, module: nn.Module, g: torch.Tensor) -> None:
@@ -185,6 +187,19 @@ class _GradHook:
         stats, module = self._stats(), self._module()
         if stats is not None and module is not None:
             stats._grad(module, g)
+
+
+def _chunk_indices(state: dict[str, Any], n: int, chunk_size: int | None, generator: torch.Generator,
+                   device: torch.device) -> list[torch.Tensor]:
+    """A layer's input units split at random into chunks of at most ``chunk_size`` (fixed once drawn, kept in
+    ``state["chunks"]``); one chunk of all units without chunking. Shared by ``LayerwiseLM`` and ``KFAC``."""
+    if "chunks" not in state:
+        if chunk_size is None or chunk_size >= n:
+            state["chunks"] = [torch.arange(n, device=device)]
+        else:
+            perm = torch.randperm(n, generator=generator).to(device)
+            state["chunks"] = list(perm.split(chunk_size))
+    return state["chunks"]
 
 
 def _channel_moments(module: nn.Module, x: torch.Tensor, every_kth: Any) -> torch.Tensor:
@@ -255,13 +270,7 @@ class LayerwiseLM(torch.optim.Optimizer):
         return self._stats.inputs
 
     def _chunks(self, state: dict[str, Any], n: int, device: torch.device) -> list[torch.Tensor]:
-        if "chunks" not in state:
-            if self.chunk_size is None or self.chunk_size >= n:
-                state["chunks"] = [torch.arange(n, device=device)]
-            else:
-                perm = torch.randperm(n, generator=self._gen).to(device)
-                state["chunks"] = list(perm.split(self.chunk_size))
-        return state["chunks"]
+        return _chunk_indices(state, n, self.chunk_size, self._gen, device)
 
     def _inverse(self, state: dict[str, Any], damping: float, name: str = "layer") -> list[torch.Tensor]:
         """``(A + λ·mean eig·I)^(-1)`` on each chunk of inputs: one ``[c, c]`` block per chunk,
@@ -399,6 +408,12 @@ def _kfac_grads(module: nn.Module, g: torch.Tensor, every_kth: Any) -> torch.Ten
     return batch * total * (rows.transpose(1, 2) @ rows) / rows.shape[1]
 
 
+def _eigh(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (clamped at 0) and eigenvectors of a batch of symmetric PSD factors, in double precision."""
+    d, q = torch.linalg.eigh(f.double())
+    return d.clamp_min(0).to(f.dtype), q.to(f.dtype)
+
+
 class KFAC(torch.optim.Optimizer):
     """Kronecker-factored approximate curvature (Martens & Grosse arXiv:1503.05671; convolutions: Grosse &
     Martens arXiv:1602.01407) for ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layers, grouped and depthwise
@@ -419,6 +434,9 @@ class KFAC(torch.optim.Optimizer):
         weight_decay: L2 added to every gradient before preconditioning, >= 0. Default: 0.
         ema: weight of the old factors in the moving averages, in [0, 1). Default: 0.95.
         update_every: steps between eigendecompositions, an integer >= 1. Default: 10.
+        stats_every: steps between factor updates, an integer >= 1: on the other steps the hooks compute
+            nothing and :meth:`sample_fisher` returns at once (the cost of the factors is amortized; the
+            preconditioner keeps its last factors). Default: 1.
         fisher: ``"empirical"`` (``G`` from the gradients of the loss being minimized: any backward pass
             before :meth:`step` records it) or ``"true"`` (``G`` from targets sampled from the model's
             predictive distribution: call :meth:`sample_fisher` on the outputs before the loss's backward).
@@ -428,7 +446,10 @@ class KFAC(torch.optim.Optimizer):
         kl_clip: None, or the bound ``κ`` of the KL-based step clipping of Ba et al. (arXiv:1611.06743 §3):
             the directions are scaled by ``min(1, sqrt(κ / (lr² Σ Δ·∇)))``. Default: None.
         subsample: fraction of input rows / locations used for the factors, in (0, 1]. Default: 1.
-        seed: seed of the subsampling and of ``sample_fisher``'s draws, an integer. Default: 0.
+        chunk_size: decompose ``A`` in diagonal blocks of at most this many input units (split at random,
+            as ``LayerwiseLM`` does): ``A ⊗ G`` becomes block-diagonal, and the preconditioning costs
+            ``out·in·chunk`` instead of ``out·in²`` multiply-adds. None: the whole ``A``. Default: None.
+        seed: seed of the subsampling, the chunks and ``sample_fisher``'s draws, an integer. Default: 0.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
@@ -438,9 +459,9 @@ class KFAC(torch.optim.Optimizer):
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-2, momentum: float = 0.9, damping: float = 1e-3,
-                 weight_decay: float = 0.0, ema: float = 0.95, update_every: int = 10, fisher: str = "empirical",
-                 likelihood: str = "categorical", kl_clip: float | None = None, subsample: float = 1.0,
-                 seed: int = 0) -> None:
+                 weight_decay: float = 0.0, ema: float = 0.95, update_every: int = 10, stats_every: int = 1,
+                 fisher: str = "empirical", likelihood: str = "categorical", kl_clip: float | None = None,
+                 subsample: float = 1.0, chunk_size: int | None = None, seed: int = 0) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidArgumentError(f"KFAC: model must be an nn.Module, got {type(model).__name__}")
         check = lambda *a, **k: _check_real(*a, owner="KFAC", **k)  # noqa: E731
@@ -450,9 +471,12 @@ class KFAC(torch.optim.Optimizer):
         check("weight_decay", weight_decay, 0.0)
         check("ema", ema, 0.0, 1.0, hi_open=True)
         check("update_every", update_every, 1, integer=True)
+        check("stats_every", stats_every, 1, integer=True)
         check("subsample", subsample, 0.0, 1.0, lo_open=True)
         if kl_clip is not None:
             check("kl_clip", kl_clip, 0.0, lo_open=True)
+        if chunk_size is not None:
+            check("chunk_size", chunk_size, 1, integer=True)
         if fisher not in ("empirical", "true"):
             raise InvalidArgumentError(f"KFAC: fisher={fisher!r} is invalid; fisher must be 'empirical' or 'true'")
         if likelihood not in ("categorical", "gaussian"):
@@ -463,6 +487,8 @@ class KFAC(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay, ema=ema)
         super().__init__([p for p in model.parameters() if p.requires_grad], defaults)
         self.update_every, self.fisher, self.likelihood, self.kl_clip = update_every, fisher, likelihood, kl_clip
+        self.stats_every, self.chunk_size = stats_every, chunk_size
+        self._steps = 0  # steps taken: the statistics are collected when it is a multiple of stats_every
         self._gen = torch.Generator().manual_seed(seed)
         self._layers: dict[nn.Parameter, nn.Module] = {
             m.weight: m for m in model.modules() if isinstance(m, _KFAC_LAYERS) and m.weight.requires_grad
@@ -482,6 +508,8 @@ class KFAC(torch.optim.Optimizer):
         if not isinstance(outputs, torch.Tensor) or not outputs.requires_grad:
             raise InvalidArgumentError("KFAC.sample_fisher: outputs must be the model's output tensor, computed "
                                        "with gradients enabled")
+        if not self._stats.active:  # not a statistics step: no sampled backward
+            return
         with torch.no_grad():
             if self.likelihood == "categorical":
                 probs = torch.softmax(outputs.detach().float().movedim(1, -1), dim=-1)
@@ -552,7 +580,14 @@ class KFAC(torch.optim.Optimizer):
                     p.add_(d, alpha=-group["lr"])
         finally:
             self._stats.clear()
+            self._steps += 1
+            self._stats.active = self._steps % self.stats_every == 0
         return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        out["kfac_steps"] = self._steps
+        return out
 
     def _group(self, p: torch.Tensor) -> dict[str, Any]:
         return next(g for g in self.param_groups if any(q is p for q in g["params"]))
@@ -564,26 +599,31 @@ class KFAC(torch.optim.Optimizer):
         state["steps"] = state.get("steps", 0) + 1
         if "QA" not in state or (state["steps"] - 1) % self.update_every == 0:
             for key in ("A", "G"):
-                f = state[key]
-                if not bool(torch.isfinite(f).all()):
+                if not bool(torch.isfinite(state[key]).all()):
                     raise InvalidArgumentError(f"KFAC: the {key} factor of a {type(self._layers[p]).__name__} layer "
                                                f"holds nan/inf: check the layer's inputs and the loss")
-                d, q = torch.linalg.eigh(f.double())
-                state["d" + key], state["Q" + key] = d.clamp_min(0).to(f.dtype), q.to(f.dtype)
+            chunks = _chunk_indices(state, state["A"].shape[-1], self.chunk_size, self._gen, p.device)
+            state["dG"], state["QG"] = _eigh(state["G"])
+            blocks = [_eigh(state["A"][:, idx][:, :, idx]) for idx in chunks]  # one [G, c, c] block per chunk
+            state["dA"], state["QA"] = [d for d, _ in blocks], [q for _, q in blocks]
 
     def _precondition(self, p: nn.Parameter, m: nn.Module, g: torch.Tensor, gb: torch.Tensor | None, damping: float
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(A ⊗ G + λI)⁻¹`` applied to the weight's (and bias's) gradient, per group, in the eigenbases."""
         st = self.state[p]
-        groups = st["QA"].shape[0]
+        groups = st["QG"].shape[0]
         mat = g.reshape(groups, g.shape[0] // groups, -1)  # [G, out/G, in/G · prod(k)]
         if m.bias is not None:
             bias = gb if gb is not None else torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
             mat = torch.cat([mat, bias.reshape(groups, -1, 1)], dim=2)
-        qa, qg = st["QA"].to(mat.dtype), st["QG"].to(mat.dtype)
-        rotated = qg.transpose(1, 2) @ mat @ qa
-        rotated = rotated / (st["dG"].to(mat.dtype)[:, :, None] * st["dA"].to(mat.dtype)[:, None, :] + damping)
-        out = qg @ rotated @ qa.transpose(1, 2)
+        qg, dg = st["QG"].to(mat.dtype), st["dG"].to(mat.dtype)
+        left = qg.transpose(1, 2) @ mat  # G's eigenbasis on the output side, then A's per chunk of inputs
+        out = torch.empty_like(left)
+        for idx, qa, da in zip(st["chunks"], st["QA"], st["dA"]):
+            qa, da = qa.to(mat.dtype), da.to(mat.dtype)
+            rotated = (left[:, :, idx] @ qa) / (dg[:, :, None] * da[:, None, :] + damping)
+            out[:, :, idx] = rotated @ qa.transpose(1, 2)
+        out = qg @ out
         if m.bias is not None:
             return out[:, :, :-1].reshape(g.shape), (out[:, :, -1].reshape(-1) if gb is not None else None)
         return out.reshape(g.shape), None
@@ -598,8 +638,16 @@ class KFAC(torch.optim.Optimizer):
         return min(1.0, math.sqrt(self.kl_clip / abs(total))) if total else 1.0
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As :meth:`torch.optim.Optimizer.load_state_dict`, on a deep copy (no factor shared with the source)."""
-        super().load_state_dict(copy.deepcopy(state_dict))
+        """As :meth:`torch.optim.Optimizer.load_state_dict`, on a deep copy (no factor shared with the source),
+        with the step count that decides the statistics steps; the chunk indices, which torch casts to the
+        parameters' dtype, back to integers."""
+        state_dict = copy.deepcopy(state_dict)
+        self._steps = int(state_dict.pop("kfac_steps", 0))
+        self._stats.active = self._steps % self.stats_every == 0
+        super().load_state_dict(state_dict)
+        for st in self.state.values():
+            if "chunks" in st:
+                st["chunks"] = [c.long() for c in st["chunks"]]
 
     def remove_hooks(self) -> None:
         """Detach the statistics hooks from the model (after training)."""

@@ -112,11 +112,35 @@ def test_one_step_on_a_linear_gaussian_model_is_the_gauss_newton_step():
     torch.testing.assert_close(got, w_star, rtol=0.0, atol=0.05)  # and that step solves the least squares
 
 
+def test_the_direction_solves_the_damped_kronecker_system_whole_or_in_chunks():
+    """One step (lr 1, no momentum) moves W by X with (A ⊗ G + λ I) vec(X) = vec(∇W) (column-major vec:
+    (A ⊗ G) vec(X) = vec(G X A)); with chunk_size, A is replaced by its diagonal blocks on the chunks."""
+    for chunk in (None, 3):
+        torch.manual_seed(0)
+        lin = nn.Linear(7, 3, bias=False)
+        opt = KFAC(lin, lr=1.0, momentum=0.0, damping=0.3, ema=0.0, chunk_size=chunk)
+        x = torch.randn(50, 7) @ torch.randn(7, 7)
+        F.cross_entropy(lin(x), torch.randint(0, 3, (50,))).backward()
+        w, grad = lin.weight.detach().clone(), lin.weight.grad.clone()
+        opt.step()
+        st = opt.state[lin.weight]
+        a, g = st["A"][0].double(), st["G"][0].double()
+        if chunk is not None:
+            mask = torch.zeros(7, 7, dtype=torch.bool)
+            for idx in st["chunks"]:
+                mask[idx[:, None], idx[None, :]] = True
+            assert len(st["chunks"]) == 3 and not bool(mask.all())
+            a = torch.where(mask, a, torch.zeros(()))
+        system = torch.kron(a, g) + 0.3 * torch.eye(21, dtype=torch.float64)
+        x_vec = torch.linalg.solve(system, grad.double().T.reshape(-1))
+        torch.testing.assert_close(w - lin.weight.detach(), x_vec.reshape(7, 3).T.float(), rtol=1e-4, atol=1e-6)
+
+
 def test_bad_options_are_refused():
     net = nn.Linear(3, 2)
     for kwargs, what in [({"lr": -1.0}, "lr"), ({"damping": 0.0}, "damping"), ({"momentum": 1.0}, "momentum"),
                          ({"ema": 1.0}, "ema"), ({"update_every": 0}, "update_every"), ({"subsample": 0.0}, "subsample"),
-                         ({"kl_clip": 0.0}, "kl_clip"), ({"fisher": "exact"}, "fisher"),
+                         ({"kl_clip": 0.0}, "kl_clip"), ({"fisher": "exact"}, "fisher"), ({"chunk_size": 0}, "chunk_size"),
                          ({"likelihood": "poisson"}, "likelihood"), ({"seed": 1.5}, "seed"),
                          ({"weight_decay": float("nan")}, "weight_decay")]:
         with pytest.raises(InvalidArgumentError, match=f"KFAC: {what}="):
@@ -147,7 +171,7 @@ def _steps(net: nn.Module, opt: KFAC, n: int, seed: int = 0, true_fisher: bool =
 @pytest.mark.parametrize("true_fisher", [False, True], ids=["empirical", "true"])
 def test_state_dict_round_trip_continues_identically(true_fisher: bool):
     torch.manual_seed(0)
-    kw = dict(lr=0.05, update_every=2, damping=1e-2, kl_clip=1e-2, weight_decay=1e-4,
+    kw = dict(lr=0.05, update_every=2, stats_every=2, damping=1e-2, kl_clip=1e-2, weight_decay=1e-4, chunk_size=5,
               fisher="true" if true_fisher else "empirical")
     net = _Net()
     opt = KFAC(net, **kw)
@@ -160,6 +184,22 @@ def test_state_dict_round_trip_continues_identically(true_fisher: bool):
     _steps(net2, opt2, 3, seed=1, true_fisher=true_fisher)
     for p, q in zip(net.parameters(), net2.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_statistics_every_k_steps_amortize_the_factors():
+    """With stats_every=3 the hooks collect on steps 0, 3, 6, ... only (and sample_fisher skips its backward
+    in between); the preconditioner keeps its last factors on the other steps."""
+    torch.manual_seed(0)
+    net = _Net()
+    opt = KFAC(net, lr=0.01, stats_every=3, update_every=1, fisher="true")
+    calls = []
+    hook = net.head.register_full_backward_hook(lambda m, gi, go: calls.append(1))
+    _steps(net, opt, 7, true_fisher=True)
+    hook.remove()
+    assert opt.state[net.head.weight]["steps"] == 3  # steps 0, 3 and 6
+    assert len(calls) == 7 + 3  # every loss backward, and the sampled backward on the three statistics steps
+    with pytest.raises(InvalidArgumentError, match="KFAC: stats_every="):
+        KFAC(net, stats_every=0)
 
 
 def test_trains_a_transformed_graph_module_and_preconditions_only_layers():
