@@ -17,29 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
+import sys
 from pathlib import Path
 
 import timm
 import torch
-import torch.nn.functional as F
 
-from netsurgeon.optim import KFAC
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness.train import timed_steps  # noqa: E402
+from netsurgeon.optim import KFAC  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GOALS = {224: 1.2, 64: 1.5}
-
-
-def _block(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int
-           ) -> list[float]:
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def measure(size: int, period: int, blocks: int, subsample: float, chunk_size: int | None, batch: int = 16) -> dict:
@@ -49,12 +39,12 @@ def measure(size: int, period: int, blocks: int, subsample: float, chunk_size: i
     sgd = torch.optim.SGD(sgd_model.parameters(), lr=1e-3, momentum=0.9)
     kfac = KFAC(kfac_model, lr=1e-3, damping=1e-3, stats_every=period, update_every=period, subsample=subsample,
                 chunk_size=chunk_size)
-    _block(sgd_model, sgd, x, y, 1)  # warm-up (allocator, first-call costs); K-FAC's first step builds its state
-    _block(kfac_model, kfac, x, y, period)
+    timed_steps(sgd_model, sgd, x, y, 1)  # warm-up (allocator, first-call costs); K-FAC's first step builds its state
+    timed_steps(kfac_model, kfac, x, y, period)
     t_sgd, t_kfac = [], []
     for _ in range(blocks):
-        t_sgd += _block(sgd_model, sgd, x, y, period)
-        t_kfac += _block(kfac_model, kfac, x, y, period)
+        t_sgd += timed_steps(sgd_model, sgd, x, y, period)
+        t_kfac += timed_steps(kfac_model, kfac, x, y, period)
     ms, mk = sum(t_sgd) / len(t_sgd), sum(t_kfac) / len(t_kfac)
     return {"size": size, "batch": batch, "period": period, "subsample": subsample, "chunk_size": chunk_size,
             "blocks": blocks,

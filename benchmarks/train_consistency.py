@@ -71,13 +71,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import netsurgeon
 import train_deep
 from harness import (RunResult, add_output_args, command_line, environment, log, lr_grid_text, machine_text,
                      new_parser, output_paths, plot_curves, run_record, save_json, steps_to_loss, torch_threads,
-                     train_run, write_table_md)
+                     timed_steps, train_run, write_table_md)
 from harness.data import load_splits
 from harness.optimizers import LM_OPTIONS, optimizer_spec
 from harness.stats import mean_sd
@@ -281,15 +280,7 @@ def measure_step_cost(batch_size: int = 64, rounds: int = 3, lm: dict[str, Any] 
         variants[name] = (model, make(model))
 
     def block_times(name: str) -> list[float]:
-        model, opt = variants[name]
-        out = []
-        for _ in range(block):
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-            out.append(time.perf_counter() - t0)
-        return out
+        return timed_steps(*variants[name], x, y, block)
 
     for name in variants:
         block_times(name)  # warm-up; LayerwiseLM's first inverse happens here

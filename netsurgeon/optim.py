@@ -202,6 +202,17 @@ def _chunk_indices(state: dict[str, Any], n: int, chunk_size: int | None, genera
     return state["chunks"]
 
 
+def _with_momentum(state: dict[str, Any], d: torch.Tensor, momentum: float) -> torch.Tensor:
+    """Heavy-ball momentum on the direction ``d``: the updated ``state["momentum_buffer"]`` (``d`` itself
+    without momentum)."""
+    if not momentum:
+        return d
+    buf = state.get("momentum_buffer")
+    buf = d.clone() if buf is None else buf.mul_(momentum).add_(d)
+    state["momentum_buffer"] = buf
+    return buf
+
+
 def _channel_moments(module: nn.Module, x: torch.Tensor, every_kth: Any) -> torch.Tensor:
     """``LayerwiseLM``'s ``A``: the input's second-moment matrix over its features (convs: channels,
     pixels pooled)."""
@@ -316,12 +327,7 @@ class LayerwiseLM(torch.optim.Optimizer):
                     state = self.state[p]
                     if p in self._layers and p in self._batch:
                         g = _block_diagonal_product(g, state["chunks"], state["inverse"])
-                    if group["momentum"]:
-                        buf = state.get("momentum_buffer")
-                        buf = g.clone() if buf is None else buf.mul_(group["momentum"]).add_(g)
-                        state["momentum_buffer"] = buf
-                        g = buf
-                    p.add_(g, alpha=-group["lr"])
+                    p.add_(_with_momentum(state, g, group["momentum"]), alpha=-group["lr"])
         finally:
             self._stats.clear()
         return loss
@@ -571,13 +577,7 @@ class KFAC(torch.optim.Optimizer):
                     if d is None:
                         continue
                     d = d * scale if scale != 1.0 and (p in self._layers or p in self._bias_of) else d
-                    if group["momentum"]:
-                        st = self.state[p]
-                        buf = st.get("momentum_buffer")
-                        buf = d.clone() if buf is None else buf.mul_(group["momentum"]).add_(d)
-                        st["momentum_buffer"] = buf
-                        d = buf
-                    p.add_(d, alpha=-group["lr"])
+                    p.add_(_with_momentum(self.state[p], d, group["momentum"]), alpha=-group["lr"])
         finally:
             self._stats.clear()
             self._steps += 1

@@ -6,6 +6,7 @@ on ``sys.path``, so tests import them as the scripts do: ``harness``, ``harness.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from pathlib import Path
@@ -143,3 +144,33 @@ def load_benchmark(name: str) -> ModuleType:
     where = Path(module.__file__ or "").resolve()
     assert where == BENCHMARKS / f"{name}.py", f"import {name} found {where}, not the script in {BENCHMARKS}"
     return module
+
+
+def spawn_gloo(worker, *args, world_size: int = 2) -> None:
+    """``worker(rank, world_size, port, *args)`` in ``world_size`` processes, with a free local port for
+    the gloo process group the worker starts."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(world_size, port, *args), nprocs=world_size, join=True)
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world_size: int, port: int):
+    """Inside a :func:`spawn_gloo` worker: one torch thread and the gloo process group on ``port``,
+    destroyed on the way out."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -182,29 +182,30 @@ def test_sdpa_and_written_out_attention_become_the_same_function() -> None:
     assert torch.allclose(ga(ids), gb(ids), atol=1e-5)
 
 
+def _shaped_like_sdpa(written: str) -> tuple[nn.Module, torch.Tensor]:
+    """The LM written as ``written``, with the sdpa LM's weights: after attention_shaping both have 4 shaped
+    blocks and compute the same function. Returns the written model (unshaped) and the ids."""
+    a, ids = _lm(False)
+    b, _ = _lm(written)
+    b.load_state_dict(a.state_dict())
+    ga = netsurgeon.transform(a, ["attention_shaping"], example_inputs=(ids,))
+    gb = netsurgeon.transform(copy_of(b), ["attention_shaping"], example_inputs=(ids,))
+    assert len(_modules(gb)) == 4
+    assert torch.allclose(ga(ids), gb(ids), atol=1e-5)
+    return b, ids
+
+
 def test_a_key_permuted_to_d_by_t_is_read_as_the_key() -> None:
     """``q @ k.permute(0, 1, 3, 2)`` (LeViT writes ``k.permute(0, 2, 3, 1)``): the right operand is ``kᵀ``
     whatever op made it; the pass transposes it back and shapes the site like the sdpa one."""
-    a, ids = _lm(False)
-    b, _ = _lm("permuted")
-    b.load_state_dict(a.state_dict())
-    ga = netsurgeon.transform(a, ["attention_shaping"], example_inputs=(ids,))
-    gb = netsurgeon.transform(b, ["attention_shaping"], example_inputs=(ids,))
-    assert len(_modules(gb)) == 4
-    assert torch.allclose(ga(ids), gb(ids), atol=1e-5)
+    _shaped_like_sdpa("permuted")
 
 
 def test_a_softmax_module_and_a_per_head_temperature_are_read() -> None:
     """``nn.Softmax`` modules (timm's Swin, DaViT) are softmax attention like the functional form (they were
     missed: the pass reported no attention and left the blocks unshaped); a per-head temperature ``[h, 1, 1]``
     on the scores (XCA, Swin V2's logit scale) moves onto the query: ``(t ⊙ q) kᵀ = t ⊙ (q kᵀ)``, exactly."""
-    a, ids = _lm(False)
-    b, _ = _lm("temperature")
-    b.load_state_dict(a.state_dict())
-    ga = netsurgeon.transform(a, ["attention_shaping"], example_inputs=(ids,))
-    gb = netsurgeon.transform(b, ["attention_shaping"], example_inputs=(ids,))
-    assert len(_modules(gb)) == 4
-    assert torch.allclose(ga(ids), gb(ids), atol=1e-5)
+    b, ids = _shaped_like_sdpa("temperature")
     # the temperature is applied, not dropped: with the logit gain at 1 and the pattern's bias and row scales
     # neutral, the shaped block computes the original attention
     c, _ = _lm("temperature")

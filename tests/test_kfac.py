@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import netsurgeon
+from conftest import gloo_group, spawn_gloo
 from netsurgeon.errors import InvalidArgumentError
 from netsurgeon.optim import KFAC
 
@@ -233,17 +234,11 @@ def test_trains_a_transformed_graph_module_and_preconditions_only_layers():
 
 
 def _ddp_kfac_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    import os
-    from datetime import timedelta
     from pathlib import Path
 
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
-    try:
+    with gloo_group(rank, world_size, port):
         torch.manual_seed(0)
         net = _Net()
         model = DDP(net)
@@ -258,20 +253,11 @@ def _ddp_kfac_worker(rank: int, world_size: int, port: int, out_dir: str) -> Non
         torch.save({"factors": {n: (opt.state[m.weight]["A"], opt.state[m.weight]["G"])
                                 for n, m in (("conv", net.conv), ("dw", net.dw), ("head", net.head))},
                     "params": {n: p.detach() for n, p in net.named_parameters()}}, Path(out_dir) / f"k{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.timeout(180)
 def test_ddp_ranks_end_with_identical_factors_and_weights(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_kfac_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(_ddp_kfac_worker, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"k{r}.pt", weights_only=True) for r in range(2))
     for n in r0["factors"]:
         for f0, f1 in zip(r0["factors"][n], r1["factors"][n]):

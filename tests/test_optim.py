@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import netsurgeon
+from conftest import gloo_group, spawn_gloo
 from netsurgeon.optim import LayerwiseLM
 
 
@@ -94,16 +95,9 @@ def test_bad_options_are_refused():
 
 def _ddp_lm_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     """Each rank sees a different shard; the optimizer's A must be the average over ranks."""
-    import os
-    from datetime import timedelta
     from pathlib import Path
 
-    import torch.distributed as dist
-
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
-    try:
+    with gloo_group(rank, world_size, port):
         torch.manual_seed(0)
         lin = nn.Linear(4, 1, bias=False)
         opt = LayerwiseLM(lin, lr=0.1, momentum=0.0, ema=0.0)
@@ -112,20 +106,11 @@ def _ddp_lm_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         lin(xs).sum().backward()
         opt.step()
         torch.save({"A": opt.state[lin.weight]["A"]}, Path(out_dir) / f"lm{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.timeout(180)
 def test_statistics_are_averaged_across_ddp_processes(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_lm_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(_ddp_lm_worker, str(tmp_path))
     a0, a1 = (torch.load(tmp_path / f"lm{r}.pt", weights_only=True)["A"] for r in range(2))
     torch.testing.assert_close(a0, a1)  # the same averaged statistic on both ranks
     x = torch.randn(16, 4, generator=torch.Generator().manual_seed(5))

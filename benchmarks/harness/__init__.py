@@ -32,7 +32,7 @@ from .cli import (add_output_args, add_sweep_args, command_line, environment, fi
                   output_paths, torch_threads)
 from .report import (lr_grid_text, machine_text, plot_accuracy, plot_curves, publish, run_record, save_json,
                      save_text, subset_text, write_table_md)
-from .train import (DIVERGENCE_FACTOR, ModelOptimizer, RunResult, SweepResult, lr_sweep, mean_curve, smooth,
+from .train import (DIVERGENCE_FACTOR, timed_steps, ModelOptimizer, RunResult, SweepResult, lr_sweep, mean_curve, smooth,
                     steps_to_loss, steps_to_reference, train_run)
 
 __all__ = ["RunResult", "SweepResult", "ModelOptimizer", "train_run", "lr_sweep", "steps_to_loss", "steps_to_reference", "smooth",

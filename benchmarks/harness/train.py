@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from netsurgeon.errors import InvalidArgumentError
 
 __all__ = ["RunResult", "SweepResult", "ModelOptimizer", "train_run", "lr_sweep", "run_key", "steps_to_loss",
-           "steps_to_reference", "smooth",
+           "steps_to_reference", "smooth", "timed_steps",
            "mean_curve", "DIVERGENCE_FACTOR"]
 
 DIVERGENCE_FACTOR = 1e3
@@ -401,3 +401,17 @@ def steps_to_reference(reference: Sequence[RunResult], steps: int, others: dict[
 
 
 _LOOP_SOURCE = "".join(inspect.getsource(f) for f in (_train, _evaluate, _make_optimizer, smooth)).encode()
+
+
+def timed_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int
+                ) -> list[float]:
+    """Wall seconds of each of ``steps`` training steps (zero_grad, forward, cross-entropy, backward, step)
+    on one fixed batch: the per-step cost benchmarks (train_consistency's, kfac_cost's)."""
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return times
