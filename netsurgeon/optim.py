@@ -550,6 +550,8 @@ class KFAC(torch.optim.Optimizer):
                 for p in group["params"]:
                     if p.grad is not None and p in self._layers and p in self._stats.inputs and p in self._stats.grads:
                         self._update_factors(p, self.state[p], group)
+                    if p in self._layers and "A" in self.state[p]:
+                        self._decompose(p, self.state[p])
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is None or p in self._bias_of:
@@ -596,8 +598,14 @@ class KFAC(torch.optim.Optimizer):
         a, g = self._stats.inputs[p].to(p.device), self._stats.grads[p].to(p.device)
         for key, new in (("A", a), ("G", g)):
             state[key] = new if key not in state else state[key].mul_(group["ema"]).add_(new, alpha=1 - group["ema"])
-        state["steps"] = state.get("steps", 0) + 1
-        if "QA" not in state or (state["steps"] - 1) % self.update_every == 0:
+        state["steps"] = state.get("steps", 0) + 1  # factor updates
+
+    def _decompose(self, p: nn.Parameter, state: dict[str, Any]) -> None:
+        """The factors' eigendecompositions (``A`` per chunk), at the first step and then every ``update_every``
+        optimizer steps, when the factors changed since the last one."""
+        if "QA" not in state or (self._steps - state["decomposed_at"] >= self.update_every
+                                 and state["steps"] != state["decomposed_updates"]):
+            state["decomposed_at"], state["decomposed_updates"] = self._steps, state["steps"]
             for key in ("A", "G"):
                 if not bool(torch.isfinite(state[key]).all()):
                     raise InvalidArgumentError(f"KFAC: the {key} factor of a {type(self._layers[p]).__name__} layer "

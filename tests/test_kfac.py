@@ -198,6 +198,13 @@ def test_statistics_every_k_steps_amortize_the_factors():
     _steps(net, opt, 7, true_fisher=True)
     hook.remove()
     assert opt.state[net.head.weight]["steps"] == 3  # steps 0, 3 and 6
+    assert opt.state[net.head.weight]["decomposed_at"] == 6  # update_every=1: at each step with new factors
+    opt4 = KFAC(net, lr=0.01, stats_every=3, update_every=4)
+    _steps(net, opt4, 9)  # factors at 0, 3, 6; decompositions 4 or more steps apart, on new factors: 0, 4, 8
+    assert opt4.state[net.head.weight]["decomposed_at"] == 8
+    opt5 = KFAC(net, lr=0.01, stats_every=5, update_every=1)
+    _steps(net, opt5, 9)  # factors at 0 and 5 only: decomposed then, not at the steps between
+    assert opt5.state[net.head.weight]["decomposed_at"] == 5
     assert len(calls) == 7 + 3  # every loss backward, and the sampled backward on the three statistics steps
     with pytest.raises(InvalidArgumentError, match="KFAC: stats_every="):
         KFAC(net, stats_every=0)
