@@ -23,25 +23,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import netsurgeon  # noqa: E402
 from harness.broad_zoo import all_models, build  # noqa: E402
-from netsurgeon.graph import Topology  # noqa: E402
+from netsurgeon.graph.running import TORCH_FACTORIES  # noqa: E402
 from netsurgeon.graph.state import trace_info  # noqa: E402
 from netsurgeon.passes.attention import find_attention  # noqa: E402
+from netsurgeon.passes.init import constant_layers  # noqa: E402
 
-_FACTORIES = {getattr(torch, n) for n in ("arange", "ones", "zeros", "full", "empty", "eye", "tensor", "as_tensor")}
+_FACTORIES = {getattr(torch, n) for n in TORCH_FACTORIES if hasattr(torch, n)}
 
 
 def flags(gm: fx.GraphModule) -> list[str]:
     """The special constructs in a traced model."""
     info = trace_info(gm)
     sites = find_attention(gm)[0]
-    topo = Topology(gm)
-    signal = lambda n: topo.graph.nodes[n.name]["signal"]  # noqa: E731
     out = []
     if info.buffers_as_nodes:
         out.append("buffers_as_nodes")
-    const = [n for n in gm.graph.nodes if n.op == "call_module"
-             and isinstance(gm.get_submodule(n.target), (nn.Linear, nn.modules.conv._ConvNd))
-             and not any(signal(a) for a in n.all_input_nodes)]
+    const = constant_layers(gm)
     if const:
         out.append(f"constant_layers={len(const)}")
     if any(s.value_left for s in sites):

@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import numbers
 import weakref
@@ -95,9 +96,9 @@ def _block_diagonal_product(g: torch.Tensor, chunks: list[torch.Tensor], blocks:
 
 
 class _Hook:
-    """A module hook that forwards to ``owner.<method>`` through a weak reference, so a model outlives
-    its optimizer, and a deep copy of the model (an EMA copy, a snapshot) gets an inert hook instead of
-    a copy of the optimizer."""
+    """A module or tensor hook that forwards to ``owner.<method>`` through a weak reference, so a model
+    outlives its optimizer, and a deep copy of the model (an EMA copy, a snapshot) gets an inert hook
+    instead of a copy of the optimizer."""
 
     def __init__(self, owner: Any, method: str) -> None:
         self._owner = weakref.ref(owner) if owner is not None else None
@@ -152,7 +153,7 @@ class _LayerStatistics:
     def _output(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         if self.active and module.training and torch.is_grad_enabled() and isinstance(out, torch.Tensor) \
                 and out.requires_grad:
-            out.register_hook(_GradHook(self, module))
+            out.register_hook(functools.partial(_Hook(self, "_grad"), module))
 
     def _grad(self, module: nn.Module, g: torch.Tensor) -> None:
         if self.recording_grads:
@@ -175,18 +176,6 @@ class _LayerStatistics:
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
-
-
-class _GradHook:
-    """A tensor hook on a layer's output that hands its gradient to the statistics (weakly referenced)."""
-
-    def __init__(self, stats: _LayerStatistics, module: nn.Module) -> None:
-        self._stats, self._module = weakref.ref(stats), weakref.ref(module)
-
-    def __call__(self, g: torch.Tensor) -> None:
-        stats, module = self._stats(), self._module()
-        if stats is not None and module is not None:
-            stats._grad(module, g)
 
 
 def _chunk_indices(state: dict[str, Any], n: int, chunk_size: int | None, generator: torch.Generator,

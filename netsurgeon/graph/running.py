@@ -17,8 +17,8 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from .._validate import non_finite, short_list
 from ..errors import ExampleInputError, InvalidArgumentError, NetsurgeonError
 
-__all__ = ["eval_mode", "example_run", "factories_traced", "has_proxy", "propagate_shapes", "require_finite", "outputs_match",
-           "overflow_error", "run_recording_shapes", "shapes_current", "user_line"]
+__all__ = ["eval_mode", "example_run", "factories_traced", "has_proxy", "TORCH_FACTORIES", "propagate_shapes",
+           "require_finite", "outputs_match", "overflow_error", "run_recording_shapes", "shapes_current", "user_line"]
 
 
 @contextlib.contextmanager
@@ -195,7 +195,7 @@ def overflow_error(what: str, model: nn.Module, ref: Any, out: Any) -> ExampleIn
 
 # torch functions whose argument parser rejects proxies before ``__torch_function__`` is consulted
 # (``torch.ones(x.shape[0], n)``, ``torch.finfo(x.dtype)``): recorded as nodes while tracing
-_TORCH_FACTORIES = ("arange", "ones", "zeros", "full", "empty", "eye", "tensor", "as_tensor", "finfo", "iinfo")
+TORCH_FACTORIES = ("arange", "ones", "zeros", "full", "empty", "eye", "tensor", "as_tensor", "finfo", "iinfo")
 
 
 def has_proxy(obj: Any) -> bool:
@@ -215,7 +215,7 @@ def factories_traced(tracer: fx.Tracer) -> Iterator[None]:
     """``torch.<factory>`` called with a proxy among its arguments becomes a node (its target the
     original function), as ``fx.wrap`` does for module-level functions: ``torch.ones(x.shape[0], n)``
     (Hugging Face attention masks, Gemma 4's patch grid) fails in torch's argument parser otherwise."""
-    originals = {name: getattr(torch, name) for name in _TORCH_FACTORIES if hasattr(torch, name)}
+    originals = {name: getattr(torch, name) for name in TORCH_FACTORIES if hasattr(torch, name)}
 
     def wrapped(fn: Callable[..., Any]) -> Callable[..., Any]:
         def factory(*args: Any, **kwargs: Any) -> Any:

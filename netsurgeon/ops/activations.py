@@ -324,10 +324,11 @@ def _buffer_scalar(ctx: ClassifyContext, value: Any) -> Any:
     """A one-element buffer read by a ``get_attr`` node, as a float (a clamp bound kept in a buffer);
     anything else as it is (a parameter may train away from its value: it stays a node)."""
     if isinstance(value, fx.Node) and value.op == "get_attr":
-        t: Any = ctx.root
-        for part in str(value.target).split("."):
-            t = getattr(t, part, None)
-        if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.numel() == 1:
+        try:
+            t = ctx.root.get_buffer(str(value.target))
+        except AttributeError:
+            return value
+        if t.numel() == 1:
             return float(t)
     return value
 

@@ -50,7 +50,7 @@ from ..layers import ShapedAttention
 from ..report import PassRecord, Preservation
 from .base import Pass, register_pass
 
-__all__ = ["OrthogonalInit", "orthogonal_blocks"]
+__all__ = ["OrthogonalInit", "orthogonal_blocks", "constant_layers"]
 
 
 def orthogonal_blocks(groups: int, rows: int, cols: int, gain: float, generator: torch.Generator | None = None
@@ -114,6 +114,19 @@ def _fill(w: torch.Tensor, bias: torch.Tensor | None, groups: int, scheme: str, 
     return g
 
 
+def constant_layers(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """``{path: its call nodes}`` of the ``nn.Linear`` / conv modules every call of which reads constants only
+    (no model input reaches them): their outputs are input-independent terms."""
+    topo = Topology(gm)
+    calls: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    return {path: nodes for path, nodes in calls.items()
+            if isinstance(gm.get_submodule(path), (nn.Linear, nn.modules.conv._ConvNd))
+            and not any(topo.graph.nodes[a.name]["signal"] for n in nodes for a in n.all_input_nodes)}
+
+
 @register_pass
 @dataclasses.dataclass
 class OrthogonalInit(Pass):
@@ -170,17 +183,8 @@ class OrthogonalInit(Pass):
         encoding projected by a conv, Swin V2's relative-position MLP) makes an input-independent term, a bias
         of the kernel theory: zero, like every bias here, so that adding it leaves q unchanged (with orthogonal
         weights the Fourier encoding would add 0.5 to q at every token)."""
-        topo = Topology(gm)
-        signal = lambda n: isinstance(n, fx.Node) and topo.graph.nodes[n.name]["signal"]  # noqa: E731
-        calls: dict[str, list[fx.Node]] = {}
-        for node in gm.graph.nodes:
-            if node.op == "call_module":
-                calls.setdefault(node.target, []).append(node)
-        for path, nodes in calls.items():
+        for path, nodes in constant_layers(gm).items():
             m = gm.get_submodule(path)
-            if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or any(signal(a) for n in nodes
-                                                                              for a in n.all_input_nodes):
-                continue
             m.weight.zero_()
             if getattr(m, "bias", None) is not None:
                 m.bias.zero_()
