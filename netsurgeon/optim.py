@@ -72,27 +72,53 @@ def _numerically_singular(a: torch.Tensor) -> torch.Tensor:
     return ~finite | ~(ev[0] > ev[-1].abs() * a.shape[0] * torch.finfo(a.dtype).eps)
 
 
+def _layout(chunks: list[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None, int, int]:
+    """``(perm, inverse perm, c, k)`` of a chunking (``_chunk_indices``): the units in chunk order, and the
+    ``k`` leading chunks of the common size ``c`` (torch's ``split``: only the last chunk may be shorter).
+    ``perm`` is None when the chunks are runs of consecutive units in order (nothing to permute)."""
+    c = chunks[0].numel()
+    k = next((i for i, ch in enumerate(chunks) if ch.numel() != c), len(chunks))
+    perm = torch.cat(chunks)
+    if torch.equal(perm, torch.arange(perm.numel(), device=perm.device)):
+        return None, None, c, k
+    return perm, torch.argsort(perm), c, k
+
+
+def _blocks_product(x: torch.Tensor, full: torch.Tensor, rest: torch.Tensor | None, side: str,
+                    transpose: bool = False) -> torch.Tensor:
+    """``x @ D`` (``side="right"``) or ``D @ x`` (``"left"``) for the block-diagonal ``D = blockdiag(full[..., 0,
+    :, :], ..., full[..., k-1, :, :], rest)``, with ``x`` ``[..., m, n]`` in chunk order on that side: ``full``
+    ``[..., k, c, c]`` the leading blocks, ``rest`` ``[..., r, r]`` a shorter last one (None or empty: none);
+    ``transpose`` uses ``Dᵀ``. ``m·n·c`` multiply-adds instead of ``m·n²``, one matmul per block on a slice of
+    ``x`` (BLAS reads strided slices in place, where a batched matmul would first copy ``x`` into block-major
+    order); the result is contiguous."""
+    k, c = full.shape[-3], full.shape[-1]
+    blocks = [full[..., i, :, :] for i in range(k)] + ([rest] if rest is not None and rest.shape[-1] else [])
+    parts, start = [], 0
+    for b in blocks:
+        b = b.transpose(-1, -2) if transpose else b
+        size = b.shape[-1]
+        parts.append(x[..., start:start + size] @ b if side == "right" else b @ x[..., start:start + size, :])
+        start += size
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1 if side == "right" else -2)
+
+
 def _block_diagonal_product(g: torch.Tensor, chunks: list[torch.Tensor], blocks: list[torch.Tensor]) -> torch.Tensor:
     """``g`` (``[out, in, ...]``) times the block-diagonal matrix whose blocks act on the input
     units ``chunks[i]``: ``out·in·chunk`` multiply-adds per kernel tap instead of ``out·in²``.
-    The input dim is permuted into chunk order once, full chunks go through one batched
-    matmul, and the result is permuted back."""
+    The input dim is permuted into chunk order once, the leading equal chunks go through one
+    batched matmul (:func:`_blocks_product`), and the result is permuted back."""
     blocks = [b.to(g.dtype) for b in blocks]
     if len(chunks) == 1:
         return torch.einsum("oi...,ij->oj...", g, blocks[0])
-    n, c = g.shape[1], chunks[0].numel()
-    perm = torch.cat(chunks)
-    rows = g.index_select(1, perm).movedim(1, -1).reshape(-1, n)  # [out·taps, in], chunk order
-    full = next((i for i, ch in enumerate(chunks) if ch.numel() != c), len(chunks))  # leading equal chunks
-    out = torch.empty_like(rows)
-    head = rows[:, : full * c].reshape(-1, full, c).transpose(0, 1)  # [full, out·taps, c]
-    out[:, : full * c] = torch.bmm(head, torch.stack(blocks[:full])).transpose(0, 1).reshape(-1, full * c)
-    start = full * c
-    for ch, block in zip(chunks[full:], blocks[full:]):  # the rest (torch's split: one shorter chunk)
-        out[:, start:start + ch.numel()] = rows[:, start:start + ch.numel()] @ block
-        start += ch.numel()
-    out = out.reshape(*g.shape[:1], *g.shape[2:], n).movedim(-1, 1)
-    return torch.empty_like(g).index_copy_(1, perm, out)
+    perm, inverse, _, k = _layout(chunks)
+    rows = g.movedim(1, -1)  # [out, ...taps, in]
+    rows = rows if perm is None else rows.index_select(-1, perm)  # in chunk order
+    rest = blocks[k] if len(blocks) > k else None
+    if len(blocks) > k + 1:
+        raise ValueError("only the last chunk may be shorter than the others")
+    out = _blocks_product(rows, torch.stack(blocks[:k]), rest, "right")
+    return (out if inverse is None else out.index_select(-1, inverse)).movedim(-1, 1)
 
 
 class _Hook:
@@ -104,7 +130,8 @@ class _Hook:
         self._owner = weakref.ref(owner) if owner is not None else None
         self._method = method
 
-    def __call__(self, *args: Any) -> None:
+    @torch.compiler.disable
+    def __call__(self, *args: Any) -> None:  # eager under torch.compile: dynamo mixed up the layers' statistics
         owner = self._owner() if self._owner is not None else None
         if owner is not None:
             getattr(owner, self._method)(*args)
@@ -113,11 +140,13 @@ class _Hook:
         return _Hook(None, self._method)
 
 
-def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """``t`` averaged over the processes of ``torch.distributed`` (in place; unchanged without it)."""
+def _all_reduce_mean(t: Any) -> Any:
+    """``t`` (a tensor, or a list of tensors) averaged over the processes of ``torch.distributed`` (in place;
+    unchanged without it)."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
+        for x in (t if isinstance(t, list) else [t]):
+            dist.all_reduce(x)
+            x /= dist.get_world_size()
     return t
 
 
@@ -179,16 +208,22 @@ class _LayerStatistics:
 
 
 def _chunk_indices(state: dict[str, Any], n: int, chunk_size: int | None, generator: torch.Generator,
-                   device: torch.device) -> list[torch.Tensor]:
-    """A layer's input units split at random into chunks of at most ``chunk_size`` (fixed once drawn, kept in
-    ``state["chunks"]``); one chunk of all units without chunking. Shared by ``LayerwiseLM`` and ``KFAC``."""
-    if "chunks" not in state:
+                   device: torch.device, key: str = "chunks", block: int | None = None) -> list[torch.Tensor]:
+    """A layer's units (``n``) split into chunks of at most ``chunk_size`` (fixed once drawn, kept in
+    ``state[key]``); one chunk of all units without chunking. ``block=None``: the units are split at random
+    (``LayerwiseLM``); ``block=b``: into runs of consecutive units, each a whole number of ``b``-unit blocks
+    when ``chunk_size >= b`` (``KFAC``: a conv's input channels with all their kernel taps). Shared by
+    ``LayerwiseLM`` and ``KFAC``."""
+    if key not in state:
         if chunk_size is None or chunk_size >= n:
-            state["chunks"] = [torch.arange(n, device=device)]
+            state[key] = [torch.arange(n, device=device)]
+        elif block is not None:
+            size = chunk_size // block * block if chunk_size >= block else chunk_size
+            state[key] = list(torch.arange(n, device=device).split(size))
         else:
             perm = torch.randperm(n, generator=generator).to(device)
-            state["chunks"] = list(perm.split(chunk_size))
-    return state["chunks"]
+            state[key] = list(perm.split(chunk_size))
+    return state[key]
 
 
 def _with_momentum(state: dict[str, Any], d: torch.Tensor, momentum: float) -> torch.Tensor:
@@ -371,9 +406,9 @@ def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return cols.reshape(cols.shape[0], g, cols.shape[1] // g, cols.shape[2])
 
 
-def _kfac_inputs(module: nn.Module, x: torch.Tensor, every_kth: Any) -> torch.Tensor:
-    """K-FAC's ``A``: ``[groups, n, n]``, the mean over examples and locations of ``a aᵀ``, with ``a`` the
-    layer's input row (a linear layer) or patch (a conv), and a trailing 1 when the layer has a bias."""
+def _kfac_input_rows(module: nn.Module, x: torch.Tensor, every_kth: Any) -> torch.Tensor:
+    """``[groups, N, n]``: the layer's (subsampled) input rows (a linear layer) or patches (a conv), with a
+    trailing 1 when the layer has a bias. K-FAC's ``A`` is their mean ``a aᵀ``."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     if isinstance(module, nn.Linear):
         rows = every_kth(x.reshape(-1, x.shape[-1]), 0).to(dtype)[None]  # [1, N, in]
@@ -382,13 +417,14 @@ def _kfac_inputs(module: nn.Module, x: torch.Tensor, every_kth: Any) -> torch.Te
         rows = cols.permute(1, 0, 3, 2).reshape(cols.shape[1], -1, cols.shape[2])  # [G, B·L, n]
     if module.bias is not None:
         rows = torch.cat([rows, rows.new_ones(*rows.shape[:2], 1)], dim=2)
-    return rows.transpose(1, 2) @ rows / rows.shape[1]
+    return rows
 
 
-def _kfac_grads(module: nn.Module, g: torch.Tensor, every_kth: Any) -> torch.Tensor:
-    """K-FAC's ``G``: ``[groups, m, m]``, ``B Σ_{examples, locations} g gᵀ`` for the gradient ``g`` of the
-    loss at the layer's output, ``B`` the batch (the leading axis): the per-example gradients are ``B g``
-    for a loss averaged over the batch, and the locations of one example add (docs/theory.md §8.7)."""
+def _kfac_grad_rows(module: nn.Module, g: torch.Tensor, every_kth: Any) -> tuple[torch.Tensor, float]:
+    """``([groups, N, m], scale)``: the (subsampled) gradient rows ``g`` of the loss at the layer's output, and
+    the scale that makes ``scale · mean g gᵀ`` K-FAC's ``G = B Σ_{examples, locations} g gᵀ``, ``B`` the batch
+    (the leading axis): the per-example gradients are ``B g`` for a loss averaged over the batch, and the
+    locations of one example add (docs/theory.md §8.7)."""
     dtype = torch.promote_types(g.dtype, torch.float32)
     batch = g.shape[0]
     if isinstance(module, nn.Linear):
@@ -400,13 +436,49 @@ def _kfac_grads(module: nn.Module, g: torch.Tensor, every_kth: Any) -> torch.Ten
         total = batch * f.shape[3]
         f = every_kth(f, 3).to(dtype)
         rows = f.permute(1, 0, 3, 2).reshape(f.shape[1], -1, f.shape[2])
-    return batch * total * (rows.transpose(1, 2) @ rows) / rows.shape[1]
+    return rows, float(batch * total)
+
+
+def _block_moments(rows: torch.Tensor, perm: torch.Tensor | None, k: int, c: int, scale: float = 1.0
+                   ) -> list[torch.Tensor]:
+    """The diagonal blocks of ``scale · rowsᵀ rows / N`` (``rows`` ``[groups, N, n]``) on the chunks of a layout
+    (:func:`_layout`): ``[full [groups, k, c, c], rest [groups, r, r]]``, units in chunk order. Only the blocks
+    are computed (``N·n·c`` multiply-adds, not ``N·n²``)."""
+    if perm is not None:
+        rows = rows.index_select(2, perm)
+    w = scale / rows.shape[1]
+    full = torch.stack([(r.transpose(1, 2) @ r) for r in rows[:, :, : k * c].split(c, dim=2)], dim=1) * w
+    tail = rows[:, :, k * c:]
+    return [full, tail.transpose(1, 2) @ tail * w]
+
+
+def _blocks_diagonal(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """``[groups, n]``: the diagonals of ``[full, rest]`` blocks, in chunk order."""
+    full, rest = blocks
+    return torch.cat([full.diagonal(dim1=-2, dim2=-1).flatten(1), rest.diagonal(dim1=-2, dim2=-1)], dim=1)
 
 
 def _eigh(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (clamped at 0) and eigenvectors of a batch of symmetric PSD factors, in double precision."""
+    if f.shape[-1] == 0:
+        return f.new_zeros(f.shape[:-1]), f.clone()
     d, q = torch.linalg.eigh(f.double())
     return d.clamp_min(0).to(f.dtype), q.to(f.dtype)
+
+
+def _damped_inverse(f: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """``(f + γ I)⁻¹`` for a batch of symmetric PSD ``f`` ``[groups, ..., c, c]`` and ``γ > 0`` per group, by a
+    Cholesky factorization in double precision; eigenvalues clamped at 0 where rounding left ``f`` indefinite."""
+    if f.shape[-1] == 0:
+        return f.clone()
+    fd = f.double()
+    g = gamma.double().reshape(-1, *([1] * (f.dim() - 1)))
+    eye = torch.eye(f.shape[-1], dtype=torch.float64, device=f.device)
+    chol, info = torch.linalg.cholesky_ex(fd + g * eye)
+    if bool((info != 0).any()):  # one sync per decomposition
+        d, q = torch.linalg.eigh(fd)
+        return ((q / (d.clamp_min(0) + g[..., 0])[..., None, :]) @ q.transpose(-1, -2)).to(f.dtype)
+    return torch.cholesky_inverse(chol).to(f.dtype)
 
 
 class KFAC(torch.optim.Optimizer):
@@ -416,19 +488,23 @@ class KFAC(torch.optim.Optimizer):
 
     For a layer with weight ``W`` (bias appended as a last input column) the Fisher block is approximated
     by ``A ⊗ G``: ``A`` the second moment of the layer's input rows or patches, ``G`` that of the
-    loss gradient at its output (scaled to per-example gradients). Both are moving averages; their
-    eigendecompositions are refreshed every ``update_every`` steps, and the update direction is
-    ``(A ⊗ G + λ I)⁻¹ vec(∇W)`` computed in their eigenbases (damping ``λ`` on the Kronecker product's
-    eigenvalues, exact Tikhonov damping of the approximation).
+    loss gradient at its output (scaled to per-example gradients). Both are moving averages, refreshed
+    (inverted or eigendecomposed) every ``update_every`` steps. The damping ``λ`` is either factored
+    Tikhonov damping, ``(A + π√λ I) ⊗ (G + √λ/π I)`` with ``π² = (tr A / dim A) / (tr G / dim G)``
+    (Martens & Grosse §6.3; the step is two products with the damped factors' inverses), or exact,
+    ``A ⊗ G + λ I`` solved in the factors' eigenbases (twice the products per step).
 
     Args:
         model: the module whose parameters are optimized (its layers get hooks).
         lr: learning rate, >= 0. Default: 1e-2.
         momentum: heavy-ball momentum on the update direction, in [0, 1). Default: 0.9.
-        damping: λ, > 0. Default: 1e-3.
+        damping: λ, > 0. With ``damping_mode="factored"`` a change takes effect at the next step (the damped
+            inverses are rebuilt from the kept factors). Default: 1e-3.
+        damping_mode: ``"factored"`` or ``"exact"`` (above). Default: "factored".
         weight_decay: L2 added to every gradient before preconditioning, >= 0. Default: 0.
         ema: weight of the old factors in the moving averages, in [0, 1). Default: 0.95.
-        update_every: steps between eigendecompositions, an integer >= 1. Default: 10.
+        update_every: steps between refreshes of the inverses (eigendecompositions), an integer >= 1.
+            Default: 10.
         stats_every: steps between factor updates, an integer >= 1: on the other steps the hooks compute
             nothing and :meth:`sample_fisher` returns at once (the cost of the factors is amortized; the
             preconditioner keeps its last factors). Default: 1.
@@ -441,9 +517,11 @@ class KFAC(torch.optim.Optimizer):
         kl_clip: None, or the bound ``κ`` of the KL-based step clipping of Ba et al. (arXiv:1611.06743 §3):
             the directions are scaled by ``min(1, sqrt(κ / (lr² Σ Δ·∇)))``. Default: None.
         subsample: fraction of input rows / locations used for the factors, in (0, 1]. Default: 1.
-        chunk_size: decompose ``A`` in diagonal blocks of at most this many input units (split at random,
-            as ``LayerwiseLM`` does): ``A ⊗ G`` becomes block-diagonal, and the preconditioning costs
-            ``out·in·chunk`` instead of ``out·in²`` multiply-adds. None: the whole ``A``. Default: None.
+        chunk_size: keep only the diagonal blocks of ``A`` and of ``G`` on chunks of at most this many units
+            (runs of consecutive units; a conv's chunks of ``A`` hold whole input channels with all their kernel
+            taps, whose correlations are the strongest): only those blocks are computed and inverted, and a
+            step costs ``out·in·(c_A + c_G)`` multiply-adds instead of ``out·in·(in + out)``. None: the whole
+            factors. Default: None.
         seed: seed of the subsampling, the chunks and ``sample_fisher``'s draws, an integer. Default: 0.
 
     Example:
@@ -454,9 +532,10 @@ class KFAC(torch.optim.Optimizer):
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-2, momentum: float = 0.9, damping: float = 1e-3,
-                 weight_decay: float = 0.0, ema: float = 0.95, update_every: int = 10, stats_every: int = 1,
-                 fisher: str = "empirical", likelihood: str = "categorical", kl_clip: float | None = None,
-                 subsample: float = 1.0, chunk_size: int | None = None, seed: int = 0) -> None:
+                 damping_mode: str = "factored", weight_decay: float = 0.0, ema: float = 0.95, update_every: int = 10,
+                 stats_every: int = 1, fisher: str = "empirical", likelihood: str = "categorical",
+                 kl_clip: float | None = None, subsample: float = 1.0, chunk_size: int | None = None,
+                 seed: int = 0) -> None:
         if not isinstance(model, nn.Module):
             raise InvalidArgumentError(f"KFAC: model must be an nn.Module, got {type(model).__name__}")
         check = lambda *a, **k: _check_real(*a, owner="KFAC", **k)  # noqa: E731
@@ -472,25 +551,51 @@ class KFAC(torch.optim.Optimizer):
             check("kl_clip", kl_clip, 0.0, lo_open=True)
         if chunk_size is not None:
             check("chunk_size", chunk_size, 1, integer=True)
-        if fisher not in ("empirical", "true"):
-            raise InvalidArgumentError(f"KFAC: fisher={fisher!r} is invalid; fisher must be 'empirical' or 'true'")
-        if likelihood not in ("categorical", "gaussian"):
-            raise InvalidArgumentError(f"KFAC: likelihood={likelihood!r} is invalid; likelihood must be "
-                                       f"'categorical' or 'gaussian'")
+        for name, value, allowed in (("damping_mode", damping_mode, ("factored", "exact")),
+                                     ("fisher", fisher, ("empirical", "true")),
+                                     ("likelihood", likelihood, ("categorical", "gaussian"))):
+            if value not in allowed:
+                raise InvalidArgumentError(f"KFAC: {name}={value!r} is invalid; {name} must be "
+                                           + " or ".join(repr(a) for a in allowed))
         if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
             raise InvalidArgumentError(f"KFAC: seed={seed!r} is invalid; seed must be an integer")
         defaults = dict(lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay, ema=ema)
         super().__init__([p for p in model.parameters() if p.requires_grad], defaults)
         self.update_every, self.fisher, self.likelihood, self.kl_clip = update_every, fisher, likelihood, kl_clip
-        self.stats_every, self.chunk_size = stats_every, chunk_size
+        self.stats_every, self.chunk_size, self.damping_mode = stats_every, chunk_size, damping_mode
         self._steps = 0  # steps taken: the statistics are collected when it is a multiple of stats_every
         self._gen = torch.Generator().manual_seed(seed)
         self._layers: dict[nn.Parameter, nn.Module] = {
             m.weight: m for m in model.modules() if isinstance(m, _KFAC_LAYERS) and m.weight.requires_grad
             and (m.bias is None or m.bias.requires_grad)}
         self._bias_of = {m.bias: w for w, m in self._layers.items() if m.bias is not None}
-        self._stats = _LayerStatistics(self._layers, _kfac_inputs, subsample, self._gen, grad_stat=_kfac_grads)
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+        self._layouts: dict[tuple[nn.Parameter, str], tuple[Any, ...]] = {}  # (weight, "chunks"/"chunks_G")
+        self._stats = _LayerStatistics(self._layers, self._input_blocks, subsample, self._gen,
+                                       grad_stat=self._grad_blocks)
         self._stats.recording_grads = fisher == "empirical"
+
+    # ------------------------------------------------------------------ statistics (called by the hooks)
+    def _layout_of(self, p: nn.Parameter, key: str, n: int, device: torch.device) -> tuple[Any, ...]:
+        """``_layout`` of the weight's chunks on one side (``"chunks"``: A's units, ``"chunks_G"``: G's), drawn
+        on first use and cached."""
+        lay = self._layouts.get((p, key))
+        if lay is None:
+            m = self._layers[p]
+            block = math.prod(m.kernel_size) if key == "chunks" and not isinstance(m, nn.Linear) else 1
+            lay = self._layouts[p, key] = _layout(_chunk_indices(self.state[p], n, self.chunk_size, self._gen,
+                                                                 device, key, block))
+        return lay
+
+    def _input_blocks(self, module: nn.Module, x: torch.Tensor, every_kth: Any) -> list[torch.Tensor]:
+        rows = _kfac_input_rows(module, x, every_kth)
+        perm, _, c, k = self._layout_of(module.weight, "chunks", rows.shape[2], rows.device)
+        return _block_moments(rows, perm, k, c)
+
+    def _grad_blocks(self, module: nn.Module, g: torch.Tensor, every_kth: Any) -> list[torch.Tensor]:
+        rows, scale = _kfac_grad_rows(module, g, every_kth)
+        perm, _, c, k = self._layout_of(module.weight, "chunks_G", rows.shape[2], rows.device)
+        return _block_moments(rows, perm, k, c, scale)
 
     # ------------------------------------------------------------------ the true Fisher
     def sample_fisher(self, outputs: torch.Tensor) -> None:
@@ -527,7 +632,7 @@ class KFAC(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """One update: factors folded into their averages (and decomposed when due) first, so an error
+        """One update: factors folded into their averages (and refreshed when due) first, so an error
         leaves the parameters unchanged; then the preconditioned directions, clipped, with momentum."""
         loss = None
         if closure is not None:
@@ -540,14 +645,14 @@ class KFAC(torch.optim.Optimizer):
                     if p.grad is not None and p in self._layers and p in self._stats.inputs and p in self._stats.grads:
                         self._update_factors(p, self.state[p], group)
                     if p in self._layers and "A" in self.state[p]:
-                        self._decompose(p, self.state[p])
+                        self._refresh(p, self.state[p], group["damping"])
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is None or p in self._bias_of:
                         continue
                     g = p.grad if not group["weight_decay"] else p.grad.add(p, alpha=group["weight_decay"])
                     m = self._layers.get(p)
-                    if m is not None and "QA" in self.state[p]:
+                    if m is not None and "refreshed_at" in self.state[p]:
                         b = m.bias
                         gb = None if b is None or b.grad is None else \
                             (b.grad if not group["weight_decay"] else b.grad.add(b, alpha=group["weight_decay"]))
@@ -559,7 +664,7 @@ class KFAC(torch.optim.Optimizer):
                         directions[p] = g
             for p, w in self._bias_of.items():  # a bias whose weight was not preconditioned: the base update
                 if p.grad is not None and p not in directions:
-                    wd = self._group(p)["weight_decay"]
+                    wd = self._group_of[p]["weight_decay"]
                     directions[p] = p.grad if not wd else p.grad.add(p, alpha=wd)
             scale = self._clip(directions)
             for group in self.param_groups:
@@ -580,47 +685,93 @@ class KFAC(torch.optim.Optimizer):
         out["kfac_steps"] = self._steps
         return out
 
-    def _group(self, p: torch.Tensor) -> dict[str, Any]:
-        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+    def factors(self, weight: nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's current ``(A, G)`` as dense ``[groups, n, n]`` and ``[groups, m, m]`` tensors in the
+        units' own order (with ``chunk_size``, zero outside the kept diagonal blocks). For inspection and
+        tests; the optimizer itself keeps only the blocks."""
+        st = self.state[weight]
+        if "A" not in st:
+            raise InvalidArgumentError("KFAC.factors: this weight has no factors yet (not a preconditioned layer, "
+                                       "or no statistics step taken)")
+        return tuple(self._dense(st[key], st[chunks]) for key, chunks in (("A", "chunks"), ("G", "chunks_G")))
+
+    @staticmethod
+    def _dense(blocks: list[torch.Tensor], chunks: list[torch.Tensor]) -> torch.Tensor:
+        full, rest = blocks
+        n = sum(ch.numel() for ch in chunks)
+        out = full.new_zeros(full.shape[0], n, n)
+        parts = list(full.unbind(1)) + ([rest] if rest.shape[-1] else [])
+        for idx, block in zip(chunks, parts):
+            out[:, idx[:, None], idx[None, :]] = block
+        return out
 
     def _update_factors(self, p: nn.Parameter, state: dict[str, Any], group: dict[str, Any]) -> None:
-        a, g = self._stats.inputs[p].to(p.device), self._stats.grads[p].to(p.device)
-        for key, new in (("A", a), ("G", g)):
-            state[key] = new if key not in state else state[key].mul_(group["ema"]).add_(new, alpha=1 - group["ema"])
+        for key, new in (("A", self._stats.inputs[p]), ("G", self._stats.grads[p])):
+            new = [t.to(p.device) for t in new]
+            if key not in state:
+                state[key] = new
+            else:
+                for old, t in zip(state[key], new):
+                    old.mul_(group["ema"]).add_(t, alpha=1 - group["ema"])
         state["steps"] = state.get("steps", 0) + 1  # factor updates
 
-    def _decompose(self, p: nn.Parameter, state: dict[str, Any]) -> None:
-        """The factors' eigendecompositions (``A`` per chunk), at the first step and then every ``update_every``
-        optimizer steps, when the factors changed since the last one."""
-        if "QA" not in state or (self._steps - state["decomposed_at"] >= self.update_every
-                                 and state["steps"] != state["decomposed_updates"]):
-            state["decomposed_at"], state["decomposed_updates"] = self._steps, state["steps"]
+    def _refresh(self, p: nn.Parameter, state: dict[str, Any], damping: float) -> None:
+        """The damped inverses (``"factored"``) or eigendecompositions (``"exact"``) of the factors' blocks, at
+        the first step and then every ``update_every`` optimizer steps when the factors changed since the last
+        refresh; factored inverses also when the damping changed."""
+        due = "refreshed_at" not in state or state.get("exact") != (self.damping_mode == "exact") or (
+            self._steps - state["refreshed_at"] >= self.update_every and state["steps"] != state["refreshed_updates"])
+        if not due and not (self.damping_mode == "factored" and state["damping"] != damping):
+            return
+        for key in ("A", "G"):
+            if not all(bool(torch.isfinite(t).all()) for t in state[key]):
+                raise InvalidArgumentError(f"KFAC: the {key} factor of a {type(self._layers[p]).__name__} layer "
+                                           f"holds nan/inf: check the layer's inputs and the loss")
+        if due:
+            state["refreshed_at"], state["refreshed_updates"] = self._steps, state["steps"]
+            state["exact"] = self.damping_mode == "exact"  # a bool: torch's load_state_dict mangles strings
+        if self.damping_mode == "exact":
             for key in ("A", "G"):
-                if not bool(torch.isfinite(state[key]).all()):
-                    raise InvalidArgumentError(f"KFAC: the {key} factor of a {type(self._layers[p]).__name__} layer "
-                                               f"holds nan/inf: check the layer's inputs and the loss")
-            chunks = _chunk_indices(state, state["A"].shape[-1], self.chunk_size, self._gen, p.device)
-            state["dG"], state["QG"] = _eigh(state["G"])
-            blocks = [_eigh(state["A"][:, idx][:, :, idx]) for idx in chunks]  # one [G, c, c] block per chunk
-            state["dA"], state["QA"] = [d for d, _ in blocks], [q for _, q in blocks]
+                pairs = [_eigh(t) for t in state[key]]
+                state["d" + key] = torch.cat([pairs[0][0].flatten(1), pairs[1][0]], dim=1)  # [groups, n], chunk order
+                state["Q" + key] = [pairs[0][1], pairs[1][1]]
+            return
+        da, dg = _blocks_diagonal(state["A"]), _blocks_diagonal(state["G"])
+        mean_a, mean_g = da.mean(1), dg.mean(1)  # tr / dim, per group
+        pi = torch.where((mean_a > 0) & (mean_g > 0), (mean_a / mean_g.clamp_min(1e-30)).sqrt(), torch.ones_like(mean_a))
+        root = math.sqrt(damping)
+        state["iA"] = [_damped_inverse(t, pi * root) for t in state["A"]]
+        state["iG"] = [_damped_inverse(t, root / pi) for t in state["G"]]
+        state["damping"] = damping
 
     def _precondition(self, p: nn.Parameter, m: nn.Module, g: torch.Tensor, gb: torch.Tensor | None, damping: float
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(A ⊗ G + λI)⁻¹`` applied to the weight's (and bias's) gradient, per group, in the eigenbases."""
+        """The damped ``(A ⊗ G)⁻¹`` applied to the weight's (and bias's) gradient, per group, on the chunks'
+        blocks: the gradient is permuted into chunk order on both sides once and back at the end."""
         st = self.state[p]
-        groups = st["QG"].shape[0]
+        groups = st["G"][0].shape[0]
         mat = g.reshape(groups, g.shape[0] // groups, -1)  # [G, out/G, in/G · prod(k)]
         if m.bias is not None:
             bias = gb if gb is not None else torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
             mat = torch.cat([mat, bias.reshape(groups, -1, 1)], dim=2)
-        qg, dg = st["QG"].to(mat.dtype), st["dG"].to(mat.dtype)
-        left = qg.transpose(1, 2) @ mat  # G's eigenbasis on the output side, then A's per chunk of inputs
-        out = torch.empty_like(left)
-        for idx, qa, da in zip(st["chunks"], st["QA"], st["dA"]):
-            qa, da = qa.to(mat.dtype), da.to(mat.dtype)
-            rotated = (left[:, :, idx] @ qa) / (dg[:, :, None] * da[:, None, :] + damping)
-            out[:, :, idx] = rotated @ qa.transpose(1, 2)
-        out = qg @ out
+        perm_a, inv_a, _, _ = self._layout_of(p, "chunks", mat.shape[2], mat.device)
+        perm_g, inv_g, _, _ = self._layout_of(p, "chunks_G", mat.shape[1], mat.device)
+        if perm_a is not None:
+            mat = mat.index_select(2, perm_a)
+        if perm_g is not None:
+            mat = mat.index_select(1, perm_g)
+        cast = lambda blocks: [b.to(mat.dtype) for b in blocks]  # noqa: E731
+        if self.damping_mode == "factored":  # (G + √λ/π I)⁻¹ ∇W (A + π√λ I)⁻¹
+            out = _blocks_product(_blocks_product(mat, *cast(st["iG"]), "left"), *cast(st["iA"]), "right")
+        else:
+            qa, qg = cast(st["QA"]), cast(st["QG"])
+            rot = _blocks_product(_blocks_product(mat, *qg, "left", transpose=True), *qa, "right")  # Q_Gᵀ ∇W Q_A
+            rot = rot / (st["dG"].to(mat.dtype)[:, :, None] * st["dA"].to(mat.dtype)[:, None, :] + damping)
+            out = _blocks_product(_blocks_product(rot, *qg, "left"), *qa, "right", transpose=True)  # Q_G rot Q_Aᵀ
+        if inv_a is not None:
+            out = out.index_select(2, inv_a)
+        if inv_g is not None:
+            out = out.index_select(1, inv_g)
         if m.bias is not None:
             return out[:, :, :-1].reshape(g.shape), (out[:, :, -1].reshape(-1) if gb is not None else None)
         return out.reshape(g.shape), None
@@ -631,7 +782,7 @@ class KFAC(torch.optim.Optimizer):
         total = 0.0
         for p, d in directions.items():
             if (p in self._layers or p in self._bias_of) and p.grad is not None:
-                total += float((d * p.grad).sum()) * self._group(p)["lr"] ** 2
+                total += float((d * p.grad).sum()) * self._group_of[p]["lr"] ** 2
         return min(1.0, math.sqrt(self.kl_clip / abs(total))) if total else 1.0
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -642,9 +793,12 @@ class KFAC(torch.optim.Optimizer):
         self._steps = int(state_dict.pop("kfac_steps", 0))
         self._stats.active = self._steps % self.stats_every == 0
         super().load_state_dict(state_dict)
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+        self._layouts.clear()
         for st in self.state.values():
-            if "chunks" in st:
-                st["chunks"] = [c.long() for c in st["chunks"]]
+            for key in ("chunks", "chunks_G"):
+                if key in st:
+                    st[key] = [c.long() for c in st[key]]
 
     def remove_hooks(self) -> None:
         """Detach the statistics hooks from the model (after training)."""

@@ -74,29 +74,34 @@ def test_factors_equal_a_brute_force_per_example_computation():
         patches = _brute_patches(ins[name], k, pad, groups, m.bias is not None)
         g = outs[name].grad  # [B, out, H, W]
         og = g.shape[1] // groups
+        fa, fg = opt.factors(m.weight)
         for grp in range(groups):
             rows = torch.cat([patches[e][grp] for e in range(b)])
             a = rows.T @ rows / rows.shape[0]
             gg = g[:, grp * og:(grp + 1) * og].permute(0, 2, 3, 1).reshape(-1, og)
-            torch.testing.assert_close(opt.state[m.weight]["A"][grp], a, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(opt.state[m.weight]["G"][grp], b * gg.T @ gg, rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(fa[grp], a, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(fg[grp], b * gg.T @ gg, rtol=1e-5, atol=1e-9)
     rows = torch.cat([ins["head"], torch.ones(b, 1)], dim=1)
-    torch.testing.assert_close(opt.state[net.head.weight]["A"][0], rows.T @ rows / b, rtol=1e-5, atol=1e-6)
+    fa, fg = opt.factors(net.head.weight)
+    torch.testing.assert_close(fa[0], rows.T @ rows / b, rtol=1e-5, atol=1e-6)
     g = outs["head"].grad
-    torch.testing.assert_close(opt.state[net.head.weight]["G"][0], b * g.T @ g, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(fg[0], b * g.T @ g, rtol=1e-5, atol=1e-9)
 
 
-def test_one_step_on_a_linear_gaussian_model_is_the_gauss_newton_step():
+@pytest.mark.parametrize("mode,damping", [("exact", 1e-8), ("factored", 1e-14)])
+def test_one_step_on_a_linear_gaussian_model_is_the_gauss_newton_step(mode, damping):
     """With a Gaussian likelihood the Fisher of a linear model is its Gauss-Newton matrix A ⊗ I; the true
     Fisher's G is the identity in expectation (sampled here over 40 000 examples), so one step with tiny
-    damping, lr 1 and no momentum lands where the Gauss-Newton step does: W - ∇W A⁻¹."""
+    damping, lr 1 and no momentum lands where the Gauss-Newton step does: W - ∇W A⁻¹. (Factored damping adds
+    √λ-sized terms to each factor, hence its smaller λ.)"""
     torch.manual_seed(0)
     n, d_in, d_out = 40_000, 4, 2
     x = torch.randn(n, d_in) @ torch.randn(d_in, d_in) + 0.5
     lin = nn.Linear(d_in, d_out)
     w_star = torch.randn(d_out, d_in + 1)
     y = torch.cat([x, torch.ones(n, 1)], 1) @ w_star.T + 0.1 * torch.randn(n, d_out)
-    opt = KFAC(lin, lr=1.0, momentum=0.0, damping=1e-8, fisher="true", likelihood="gaussian", ema=0.0)
+    opt = KFAC(lin, lr=1.0, momentum=0.0, damping=damping, damping_mode=mode, fisher="true", likelihood="gaussian",
+               ema=0.0)
     out = lin(x)
     opt.sample_fisher(out)
     assert lin.weight.grad is None  # sampling the Fisher leaves the gradients alone
@@ -113,35 +118,112 @@ def test_one_step_on_a_linear_gaussian_model_is_the_gauss_newton_step():
     torch.testing.assert_close(got, w_star, rtol=0.0, atol=0.05)  # and that step solves the least squares
 
 
-def test_the_direction_solves_the_damped_kronecker_system_whole_or_in_chunks():
-    """One step (lr 1, no momentum) moves W by X with (A ⊗ G + λ I) vec(X) = vec(∇W) (column-major vec:
-    (A ⊗ G) vec(X) = vec(G X A)); with chunk_size, A is replaced by its diagonal blocks on the chunks."""
-    for chunk in (None, 3):
+def _block_mask(chunks: list[torch.Tensor], n: int) -> torch.Tensor:
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for idx in chunks:
+        mask[idx[:, None], idx[None, :]] = True
+    return mask
+
+
+def _one_step(chunk, **kw):
+    """A bias-free linear layer (7 -> 5) after one step with lr 1 and no momentum: (layer, W before, ∇W, A, G)
+    with A and G the dense block-diagonal factors computed from scratch on the chunks the optimizer drew."""
+    torch.manual_seed(0)
+    lin = nn.Linear(7, 5, bias=False)
+    opt = KFAC(lin, lr=1.0, momentum=0.0, ema=0.0, chunk_size=chunk, **kw)
+    x = torch.randn(50, 7) @ torch.randn(7, 7)
+    out = lin(x)
+    out.retain_grad()
+    F.cross_entropy(out, torch.randint(0, 5, (50,))).backward()
+    w, grad = lin.weight.detach().clone(), lin.weight.grad.clone()
+    opt.step()
+    st = opt.state[lin.weight]
+    a, g = (x.T @ x / 50).double(), (50 * out.grad.T @ out.grad).double()
+    if chunk is not None:
+        assert len(st["chunks"]) == 3 and len(st["chunks_G"]) == 2  # 7 = 3+3+1 inputs, 5 = 3+2 outputs
+        a = torch.where(_block_mask(st["chunks"], 7), a, torch.zeros(()))
+        g = torch.where(_block_mask(st["chunks_G"], 5), g, torch.zeros(()))
+        assert not bool(_block_mask(st["chunks"], 7).all())
+    fa, fg = opt.factors(lin.weight)
+    torch.testing.assert_close(fa[0].double(), a, rtol=1e-4, atol=1e-6)  # only the blocks are kept
+    torch.testing.assert_close(fg[0].double(), g, rtol=1e-4, atol=1e-9)
+    return lin, w, grad, a, g
+
+
+@pytest.mark.parametrize("chunk", [None, 3], ids=["whole", "chunks"])
+def test_exact_damping_solves_the_damped_kronecker_system(chunk):
+    """damping_mode="exact": one step moves W by X with (A ⊗ G + λ I) vec(X) = vec(∇W) (column-major vec:
+    (A ⊗ G) vec(X) = vec(G X A)); with chunk_size, A and G are replaced by their diagonal blocks."""
+    lin, w, grad, a, g = _one_step(chunk, damping=0.3, damping_mode="exact")
+    system = torch.kron(a, g) + 0.3 * torch.eye(35, dtype=torch.float64)
+    x_vec = torch.linalg.solve(system, grad.double().T.reshape(-1))
+    torch.testing.assert_close(w - lin.weight.detach(), x_vec.reshape(7, 5).T.float(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [None, 3], ids=["whole", "chunks"])
+def test_factored_damping_is_two_damped_inverses(chunk):
+    """damping_mode="factored" (the default): X = (G + √λ/π I)⁻¹ ∇W (A + π√λ I)⁻¹ with
+    π² = (tr A / 7) / (tr G / 5) (Martens & Grosse §6.3), on the kept blocks."""
+    lam = 0.3
+    lin, w, grad, a, g = _one_step(chunk, damping=lam)
+    pi = float(((a.trace() / 7) / (g.trace() / 5)).sqrt())
+    expected = torch.linalg.solve(g + lam ** 0.5 / pi * torch.eye(5, dtype=torch.float64), grad.double()) \
+        @ torch.linalg.inv(a + pi * lam ** 0.5 * torch.eye(7, dtype=torch.float64))
+    torch.testing.assert_close(w - lin.weight.detach(), expected.float(), rtol=1e-4, atol=1e-6)
+    assert abs(pi - 1) > 0.1  # the split is not the trivial one
+
+
+def test_a_damping_change_takes_effect_at_the_next_step():
+    """The factored inverses are rebuilt when the group's damping changes, without new statistics."""
+    torch.manual_seed(0)
+    net = _Net()
+    opt = KFAC(net, lr=0.1, momentum=0.0, damping=1e-2, update_every=100, stats_every=100)
+    _steps(net, opt, 1)
+    before = [t.clone() for t in opt.state[net.head.weight]["iA"]]
+    opt.param_groups[0]["damping"] = 1.0
+    _steps(net, opt, 1)
+    after = opt.state[net.head.weight]["iA"]
+    assert opt.state[net.head.weight]["steps"] == 1  # no new statistics
+    assert not torch.allclose(before[0], after[0])
+    assert opt.state[net.head.weight]["damping"] == 1.0
+
+
+def test_chunks_and_factored_damping_reduce_the_arithmetic():
+    """Counted, not timed (FlopCounterMode) on a wide conv: the statistics (what the hooks add to a forward
+    and backward), the refresh with the product (a statistics step's ``step``) and the product alone (a plain
+    step's ``step``). Chunks cut all three; the exact mode's product costs twice the factored one's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(**kw):
         torch.manual_seed(0)
-        lin = nn.Linear(7, 3, bias=False)
-        opt = KFAC(lin, lr=1.0, momentum=0.0, damping=0.3, ema=0.0, chunk_size=chunk)
-        x = torch.randn(50, 7) @ torch.randn(7, 7)
-        F.cross_entropy(lin(x), torch.randint(0, 3, (50,))).backward()
-        w, grad = lin.weight.detach().clone(), lin.weight.grad.clone()
-        opt.step()
-        st = opt.state[lin.weight]
-        a, g = st["A"][0].double(), st["G"][0].double()
-        if chunk is not None:
-            mask = torch.zeros(7, 7, dtype=torch.bool)
-            for idx in st["chunks"]:
-                mask[idx[:, None], idx[None, :]] = True
-            assert len(st["chunks"]) == 3 and not bool(mask.all())
-            a = torch.where(mask, a, torch.zeros(()))
-        system = torch.kron(a, g) + 0.3 * torch.eye(21, dtype=torch.float64)
-        x_vec = torch.linalg.solve(system, grad.double().T.reshape(-1))
-        torch.testing.assert_close(w - lin.weight.detach(), x_vec.reshape(7, 3).T.float(), rtol=1e-4, atol=1e-6)
+        net = nn.Sequential(nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128 * 16, 4))
+        opt = KFAC(net, lr=1e-3, update_every=1, stats_every=2, **kw)
+        x, y = torch.randn(8, 64, 4, 4), torch.randint(0, 4, (8,))
+        counts = []
+        for _ in range(2):  # a statistics step, then a plain one
+            for part in ("pass", "step"):
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    if part == "pass":
+                        opt.zero_grad()
+                        F.cross_entropy(net(x), y).backward()
+                    else:
+                        opt.step()
+                counts.append(counter.get_total_flops())
+        stats_pass, stats_step, plain_pass, plain_step = counts
+        return stats_pass - plain_pass, stats_step, plain_step
+
+    dense, chunked, exact = flops(), flops(chunk_size=64), flops(damping_mode="exact")
+    assert min(dense) > 0 and min(chunked) > 0
+    assert all(c < 0.7 * d for c, d in zip(chunked, dense)), (chunked, dense)
+    assert exact[2] >= 1.9 * dense[2]
 
 
 def test_bad_options_are_refused():
     net = nn.Linear(3, 2)
     for kwargs, what in [({"lr": -1.0}, "lr"), ({"damping": 0.0}, "damping"), ({"momentum": 1.0}, "momentum"),
                          ({"ema": 1.0}, "ema"), ({"update_every": 0}, "update_every"), ({"subsample": 0.0}, "subsample"),
-                         ({"kl_clip": 0.0}, "kl_clip"), ({"fisher": "exact"}, "fisher"), ({"chunk_size": 0}, "chunk_size"),
+                         ({"kl_clip": 0.0}, "kl_clip"), ({"fisher": "exact"}, "fisher"), ({"damping_mode": "eigen"}, "damping_mode"), ({"chunk_size": 0}, "chunk_size"),
                          ({"likelihood": "poisson"}, "likelihood"), ({"seed": 1.5}, "seed"),
                          ({"weight_decay": float("nan")}, "weight_decay")]:
         with pytest.raises(InvalidArgumentError, match=f"KFAC: {what}="):
@@ -198,13 +280,13 @@ def test_statistics_every_k_steps_amortize_the_factors():
     _steps(net, opt, 7, true_fisher=True)
     hook.remove()
     assert opt.state[net.head.weight]["steps"] == 3  # steps 0, 3 and 6
-    assert opt.state[net.head.weight]["decomposed_at"] == 6  # update_every=1: at each step with new factors
+    assert opt.state[net.head.weight]["refreshed_at"] == 6  # update_every=1: at each step with new factors
     opt4 = KFAC(net, lr=0.01, stats_every=3, update_every=4)
     _steps(net, opt4, 9)  # factors at 0, 3, 6; decompositions 4 or more steps apart, on new factors: 0, 4, 8
-    assert opt4.state[net.head.weight]["decomposed_at"] == 8
+    assert opt4.state[net.head.weight]["refreshed_at"] == 8
     opt5 = KFAC(net, lr=0.01, stats_every=5, update_every=1)
     _steps(net, opt5, 9)  # factors at 0 and 5 only: decomposed then, not at the steps between
-    assert opt5.state[net.head.weight]["decomposed_at"] == 5
+    assert opt5.state[net.head.weight]["refreshed_at"] == 5
     assert len(calls) == 7 + 3  # every loss backward, and the sampled backward on the three statistics steps
     with pytest.raises(InvalidArgumentError, match="KFAC: stats_every="):
         KFAC(net, stats_every=0)
@@ -240,6 +322,32 @@ def test_trains_a_transformed_graph_module_and_preconditions_only_layers():
     assert "momentum_buffer" in opt.state[gm.scale] and "A" not in opt.state[gm.scale]
 
 
+def test_a_torch_compiled_model_trains_as_the_eager_one():
+    """KFAC on ``torch.compile(model)`` (inductor, the default backend) with the true Fisher and amortized
+    statistics takes the eager model's steps: the statistics hooks run eagerly inside the compiled forward
+    and backward (dynamo, tracing them, had filed one layer's statistics under another's weight)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = _Net()
+    net = copy.deepcopy(eager)
+    kw = dict(lr=0.1, update_every=1, stats_every=2, fisher="true", chunk_size=5)
+    opts = KFAC(eager, **kw), KFAC(net, **kw)
+    compiled = torch.compile(net)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(16, 2, 5, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
+        for model, opt in zip((eager, compiled), opts):
+            opt.zero_grad()
+            out = model(x)
+            opt.sample_fisher(out)
+            F.cross_entropy(out, y).backward()
+            opt.step()
+    assert opts[1].state[net.head.weight]["steps"] == 2  # statistics on steps 0 and 2
+    for (name, p), q in zip(eager.named_parameters(), net.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+    torch._dynamo.reset()
+
+
 def _ddp_kfac_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     from pathlib import Path
 
@@ -257,7 +365,7 @@ def _ddp_kfac_worker(rank: int, world_size: int, port: int, out_dir: str) -> Non
             opt.zero_grad()
             F.cross_entropy(model(xs), ys).backward()
             opt.step()
-        torch.save({"factors": {n: (opt.state[m.weight]["A"], opt.state[m.weight]["G"])
+        torch.save({"factors": {n: opt.factors(m.weight)
                                 for n, m in (("conv", net.conv), ("dw", net.dw), ("head", net.head))},
                     "params": {n: p.detach() for n, p in net.named_parameters()}}, Path(out_dir) / f"k{rank}.pt")
 
