@@ -24,7 +24,9 @@ the three widths).
 
 Protocol. Each configuration is trained with SGD (momentum 0.9) and with Adam (and, with
 ``--optimizers lm``, with netsurgeon's layer-wise second-order optimizer ``LayerwiseLM``,
-options ``LM_OPTIONS``), at constant learning rate, cross-entropy loss, minibatches drawn without replacement. The
+options ``LM_OPTIONS``; with ``--optimizers kfac``, with ``netsurgeon.optim.KFAC``, options
+``KFAC_OPTIONS``, its damping swept over ``--dampings-kfac`` crossed with its lr grid), at constant
+learning rate, cross-entropy loss, minibatches drawn without replacement. The
 reference trains for ``S`` steps; the three others for ``ceil(1.5 S)`` steps
 (``--goal-factor``), so that the goal "reach the reference's final training loss within
 1.5x the reference's steps" can be checked directly. With a constant learning rate the
@@ -37,7 +39,9 @@ runs did not diverge; the remaining seeds then run at that learning rate only. G
 check: the target is the reference's mean (over seeds) smoothed training loss at step
 ``S``; ``harness.steps_to_loss`` on the mean smoothed curve gives the first step each
 configuration reaches it, and the ratio to the reference's own step count is reported
-(goal: <= 1.5).
+(goal: <= 1.5). With more than one optimizer, a second column measures every run against the
+*best* reference, the reference trained with the optimizer that gave it the lowest loss at ``S``
+(issue 18's headline: vanilla + DKS or TAT with K-FAC within 1.0x of it).
 
 Default budget (about 40 minutes on 2 CPU cores, 3 seeds): MLP ``S = 400`` steps of batch
 128 on all 60,000 Fashion-MNIST training images, test on all 10,000; CNN ``S = 200`` steps
@@ -75,7 +79,7 @@ from harness import (RunResult, add_output_args, command_line, environment, log,
                      new_parser, output_paths, plot_curves, run_record, save_json, steps_to_reference, subset_text,
                      torch_threads, train_run, write_table_md)
 from harness.data import load_splits
-from harness.optimizers import LM_OPTIONS, optimizer_spec
+from harness.optimizers import KFAC_OPTIONS, LM_OPTIONS, optimizer_spec
 from harness.stats import loss_at, mean_sd
 from harness.sweeps import lr_cell, seeds_cell, selected_curves
 
@@ -84,8 +88,8 @@ __all__ = ["CONFIGS", "FAMILIES", "LM_OPTIONS", "optimizer_spec", "FamilyBudget"
 
 CONFIGS = ("reference", "vanilla", "vanilla+dks", "vanilla+tat")
 FAMILIES = ("mlp", "conv")
-OPTIMIZERS = ("sgd", "adam")          # the default; "lm" (LayerwiseLM) is opt-in
-OPTIMIZER_CHOICES = OPTIMIZERS + ("lm",)  # lm: LayerwiseLM with harness.optimizers.LM_OPTIONS (issue 7)
+OPTIMIZERS = ("sgd", "adam")          # the default; "lm" (LayerwiseLM) and "kfac" (K-FAC) are opt-in
+OPTIMIZER_CHOICES = OPTIMIZERS + ("lm", "kfac")  # lm: LayerwiseLM with LM_OPTIONS (issue 7); kfac: KFAC_OPTIONS
 ACTIVATION = {"reference": "relu", "vanilla": "relu", "vanilla+dks": "tanh", "vanilla+tat": "relu"}
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "figures" / "train_deep"
 
@@ -104,7 +108,7 @@ CONV_WIDTHS, CONV_BLOCKS = (16, 32, 64), (4, 3, 3)  # two 3x3 convs per block, p
 
 
 Grid = dict[str, dict[str, tuple[float, ...]]]  # optimizer -> configuration -> learning rates
-_OPT_NAMES = {"sgd": "SGD", "adam": "Adam", "lm": "LayerwiseLM"}
+_OPT_NAMES = {"sgd": "SGD", "adam": "Adam", "lm": "LayerwiseLM", "kfac": "K-FAC"}
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,7 @@ class FamilyBudget:
     lrs: Grid
     train_subset: int | None   # None: the whole training split
     test_subset: int | None
+    dampings: tuple[float, ...] = (1e-3, 1e-2, 1e-1)  # K-FAC's damping grid (crossed with its lr grid)
 
 
 # LayerwiseLM: a seed-0 pilot on the CNN (ζ = 3, full-window convs) did best at 0.01 for the
@@ -125,9 +130,14 @@ _LM = {"reference": (0.003, 0.01, 0.03), "vanilla": (0.003, 0.01, 0.03), "vanill
        "vanilla+tat": (0.001, 0.003, 0.01)}
 
 
-def _grid(sgd: Sequence[float], adam: dict[str, Sequence[float]], lm: dict[str, Sequence[float]] = _LM) -> Grid:
+# K-FAC (true Fisher, momentum 0.9, factored damping swept over FamilyBudget.dampings): one grid for all.
+_KFAC = {c: (0.01, 0.03, 0.1) for c in CONFIGS}
+
+
+def _grid(sgd: Sequence[float], adam: dict[str, Sequence[float]], lm: dict[str, Sequence[float]] = _LM,
+          kfac: dict[str, Sequence[float]] = _KFAC) -> Grid:
     return {"sgd": {c: tuple(sgd) for c in CONFIGS}, "adam": {c: tuple(adam[c]) for c in CONFIGS},
-            "lm": {c: tuple(lm[c]) for c in CONFIGS}}
+            "lm": {c: tuple(lm[c]) for c in CONFIGS}, "kfac": {c: tuple(kfac[c]) for c in CONFIGS}}
 
 
 # Three-point grids placed by a pilot sweep (seed 0; SGD lr 0.003-1 for the MLP, 0.003-0.3
@@ -145,10 +155,11 @@ DEFAULT_BUDGETS = {
         "reference": _ADAM_REF, "vanilla": _ADAM_REF, "vanilla+dks": (1e-4, 3e-4, 1e-3),
         "vanilla+tat": (3e-5, 1e-4, 3e-4)}), None, None),
 }
-_QUICK_GRID = _grid((0.003,), {c: (1e-4,) for c in CONFIGS}, {c: (0.003,) for c in CONFIGS})
+_QUICK_GRID = _grid((0.003,), {c: (1e-4,) for c in CONFIGS}, {c: (0.003,) for c in CONFIGS},
+                    {c: (0.01,) for c in CONFIGS})
 QUICK_BUDGETS = {
-    "mlp": FamilyBudget("fashion_mnist", 4, 16, _QUICK_GRID, 256, 128),
-    "conv": FamilyBudget("cifar10", 4, 16, _QUICK_GRID, 256, 128),
+    "mlp": FamilyBudget("fashion_mnist", 4, 16, _QUICK_GRID, 256, 128, (1e-2,)),
+    "conv": FamilyBudget("cifar10", 4, 16, _QUICK_GRID, 256, 128, (1e-2,)),
 }
 
 
@@ -257,6 +268,9 @@ class ConfigResult:
     runs: list[RunResult] = field(default_factory=list)          # all seeds at best_lr
     sweep_runs: dict[float, list[RunResult]] = field(default_factory=dict)
     wall_time_s: float = 0.0
+    damping: float | None = None     # K-FAC: the selected damping (scores and sweep_runs are at it)
+    damping_scores: dict[float, dict[float, float | None]] = field(default_factory=dict)  # K-FAC: damping -> scores
+    damping_runs: dict[float, dict[float, list[RunResult]]] = field(default_factory=dict)  # K-FAC: every sweep run
 
     @property
     def best_at_edge(self) -> bool:
@@ -288,15 +302,23 @@ def run_config(family: str, config: str, optimizer: str, data: tuple[torch.Tenso
     fn = make_model_fn(family, config, shaping, conv_widths)
     lrs = budget.lrs[optimizer][config]
     kw = dict(batch_size=budget.batch_size, eval_every=budget.steps)
-    spec = optimizer_spec(optimizer)
-    sweep = lr_sweep(fn, data, optimizer=spec, lrs=lrs, seeds=list(seeds[:select_seeds]), steps=total, **kw)
-    scores, best = _select(sweep.runs, budget.steps)
-    runs = list(sweep.runs[best]) if best is not None else []
+    sweeps = {}  # damping (None: not K-FAC) -> (spec, scores, best lr, runs)
+    for damping in (budget.dampings if optimizer == "kfac" else (None,)):
+        spec = optimizer_spec(optimizer, damping=damping) if optimizer == "kfac" else optimizer_spec(optimizer)
+        sweep = lr_sweep(fn, data, optimizer=spec, lrs=lrs, seeds=list(seeds[:select_seeds]), steps=total, **kw)
+        sweeps[damping] = (spec, *_select(sweep.runs, budget.steps), sweep.runs)
+    valid = [d for d, (_, scores, best, _) in sweeps.items() if best is not None]
+    damping = min(valid, key=lambda d: sweeps[d][1][sweeps[d][2]]) if valid else next(iter(sweeps))
+    spec, scores, best, sweep_runs = sweeps[damping]
+    runs = list(sweep_runs[best]) if best is not None else []
     if best is not None:
         runs += [train_run(fn, data, optimizer=spec, lr=best, steps=total, seed=s, **kw)
                  for s in seeds[select_seeds:]]
-    return ConfigResult(family, optimizer, config, budget.steps, total, scores, best, runs, sweep.runs,
-                        time.perf_counter() - start)
+    kfac = optimizer == "kfac"
+    return ConfigResult(family, optimizer, config, budget.steps, total, scores, best, runs, sweep_runs,
+                        time.perf_counter() - start, damping if kfac else None,
+                        {d: v[1] for d, v in sweeps.items()} if kfac else {},
+                        {d: v[3] for d, v in sweeps.items()} if kfac else {})
 
 
 def _load(family: str, budget: FamilyBudget) -> tuple[torch.Tensor, ...]:
@@ -344,9 +366,42 @@ def goal_rows(results: dict[str, ConfigResult], goal_factor: float) -> dict[str,
     return out
 
 
+def best_reference(results: dict[str, dict[str, ConfigResult]]) -> str | None:
+    """The optimizer whose reference runs have the lowest mean training loss at ``S`` (None: no reference ran)."""
+    losses = {opt: float(np.mean([loss_at(r, by["reference"].steps) for r in by["reference"].runs]))
+              for opt, by in results.items() if "reference" in by and by["reference"].runs}
+    return min(losses, key=losses.get) if losses else None
+
+
+def best_reference_goals(results: dict[str, dict[str, ConfigResult]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Steps to the *best* reference's final loss (the reference trained with its best optimizer,
+    :func:`best_reference`), for every (optimizer, configuration), as a ratio to that reference's own steps."""
+    best = best_reference(results)
+    if best is None:
+        return {}
+    ref = results[best]["reference"]
+    found = steps_to_reference(ref.runs, ref.steps, {f"{o}/{c}": r.runs for o, by in results.items()
+                                                     for c, r in by.items()})
+    if found is None:
+        return {}
+    target, ref_steps, reached = found
+    return {tuple(k.split("/", 1)): {"reference_optimizer": best, "target": target, "reference_steps": ref_steps,
+                                     "steps_to_target": n, "ratio": None if n is None else n / ref_steps}
+            for k, n in reached.items()}
+
+
+def _damping_cell(res: ConfigResult) -> str:
+    if res.damping is None:
+        return ""
+    edge = len(res.damping_scores) > 1 and res.damping in (min(res.damping_scores), max(res.damping_scores))
+    return f", λ {res.damping:g}" + (" (edge)" if edge else "")
+
+
 def summary_rows(results: dict[str, dict[str, ConfigResult]], goal_factor: float) -> list[dict[str, Any]]:
-    """One table row per (optimizer, configuration) of a family."""
+    """One table row per (optimizer, configuration) of a family; with more than one optimizer, also the
+    steps to the best reference's loss (the reference with its best optimizer)."""
     rows = []
+    versus_best = best_reference_goals(results) if len(results) > 1 else {}
     for opt, by_config in results.items():
         goals = goal_rows(by_config, goal_factor)
         for config, res in by_config.items():
@@ -355,14 +410,20 @@ def summary_rows(results: dict[str, dict[str, ConfigResult]], goal_factor: float
                 reach = f"{g['steps_to_target']} ({g['ratio']:.2f}x)"
             else:
                 reach = f"not in {res.total_steps}" if res.runs else "–"
+            extra = {}
+            if versus_best:
+                b = versus_best[opt, config]
+                extra[f"steps to best ref. ({b['reference_optimizer']}) loss"] = (
+                    f"{b['steps_to_target']} ({b['ratio']:.2f}x)" if b["steps_to_target"] is not None
+                    else (f"not in {res.total_steps}" if res.runs else "–"))
             rows.append({
                 "optimizer": opt, "configuration": config, "activation": ACTIVATION[config],
-                "lr": lr_cell(res.best_lr, res.best_at_edge), "seeds": seeds_cell(res.runs),
+                "lr": lr_cell(res.best_lr, res.best_at_edge) + _damping_cell(res), "seeds": seeds_cell(res.runs),
                 f"train loss @{res.steps}": mean_sd([loss_at(r, res.steps) for r in res.runs], ".4f"),
                 f"test acc @{res.steps}": mean_sd([acc_at(r, res.steps) for r in res.runs], ".4f"),
                 "steps to ref. loss (ratio)": reach,
-                f"≤ {goal_factor:g}x": {None: "–", True: "yes", False: "no"}[g["goal_met"]],
-                "_goal": g, "_losses": [loss_at(r, res.steps) for r in res.runs],
+                f"≤ {goal_factor:g}x": {None: "–", True: "yes", False: "no"}[g["goal_met"]], **extra,
+                "_goal": g, "_versus_best": versus_best.get((opt, config)), "_losses": [loss_at(r, res.steps) for r in res.runs],
                 "_accs": [acc_at(r, res.steps) for r in res.runs]})
     return rows
 
@@ -393,6 +454,9 @@ def _markdown(all_rows: dict[str, list[dict[str, Any]]], budgets: dict[str, Fami
                   f"batch {b.batch_size}; training images: {n_train}; test images: {n_test}. "
                   "lr grids: "
                   + "; ".join(f"{_OPT_NAMES[o]} {lr_grid_text(b.lrs[o], ' (all)')}" for o in args.optimizers)
+                  + (f", damping {'/'.join(f'{d:g}' for d in b.dampings)} (crossed; options "
+                     + ", ".join(f"{k}={v}" for k, v in KFAC_OPTIONS.items()) + ")" if "kfac" in args.optimizers
+                     else "")
                   + "; swept on "
                   f"{args.select_seeds} seed(s), selected by training loss at S; "
                   f"{seeds} seed(s) at the selected lr; dks zeta {args.zeta:g}, tat eta {args.eta:g}, "
@@ -405,6 +469,12 @@ def _markdown(all_rows: dict[str, list[dict[str, Any]]], budgets: dict[str, Fami
             if g and g["target"] is not None:
                 lines.append(f"- {opt}: target = reference's smoothed loss at step {b.steps}: {g['target']:.4f}, "
                              f"reached by the reference's mean curve at step {g['reference_steps']}.")
+        best = next((r["_versus_best"] for r in rows if r["_versus_best"]), None)
+        if best is not None:
+            lines.append(f"- best reference: the reference with {_OPT_NAMES[best['reference_optimizer']]} (lowest mean "
+                         f"training loss at step {b.steps}); its smoothed loss there, {best['target']:.4f}, is the target "
+                         f"of the column \"steps to best ref.\", as a ratio to the {best['reference_steps']} steps its "
+                         "own mean curve takes.")
         lines.append("")
         lines += [f"![{p.stem}]({os.path.relpath(p.resolve(), md_dir)})" for p in figures[family]] + [""]
     return "\n".join(lines)
@@ -433,6 +503,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    "(default per configuration, see DEFAULT_BUDGETS)")
     p.add_argument("--lrs-lm", type=float, nargs="+", help="LayerwiseLM lr grid for every configuration "
                    "(default 0.003 0.01 0.03 for reference and vanilla, 0.001 0.003 0.01 for dks and tat)")
+    p.add_argument("--lrs-kfac", type=float, nargs="+", help="K-FAC lr grid for every configuration "
+                   "(default 0.01 0.03 0.1)")
+    p.add_argument("--dampings-kfac", type=float, nargs="+", help="K-FAC damping grid, crossed with its lr grid "
+                   "(default 0.001 0.01 0.1)")
     p.add_argument("--seeds", type=int, help="seeds per configuration (default 3; --quick 1)")
     p.add_argument("--select-seeds", type=int, default=1, help="seeds used in the lr sweep (default 1)")
     p.add_argument("--train-subset", type=int, help="use a fixed random subset of the training images")
@@ -455,9 +529,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def _budget(family: str, args: argparse.Namespace) -> FamilyBudget:
     b = (QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS)[family]
     lrs = {opt: {c: tuple(given) if given else grid for c, grid in b.lrs[opt].items()}
-           for opt, given in (("sgd", args.lrs_sgd), ("adam", args.lrs_adam), ("lm", args.lrs_lm))}
+           for opt, given in (("sgd", args.lrs_sgd), ("adam", args.lrs_adam), ("lm", args.lrs_lm),
+                              ("kfac", args.lrs_kfac))}
     overrides = {"steps": args.steps, "batch_size": args.batch_size, "train_subset": args.train_subset,
-                 "test_subset": args.test_subset, "lrs": lrs}
+                 "test_subset": args.test_subset, "lrs": lrs,
+                 "dampings": tuple(args.dampings_kfac) if args.dampings_kfac else None}
     return dataclasses.replace(b, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -494,8 +570,14 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
             figures[family].append(path)
         record[family] = {
             "budget": dataclasses.asdict(budgets[family]), "wall_time_s": wall[family],
-            "rows": [{k: v for k, v in r.items() if k != "_goal"} | {"goal": r["_goal"]} for r in all_rows[family]],
+            "rows": [{k: v for k, v in r.items() if k not in ("_goal", "_versus_best")}
+                     | {"goal": r["_goal"], "versus_best_reference": r["_versus_best"]} for r in all_rows[family]],
             "configs": {opt: {c: {"best_lr": r.best_lr, "scores_at_S": r.scores, "total_steps": r.total_steps,
+                                  "damping": r.damping,
+                                  "damping_scores_at_S": {repr(d): v for d, v in r.damping_scores.items()},
+                                  "other_damping_runs": {repr(d): {repr(lr): [_run_dict(x, r.steps) for x in rs]
+                                                                   for lr, rs in by_lr.items()}
+                                                         for d, by_lr in r.damping_runs.items() if d != r.damping},
                                   "wall_time_s": r.wall_time_s,
                                   "runs": {repr(lr): [_run_dict(x, r.steps) for x in rs]
                                            for lr, rs in r.sweep_runs.items()},

@@ -136,3 +136,26 @@ def test_lm_optimizer_option_trains_with_layerwise_lm(tmp_path: Path) -> None:
     assert "LayerwiseLM [0.003]" in out["markdown"] and (tmp_path / "conv_lm.png").is_file()
     record = json.loads((tmp_path / "train_deep.json").read_text())
     assert set(record["families"]["conv"]["configs"]) == {"lm"}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.needs_data
+def test_train_deep_quick_with_kfac(tmp_path: Path) -> None:
+    """--optimizers kfac: the damping grid is crossed with the lr grid and the selected damping is shown;
+    with two optimizers every row is also measured against the best reference."""
+    td = _load_script()
+    out = td.main(["--quick", "--only", "conv", "--configs", "reference", "vanilla+tat", "--optimizers", "sgd", "kfac",
+                   "--lrs-kfac", "0.001", "--dampings-kfac", "0.1", "1.0", "--threads", "1", "--out-dir", str(tmp_path)])
+    rows = out["rows"]["conv"]
+    kfac = [r for r in rows if r["optimizer"] == "kfac"]
+    assert [r["configuration"] for r in kfac] == ["reference", "vanilla+tat"]
+    for r in kfac:
+        assert ", λ " in r["lr"] and r["_losses"] and all(math.isfinite(v) for v in r["_losses"]), r
+    best_cols = [c for c in rows[0] if c.startswith("steps to best ref.")]
+    assert len(best_cols) == 1 and all(r[best_cols[0]] for r in rows)
+    assert all(r["_versus_best"]["reference_optimizer"] in ("sgd", "kfac") for r in rows)
+    record = json.loads((tmp_path / "train_deep.json").read_text())
+    res = record["families"]["conv"]["configs"]["kfac"]["vanilla+tat"]
+    assert set(res["damping_scores_at_S"]) == {"0.1", "1.0"} and res["damping"] in (0.1, 1.0)
+    assert len(res["other_damping_runs"]) == 1  # the damping not selected keeps its runs too
+    assert "best reference: the reference with" in (tmp_path / "train_deep.md").read_text()
