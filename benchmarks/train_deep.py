@@ -89,7 +89,8 @@ __all__ = ["CONFIGS", "FAMILIES", "LM_OPTIONS", "optimizer_spec", "FamilyBudget"
 CONFIGS = ("reference", "vanilla", "vanilla+dks", "vanilla+tat")
 FAMILIES = ("mlp", "conv")
 OPTIMIZERS = ("sgd", "adam")          # the default; "lm" (LayerwiseLM) and "kfac" (K-FAC) are opt-in
-OPTIMIZER_CHOICES = OPTIMIZERS + ("lm", "kfac")  # lm: LayerwiseLM with LM_OPTIONS (issue 7); kfac: KFAC_OPTIONS
+OPTIMIZER_CHOICES = OPTIMIZERS + ("lm", "kfac", "soap", "psgd")  # lm: LayerwiseLM (issue 7); kfac: KFAC_OPTIONS;
+# soap / psgd: heavyball's SOAP and PSGDKron (optional package; harness.optimizers.HEAVYBALL_OPTIONS)
 ACTIVATION = {"reference": "relu", "vanilla": "relu", "vanilla+dks": "tanh", "vanilla+tat": "relu"}
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "figures" / "train_deep"
 
@@ -108,7 +109,8 @@ CONV_WIDTHS, CONV_BLOCKS = (16, 32, 64), (4, 3, 3)  # two 3x3 convs per block, p
 
 
 Grid = dict[str, dict[str, tuple[float, ...]]]  # optimizer -> configuration -> learning rates
-_OPT_NAMES = {"sgd": "SGD", "adam": "Adam", "lm": "LayerwiseLM", "kfac": "K-FAC"}
+_OPT_NAMES = {"sgd": "SGD", "adam": "Adam", "lm": "LayerwiseLM", "kfac": "K-FAC", "soap": "SOAP (heavyball)",
+              "psgd": "PSGDKron (heavyball)"}
 
 
 @dataclass(frozen=True)
@@ -136,8 +138,10 @@ _KFAC = {c: (0.01, 0.03, 0.1) for c in CONFIGS}
 
 def _grid(sgd: Sequence[float], adam: dict[str, Sequence[float]], lm: dict[str, Sequence[float]] = _LM,
           kfac: dict[str, Sequence[float]] = _KFAC) -> Grid:
-    return {"sgd": {c: tuple(sgd) for c in CONFIGS}, "adam": {c: tuple(adam[c]) for c in CONFIGS},
-            "lm": {c: tuple(lm[c]) for c in CONFIGS}, "kfac": {c: tuple(kfac[c]) for c in CONFIGS}}
+    """The lr grids; heavyball's SOAP and PSGD (Adam-like step sizes) get Adam's."""
+    adam_grid = {c: tuple(adam[c]) for c in CONFIGS}
+    return {"sgd": {c: tuple(sgd) for c in CONFIGS}, "adam": adam_grid, "lm": {c: tuple(lm[c]) for c in CONFIGS},
+            "kfac": {c: tuple(kfac[c]) for c in CONFIGS}, "soap": dict(adam_grid), "psgd": dict(adam_grid)}
 
 
 # Three-point grids placed by a pilot sweep (seed 0; SGD lr 0.003-1 for the MLP, 0.003-0.3
@@ -507,6 +511,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    "(default 0.01 0.03 0.1)")
     p.add_argument("--dampings-kfac", type=float, nargs="+", help="K-FAC damping grid, crossed with its lr grid "
                    "(default 0.001 0.01 0.1)")
+    p.add_argument("--lrs-heavyball", type=float, nargs="+", help="SOAP and PSGD lr grid for every configuration "
+                   "(default: Adam's grids)")
     p.add_argument("--seeds", type=int, help="seeds per configuration (default 3; --quick 1)")
     p.add_argument("--select-seeds", type=int, default=1, help="seeds used in the lr sweep (default 1)")
     p.add_argument("--train-subset", type=int, help="use a fixed random subset of the training images")
@@ -530,7 +536,7 @@ def _budget(family: str, args: argparse.Namespace) -> FamilyBudget:
     b = (QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS)[family]
     lrs = {opt: {c: tuple(given) if given else grid for c, grid in b.lrs[opt].items()}
            for opt, given in (("sgd", args.lrs_sgd), ("adam", args.lrs_adam), ("lm", args.lrs_lm),
-                              ("kfac", args.lrs_kfac))}
+                              ("kfac", args.lrs_kfac), ("soap", args.lrs_heavyball), ("psgd", args.lrs_heavyball))}
     overrides = {"steps": args.steps, "batch_size": args.batch_size, "train_subset": args.train_subset,
                  "test_subset": args.test_subset, "lrs": lrs,
                  "dampings": tuple(args.dampings_kfac) if args.dampings_kfac else None}

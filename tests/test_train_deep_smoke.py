@@ -159,3 +159,19 @@ def test_train_deep_quick_with_kfac(tmp_path: Path) -> None:
     assert set(res["damping_scores_at_S"]) == {"0.1", "1.0"} and res["damping"] in (0.1, 1.0)
     assert len(res["other_damping_runs"]) == 1  # the damping not selected keeps its runs too
     assert "best reference: the reference with" in (tmp_path / "train_deep.md").read_text()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.needs_data
+def test_train_deep_quick_with_heavyball(tmp_path: Path) -> None:
+    """--optimizers soap psgd: heavyball's SOAP and PSGDKron (the 'bench' extra, in 'dev') train the
+    reference and a shaped network."""
+    pytest.importorskip("heavyball", reason="the optional 'bench' extra (heavyball) is not installed")
+    td = _load_script()
+    out = td.main(["--quick", "--only", "mlp", "--configs", "reference", "vanilla+tat", "--optimizers", "soap", "psgd",
+                   "--threads", "1", "--out-dir", str(tmp_path)])
+    rows = out["rows"]["mlp"]
+    assert [(r["optimizer"], r["configuration"]) for r in rows] == [
+        ("soap", "reference"), ("soap", "vanilla+tat"), ("psgd", "reference"), ("psgd", "vanilla+tat")]
+    for r in rows:
+        assert r["_losses"] and all(math.isfinite(v) for v in r["_losses"]), r
