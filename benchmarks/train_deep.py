@@ -501,18 +501,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="the CNN's three stage widths (default %s)" % " ".join(map(str, CONV_WIDTHS)))
     p.add_argument("--steps", type=int, help="S, the reference's steps (default: mlp 400, conv 200)")
     p.add_argument("--batch-size", type=int, help="default: mlp 128, conv 32")
-    p.add_argument("--lrs-sgd", type=float, nargs="+", help="SGD lr grid for every configuration "
-                   "(default 0.001 0.003 0.01)")
-    p.add_argument("--lrs-adam", type=float, nargs="+", help="Adam lr grid for every configuration "
-                   "(default per configuration, see DEFAULT_BUDGETS)")
-    p.add_argument("--lrs-lm", type=float, nargs="+", help="LayerwiseLM lr grid for every configuration "
-                   "(default 0.003 0.01 0.03 for reference and vanilla, 0.001 0.003 0.01 for dks and tat)")
-    p.add_argument("--lrs-kfac", type=float, nargs="+", help="K-FAC lr grid for every configuration "
-                   "(default 0.01 0.03 0.1)")
+    for flag, default in (("sgd", "0.001 0.003 0.01"), ("adam", "per configuration, see DEFAULT_BUDGETS"),
+                          ("lm", "0.003 0.01 0.03 for reference and vanilla, 0.001 0.003 0.01 for dks and tat"),
+                          ("kfac", "0.01 0.03 0.1"), ("heavyball", "Adam's grids")):
+        what = "SOAP and PSGD" if flag == "heavyball" else _OPT_NAMES[flag]
+        p.add_argument(f"--lrs-{flag}", type=float, nargs="+",
+                       help=f"{what} lr grid for every configuration (default {default})")
     p.add_argument("--dampings-kfac", type=float, nargs="+", help="K-FAC damping grid, crossed with its lr grid "
                    "(default 0.001 0.01 0.1)")
-    p.add_argument("--lrs-heavyball", type=float, nargs="+", help="SOAP and PSGD lr grid for every configuration "
-                   "(default: Adam's grids)")
     p.add_argument("--seeds", type=int, help="seeds per configuration (default 3; --quick 1)")
     p.add_argument("--select-seeds", type=int, default=1, help="seeds used in the lr sweep (default 1)")
     p.add_argument("--train-subset", type=int, help="use a fixed random subset of the training images")
