@@ -22,7 +22,8 @@ of the default run). The pass's defaults are used: mean aggregation, learned cla
 default init of the consumers' new input columns. With one seed the Farkas model's
 original weights equal the plain model's (the pass runs after the plain init).
 
-Protocol. SGD with momentum 0.9, constant learning rate, batch 64, ``--steps`` steps, no
+Protocol. SGD with momentum 0.9 (``--optimizer kfac``: netsurgeon's K-FAC, damping ``--kfac-damping``), constant
+learning rate, batch 64, ``--steps`` steps, no
 augmentation, inputs standardized per channel. The lr grid is swept on the first
 ``--select-seeds`` seeds and the lr with the lowest mean training loss over the last 5% of
 the steps (among lrs with no diverged run) is selected; the remaining seeds run at that
@@ -171,7 +172,7 @@ class ConfigResult(SweptConfig):
 
 
 def run_config(config: str, data: tuple[torch.Tensor, ...], budget: Budget, seeds: Sequence[int],
-               select_seeds: int, mode: str = "layer") -> ConfigResult:
+               select_seeds: int, mode: str = "layer", optimizer: Any = "sgd") -> ConfigResult:
     """Sweep the lr grid on the first ``select_seeds`` seeds, then run the others at the best lr."""
     start = time.perf_counter()
     built: list[nn.Module] = []  # the models train_run trains (in place), in the order it builds them
@@ -180,7 +181,7 @@ def run_config(config: str, data: tuple[torch.Tensor, ...], budget: Budget, seed
         built.append(build_model(config, mode=mode))
         return built[-1]
 
-    res = sweep_config(config, fn, data, budget, seeds, select_seeds)
+    res = sweep_config(config, fn, data, budget, seeds, select_seeds, optimizer)
     swept = [r for runs in res.sweep_runs.values() for r in runs]
     order = swept + res.runs[len(res.sweep_runs[res.best_lr]) if res.best_lr is not None else 0:]
     probe = data[2][:256]
@@ -327,7 +328,7 @@ def _markdown(rows: list[dict[str, Any]], sweep: list[dict[str, Any]], dead: lis
     lines = [
         f"Command: `{args.command}`  ",
         f"{machine_text(env, shared=True)}. Wall time {wall / 60:.1f} min.", "",
-        (f"Budget: {b.steps} SGD steps (momentum 0.9, constant lr) of batch {b.batch_size}; training images: "
+        (f"Budget: {b.steps} steps of {args.optimizer_text} (constant lr) of batch {b.batch_size}; training images: "
          f"{n_train}; test images: {n_test}, evaluated every {b.eval_every} steps. lr grid {list(b.lrs)} for "
          f"every configuration, swept on {args.select_seeds} seed(s), selected by the lowest final training "
          f"loss (mean of the last 5% of steps); {args.seeds} seed(s) at the selected lr. Mean ± sd over "
@@ -394,7 +395,8 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     records = {c: farkas_record(c, args.farkas_mode) for c in args.configs if c.endswith("+farkas")}
     results: dict[str, ConfigResult] = {}
     for config in args.configs:
-        res = results[config] = run_config(config, data, budget, seeds, args.select_seeds, args.farkas_mode)
+        res = results[config] = run_config(config, data, budget, seeds, args.select_seeds, args.farkas_mode,
+                                           args.optimizer_spec)
         log(f"[{config}] best lr {res.best_lr}, final loss "
             + (", ".join(f"{r.final_train_loss:.4f}" for r in res.runs) or "all diverged")
             + f", test acc {', '.join(f'{r.final_test_acc}' for r in res.runs)} ({res.wall_time_s:.0f} s)")

@@ -25,7 +25,8 @@ Every pass is applied with ``netsurgeon.transform(model, passes=[("identity_resi
 "seed": seed})], example_inputs=torch.randn(1, 3, 32, 32))`` on top of PyTorch's default init;
 the shortcut projections and the stem keep their default init in every configuration.
 
-Protocol. SGD with momentum 0.9, constant learning rate, no weight decay, no augmentation,
+Protocol. SGD with momentum 0.9 (``--optimizer kfac``: netsurgeon's K-FAC, damping ``--kfac-damping``), constant
+learning rate, no weight decay, no augmentation,
 inputs standardized per channel; ``--steps`` steps of batch ``--batch-size`` on a fixed random
 subset of the training split. The same lr grid for every configuration is swept on the first
 ``--select-seeds`` seeds; the lr with the lowest mean training loss over the last 5% of the
@@ -132,9 +133,9 @@ def branch_share(model: nn.Module, x: torch.Tensor) -> float:
 
 # ====================================================================== training
 def run_config(config: str, data: tuple[torch.Tensor, ...], budget: Budget, seeds: Sequence[int],
-               select_seeds: int) -> ConfigResult:
+               select_seeds: int, optimizer: Any = "sgd") -> ConfigResult:
     """Sweep the lr grid on the first ``select_seeds`` seeds, then run the others at the best lr."""
-    return sweep_config(config, lambda seed: build_model(config, seed), data, budget, seeds, select_seeds)
+    return sweep_config(config, lambda seed: build_model(config, seed), data, budget, seeds, select_seeds, optimizer)
 
 
 # ====================================================================== summaries
@@ -193,7 +194,7 @@ def _markdown(rows: list[dict[str, Any]], sweep: list[dict[str, Any]], records: 
     lines = partial + [
         f"Command: `{args.command}`  ",
         f"{machine_text(env, shared=True)}. Wall time {wall / 60:.1f} min.", "",
-        (f"Budget: {b.steps} SGD steps (momentum 0.9, constant lr, no weight decay, no augmentation) of batch "
+        (f"Budget: {b.steps} steps of {args.optimizer_text} (constant lr, no weight decay, no augmentation) of batch "
         f"{b.batch_size}; training images: {n_train} of the 10000-image CIFAR-10 subset; test images: {n_test}, "
         f"evaluated every {b.eval_every} steps. lr grid {list(b.lrs)} for every configuration, swept on "
         f"{args.select_seeds} seed(s), selected by the lowest final training loss (mean of the last 5% of steps; "
@@ -252,7 +253,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, ConfigResult] = {}
     summary: dict[str, Any] = {}
     for config in args.configs:
-        res = results[config] = run_config(config, data, budget, seeds, args.select_seeds)
+        res = results[config] = run_config(config, data, budget, seeds, args.select_seeds, args.optimizer_spec)
         log(f"[{config}] best lr {res.best_lr}, final loss "
             + (", ".join(f"{r.final_train_loss:.4f}" for r in res.runs) or "all diverged")
             + f", test acc {', '.join(f'{r.final_test_acc}' for r in res.runs)} ({res.wall_time_s:.0f} s)")

@@ -56,3 +56,17 @@ def test_train_farkas_quick(tmp_path: Path) -> None:
     for config, res in record["configs"].items():
         runs = [run for rs in res["sweep_runs"].values() for run in rs]
         assert runs and all(math.isfinite(v) for run in runs for v in run["train_loss"]), config
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.needs_data
+def test_train_farkas_quick_with_kfac(tmp_path: Path) -> None:
+    """--optimizer kfac trains every configuration with K-FAC; a bad damping is refused before training."""
+    tf = _load_script()
+    out = tf.main(["--quick", "--optimizer", "kfac", "--kfac-damping", "0.1", "--threads", "1",
+                   "--out-dir", str(tmp_path)])
+    for r in out["rows"]:
+        assert r["_losses"] and all(math.isfinite(v) for v in r["_losses"]), r
+    assert "steps of K-FAC (damping 0.1" in (tmp_path / "train_farkas.md").read_text()
+    with pytest.raises(SystemExit):
+        tf.main(["--quick", "--optimizer", "kfac", "--kfac-damping", "0", "--out-dir", str(tmp_path / "x")])

@@ -55,3 +55,19 @@ def test_train_identity_quick(tmp_path: Path) -> None:
     for config, res in record["configs"].items():
         runs = [run for rs in res["sweep_runs"].values() for run in rs]
         assert runs and all(math.isfinite(v) for run in runs for v in run["train_loss"]), config
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.needs_data
+def test_train_identity_quick_with_kfac(tmp_path: Path) -> None:
+    """--optimizer kfac: the sweep trains with netsurgeon's K-FAC (the table says so, the runs are K-FAC's)."""
+    ti = _load_script()
+    out = ti.main(["--quick", "--optimizer", "kfac", "--configs", "bn", "nobn+fixup", "--threads", "1",
+                   "--out-dir", str(tmp_path)])
+    assert [r["configuration"] for r in out["rows"]] == ["bn", "nobn+fixup"]
+    for r in out["rows"]:
+        assert r["_losses"] and all(math.isfinite(v) for v in r["_losses"]), r
+    assert "steps of K-FAC (damping 0.01" in (tmp_path / "train_identity.md").read_text()
+    record = json.loads((tmp_path / "train_identity.json").read_text())
+    runs = [run for res in record["configs"].values() for rs in res["sweep_runs"].values() for run in rs]
+    assert runs and {run["optimizer"] for run in runs} == {"kfac"}

@@ -92,7 +92,10 @@ def add_sweep_args(p: argparse.ArgumentParser, configs: Sequence[str], *, steps:
                    help="configurations to run")
     p.add_argument("--steps", type=int, help=f"training steps (default {steps})")
     p.add_argument("--batch-size", type=int, help=f"default {batch_size}")
-    p.add_argument("--lrs", type=float, nargs="+", help=f"SGD lr grid (default {' '.join(map(str, lrs))})")
+    p.add_argument("--lrs", type=float, nargs="+", help=f"lr grid (default {' '.join(map(str, lrs))})")
+    p.add_argument("--optimizer", choices=("sgd", "kfac"), default="sgd",
+                   help="sgd (momentum 0.9; default) or kfac (netsurgeon's K-FAC, harness.optimizers.KFAC_OPTIONS)")
+    p.add_argument("--kfac-damping", type=float, default=1e-2, help="K-FAC's damping (default 0.01)")
     p.add_argument("--eval-every", type=int, help=f"test-set evaluation interval in steps (default {eval_every})")
     p.add_argument("--seeds", type=int, help="seeds per configuration (default 3; --quick 1)")
     p.add_argument("--select-seeds", type=int, default=1, help="seeds used in the lr sweep (default 1)")
@@ -111,6 +114,12 @@ def finish_sweep_args(p: argparse.ArgumentParser, args: argparse.Namespace, argv
     if args.seeds < 1 or args.select_seeds < 1:
         p.error("need --seeds >= 1 and --select-seeds >= 1")
     args.command = command_line(script, argv)
+    if not args.kfac_damping > 0:
+        p.error(f"--kfac-damping must be > 0, got {args.kfac_damping:g}")
+    from .optimizers import optimizer_spec
+    args.optimizer_spec = optimizer_spec(args.optimizer, damping=args.kfac_damping if args.optimizer == "kfac" else None)
+    args.optimizer_text = ("SGD (momentum 0.9)" if args.optimizer == "sgd" else
+                           f"K-FAC (damping {args.kfac_damping:g}, harness.optimizers.KFAC_OPTIONS)")
     overrides = {"steps": args.steps, "batch_size": args.batch_size, "lrs": tuple(args.lrs) if args.lrs else None,
                  "eval_every": args.eval_every, "train_subset": args.train_subset, "test_subset": args.test_subset,
                  **extra}

@@ -120,7 +120,7 @@ def run_record(r: RunResult, extra: dict[str, Any] | None = None, evals: bool = 
         extra: entries placed after the settings (a script's own figures of the run). Default: None.
         evals: include the test evaluations (``eval_steps``, ``test_acc``, ``test_loss``). Default: True.
     """
-    rec = {"lr": r.lr, "seed": r.seed, "steps_done": r.steps_done, "diverged": r.diverged,
+    rec = {"optimizer": r.optimizer, "lr": r.lr, "seed": r.seed, "steps_done": r.steps_done, "diverged": r.diverged,
            "diverged_at": r.diverged_at, **(extra or {}), "final_train_loss": r.final_train_loss,
            "final_test_acc": r.final_test_acc}
     if evals:

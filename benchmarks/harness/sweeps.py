@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from .report import run_record
-from .train import RunResult, lr_sweep, train_run
+from .train import OptimizerSpec, RunResult, lr_sweep, train_run
 
 __all__ = ["SweepBudget", "ConfigResult", "sweep_config", "sweep_rows", "selected_curves", "lr_cell", "seeds_cell"]
 
@@ -67,8 +67,10 @@ class ConfigResult:
 
 
 def sweep_config(config: str, model_fn: Callable[[int], nn.Module], data: tuple[torch.Tensor, ...],
-                 budget: SweepBudget, seeds: Sequence[int], select_seeds: int) -> ConfigResult:
-    """Sweep ``budget.lrs`` with SGD on the first ``select_seeds`` seeds, then run the others at the best lr.
+                 budget: SweepBudget, seeds: Sequence[int], select_seeds: int, optimizer: OptimizerSpec = "sgd"
+                 ) -> ConfigResult:
+    """Sweep ``budget.lrs`` with ``optimizer`` (default SGD) on the first ``select_seeds`` seeds, then run the
+    others at the best lr.
 
     Args:
         config: the configuration's name.
@@ -77,12 +79,13 @@ def sweep_config(config: str, model_fn: Callable[[int], nn.Module], data: tuple[
         budget: steps, batch size, lr grid and evaluation interval.
         seeds: every seed of the configuration.
         select_seeds: how many of the first ``seeds`` the sweep uses.
+        optimizer: what :func:`~harness.train.train_run` takes (``harness.optimizers.optimizer_spec``).
 
     Returns:
         The :class:`ConfigResult`; its ``runs`` are empty when every lr diverged.
     """
     start = time.perf_counter()
-    kw = {"optimizer": "sgd", "steps": budget.steps, "batch_size": budget.batch_size, "eval_every": budget.eval_every}
+    kw = {"optimizer": optimizer, "steps": budget.steps, "batch_size": budget.batch_size, "eval_every": budget.eval_every}
     sweep = lr_sweep(model_fn, data, lrs=budget.lrs, seeds=list(seeds[:select_seeds]), **kw)
     runs = list(sweep.best_runs)
     if sweep.best_lr is not None:
