@@ -569,11 +569,16 @@ class KFAC(torch.optim.Optimizer):
             m.weight: m for m in model.modules() if isinstance(m, _KFAC_LAYERS) and m.weight.requires_grad
             and (m.bias is None or m.bias.requires_grad)}
         self._bias_of = {m.bias: w for w, m in self._layers.items() if m.bias is not None}
-        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         self._layouts: dict[tuple[nn.Parameter, str], tuple[Any, ...]] = {}  # (weight, "chunks"/"chunks_G")
         self._stats = _LayerStatistics(self._layers, self._input_blocks, subsample, self._gen,
                                        grad_stat=self._grad_blocks)
         self._stats.recording_grads = fisher == "empirical"
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As :meth:`torch.optim.Optimizer.add_param_group`, keeping the parameter -> group map current."""
+        super().add_param_group(param_group)
+        group_of = self.__dict__.setdefault("_group_of", {})
+        group_of.update({p: self.param_groups[-1] for p in self.param_groups[-1]["params"]})
 
     # ------------------------------------------------------------------ statistics (called by the hooks)
     def _layout_of(self, p: nn.Parameter, key: str, n: int, device: torch.device) -> tuple[Any, ...]:

@@ -381,3 +381,17 @@ def test_ddp_ranks_end_with_identical_factors_and_weights(tmp_path):
         torch.testing.assert_close(r0["params"][n], r1["params"][n])
     torch.manual_seed(0)
     assert any(not torch.equal(p, q) for p, q in zip(r0["params"].values(), _Net().state_dict().values()))
+
+
+def test_a_param_group_added_later_gets_its_own_settings():
+    """add_param_group after construction: the new parameters get the base update with their group's lr."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2)
+    extra = nn.Parameter(torch.ones(2))
+    opt = KFAC(lin, lr=0.1, momentum=0.0)
+    opt.add_param_group({"params": [extra], "lr": 0.5, "weight_decay": 1.0})
+    out = lin(torch.randn(8, 3)) * extra
+    F.cross_entropy(out, torch.randint(0, 2, (8,))).backward()
+    g = extra.grad.clone()
+    opt.step()
+    torch.testing.assert_close(extra.detach(), torch.ones(2) - 0.5 * (g + torch.ones(2)))
