@@ -35,7 +35,9 @@ parameter-free ``LocationNorm`` on the ViT's pixels and, in the LM, after the to
 ``--drop-pass NAME`` removes a pass from every
 pipeline (debugging only: the table says so), ``--set PASS.OPTION=VALUE`` sets a pass option.
 
-Protocol. Adam at a constant learning rate, no weight decay, minibatches drawn without replacement. The
+Protocol. Adam at a constant learning rate, no weight decay, minibatches drawn without replacement
+(``--kfac CONFIG ...``: those configurations train with netsurgeon's K-FAC instead, ``--kfac-lrs`` /
+``--kfac-damping``; the reference keeps Adam, so they are measured against it). The
 reference trains ``S`` steps; every other configuration trains ``ceil(f S)`` steps with ``f`` its goal factor
 (``GOALS``: 1.2 for ``nf+shaped+tat``, 3 for the three skip-free ones; ``--horizon`` sets one factor for all),
 so its goal can be read off directly (a constant learning rate makes the first ``S`` steps of a longer run the
@@ -91,6 +93,7 @@ from harness import (RunResult, add_output_args, command_line, environment, log,
                      output_paths, plot_curves, run_record, save_json, save_text, steps_to_reference, subset_text,
                      torch_threads, train_run, write_table_md)
 from harness.data import load_splits
+from harness.optimizers import KFAC_OPTIONS, optimizer_spec
 from harness.stats import loss_at, mean_sd
 from harness.sweeps import lr_cell, seeds_cell, selected_curves
 from harness.text import load_char_splits
@@ -258,6 +261,7 @@ class ConfigResult:
     transform_report: dict[str, Any] | None = None
     transform_s: float = 0.0
     wall_time_s: float = 0.0
+    optimizer: str = "adam"                    # "kfac" for the configurations given to --kfac
 
     @property
     def best_at_edge(self) -> bool:
@@ -280,9 +284,11 @@ def _horizon(config: str, steps: int, factor: float | None) -> int:
 def run_config(task: str, config: str, data: tuple[torch.Tensor, ...], budget: TaskBudget, dims: Dims,
                seeds: Sequence[int], select_seeds: int, horizon: float | None = None, vocab_size: int = 0,
                drop: Sequence[str] = (), options: dict[str, dict[str, Any]] | None = None,
-               cache: str | os.PathLike | None = None, descending: bool = False) -> ConfigResult:
+               cache: str | os.PathLike | None = None, descending: bool = False, optimizer: Any = "adam"
+               ) -> ConfigResult:
     """Sweep the lr grid for ``sweep_steps`` on the first ``select_seeds`` seeds, then train every seed for the
-    configuration's horizon at the best lr. ``cache``: ``harness.train_run``'s directory of finished runs."""
+    configuration's horizon at the best lr. ``cache``: ``harness.train_run``'s directory of finished runs;
+    ``optimizer``: Adam by default, or what ``harness.optimizers.optimizer_spec`` gives."""
     start = time.perf_counter()
     total = _horizon(config, budget.steps, horizon)
     sweep_steps = min(budget.sweep_steps or budget.steps, total)
@@ -293,7 +299,7 @@ def run_config(task: str, config: str, data: tuple[torch.Tensor, ...], budget: T
         first = build_model(task, config, seeds[0], dims, vocab_size, drop, options)
     transform_s = time.perf_counter() - t0
     report = netsurgeon.report(first).to_dict() if isinstance(first, torch.fx.GraphModule) else None
-    kw = dict(optimizer="adam", batch_size=budget.batch_size, cache=cache)
+    kw = dict(optimizer=optimizer, batch_size=budget.batch_size, cache=cache)
     reuse = sweep_steps == total
     sweep_data = data
     if not reuse and budget.sweep_test_subset is not None:
@@ -310,7 +316,7 @@ def run_config(task: str, config: str, data: tuple[torch.Tensor, ...], budget: T
         runs = done + [trained[s] for s in rest]
     return ConfigResult(task, config, budget.steps, total, sweep_steps, sweep.scores, sweep.best_lr, sweep.runs,
                         runs, pipeline(config, seeds[0], drop, options), report, transform_s,
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, optimizer if isinstance(optimizer, str) else optimizer.name)
 
 
 def load_task_data(task: str, budget: TaskBudget, dims: Dims) -> tuple[tuple[torch.Tensor, ...], int]:
@@ -324,9 +330,11 @@ def load_task_data(task: str, budget: TaskBudget, dims: Dims) -> tuple[tuple[tor
 def run_task(task: str, budget: TaskBudget, dims: Dims, configs: Sequence[str], seeds: Sequence[int],
              select_seeds: int, horizon: float | None = None, drop: Sequence[str] = (),
              options: dict[str, dict[str, Any]] | None = None, keep_going: bool = False,
-             log: Callable[[str], None] = print, cache: str | os.PathLike | None = None, descending: bool = False
-             ) -> tuple[dict[str, ConfigResult], dict[str, str], int]:
+             log: Callable[[str], None] = print, cache: str | os.PathLike | None = None, descending: bool = False,
+             kfac: dict[str, Any] | None = None) -> tuple[dict[str, ConfigResult], dict[str, str], int]:
     """Every configuration of ``task``: ``({config: result}, {config: refusal message}, vocab_size)``.
+    ``kfac``: ``{"configs": [...], "lrs": (...), "damping": λ}``, configurations trained with K-FAC instead
+    of Adam, on that lr grid.
 
     Each pipeline is built once before any training, so a pass that is missing or refuses the model stops the
     run at once (with ``keep_going`` the configuration is recorded as refused and the others run)."""
@@ -344,8 +352,12 @@ def run_task(task: str, budget: TaskBudget, dims: Dims, configs: Sequence[str], 
     for config in configs:
         if config in refused:
             continue
-        res = run_config(task, config, data, budget, dims, seeds, select_seeds, horizon, vocab_size, drop, options,
-                         cache, descending)
+        b, spec = budget, "adam"
+        if kfac and config in kfac["configs"]:
+            b = dataclasses.replace(budget, lrs={**budget.lrs, config: tuple(kfac["lrs"])})
+            spec = optimizer_spec("kfac", damping=kfac["damping"])
+        res = run_config(task, config, data, b, dims, seeds, select_seeds, horizon, vocab_size, drop, options,
+                         cache, descending, spec)
         results[config] = res
         losses = ", ".join(f"{loss_at(r, res.steps):.4g}" for r in res.runs) or "all diverged"
         log(f"[{task}/{config}] best lr {res.best_lr}, loss@{res.steps}: {losses} ({res.wall_time_s:.0f} s)")
@@ -399,7 +411,8 @@ def summary_rows(task: str, results: dict[str, ConfigResult], refused: dict[str,
         else:
             reach = f"not in {res.total_steps}" if res.runs else "–"
         name = config + (" (without " + ", ".join(d for d in drop if d in str(PIPELINES[config])) + ")"
-                         if any(d in str(PIPELINES[config]) for d in drop) else "")
+                         if any(d in str(PIPELINES[config]) for d in drop) else "") \
+            + (" [K-FAC]" if res.optimizer == "kfac" else "")
         S, T = res.steps, res.total_steps
         rows.append({
             "configuration": name, "lr": lr_cell(res.best_lr, res.best_at_edge), "seeds": seeds_cell(res.runs),
@@ -480,6 +493,11 @@ def _markdown_task(task: str, budget: TaskBudget, dims: Dims, results: dict[str,
              f"{budget.sweep_steps or budget.steps} steps on {args.select_seeds} seed(s) and selected by training "
              f"loss there; {args.seeds} seed(s) at the selected lr. Wall time {wall / 60:.1f} min. "
              "Mean ± sd over seeds.", ""]
+    if args.kfac:
+        lines += [f"Configurations marked [K-FAC] train with netsurgeon's K-FAC instead of Adam: damping "
+                  f"{args.kfac_damping:g}, options " + ", ".join(f"{k}={v}" for k, v in KFAC_OPTIONS.items())
+                  + " (parameters outside linear layers, such as embeddings and attention biases, get its base "
+                  "update, SGD with momentum at its lr); their lr grid is the one listed for them.", ""]
     lines.append(write_table_md(rows, [c for c in rows[0] if not c.startswith("_")] if rows else []))
     ref = next((r["_goal"] for r in rows if r["configuration"] == "pre-ln" and r["_goal"]), None)
     if ref and ref["target"] is not None:
@@ -543,6 +561,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="remove this pass from every pipeline (debugging; the table marks it); repeatable")
     p.add_argument("--set", action="append", default=[], metavar="PASS.OPTION=VALUE", dest="set_options",
                    help="a pass option for every pipeline that runs the pass, e.g. tat.tau=0.1; repeatable")
+    p.add_argument("--kfac", nargs="+", choices=CONFIGS, default=[], metavar="CONFIG",
+                   help="configurations trained with netsurgeon's K-FAC instead of Adam (harness.optimizers."
+                        "KFAC_OPTIONS; the table marks them [K-FAC]); the others keep Adam")
+    p.add_argument("--kfac-lrs", type=float, nargs="+", default=[0.003, 0.01, 0.03],
+                   help="K-FAC's lr grid (default 0.003 0.01 0.03)")
+    p.add_argument("--kfac-damping", type=float, default=1e-2, help="K-FAC's damping (default 0.01)")
     p.add_argument("--cache-dir", type=Path, help="directory of finished runs, content-addressed (harness.train_run's "
                    "cache=): a run already there is read back, so a long run can be split over several invocations "
                    "(e.g. --configs subsets in parallel processes, then all configurations to assemble the tables)")
@@ -621,7 +645,9 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         budget = _budget(task, args)
         results, refused, vocab_size = run_task(task, budget, args.dims, args.configs, seeds, args.select_seeds,
                                                 args.horizon, args.drop_pass, args.options, args.keep_going, log=log,
-                                                cache=args.cache_dir, descending=args.seeds_descending)
+                                                cache=args.cache_dir, descending=args.seeds_descending,
+                                                kfac={"configs": args.kfac, "lrs": args.kfac_lrs,
+                                                      "damping": args.kfac_damping} if args.kfac else None)
         wall = time.perf_counter() - start
         rows = summary_rows(task, results, refused, args.drop_pass)
         all_rows[task] = rows

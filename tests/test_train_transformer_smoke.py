@@ -61,6 +61,30 @@ def test_train_transformer_quick(tmp_path: Path) -> None:
     assert "test bits/char" in md and "test acc" in md
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.needs_data
+def test_train_transformer_quick_with_kfac_and_its_cache(tmp_path: Path) -> None:
+    """--kfac CONFIG: that configuration trains with K-FAC (true Fisher over the LM's per-character
+    predictions), the reference keeps Adam; K-FAC runs are cached like Adam's (the optimizer's options are
+    in the key), so a second run reads every run back."""
+    _require_shakespeare()
+    tt = load_benchmark("train_transformer")
+    argv = ["--quick", "--task", "lm", "--threads", "1", "--configs", "pre-ln", "vanilla+shaped+tat",
+            "--kfac", "vanilla+shaped+tat", "--kfac-lrs", "0.001", "--cache-dir", str(tmp_path / "cache")]
+    first = tt.main(argv + ["--out-dir", str(tmp_path / "a")])["rows"]["lm"]
+    assert [r["configuration"] for r in first] == ["pre-ln", "vanilla+shaped+tat [K-FAC]"]
+    for r in first:
+        assert r["_losses"] and all(math.isfinite(v) for v in r["_losses"]), r
+    record = json.loads((tmp_path / "a" / "train_transformer.json").read_text())
+    runs = record["tasks"]["lm"]["configs"]["vanilla+shaped+tat"]["runs"]
+    assert {run["optimizer"] for run in runs} == {"kfac"}
+    assert "train with netsurgeon's K-FAC" in (tmp_path / "a" / "train_transformer.md").read_text()
+    cached = sorted((tmp_path / "cache").glob("*.json"))
+    second = tt.main(argv + ["--out-dir", str(tmp_path / "b")])["rows"]["lm"]
+    assert sorted((tmp_path / "cache").glob("*.json")) == cached  # nothing trained again
+    assert [r["_losses"] for r in second] == [r["_losses"] for r in first]
+
+
 def test_bad_options_are_refused_before_anything_is_written(tmp_path: Path) -> None:
     tt = load_benchmark("train_transformer")
     for bad in (["--configs", "post-ln"], ["--task", "mlp"], ["--horizon", "0.5"], ["--width", "30", "--heads", "4"],

@@ -78,6 +78,6 @@ def optimizer_spec(name: str, damping: float | None = None) -> str | ModelOptimi
     if name == "kfac":
         if damping is None:
             raise ValueError("optimizer_spec('kfac') needs a damping")
-        return ModelOptimizer(lambda model, lr: kfac_with_true_fisher(model, lr, **dict(KFAC_OPTIONS, damping=damping)),
-                              "kfac")
+        options = dict(KFAC_OPTIONS, damping=damping)
+        return ModelOptimizer(lambda model, lr: kfac_with_true_fisher(model, lr, **options), "kfac", options)
     return name

@@ -46,6 +46,7 @@ class ModelOptimizer:
 
     factory: Callable[[nn.Module, float], torch.optim.Optimizer]
     name: str
+    options: dict[str, Any] | None = None  # the factory's settings, JSON-able: given, runs with it can be cached
 
     def __call__(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         return self.factory(model, lr)
@@ -218,7 +219,8 @@ def train_run(model_fn: Callable[[int], nn.Module],
         smoothing: EMA factor beta of ``smoothed_loss`` (:func:`smooth`). Default: 0.9.
         cache: a directory of finished runs, content-addressed (:func:`run_key`): a run whose
             key is there is read back instead of trained; a trained run is written there
-            (atomically). Only for the built-in optimizers and losses (named by string).
+            (atomically). Only for the built-in optimizers (named by string) or a
+            :class:`ModelOptimizer` that states its ``options``, and the built-in losses.
             Default: None (no cache).
 
     Returns:
@@ -240,9 +242,13 @@ def train_run(model_fn: Callable[[int], nn.Module],
             model = model_fn(seed).to(device)
             path = None
             if cache is not None:
-                if not (isinstance(optimizer, str) and isinstance(loss, str)):
-                    raise InvalidArgumentError("cache= needs a built-in optimizer and loss (named by string)")
-                key = run_key(model, (x_train, y_train, x_test, y_test), optimizer=optimizer, lr=lr, steps=steps,
+                named = isinstance(optimizer, ModelOptimizer) and optimizer.options is not None
+                if not ((isinstance(optimizer, str) or named) and isinstance(loss, str)):
+                    raise InvalidArgumentError("cache= needs a built-in optimizer (named by string, or a "
+                                               "ModelOptimizer with its options) and a built-in loss")
+                settings = optimizer if isinstance(optimizer, str) else {"name": optimizer.name,
+                                                                         "options": optimizer.options}
+                key = run_key(model, (x_train, y_train, x_test, y_test), optimizer=settings, lr=lr, steps=steps,
                               batch_size=batch_size, seed=seed, eval_every=eval_every or steps, momentum=momentum,
                               weight_decay=weight_decay, loss=loss, smoothing=smoothing, device=str(device))
                 path = Path(cache) / f"{key}.json"
