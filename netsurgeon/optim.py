@@ -494,6 +494,10 @@ class KFAC(torch.optim.Optimizer):
     (Martens & Grosse §6.3; the step is two products with the damped factors' inverses), or exact,
     ``A ⊗ G + λ I`` solved in the factors' eigenbases (twice the products per step).
 
+    The statistics come from hooks on the layers, so the model can be a plain module, a transformed
+    ``GraphModule``, a ``DistributedDataParallel`` wrapper (the factors are averaged over the processes) or a
+    ``torch.compile``'d module (the hooks run eagerly: the compiled graph breaks at each hooked layer).
+
     Args:
         model: the module whose parameters are optimized (its layers get hooks).
         lr: learning rate, >= 0. Default: 1e-2.
