@@ -84,40 +84,40 @@ def _layout(chunks: list[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tens
     return perm, torch.argsort(perm), c, k
 
 
-def _blocks_product(x: torch.Tensor, full: torch.Tensor, rest: torch.Tensor | None, side: str,
-                    transpose: bool = False) -> torch.Tensor:
-    """``x @ D`` (``side="right"``) or ``D @ x`` (``"left"``) for the block-diagonal ``D = blockdiag(full[..., 0,
-    :, :], ..., full[..., k-1, :, :], rest)``, with ``x`` ``[..., m, n]`` in chunk order on that side: ``full``
-    ``[..., k, c, c]`` the leading blocks, ``rest`` ``[..., r, r]`` a shorter last one (None or empty: none);
-    ``transpose`` uses ``Dᵀ``. ``m·n·c`` multiply-adds instead of ``m·n²``, one matmul per block on a slice of
-    ``x`` (BLAS reads strided slices in place, where a batched matmul would first copy ``x`` into block-major
-    order); the result is contiguous."""
-    k, c = full.shape[-3], full.shape[-1]
-    blocks = [full[..., i, :, :] for i in range(k)] + ([rest] if rest is not None and rest.shape[-1] else [])
+def _blocks_product(x: torch.Tensor, blocks: list[torch.Tensor], side: str, transpose: bool = False) -> torch.Tensor:
+    """``x @ D`` (``side="right"``) or ``D @ x`` (``"left"``) for the block-diagonal ``D = blockdiag(*blocks)``
+    (each ``[..., c_i, c_i]``), with ``x`` ``[..., m, n]`` in chunk order on that side; ``transpose`` uses ``Dᵀ``.
+    ``m·n·c`` multiply-adds instead of ``m·n²``, one matmul per block on a slice of ``x`` (BLAS reads strided
+    slices in place, where a batched matmul would first copy ``x`` into block-major order); the result is
+    contiguous."""
     parts, start = [], 0
     for b in blocks:
         b = b.transpose(-1, -2) if transpose else b
         size = b.shape[-1]
-        parts.append(x[..., start:start + size] @ b if side == "right" else b @ x[..., start:start + size, :])
+        if size:
+            parts.append(x[..., start:start + size] @ b if side == "right" else b @ x[..., start:start + size, :])
         start += size
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1 if side == "right" else -2)
+
+
+def _block_list(pair: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The blocks of a ``[full [..., k, c, c], rest [..., r, r]]`` pair, in order."""
+    full, rest = pair
+    return list(full.unbind(-3)) + [rest]
 
 
 def _block_diagonal_product(g: torch.Tensor, chunks: list[torch.Tensor], blocks: list[torch.Tensor]) -> torch.Tensor:
     """``g`` (``[out, in, ...]``) times the block-diagonal matrix whose blocks act on the input
     units ``chunks[i]``: ``out·in·chunk`` multiply-adds per kernel tap instead of ``out·in²``.
-    The input dim is permuted into chunk order once, the leading equal chunks go through one
-    batched matmul (:func:`_blocks_product`), and the result is permuted back."""
+    The input dim is permuted into chunk order once, multiplied block by block (:func:`_blocks_product`),
+    and permuted back."""
     blocks = [b.to(g.dtype) for b in blocks]
     if len(chunks) == 1:
         return torch.einsum("oi...,ij->oj...", g, blocks[0])
-    perm, inverse, _, k = _layout(chunks)
+    perm, inverse, _, _ = _layout(chunks)
     rows = g.movedim(1, -1)  # [out, ...taps, in]
     rows = rows if perm is None else rows.index_select(-1, perm)  # in chunk order
-    rest = blocks[k] if len(blocks) > k else None
-    if len(blocks) > k + 1:
-        raise ValueError("only the last chunk may be shorter than the others")
-    out = _blocks_product(rows, torch.stack(blocks[:k]), rest, "right")
+    out = _blocks_product(rows, blocks, "right")
     return (out if inverse is None else out.index_select(-1, inverse)).movedim(-1, 1)
 
 
@@ -769,14 +769,14 @@ class KFAC(torch.optim.Optimizer):
             mat = mat.index_select(2, perm_a)
         if perm_g is not None:
             mat = mat.index_select(1, perm_g)
-        cast = lambda blocks: [b.to(mat.dtype) for b in blocks]  # noqa: E731
+        cast = lambda pair: [b.to(mat.dtype) for b in _block_list(pair)]  # noqa: E731
         if self.damping_mode == "factored":  # (G + √λ/π I)⁻¹ ∇W (A + π√λ I)⁻¹
-            out = _blocks_product(_blocks_product(mat, *cast(st["iG"]), "left"), *cast(st["iA"]), "right")
+            out = _blocks_product(_blocks_product(mat, cast(st["iG"]), "left"), cast(st["iA"]), "right")
         else:
             qa, qg = cast(st["QA"]), cast(st["QG"])
-            rot = _blocks_product(_blocks_product(mat, *qg, "left", transpose=True), *qa, "right")  # Q_Gᵀ ∇W Q_A
+            rot = _blocks_product(_blocks_product(mat, qg, "left", transpose=True), qa, "right")  # Q_Gᵀ ∇W Q_A
             rot = rot / (st["dG"].to(mat.dtype)[:, :, None] * st["dA"].to(mat.dtype)[:, None, :] + damping)
-            out = _blocks_product(_blocks_product(rot, *qg, "left"), *qa, "right", transpose=True)  # Q_G rot Q_Aᵀ
+            out = _blocks_product(_blocks_product(rot, qg, "left"), qa, "right", transpose=True)  # Q_G rot Q_Aᵀ
         if inv_a is not None:
             out = out.index_select(2, inv_a)
         if inv_g is not None:
