@@ -524,6 +524,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("need --goal-factor >= 1, --seeds >= 1 and --select-seeds >= 1")
     if not (args.zeta > 1 and 0 < args.eta < 1):
         p.error(f"need --zeta > 1 and 0 < --eta < 1 (got --zeta {args.zeta:g}, --eta {args.eta:g})")
+    if args.dampings_kfac and min(args.dampings_kfac) <= 0:
+        p.error(f"--dampings-kfac must be > 0, got {args.dampings_kfac}")
     if min(args.conv_widths) < 1:
         p.error(f"--conv-widths must be positive, got {args.conv_widths}")
     args.command = command_line("train_deep.py", argv)

@@ -590,6 +590,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         v = getattr(args, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if not args.kfac_damping > 0 or min(args.kfac_lrs) <= 0:
+        p.error(f"need --kfac-damping > 0 and --kfac-lrs > 0, got {args.kfac_damping:g} and {args.kfac_lrs}")
     args.options = _parse_set(p, args.set_options)
     base = QUICK_DIMS if args.quick else Dims()
     args.dims = dataclasses.replace(base, **{k: getattr(args, k) for k in ("depth", "width", "heads", "context")
